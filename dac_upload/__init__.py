@@ -1,0 +1,3 @@
+"""dac-upload: move large file trees from a Slurm cluster into Rucio with job arrays."""
+
+__version__ = "0.1.0"

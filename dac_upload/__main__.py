@@ -1,0 +1,5 @@
+"""``python -m dac_upload``: what the array script runs when runtime = "none"."""
+
+from .cli import main
+
+main()

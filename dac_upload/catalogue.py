@@ -1,0 +1,177 @@
+"""Walk a source tree with ``os.scandir`` and record what matches: path, size, mtime.
+
+Symlink policy (``[source] symlinks``): directory symlinks are never descended (no cycles, no
+escaping the tree, no file counted twice) and are listed as skipped. A symlink to a file is
+uploaded with the content of its target under the link's own name when ``follow`` (default;
+Butler datastores made with ``-t symlink`` consist of such links), listed as skipped when
+``skip``, and refused when ``refuse``. A dangling link that matches the patterns is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import SourceConfig
+from .files import atomic_write_jsonl, read_jsonl
+from .naming import dir_pruned, glob_regex
+from .progress import Progress
+
+
+@dataclass(frozen=True)
+class Entry:
+    relpath: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class Problem:
+    relpath: str
+    reason: str
+
+
+@dataclass
+class Catalogue:
+    root: Path
+    entries: list[Entry] = field(default_factory=list)
+    refused: list[Problem] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
+    pattern_hits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries)
+
+
+def walk(source: SourceConfig, progress: Progress | None = None) -> Catalogue:
+    """Catalogue every regular file below ``source.root`` matched by include and not by
+    exclude. Problems (unreadable, dangling, not a regular file, bad encoding) are collected,
+    not raised, so the user sees all of them at once."""
+    root = source.root
+    cat = Catalogue(root=root, pattern_hits={p: 0 for p in source.include})
+    include = [(p, glob_regex(p)) for p in source.include]
+    exclude = [glob_regex(p) for p in source.exclude]
+    uid = os.geteuid()
+    groups = set(os.getgroups()) | {os.getegid()}
+    nbytes = 0
+
+    def selected(rel: str) -> bool:
+        hit = False
+        for pattern, rx in include:
+            if rx.match(rel):
+                cat.pattern_hits[pattern] += 1
+                hit = True
+                break
+        return hit and not any(rx.match(rel) for rx in exclude)
+
+    for rel, entry in _scan(root, source.exclude, cat):
+        if not _valid_utf8(rel):
+            if selected(rel):
+                cat.refused.append(Problem(_printable(rel), "the file name is not valid UTF-8"))
+            continue
+        is_link = entry.is_symlink()
+        if is_link and _is_dir(entry):
+            continue  # reported by _scan
+        if not selected(rel):
+            continue
+        if is_link:
+            if source.symlinks == "skip":
+                cat.skipped.append(Problem(rel, "symlink skipped (symlinks = \"skip\")"))
+                continue
+            if source.symlinks == "refuse":
+                cat.refused.append(Problem(rel, "is a symlink and symlinks = \"refuse\"; "
+                                           "remove it or set symlinks = \"follow\""))
+                continue
+        try:
+            st = entry.stat(follow_symlinks=True)
+        except FileNotFoundError:
+            reason = "dangling symlink" if is_link else "vanished while cataloguing"
+            cat.refused.append(Problem(rel, reason))
+            continue
+        except OSError as exc:
+            cat.refused.append(Problem(rel, f"cannot stat: {exc.strerror}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            cat.refused.append(Problem(rel, "not a regular file"))
+            continue
+        if not _readable(st, uid, groups) and not os.access(entry.path, os.R_OK):
+            cat.refused.append(Problem(rel, "not readable by you; fix its permissions "
+                                       "(chmod u+r or g+r) or exclude it"))
+            continue
+        cat.entries.append(Entry(rel, st.st_size, st.st_mtime))
+        nbytes += st.st_size
+        if progress is not None:
+            progress.update(len(cat.entries), nbytes)
+    if progress is not None:
+        progress.done()
+    return cat
+
+
+def _scan(root: Path, exclude: tuple[str, ...],
+          cat: Catalogue) -> Iterator[tuple[str, os.DirEntry]]:
+    """Depth-first, name-ordered walk: (relative POSIX path, DirEntry) of non-directories."""
+    stack: list[tuple[str, str]] = [(str(root), "")]
+    while stack:
+        path, rel = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            cat.refused.append(Problem(rel or ".", f"cannot list directory: {exc.strerror}"))
+            continue
+        subdirs = []
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                if not dir_pruned(child, exclude):
+                    subdirs.append((entry.path, child))
+            elif entry.is_symlink() and _is_dir(entry):
+                cat.skipped.append(Problem(child, "directory symlink not followed"))
+            else:
+                yield child, entry
+        stack.extend(reversed(subdirs))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _readable(st: os.stat_result, uid: int, groups: set[int]) -> bool:
+    """Mode-bit read check from the stat we already have (no extra metadata call on Lustre);
+    the caller confirms a negative answer with os.access, which also sees ACLs."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def _valid_utf8(rel: str) -> bool:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(rel: str) -> str:
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------- catalogue file
+def write_catalogue(path: Path, entries: list[Entry]) -> None:
+    atomic_write_jsonl(path, ({"relpath": e.relpath, "size": e.size, "mtime": e.mtime}
+                              for e in entries))
+
+
+def read_catalogue(path: Path) -> list[Entry]:
+    return [Entry(r["relpath"], r["size"], r["mtime"]) for r in read_jsonl(path)]

@@ -1,0 +1,172 @@
+"""The ``dac-upload`` command: parse options, call one step, print the outcome.
+
+Exit codes: 0 success; 1 the run finished with failed files (collect, submit --wait);
+2 a problem you can fix in the job file or the source tree (nothing was submitted);
+3 Slurm or Rucio refused or could not be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import ConfigError, JobConfig, load_job
+from .pipeline import PlanError, PreparedRun, prepare_run, submit_run
+from .progress import Progress, human_bytes
+
+EXIT_FAILURES = 1
+EXIT_USER = 2
+EXIT_SERVICE = 3
+
+
+def _fail(lines: list[str] | str, code: int) -> None:
+    for line in [lines] if isinstance(lines, str) else lines:
+        click.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def _load(job_file: str) -> JobConfig:
+    try:
+        job = load_job(job_file)
+    except ConfigError as exc:
+        _fail(exc.lines, EXIT_USER)
+    if job.rucio.lifetime:
+        days = job.rucio.lifetime / 86400
+        click.echo(f"warning: [rucio] lifetime = {job.rucio.lifetime} s: the uploaded data "
+                   f"becomes deletable {days:.1f} days after upload; remove 'lifetime' to keep "
+                   "it", err=True)
+    return job
+
+
+def _rucio_preflight(job: JobConfig) -> list[str]:
+    if job.rucio.config:
+        os.environ["RUCIO_CONFIG"] = str(job.rucio.config)
+    from .rucio_io import RucioFatal, RucioIO
+
+    try:
+        return RucioIO(job.rucio.account).preflight(job.rucio.scope, job.rucio.rse)
+    except RucioFatal as exc:
+        return [str(exc)]
+
+
+def _plan(job: JobConfig, offline: bool) -> PreparedRun:
+    try:
+        return prepare_run(job, preflight=None if offline else _rucio_preflight,
+                           progress=Progress("cataloguing"))
+    except PlanError as exc:
+        _fail(exc.lines, EXIT_USER)
+    raise AssertionError("unreachable")
+
+
+def _describe(prep: PreparedRun) -> None:
+    sizes = [b.bytes for b in prep.batches]
+    click.echo(f"run {prep.run_id}: {prep.files:,} files, {human_bytes(prep.bytes)} in "
+               f"{len(prep.batches)} array tasks (batch sizes {human_bytes(min(sizes))} - "
+               f"{human_bytes(max(sizes))})" + (f", {prep.skipped} skipped (see skipped.jsonl)"
+                                                 if prep.skipped else ""))
+    click.echo(f"run directory: {prep.layout.dir}")
+    click.echo(f"array script:  {prep.layout.array_script}")
+    click.echo(f"collector:     {prep.layout.collect_script}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dac-upload")
+def main() -> None:
+    """Upload a file tree into Rucio with a Slurm job array, and collect a summary.json."""
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--offline", is_flag=True,
+              help="Skip the Rucio checks (scope, RSE, credentials); plan from files only.")
+def plan(job_file: str, offline: bool) -> None:
+    """Catalogue, batch and render a run of JOB_FILE; submit nothing."""
+    prep = _plan(_load(job_file), offline)
+    _describe(prep)
+    click.echo(f"nothing submitted; submit it with: dac-upload submit --run {prep.layout.dir}")
+
+
+@main.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True),
+              help="Submit this already planned run instead of planning a new one.")
+@click.option("--offline", is_flag=True, help="Skip the Rucio checks when planning.")
+@click.option("--wait", is_flag=True,
+              help="Wait for the collector to finish and report the outcome.")
+@click.option("--timeout", default=86400.0, show_default=True,
+              help="Seconds to wait with --wait.")
+def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
+           timeout: float) -> None:
+    """Plan JOB_FILE and submit the array plus its collector (or submit --run RUN)."""
+    from . import slurm
+
+    if bool(job_file) == bool(run_dir):
+        _fail("give either JOB_FILE or --run RUN", EXIT_USER)
+    if job_file:
+        prep = _plan(_load(job_file), offline)
+        _describe(prep)
+        target = prep.layout.dir
+    else:
+        target = Path(run_dir).resolve()
+    try:
+        sub = submit_run(target, slurm.max_array_size(), slurm.submit)
+    except PlanError as exc:
+        _fail(exc.lines, EXIT_USER)
+    except slurm.SlurmError as exc:
+        _fail(f"{exc} (run directory {target} is kept; fix and retry with "
+              f"dac-upload submit --run {target})", EXIT_SERVICE)
+    click.echo(f"submitted array job {sub.array_job_id} (tasks {sub.task_ids}) and collector "
+               f"job {sub.collector_job_id} (afterany)")
+    click.echo(f"summary will be written to {target / 'summary.json'}")
+    if wait:
+        try:
+            slurm.wait_until_gone(sub.collector_job_id, timeout)
+        except slurm.SlurmError as exc:
+            _fail(str(exc), EXIT_SERVICE)
+        _report(target)
+
+
+def _report(run_dir: Path) -> None:
+    from .files import read_json
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        _fail(f"the collector finished but wrote no {summary_path}; see {run_dir / 'logs'}",
+              EXIT_FAILURES)
+    s = read_json(summary_path)
+    c = s["counts"]
+    click.echo(f"{summary_path}: {c['files']} files, {c['uploaded']} uploaded, "
+               f"{c['already_present']} already present, {c['failed']} failed, "
+               f"{c['not_attempted']} not attempted; tasks without result: "
+               f"{s['tasks_missing_result'] or 'none'}")
+    if not s["complete"]:
+        sys.exit(EXIT_FAILURES)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The run directory.")
+@click.option("--task", type=int, envvar="SLURM_ARRAY_TASK_ID", required=True,
+              help="Array index to process (default: $SLURM_ARRAY_TASK_ID).")
+def worker(run_dir: str, task: int) -> None:
+    """Upload the files of one batch manifest (what each array task runs)."""
+    from .worker import run_task
+
+    sys.exit(run_task(Path(run_dir).resolve(), task))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def collect(run_dir: str) -> None:
+    """Merge the task results of RUN_DIR into summary.json (what the collector job runs)."""
+    from .collect import collect as do_collect
+
+    try:
+        do_collect(Path(run_dir).resolve())
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"cannot collect {run_dir}: {exc}", EXIT_USER)
+    _report(Path(run_dir).resolve())

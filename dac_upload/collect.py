@@ -1,0 +1,114 @@
+"""Result records -> summary.json. The collector never talks to Rucio: the result files say
+what happened. Every file of every manifest appears in the summary; a task that wrote no
+result is listed, and its files are reported as not attempted, never silently dropped.
+
+Re-running ``collect`` on the same results gives a byte-identical summary.json (it carries no
+time of its own, only the times the tasks recorded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .files import atomic_write_json, read_json, read_jsonl
+from .plan import RunLayout
+from .worker import ALREADY_PRESENT, DONE_STATES, FAILED, UPLOADED
+
+SCHEMA_VERSION = 1
+NOT_ATTEMPTED = "not_attempted"
+
+
+def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> the record that counts: the latest success, else the latest record (pure)."""
+    best: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        prev = best.get(rec["name"])
+        if prev is None or rec["status"] in DONE_STATES or prev["status"] not in DONE_STATES:
+            best[rec["name"]] = rec
+    return best
+
+
+def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
+                  results: dict[int, list[dict[str, Any]]],
+                  markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Pure: everything known about a run -> the summary document."""
+    scope, rse = run["rucio"]["scope"], run["rucio"]["rse"]
+    root = Path(run["source"]["root"])
+    files: dict[str, dict[str, Any]] = {}
+    missing_tasks: list[int] = []
+    counts = {"files": 0, "bytes": 0, UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0,
+              NOT_ATTEMPTED: 0, "bytes_uploaded": 0}
+    for task in sorted(manifests):
+        merged = merge_records(results.get(task, []))
+        if task not in markers:
+            missing_tasks.append(task)
+        for entry in manifests[task]["files"]:
+            rec = merged.get(entry["name"])
+            if rec is None:
+                why = ("the task wrote no result (it never ran, or died before this file): "
+                       f"see logs/task-{task}.job*.out") if task not in markers else \
+                      "the task finished without a record for this file"
+                rec = {"status": NOT_ATTEMPTED, "error": why, "bytes": entry["size"],
+                       "adler32": None, "md5": None, "pfn": None, "guid": None,
+                       "attempt": None}
+            key = f"{scope}:{entry['name']}"
+            files[key] = {
+                "scope": scope, "name": entry["name"], "bytes": rec.get("bytes"),
+                "adler32": rec.get("adler32"), "md5": rec.get("md5"), "rse": rse,
+                "pfn": rec.get("pfn"), "guid": rec.get("guid"),
+                "path": str(root / entry["relpath"]), "relpath": entry["relpath"],
+                "batch": task, "attempt": rec.get("attempt"), "status": rec["status"],
+                "error": rec.get("error"),
+            }
+            counts["files"] += 1
+            counts["bytes"] += entry["size"]
+            counts[rec["status"]] += 1
+            if rec["status"] == UPLOADED:
+                counts["bytes_uploaded"] += rec.get("bytes") or 0
+    finished = [m["finished_at"] for m in markers.values() if m.get("finished_at")]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "dac-upload", "version": __version__},
+        "job": run["job"]["name"],
+        "run_id": run["run_id"],
+        "created_at": run["created_at"],
+        "finished_at": max(finished) if finished else None,
+        "source_root": str(root),
+        "rucio": {"host": _from_markers(markers, "rucio_host"),
+                  "account": run["rucio"].get("account") or _from_markers(markers,
+                                                                          "rucio_account"),
+                  **{k: run["rucio"].get(k) for k in ("scope", "rse", "dataset", "lifetime")}},
+        "slurm": {"submissions": run.get("submissions", [])},
+        "complete": counts[UPLOADED] + counts[ALREADY_PRESENT] == counts["files"],
+        "counts": {**counts, "tasks": len(manifests),
+                   "tasks_with_result": len(manifests) - len(missing_tasks),
+                   "tasks_missing_result": len(missing_tasks)},
+        "tasks_missing_result": missing_tasks,
+        "failed_tasks": sorted(t for t, m in markers.items() if m.get("exit_code")),
+        "files": files,
+    }
+
+
+def _from_markers(markers: dict[int, dict[str, Any]], key: str) -> str | None:
+    """What the tasks saw (e.g. the Rucio host their client talked to): first one recorded."""
+    for task in sorted(markers):
+        if markers[task].get(key):
+            return str(markers[task][key])
+    return None
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Read every manifest, result and marker of the run, write summary.json atomically."""
+    layout = RunLayout(run_dir)
+    run = read_json(layout.run_json)
+    n = int(run["plan"]["tasks"])
+    manifests = {t: read_json(layout.manifest(t)) for t in range(n)}
+    results = {t: list(read_jsonl(layout.result(t))) for t in range(n)
+               if layout.result(t).exists()}
+    markers = {t: read_json(layout.done_marker(t)) for t in range(n)
+               if layout.done_marker(t).exists()}
+    summary = build_summary(run, manifests, results, markers)
+    atomic_write_json(layout.summary, summary)
+    return summary

@@ -1,0 +1,384 @@
+"""Job file (TOML) -> frozen, validated ``JobConfig``.
+
+Every problem is reported as one line that names the file, the key and the fix, all of them at
+once, before anything touches the file system, Slurm or Rucio (exit code 2 at the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import naming
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python < 3.11 (CSD3 login nodes)
+    import tomli as tomllib
+
+RUNTIMES = ("none", "apptainer")
+SYMLINK_POLICIES = ("follow", "skip", "refuse")
+_SLURM_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class ConfigError(Exception):
+    """A job file problem the user can fix; ``lines`` holds one line per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    root: Path
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    symlinks: str
+
+
+@dataclass(frozen=True)
+class RucioConfig:
+    scope: str
+    rse: str
+    account: str | None
+    dataset: str | None
+    lifetime: int | None
+    config: Path | None
+
+    @property
+    def dataset_did(self) -> tuple[str, str] | None:
+        """(scope, name) of the dataset; a bare name lives in the job's scope."""
+        if not self.dataset:
+            return None
+        if ":" in self.dataset:
+            scope, name = self.dataset.split(":", 1)
+            return scope, name
+        return self.scope, self.dataset
+
+
+@dataclass(frozen=True)
+class NamingConfig:
+    prefix: str
+    replace_invalid: str | None
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    files_per_batch: int | None
+    bytes_per_batch: int | None
+    max_running: int
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    partition: str | None
+    account: str | None
+    time: str
+    mem: str
+    cpus_per_task: int
+    job_name: str | None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    runtime: str
+    image: Path | None
+    binds: tuple[str, ...]
+    python: str | None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    path: Path
+    text: str
+    runs_dir: Path
+    source: SourceConfig
+    rucio: RucioConfig
+    naming: NamingConfig
+    batching: BatchingConfig
+    slurm: SlurmConfig
+    container: ContainerConfig
+
+
+# ----------------------------------------------------------------------------- value parsers
+def parse_size(value: Any) -> int:
+    """``500``, ``"200 GB"``, ``"1.5TiB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError
+        return value
+    if not isinstance(value, str):
+        raise ValueError
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError
+    unit = (m.group(2) or "").lower()
+    unit = unit[:-1] if unit.endswith("b") and len(unit) > 1 else unit
+    result = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if result <= 0:
+        raise ValueError
+    return result
+
+
+def parse_duration(value: Any) -> int:
+    """``3600``, ``"30d"``, ``"12h"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError
+        return value
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError
+    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+# ----------------------------------------------------------------------------- schema
+_Check = Callable[[Any], Any]
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError
+    return v
+
+
+def _int_pos(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError
+    return v
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError
+    return tuple(v)
+
+
+def _choice(options: tuple[str, ...]) -> _Check:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError
+        return v
+    return check
+
+
+def _slurm_time(v: Any) -> str:
+    if not isinstance(v, str) or not _SLURM_TIME_RE.match(v):
+        raise ValueError
+    return v
+
+
+def _table_of_str(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise ValueError
+    out = {}
+    for key, val in v.items():
+        if isinstance(val, bool):
+            out[key] = "" if val else None
+        elif isinstance(val, (str, int)):
+            out[key] = str(val)
+        else:
+            raise ValueError
+    return {k: val for k, val in out.items() if val is not None}
+
+
+def _any_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError
+    return v
+
+
+# key -> (check, default, what a valid value looks like). A default of ... means required.
+_SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
+    "job": {
+        "name": (_str, None, 'a name such as "lsst-dp1"'),
+        "runs_dir": (_str, None, "a directory path"),
+    },
+    "source": {
+        "root": (_str, ..., "the directory to upload from"),
+        "include": (_str_list, ("**/*",), 'a list of globs such as ["**/*.fits"]'),
+        "exclude": (_str_list, (), 'a list of globs such as ["**/tmp/**"]'),
+        "symlinks": (_choice(SYMLINK_POLICIES), "follow", " or ".join(SYMLINK_POLICIES)),
+    },
+    "rucio": {
+        "scope": (_str, ..., 'a Rucio scope such as "user.jbloggs"'),
+        "rse": (_str, ..., 'an RSE name such as "RAL_ECHO"'),
+        "account": (_str, None, "a Rucio account name"),
+        "dataset": (_str, None, 'a dataset name, or "scope:name"'),
+        "lifetime": (parse_duration, None, 'seconds, or "30d" / "12h"; leave it out for none'),
+        "config": (_str, None, "the path of a rucio.cfg"),
+    },
+    "naming": {
+        "prefix": (_any_str, "", 'a string such as "dp1/"'),
+        "replace_invalid": (_any_str, None, 'a replacement string such as "_"'),
+    },
+    "batching": {
+        "files_per_batch": (_int_pos, 1000, "a positive integer"),
+        "bytes_per_batch": (parse_size, None, 'bytes, or a size such as "200 GB"'),
+        "max_running": (_int_pos, 4, "a positive integer (array tasks running at once)"),
+    },
+    "slurm": {
+        "partition": (_str, None, "a partition name"),
+        "account": (_str, None, "a Slurm project account"),
+        "time": (_slurm_time, "01:00:00", 'a Slurm time such as "02:00:00" or "1-00:00:00"'),
+        "mem": (_str, "2G", 'a Slurm memory size such as "4G"'),
+        "cpus_per_task": (_int_pos, 1, "a positive integer"),
+        "job_name": (_str, None, "a job name"),
+        "extra": (_table_of_str, {}, 'a table of sbatch options, e.g. {qos = "normal"}'),
+    },
+    "container": {
+        "runtime": (_choice(RUNTIMES), "apptainer", " or ".join(RUNTIMES)),
+        "image": (_str, None, "the path of the .sif image"),
+        "binds": (_str_list, (), 'a list such as ["/rds:/rds:ro"]'),
+        "python": (_str, None, "the Python interpreter that runs the worker (runtime none)"),
+    },
+}
+
+
+def load_job(path: Path | str) -> JobConfig:
+    """Read and validate a job file; raise ConfigError listing every problem."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{where}: job file not found; check the path"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{where}: cannot read the job file ({exc})"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{where}: not valid TOML: {exc}; fix the syntax"]) from None
+    return parse_job(raw, path=path.resolve(), text=text)
+
+
+def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
+    where = str(path)
+    errors: list[str] = []
+    values: dict[str, dict[str, Any]] = {}
+
+    for section in raw:
+        if section not in _SCHEMA:
+            errors.append(f"{where}: unknown section [{section}]; "
+                          f"known sections are {', '.join('[' + s + ']' for s in _SCHEMA)}")
+        elif not isinstance(raw[section], dict):
+            errors.append(f"{where}: '{section}' must be a table [{section}]")
+    for section, keys in _SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            given = {}
+        values[section] = {}
+        for key in given:
+            if key not in keys:
+                hint = _close_match(key, keys)
+                errors.append(f"{where}: [{section}] unknown key '{key}'"
+                              + (f"; did you mean '{hint}'?" if hint else
+                                 f"; known keys are {', '.join(keys)}"))
+        for key, (check, default, expect) in keys.items():
+            if key not in given:
+                if default is ...:
+                    errors.append(f"{where}: [{section}] '{key}' is required: set it to {expect}")
+                values[section][key] = None if default is ... else default
+                continue
+            try:
+                values[section][key] = check(given[key])
+            except (ValueError, TypeError):
+                errors.append(f"{where}: [{section}] {key} = {given[key]!r} is not valid: "
+                              f"use {expect}")
+                values[section][key] = None if default is ... else default
+
+    v = values
+    _semantic_checks(v, where, errors)
+    if errors:
+        raise ConfigError(errors)
+
+    name = v["job"]["name"] or path.stem
+    base = path.parent
+    runs_dir = Path(v["job"]["runs_dir"]) if v["job"]["runs_dir"] else Path(name) / "runs"
+    runs_dir = Path(os.path.abspath(runs_dir if runs_dir.is_absolute() else base / runs_dir))
+    root = Path(v["source"]["root"]).expanduser()
+    root = Path(os.path.abspath(root if root.is_absolute() else base / root))
+    rucio_cfg = v["rucio"]["config"]
+    image = v["container"]["image"]
+    return JobConfig(
+        name=name,
+        path=path,
+        text=text,
+        runs_dir=runs_dir,
+        source=SourceConfig(root=root, include=v["source"]["include"],
+                            exclude=v["source"]["exclude"], symlinks=v["source"]["symlinks"]),
+        rucio=RucioConfig(scope=v["rucio"]["scope"], rse=v["rucio"]["rse"],
+                          account=v["rucio"]["account"], dataset=v["rucio"]["dataset"],
+                          lifetime=v["rucio"]["lifetime"],
+                          config=_abs(Path(rucio_cfg).expanduser(), base) if rucio_cfg else None),
+        naming=NamingConfig(prefix=v["naming"]["prefix"],
+                            replace_invalid=v["naming"]["replace_invalid"]),
+        batching=BatchingConfig(files_per_batch=v["batching"]["files_per_batch"],
+                                bytes_per_batch=v["batching"]["bytes_per_batch"],
+                                max_running=v["batching"]["max_running"]),
+        slurm=SlurmConfig(**v["slurm"]),
+        container=ContainerConfig(runtime=v["container"]["runtime"],
+                                  image=_abs(Path(image).expanduser(), base) if image else None,
+                                  binds=v["container"]["binds"], python=v["container"]["python"]),
+    )
+
+
+def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]) -> None:
+    r = v["rucio"]
+    for key, check in (("scope", naming.scope_problem), ("account", naming.account_problem),
+                       ("rse", naming.rse_problem)):
+        if r.get(key):
+            problem = check(r[key])
+            if problem:
+                errors.append(f"{where}: [rucio] {key} = {r[key]!r}: {problem}")
+    if r.get("dataset"):
+        ds_scope, _, ds_name = r["dataset"].rpartition(":")
+        problem = naming.name_problem(ds_name) or (naming.scope_problem(ds_scope) if ds_scope
+                                                    else None)
+        if problem:
+            errors.append(f"{where}: [rucio] dataset = {r['dataset']!r}: {problem}")
+    rep = v["naming"]["replace_invalid"]
+    if rep is not None and naming.name_problem("a" + rep) is not None:
+        errors.append(f"{where}: [naming] replace_invalid = {rep!r} is itself not allowed in "
+                      "a Rucio name: use '_', '-' or '.'")
+    prefix = v["naming"]["prefix"]
+    if prefix and naming.name_problem(prefix) is not None:
+        errors.append(f"{where}: [naming] prefix = {prefix!r}: "
+                      f"{naming.name_problem(prefix)}")
+    c = v["container"]
+    if c["runtime"] == "apptainer" and not c["image"]:
+        errors.append(f"{where}: [container] runtime = \"apptainer\" needs image = "
+                      "\"/path/to/dac-upload.sif\" (or set runtime = \"none\")")
+    for bind in c["binds"] or ():
+        if "," in bind or not bind.startswith("/"):
+            errors.append(f"{where}: [container] binds entry {bind!r}: use one absolute "
+                          "'src[:dst[:ro]]' per entry")
+
+
+def _abs(p: Path, base: Path) -> Path:
+    return p if p.is_absolute() else base / p
+
+
+def _close_match(key: str, keys: dict[str, Any]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+    return found[0] if found else None

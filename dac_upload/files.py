@@ -1,0 +1,127 @@
+"""Atomic writes and JSON-lines helpers.
+
+Anything another process reads (manifests, results, run.json, summary.json) is written to a
+temporary file in the same directory, fsynced, then renamed over the target, so a reader sees
+the old content or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically (same-directory temp file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
+    """Pretty, key-sorted JSON so that re-running a step gives a byte-identical file."""
+    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text, mode)
+
+
+def atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the records of a JSON-lines file, skipping a torn last line.
+
+    A worker killed mid-write can leave an incomplete final line; every complete line before
+    it is still a valid record.
+    """
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                return
+            line = line.strip()
+            if line:
+                yield json.loads(line)
+
+
+class JsonlAppender:
+    """Append records to a JSON-lines file, each flushed and fsynced before returning.
+
+    Used for per-file results: a task killed half-way leaves every record it finished.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checksums(path: Path, chunk: int = 4 << 20) -> tuple[int, str, str]:
+    """(bytes, adler32 as 8 hex digits, md5 hex) from ONE read of the file: on cold parallel
+    file systems the read, not the arithmetic, is what costs."""
+    adler = 1
+    md5 = hashlib.md5(usedforsecurity=False)  # a checksum, not security (FIPS builds)
+    size = 0
+    with open(path, "rb", buffering=0) as handle:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            n = handle.readinto(buf)
+            if not n:
+                break
+            adler = zlib.adler32(view[:n], adler)
+            md5.update(view[:n])
+            size += n
+    return size, f"{adler & 0xFFFFFFFF:08x}", md5.hexdigest()
+

@@ -1,0 +1,127 @@
+"""Rucio naming rules and glob matching: pure functions, no I/O.
+
+The rules are those of Rucio's ``generic`` schema (``rucio/common/schema/generic.py``): a
+name is at most 250 characters of ``/A-Za-z0-9._-`` and starts with ``/`` or an alphanumeric;
+a scope is at most 25 characters of ``A-Za-z0-9._-``. Checking them at plan time turns an
+error that Rucio would give file by file, inside a batch job, into one line before submission.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+NAME_MAX = 250
+SCOPE_MAX = 25
+ACCOUNT_MAX = 25
+_NAME_RE = re.compile(r"^[/A-Za-z0-9][/A-Za-z0-9._\-]*$")
+_NAME_BAD_CHAR_RE = re.compile(r"[^/A-Za-z0-9._\-]")
+_SCOPE_RE = re.compile(r"^[A-Za-z0-9._\-]+$")
+_ACCOUNT_RE = re.compile(r"^[a-z0-9_\-]+$")
+_RSE_RE = re.compile(r"^[A-Z0-9]+([_\-][A-Z0-9]+)*$")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid Rucio DID name, or None if it is."""
+    if not name:
+        return "the name is empty"
+    if len(name) > NAME_MAX:
+        return f"the name is {len(name)} characters long, Rucio allows at most {NAME_MAX}"
+    if not _NAME_RE.match(name):
+        bad = sorted(set(_NAME_BAD_CHAR_RE.findall(name)))
+        if bad:
+            shown = " ".join(repr(c) for c in bad[:5])
+            return f"the name contains characters Rucio does not allow: {shown}"
+        return "a Rucio name must start with a letter, a digit or '/'"
+    return None
+
+
+def scope_problem(scope: str) -> str | None:
+    if not scope or len(scope) > SCOPE_MAX or not _SCOPE_RE.match(scope):
+        return f"a scope is 1-{SCOPE_MAX} characters of A-Z a-z 0-9 . _ -"
+    return None
+
+
+def account_problem(account: str) -> str | None:
+    if not account or len(account) > ACCOUNT_MAX or not _ACCOUNT_RE.match(account):
+        return f"an account is 1-{ACCOUNT_MAX} characters of a-z 0-9 _ -"
+    return None
+
+
+def rse_problem(rse: str) -> str | None:
+    if not _RSE_RE.match(rse):
+        return "an RSE name is upper-case letters and digits separated by single '_' or '-'"
+    return None
+
+
+def make_name(relpath: str, prefix: str = "", replace_invalid: str | None = None) -> str:
+    """Rucio name for a file at ``relpath`` (POSIX, relative to the source root).
+
+    The name is ``prefix + relpath``, so the tree at the destination mirrors the source. With
+    ``replace_invalid`` each character Rucio refuses is replaced by that string; without it the
+    name is returned as is and :func:`name_problem` reports it.
+    """
+    name = prefix + relpath
+    if replace_invalid is not None:
+        name = _NAME_BAD_CHAR_RE.sub(replace_invalid, name)
+    return name
+
+
+@lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a recursive glob (``**/*.fits``, ``raw/*/c?.fits``) matched against a POSIX
+    relative path. ``*`` and ``?`` never cross ``/``; ``**`` as a whole component matches any
+    number of directories (zero included); ``[...]`` is a character class."""
+    parts = pattern.strip("/").split("/")
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        out.append(_translate_component(part) + ("" if last else "/"))
+    return re.compile("^" + "".join(out) + "$", re.DOTALL)
+
+
+def _translate_component(part: str) -> str:
+    res = []
+    i, n = 0, len(part)
+    while i < n:
+        c = part[i]
+        i += 1
+        if c == "*":
+            res.append("[^/]*")
+        elif c == "?":
+            res.append("[^/]")
+        elif c == "[":
+            j = i
+            if j < n and part[j] in "!^":
+                j += 1
+            if j < n and part[j] == "]":
+                j += 1
+            while j < n and part[j] != "]":
+                j += 1
+            if j >= n:
+                res.append("\\[")
+            else:
+                body = part[i:j]
+                i = j + 1
+                if body[:1] in "!^":
+                    body = "^" + body[1:]
+                res.append("[" + body.replace("\\", "\\\\").replace("/", "") + "]")
+        else:
+            res.append(re.escape(c))
+    return "".join(res)
+
+
+def matches_any(relpath: str, patterns: tuple[str, ...]) -> bool:
+    return any(glob_regex(p).match(relpath) for p in patterns)
+
+
+def dir_pruned(reldir: str, exclude: tuple[str, ...]) -> bool:
+    """True if every file below directory ``reldir`` is excluded by a ``.../**`` pattern, so
+    the walk need not enter it (e.g. ``**/tmp/**`` prunes every ``tmp`` directory)."""
+    for pattern in exclude:
+        if pattern.endswith("/**") and glob_regex(pattern[:-3]).match(reldir):
+            return True
+    return False

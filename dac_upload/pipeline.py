@@ -1,0 +1,197 @@
+"""One way through: config -> catalogue -> plan -> render -> (submit).
+
+``prepare_run`` validates everything it can before it creates anything: a job that would fail
+(bad names, unreadable files, patterns that match nothing, unknown sbatch options, unknown
+scope or RSE) leaves no run directory behind and raises ``PlanError`` with one line per
+problem.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__, render
+from .catalogue import Catalogue, walk, write_catalogue
+from .config import JobConfig
+from .files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
+from .plan import Batch, RunLayout, compress_indices, make_batches, name_files
+from .progress import Progress
+
+MAX_PROBLEM_LINES = 20
+
+
+class PlanError(Exception):
+    """The job cannot be planned as it is; ``lines`` says why, one problem per line."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    layout: RunLayout
+    run_id: str
+    files: int
+    bytes: int
+    batches: list[Batch]
+    skipped: int
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def _problem_lines(where: str, problems: list[Any], what: str) -> list[str]:
+    lines = [f"{where}/{p.relpath}: {p.reason}" for p in problems[:MAX_PROBLEM_LINES]]
+    if len(problems) > MAX_PROBLEM_LINES:
+        lines.append(f"... and {len(problems) - MAX_PROBLEM_LINES} more {what}")
+    return lines
+
+
+def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
+    errors = _problem_lines(str(job.source.root), cat.refused, "refused files")
+    for pattern, hits in cat.pattern_hits.items():
+        if hits == 0:
+            errors.append(f"{job.path}: [source] include pattern {pattern!r} matches no file "
+                          f"under {job.source.root}; fix the pattern or the root")
+    return errors
+
+
+def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | None = None,
+                progress: Progress | None = None, python: str | None = None) -> PreparedRun:
+    """Catalogue, name, batch and render a run; write its directory. Nothing is submitted."""
+    if not job.source.root.is_dir():
+        raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
+                         "directory; fix the path"])
+    errors = render.sbatch_option_problems(job)
+    cat = walk(job.source, progress)
+    errors += check_catalogue(job, cat)
+    files, name_problems = name_files(cat.entries, job.naming)
+    errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
+    if not errors and not files:
+        errors.append(f"{job.path}: nothing to upload under {job.source.root}")
+    if not errors and preflight is not None:
+        errors += preflight(job)
+    if errors:
+        raise PlanError(errors)
+
+    batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
+    run_id = new_run_id()
+    job.runs_dir.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(job.runs_dir / run_id)
+    layout.dir.mkdir()  # exclusive: never reuse an existing run directory
+    for sub in (layout.manifests, layout.results, layout.logs):
+        sub.mkdir()
+
+    atomic_write_text(layout.job_copy, job.text)
+    write_catalogue(layout.catalogue, cat.entries)
+    atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
+                                        for p in cat.skipped))
+    for batch in batches:
+        atomic_write_json(layout.manifest(batch.index), {
+            "run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
+            "bytes": batch.bytes,
+            "files": [{"relpath": f.relpath, "name": f.name, "size": f.size, "mtime": f.mtime}
+                      for f in batch.files]})
+
+    ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable)
+    array_body = render.render_body("array.sh.j2", ctx)
+    collect_body = render.render_body("collect.sh.j2", ctx)
+    task_ids = compress_indices([b.index for b in batches])
+    array_opts = render.array_options(job, task_ids, job.batching.max_running)
+    collect_opts = render.collector_options(job, None)
+    # what plan shows is what submit writes: simple-slurm's header + our body
+    atomic_write_text(layout.array_script, render.full_script(array_opts, array_body), 0o755)
+    atomic_write_text(layout.collect_script, render.full_script(collect_opts, collect_body),
+                      0o755)
+
+    total = sum(f.size for f in files)
+    sizes = [b.bytes for b in batches]
+    run = {
+        "schema_version": 1,
+        "tool": {"name": "dac-upload", "version": __version__},
+        "run_id": run_id,
+        "state": "planned",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_by": {"user": getpass.getuser(), "host": socket.gethostname(),
+                       "pid": os.getpid()},
+        "job": {"name": job.name, "file": str(job.path), "copy": layout.job_copy.name,
+                "sha256": hashlib.sha256(job.text.encode()).hexdigest()},
+        "source": {"root": str(job.source.root), "include": list(job.source.include),
+                   "exclude": list(job.source.exclude), "symlinks": job.source.symlinks},
+        "rucio": {"scope": job.rucio.scope, "rse": job.rucio.rse, "account": job.rucio.account,
+                  "dataset": job.rucio.dataset, "dataset_did": job.rucio.dataset_did,
+                  "lifetime": job.rucio.lifetime,
+                  "config": str(job.rucio.config) if job.rucio.config else None,
+                  "host": None},
+        "catalogue": {"file": layout.catalogue.name,
+                      "sha256": hashlib.sha256(layout.catalogue.read_bytes()).hexdigest(),
+                      "files": len(files), "bytes": total, "skipped": len(cat.skipped)},
+        "plan": {"tasks": len(batches), "task_ids": task_ids,
+                 "files_per_batch": job.batching.files_per_batch,
+                 "bytes_per_batch": job.batching.bytes_per_batch,
+                 "max_running": job.batching.max_running,
+                 "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
+        "runtime": {"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
+        "slurm": {"array": array_opts, "collector": collect_opts},
+        "submissions": [],
+    }
+    atomic_write_json(layout.run_json, run)
+    return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped))
+
+
+@dataclass(frozen=True)
+class Submission:
+    array_job_id: str
+    collector_job_id: str
+    task_ids: str
+
+
+def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str]) -> Submission:
+    """Submit a planned run: the array, then the collector (afterany) on it; record both.
+
+    ``submit(options, body, run_dir, script_name) -> job id`` is slurm.submit in real use.
+    """
+    layout = RunLayout(run_dir)
+    run = read_json(layout.run_json)
+    if run.get("submissions"):
+        first = run["submissions"][0]
+        raise PlanError([f"{run_dir}: already submitted as array job {first['array_job_id']};"
+                         " plan a new run (dac-upload submit JOB)"])
+    n = int(run["plan"]["tasks"])
+    if n > max_array_size - 1:
+        raise PlanError([f"{run_dir}: {n} batches but this cluster's MaxArraySize allows "
+                         f"indices up to {max_array_size - 1}; raise [batching] files_per_batch"
+                         " or bytes_per_batch so there are fewer batches"])
+    array_body = _body_of(layout.array_script)
+    collect_body = _body_of(layout.collect_script)
+    array_id = submit(run["slurm"]["array"], array_body, layout.dir, layout.array_script.name)
+    collect_opts = dict(run["slurm"]["collector"], dependency=f"afterany:{array_id}")
+    collector_id = submit(collect_opts, collect_body, layout.dir, layout.collect_script.name)
+    sub = {"attempt": 1, "array_job_id": array_id, "collector_job_id": collector_id,
+           "task_ids": run["plan"]["task_ids"],
+           "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    run["submissions"].append(sub)
+    run["state"] = "submitted"
+    run["slurm"]["collector"] = collect_opts
+    atomic_write_json(layout.run_json, run)
+    return Submission(array_id, collector_id, run["plan"]["task_ids"])
+
+
+def _body_of(script: Path) -> str:
+    """The template part of a rendered script (below simple-slurm's #SBATCH header)."""
+    lines = script.read_text(encoding="utf-8").splitlines(keepends=True)
+    i = 1
+    while i < len(lines) and (not lines[i].strip() or lines[i].startswith("#SBATCH")):
+        i += 1
+    return "".join(lines[i:])

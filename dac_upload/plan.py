@@ -1,0 +1,170 @@
+"""Pure planning: catalogue entries -> Rucio names -> balanced batches; the run-directory layout.
+
+Nothing here touches the file system, Slurm or Rucio, so it is tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .catalogue import Entry, Problem
+from .config import NamingConfig
+from .naming import make_name, name_problem
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    relpath: str
+    name: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int
+    files: tuple[PlannedFile, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def name_files(entries: Sequence[Entry],
+               cfg: NamingConfig) -> tuple[list[PlannedFile], list[Problem]]:
+    """Give every entry its Rucio name; report invalid and duplicate names (both refused)."""
+    files: list[PlannedFile] = []
+    problems: list[Problem] = []
+    first_with_name: dict[str, str] = {}
+    for e in entries:
+        name = make_name(e.relpath, cfg.prefix, cfg.replace_invalid)
+        why = name_problem(name)
+        if why:
+            fix = ("rename the file or exclude it" if cfg.replace_invalid is not None
+                   else 'rename the file, exclude it, or set [naming] replace_invalid = "_"')
+            if len(name) > 250:
+                fix = "shorten the path or the [naming] prefix, or exclude it"
+            problems.append(Problem(e.relpath, f"{why}; {fix}"))
+            continue
+        other = first_with_name.get(name)
+        if other is not None:
+            problems.append(Problem(e.relpath, f"gets the same Rucio name {name!r} as {other!r}; "
+                                    "rename one of them or change [naming]"))
+            continue
+        first_with_name[name] = e.relpath
+        files.append(PlannedFile(e.relpath, name, e.size, e.mtime))
+    return files, problems
+
+
+def make_batches(files: Sequence[PlannedFile], files_per_batch: int | None,
+                 bytes_per_batch: int | None) -> list[Batch]:
+    """Split ``files`` into batches that respect both limits, balanced by bytes.
+
+    Largest file first into the batch with the fewest bytes that still has room (LPT), which
+    keeps the slowest array task close to the mean. A file larger than ``bytes_per_batch`` gets
+    a batch of its own. The result depends only on the input (ties broken by relpath), and the
+    files in a batch are listed in path order for locality on the source file system.
+    """
+    if not files:
+        return []
+    max_files = files_per_batch or len(files)
+    max_bytes = bytes_per_batch
+    total = sum(f.size for f in files)
+    n = -(-len(files) // max_files)
+    if max_bytes:
+        n = max(n, -(-total // max_bytes))
+    ordered = sorted(files, key=lambda f: (-f.size, f.relpath))
+    members: list[list[PlannedFile]] = [[] for _ in range(n)]
+    heap = [(0, i) for i in range(n)]  # (bytes, batch) of batches that still take files
+    for f in ordered:
+        placed = False
+        while heap:
+            used, i = heap[0]
+            if len(members[i]) >= max_files:
+                heapq.heappop(heap)  # full by count for good
+                continue
+            if max_bytes and used and used + f.size > max_bytes:
+                break  # the emptiest batch cannot take it: none can
+            heapq.heapreplace(heap, (used + f.size, i))
+            members[i].append(f)
+            placed = True
+            break
+        if not placed:
+            members.append([f])
+            heapq.heappush(heap, (f.size, len(members) - 1))
+    members = [m for m in members if m]
+    members.sort(key=lambda m: min(f.relpath for f in m))
+    return [Batch(i, tuple(sorted(m, key=lambda f: f.relpath))) for i, m in enumerate(members)]
+
+
+def compress_indices(indices: Sequence[int]) -> str:
+    """[0,1,2,3,7,9,10] -> '0-3,7,9-10' (Slurm's --array syntax)."""
+    out: list[str] = []
+    values = sorted(set(indices))
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+class RunLayout:
+    """Where everything of one run lives. The run directory is the unit a user points at."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+
+    @property
+    def run_json(self) -> Path:
+        return self.dir / "run.json"
+
+    @property
+    def job_copy(self) -> Path:
+        return self.dir / "job.toml"
+
+    @property
+    def catalogue(self) -> Path:
+        return self.dir / "catalogue.jsonl"
+
+    @property
+    def skipped(self) -> Path:
+        return self.dir / "skipped.jsonl"
+
+    @property
+    def manifests(self) -> Path:
+        return self.dir / "manifests"
+
+    @property
+    def results(self) -> Path:
+        return self.dir / "results"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def array_script(self) -> Path:
+        return self.dir / "array.sh"
+
+    @property
+    def collect_script(self) -> Path:
+        return self.dir / "collect.sh"
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / "summary.json"
+
+    def manifest(self, task: int) -> Path:
+        return self.manifests / f"task-{task:05d}.json"
+
+    def result(self, task: int) -> Path:
+        return self.results / f"task-{task:05d}.jsonl"
+
+    def done_marker(self, task: int) -> Path:
+        return self.results / f"task-{task:05d}.done.json"

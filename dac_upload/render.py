@@ -1,0 +1,153 @@
+"""Pure rendering: job + plan -> the array script and the collector script.
+
+The script bodies come from Jinja2 templates in ``templates/``; the ``#SBATCH`` header comes
+from simple-slurm's own builder (``Slurm(**options).script()``), the same object that submits,
+so what ``plan`` shows is byte for byte what ``submit`` hands to sbatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from simple_slurm import Slurm
+
+from . import __version__
+from .config import JobConfig
+
+SHELL = "/bin/bash"
+ARRAY_DEPENDENCY_PLACEHOLDER = "ARRAY_JOB_ID"
+
+
+def templates_dir() -> Path:
+    """``templates/`` shipped in the wheel, or the repository's own for a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "array.sh.j2").is_file():
+            return candidate
+    raise FileNotFoundError(f"dac-upload templates not found next to {here}; reinstall dac-upload")
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["sh"] = lambda v: shlex.quote(str(v))
+    return env
+
+
+@dataclass(frozen=True)
+class ScriptContext:
+    """Everything the templates may use; nothing secret ever goes in here."""
+
+    job: str
+    run_id: str
+    run_dir: str
+    runtime: str
+    python: str
+    image: str | None
+    binds: tuple[str, ...]
+    rucio_config: str | None
+    version: str = __version__
+
+
+def script_context(job: JobConfig, run_id: str, run_dir: Path, python: str) -> ScriptContext:
+    binds: list[str] = []
+    if job.container.runtime == "apptainer":
+        root = str(job.source.root)
+        binds = [f"{root}:{root}:ro", str(run_dir)]
+        if job.rucio.config:
+            binds.append(f"{job.rucio.config}:{job.rucio.config}:ro")
+        binds.extend(job.container.binds)
+    return ScriptContext(
+        job=job.name, run_id=run_id, run_dir=str(run_dir), runtime=job.container.runtime,
+        python=job.container.python or python,
+        image=str(job.container.image) if job.container.image else None,
+        binds=tuple(binds),
+        rucio_config=str(job.rucio.config) if job.rucio.config else None,
+    )
+
+
+def render_body(template: str, ctx: ScriptContext) -> str:
+    return _environment().get_template(template).render(**ctx.__dict__)
+
+
+def _common_options(job: JobConfig) -> dict[str, Any]:
+    s = job.slurm
+    opts: dict[str, Any] = {"time": s.time, "mem": s.mem, "cpus_per_task": s.cpus_per_task}
+    if s.partition:
+        opts["partition"] = s.partition
+    if s.account:
+        opts["account"] = s.account
+    opts.update(s.extra)
+    return opts
+
+
+def array_options(job: JobConfig, task_ids: str, max_running: int) -> dict[str, Any]:
+    """sbatch options of the array; paths are relative to the run directory, where sbatch runs
+    (so a run directory with spaces never appears inside an ``#SBATCH`` line)."""
+    opts = {"job_name": job.slurm.job_name or f"dacu-{job.name}",
+            "array": f"{task_ids}%{max_running}",
+            "output": "logs/task-%a.job%A.out",
+            "open_mode": "append"}
+    opts.update(_common_options(job))
+    return opts
+
+
+def collector_options(job: JobConfig, array_job_id: str | None) -> dict[str, Any]:
+    opts = {"job_name": (job.slurm.job_name or f"dacu-{job.name}") + "-collect",
+            "dependency": f"afterany:{array_job_id or ARRAY_DEPENDENCY_PLACEHOLDER}",
+            "output": "logs/collect.job%j.out",
+            "open_mode": "append"}
+    opts.update(_common_options(job))
+    opts["cpus_per_task"] = 1
+    return opts
+
+
+def make_slurm(options: dict[str, Any]) -> Slurm:
+    """A fresh simple-slurm object (they accumulate commands, so never reuse one).
+
+    simple-slurm validates option names with argparse and exits on an unknown one; that
+    becomes a ValueError naming the option."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return Slurm(**options)
+    except SystemExit:
+        bad = ", ".join(sorted(k for k in options if not _known_option(k)))
+        raise ValueError(f"unknown sbatch option(s): {bad or stderr.getvalue().strip()}") from None
+
+
+def _known_option(key: str) -> bool:
+    parser = Slurm().parser
+    flag = "--" + key if len(key) > 1 else "-" + key
+    return any(flag in a.option_strings for a in parser._actions
+               if isinstance(a, argparse.Action))
+
+
+def full_script(options: dict[str, Any], body: str) -> str:
+    """The exact file simple-slurm writes and sbatch reads: its header, then our body."""
+    slurm = make_slurm(options)
+    slurm.add_cmd(body)
+    return slurm.script(shell=SHELL, convert=False)
+
+
+def sbatch_option_problems(job: JobConfig) -> list[str]:
+    """One line per [slurm] extra option simple-slurm/sbatch would not accept."""
+    try:
+        make_slurm(_common_options(job))
+    except ValueError as exc:
+        return [f"{job.path}: [slurm] extra: {exc}; see 'man sbatch' for the long option "
+                "names (use _ for -, e.g. mail_type)"]
+    return []

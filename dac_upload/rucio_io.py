@@ -1,0 +1,215 @@
+"""The only module that imports rucio. Everything Rucio says is turned into our own types and
+into two exceptions: ``RucioFileError`` (this file failed, go on with the next) and
+``RucioFatal`` (every further file would fail the same way: stop the task, say why once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rucio.client import Client
+from rucio.client.uploadclient import UploadClient
+from rucio.common import exception as rexc
+
+_LOG = logging.getLogger("dac_upload.rucio")
+
+# Errors that say nothing about one file but about the account, server or RSE.
+_FATAL = (
+    rexc.CannotAuthenticate, rexc.ServerConnectionException, rexc.InvalidRSEExpression,
+    rexc.RSENotFound, rexc.ScopeNotFound, rexc.AccessDenied, rexc.RSEWriteBlocked,
+    rexc.InsufficientAccountLimit, rexc.ConfigNotFound, rexc.MissingClientParameter,
+)
+
+
+class RucioFatal(Exception):
+    """The account, server, scope or RSE is unusable: no further file can succeed."""
+
+
+class RucioFileError(Exception):
+    """This one file could not be uploaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class DidInfo:
+    bytes: int | None
+    adler32: str | None
+    md5: str | None
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    state: str
+    pfn: str
+    bytes: int | None
+    adler32: str | None
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    details = text.split("Details:", 1)[-1].strip() if "Details:" in text else text
+    return f"{type(exc).__name__}: {details}" if details else type(exc).__name__
+
+
+def _translate(exc: BaseException, what: str) -> Exception:
+    if isinstance(exc, _FATAL):
+        return RucioFatal(f"{what}: {_describe(exc)}")
+    return RucioFileError(f"{what}: {_describe(exc)}")
+
+
+class _Capture(logging.Handler):
+    """Keep what UploadClient logs: it swallows transfer errors and only logs them."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def reason(self) -> str | None:
+        for msg in reversed(self.messages):
+            if msg.startswith("Exception:"):
+                return " ".join(msg[len("Exception:"):].split())
+        for msg in reversed(self.messages):
+            if "fail" in msg.lower() or "error" in msg.lower():
+                return msg
+        return None
+
+
+class RucioIO:
+    """A Rucio session for one process: one authenticated client, reused for every call."""
+
+    def __init__(self, account: str | None = None) -> None:
+        try:
+            self.client = Client(account=account)
+        except Exception as exc:  # the client raises many types while configuring itself
+            raise RucioFatal(f"cannot start a Rucio client: {_describe(exc)}; check "
+                             "RUCIO_CONFIG / rucio.cfg and your credentials") from None
+        self._uploader: UploadClient | None = None
+
+    @property
+    def host(self) -> str:
+        return str(getattr(self.client, "host", ""))
+
+    @property
+    def account(self) -> str:
+        return str(self.client.account)
+
+    # ------------------------------------------------------------------ preflight
+    def preflight(self, scope: str, rse: str) -> list[str]:
+        """Problems that would make every upload fail, each one line with the fix."""
+        problems: list[str] = []
+        try:
+            who = self.client.whoami()
+        except Exception as exc:
+            return [f"Rucio at {self.host} refused us: {_describe(exc)}; check the "
+                    "credentials in your rucio.cfg (proxy, password or token)"]
+        account = (who or {}).get("account", self.account)
+        try:
+            scopes = set(self.client.list_scopes())
+        except Exception as exc:
+            return [f"cannot list Rucio scopes: {_describe(exc)}"]
+        if scope not in scopes:
+            problems.append(f"Rucio scope {scope!r} does not exist; ask your Rucio admins to "
+                            f"create it, or set [rucio] scope to one of yours "
+                            f"(e.g. user.{account})")
+        try:
+            info = self.client.get_rse(rse)
+        except rexc.RSENotFound:
+            return [*problems, f"RSE {rse!r} does not exist; check [rucio] rse "
+                    "('rucio list-rses' lists them)"]
+        except Exception as exc:
+            return [*problems, f"cannot look up RSE {rse!r}: {_describe(exc)}"]
+        if info.get("availability_write") is False:
+            problems.append(f"RSE {rse!r} is blocked for writing; try later or ask its admins")
+        try:
+            limit = self.client.get_local_account_limit(account, rse).get(rse)
+        except Exception:
+            limit = None
+        if limit is not None and limit == 0:
+            problems.append(f"account {account!r} has no quota on {rse!r}; ask the Rucio "
+                            "admins for one ('rucio-admin account set-limits')")
+        return problems
+
+    # ------------------------------------------------------------------ queries
+    def did(self, scope: str, name: str) -> DidInfo | None:
+        try:
+            d = self.client.get_did(scope, name)
+        except rexc.DataIdentifierNotFound:
+            return None
+        except Exception as exc:
+            raise _translate(exc, f"looking up {scope}:{name}") from None
+        return DidInfo(d.get("bytes"), d.get("adler32"), d.get("md5"))
+
+    def replica(self, scope: str, name: str, rse: str) -> ReplicaInfo | None:
+        """This file's replica on ``rse`` in any state, or None."""
+        try:
+            reps = list(self.client.list_replicas([{"scope": scope, "name": name}],
+                                                  all_states=True, rse_expression=rse))
+        except (rexc.DataIdentifierNotFound, rexc.ReplicaNotFound):
+            return None
+        except Exception as exc:
+            raise _translate(exc, f"listing replicas of {scope}:{name}") from None
+        for rep in reps:
+            state = (rep.get("states") or {}).get(rse)
+            if state is None:
+                continue
+            pfns = (rep.get("rses") or {}).get(rse) or []
+            return ReplicaInfo(state=str(state), pfn=pfns[0] if pfns else "",
+                               bytes=rep.get("bytes"), adler32=rep.get("adler32"))
+        return None
+
+    def guid(self, scope: str, name: str) -> str | None:
+        try:
+            return self.client.get_metadata(scope, name).get("guid")
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------------ upload
+    def upload(self, path: Path, scope: str, name: str, rse: str,
+               dataset: tuple[str, str] | None, lifetime: int | None) -> tuple[str, str | None]:
+        """Upload one file with Rucio's stock UploadClient; return (pfn, guid).
+
+        ``register_after_upload``: no replica is registered before its bytes are on the RSE
+        (and it needs no rename on the storage, which Echo cannot do).
+        """
+        capture = _Capture()
+        logger = logging.getLogger("dac_upload.rucio.upload")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.handlers = [capture]
+        uploader = self._upload_client(logger)
+        item: dict[str, Any] = {"path": str(path), "rse": rse, "did_scope": scope,
+                                "did_name": name, "register_after_upload": True}
+        if dataset:
+            item["dataset_scope"], item["dataset_name"] = dataset
+        if lifetime:
+            item["lifetime"] = lifetime
+        fd, summary_path = tempfile.mkstemp(prefix=".upload-", suffix=".json")
+        os.close(fd)
+        try:
+            uploader.logger = logger.log
+            uploader.upload([item], summary_file_path=summary_path)
+            with open(summary_path, encoding="utf-8") as handle:
+                entry = json.load(handle).get(f"{scope}:{name}", {})
+            return str(entry.get("pfn", "")), entry.get("guid")
+        except (rexc.NoFilesUploaded, rexc.NotAllFilesUploaded):
+            reason = capture.reason() or "Rucio uploaded nothing and gave no reason"
+            raise RucioFileError(f"upload failed: {reason}") from None
+        except Exception as exc:
+            raise _translate(exc, "upload failed") from None
+        finally:
+            Path(summary_path).unlink(missing_ok=True)
+
+    def _upload_client(self, logger: logging.Logger) -> UploadClient:
+        if self._uploader is None:
+            # UploadClient(tracing=False) raises TypeError in rucio 41: switch it off after.
+            self._uploader = UploadClient(_client=self.client, logger=logger)
+            self._uploader.tracing = False
+        return self._uploader

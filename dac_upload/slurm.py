@@ -1,0 +1,172 @@
+"""The only module that runs Slurm commands (sbatch through simple-slurm, scontrol, squeue).
+
+Parsers of their output are pure functions at the top; the few functions that run commands
+are at the bottom and turn every failure into ``SlurmError`` carrying Slurm's own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .render import SHELL, make_slurm
+
+_SUBMITTED_RE = re.compile(r"Submitted batch job (\d+)")
+
+
+class SlurmError(Exception):
+    """A Slurm command failed; the message is one line with Slurm's own words."""
+
+
+# ----------------------------------------------------------------------------- pure parsers
+def parse_sbatch_output(stdout: str) -> str:
+    """Job id from sbatch's stdout, plain ('Submitted batch job 42') or --parsable ('42;cl')."""
+    m = _SUBMITTED_RE.search(stdout)
+    if m:
+        return m.group(1)
+    first = stdout.strip().splitlines()[0] if stdout.strip() else ""
+    job_id = first.split(";")[0]
+    if job_id.isdigit():
+        return job_id
+    raise SlurmError(f"cannot read a job id from sbatch output {stdout.strip()!r}")
+
+
+def parse_scontrol_config(text: str) -> dict[str, str]:
+    """``scontrol show config`` -> {key: value}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_squeue_states(text: str) -> dict[str, str]:
+    """Lines of ``%i %T`` (job id incl. array index, state) -> {id: state}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            out[parts[0]] = parts[1]
+    return out
+
+
+def first_error_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["(sbatch printed nothing)"])[-1]
+
+
+# ----------------------------------------------------------------------------- commands
+def _require(tool: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        raise SlurmError(f"'{tool}' not found on PATH: run this on a Slurm login node "
+                         "(or 'module load slurm')")
+    return path
+
+
+def _run(args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    _require(args[0])
+    try:
+        proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"'{' '.join(args)}' did not answer within {timeout:.0f} s: "
+                         "is slurmctld up? (try 'sinfo')") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"'{' '.join(args)}' failed: {first_error_line(proc.stderr)}")
+    return proc
+
+
+def submit(options: dict[str, Any], body: str, run_dir: Path, script_name: str) -> str:
+    """Submit ``body`` with ``options`` through simple-slurm; return the job id.
+
+    simple-slurm writes ``script_name`` (header + body) and runs ``sbatch script_name`` in the
+    current directory. We run it inside ``run_dir`` with a plain relative file name (no quoting
+    problems), and capture file descriptor 2 because simple-slurm does not capture sbatch's
+    stderr: a failure then reports sbatch's own error line instead of an empty AssertionError.
+    """
+    _require("sbatch")
+    slurm = make_slurm(options)
+    with _cwd(run_dir), _capture_stderr_fd() as captured:
+        try:
+            job_id = slurm.sbatch(body, job_file=script_name, convert=False, verbose=False,
+                                  shell=SHELL)
+        except (AssertionError, ValueError, IndexError, SystemExit):
+            job_id = None
+    if job_id is None:
+        raise SlurmError(f"sbatch {script_name} failed: {first_error_line(captured['text'])}")
+    return str(job_id)
+
+
+def scontrol_config() -> dict[str, str]:
+    return parse_scontrol_config(_run(["scontrol", "show", "config"]).stdout)
+
+
+def max_array_size() -> int:
+    value = scontrol_config().get("MaxArraySize", "1001")
+    return int(value) if value.isdigit() else 1001
+
+
+def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """States of the jobs (array tasks one by one) still known to slurmctld."""
+    proc = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", "%i %T"])
+    return parse_squeue_states(proc.stdout)
+
+
+def wait_until_gone(job_id: str, timeout: float, poll: float = 1.0) -> None:
+    """Block until ``job_id`` has left the queue (or reached a final state)."""
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+             "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = queue_states([job_id])
+        except SlurmError as exc:
+            if "Invalid job id" in str(exc):
+                return
+            raise
+        if not states or all(s in final for s in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise SlurmError(f"job {job_id} still {sorted(set(states.values()))} after "
+                             f"{timeout:.0f} s")
+        time.sleep(poll)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@contextlib.contextmanager
+def _capture_stderr_fd() -> Iterator[dict[str, str]]:
+    """Point fd 2 at a temp file for the duration (children inherit it), then restore it."""
+    captured = {"text": ""}
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured["text"] = tmp.read().decode("utf-8", "replace")

@@ -1,0 +1,199 @@
+"""Inside one array task: manifest -> uploads -> one result record per file.
+
+The result file is the truth of what is done. Each record is appended and fsynced as soon as
+its file is finished, so a task killed half-way leaves the records of the files it finished;
+the ``.done.json`` marker is written atomically last. Files already recorded as done by an
+earlier attempt are not touched again. The worker never talks to Slurm.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .files import JsonlAppender, atomic_write_json, read_checksums, read_json, read_jsonl
+from .plan import RunLayout
+from .progress import human_bytes
+
+UPLOADED = "uploaded"
+ALREADY_PRESENT = "already_present"
+FAILED = "failed"
+DONE_STATES = (UPLOADED, ALREADY_PRESENT)
+
+EXIT_OK = 0
+EXIT_FILES_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_ABORTED = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    scope: str
+    rse: str
+    account: str | None
+    dataset: tuple[str, str] | None
+    lifetime: int | None
+    root: Path
+
+    @classmethod
+    def from_run(cls, run: dict[str, Any]) -> Settings:
+        r = run["rucio"]
+        ds = r.get("dataset_did")
+        return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"),
+                   dataset=(ds[0], ds[1]) if ds else None, lifetime=r.get("lifetime"),
+                   root=Path(run["source"]["root"]))
+
+
+def existing_verdict(size: int, adler32: str, did_bytes: int | None,
+                     did_adler32: str | None) -> str:
+    """'same' if the DID in Rucio has our size and adler32, else 'conflict' (pure)."""
+    if did_bytes == size and (did_adler32 or "").lower().zfill(8) == adler32:
+        return "same"
+    return "conflict"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _log(msg: str) -> None:
+    print(f"{_now()} {msg}", flush=True)
+
+
+def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
+    """Upload one manifest entry; return its result record (never raises RucioFileError)."""
+    from .rucio_io import RucioFileError
+
+    path = s.root / entry["relpath"]
+    rec: dict[str, Any] = {"relpath": entry["relpath"], "path": str(path), "scope": s.scope,
+                           "name": entry["name"], "rse": s.rse, "bytes": entry["size"],
+                           "adler32": None, "md5": None, "pfn": None, "guid": None,
+                           "status": FAILED, "error": None}
+    try:
+        st = os.stat(path)
+        if st.st_size != entry["size"] or st.st_mtime != entry["mtime"]:
+            rec["error"] = (f"changed since it was catalogued (size {entry['size']} -> "
+                            f"{st.st_size}); plan a new run to upload the new content")
+            return rec
+        size, adler32, md5 = read_checksums(path)
+    except FileNotFoundError:
+        rec["error"] = "missing: the file vanished after it was catalogued"
+        return rec
+    except OSError as exc:
+        rec["error"] = f"unreadable: {exc.strerror or exc}"
+        return rec
+    rec.update(bytes=size, adler32=adler32, md5=md5)
+    try:
+        did = rio.did(s.scope, entry["name"])
+        if did is not None:
+            if existing_verdict(size, adler32, did.bytes, did.adler32) == "conflict":
+                rec["error"] = (f"conflict: {s.scope}:{entry['name']} is already in Rucio "
+                                f"with other content (bytes {did.bytes}, adler32 "
+                                f"{did.adler32}); left alone, rename or remove one of them")
+                return rec
+            rep = rio.replica(s.scope, entry["name"], s.rse)
+            if rep is not None and rep.state == "AVAILABLE":
+                rec.update(status=ALREADY_PRESENT, pfn=rep.pfn,
+                           guid=rio.guid(s.scope, entry["name"]))
+                return rec
+        pfn, guid = rio.upload(path, s.scope, entry["name"], s.rse, s.dataset, s.lifetime)
+        rep = rio.replica(s.scope, entry["name"], s.rse)
+        if rep is None or rep.state != "AVAILABLE":
+            rec["error"] = (f"uploaded but the replica on {s.rse} is "
+                            f"{rep.state if rep else 'missing'}, not AVAILABLE")
+            return rec
+        if (rep.adler32 or "").zfill(8) != adler32 or rep.bytes != size:
+            rec["error"] = (f"checksum mismatch after upload: Rucio has bytes {rep.bytes} "
+                            f"adler32 {rep.adler32}, the file {size} {adler32} (it changed "
+                            "while uploading?)")
+            return rec
+        rec.update(status=UPLOADED, pfn=rep.pfn or pfn, guid=guid)
+    except RucioFileError as exc:
+        rec["error"] = str(exc)
+    return rec
+
+
+def finished_names(path: Path) -> set[str]:
+    """Names an earlier attempt of this task already uploaded or found present."""
+    if not path.exists():
+        return set()
+    return {r["name"] for r in read_jsonl(path) if r.get("status") in DONE_STATES}
+
+
+def run_task(run_dir: Path, task: int,
+             rucio_factory: Callable[[str | None], Any] | None = None) -> int:
+    """Process one manifest; return the task's exit code (0 only if every file is done)."""
+    layout = RunLayout(run_dir)
+    try:
+        run = read_json(layout.run_json)
+        manifest = read_json(layout.manifest(task))
+    except (OSError, ValueError) as exc:
+        print(f"dac-upload worker: cannot read run {run_dir} task {task}: {exc}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    settings = Settings.from_run(run)
+    attempt = int(os.environ.get("DAC_UPLOAD_ATTEMPT", "1"))
+    started = _now()
+    layout.results.mkdir(exist_ok=True)
+    result_path = layout.result(task)
+    done_before = finished_names(result_path)
+    todo = [e for e in manifest["files"] if e["name"] not in done_before]
+    _log(f"task {task}: {len(manifest['files'])} files in manifest, {len(done_before)} done "
+         f"before, {len(todo)} to do; scope {settings.scope}, RSE {settings.rse}")
+
+    counts = {UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0}
+    nbytes = 0
+    aborted: str | None = None
+    t0 = time.monotonic()
+    with JsonlAppender(result_path) as out:
+        rio = None
+        try:
+            if rucio_factory is None:
+                from .rucio_io import RucioIO as rucio_factory
+            rio = rucio_factory(settings.account)
+        except Exception as exc:
+            aborted = str(exc)
+        for entry in todo:
+            if aborted:
+                rec = _not_attempted(settings, entry, aborted)
+            else:
+                try:
+                    rec = process_file(rio, settings, entry)
+                except Exception as exc:  # RucioFatal, or a bug: stop, say why once
+                    aborted = str(exc) if type(exc).__name__ == "RucioFatal" else (
+                        f"internal error {type(exc).__name__}: {exc}")
+                    rec = _not_attempted(settings, entry, aborted)
+            rec.update(task=task, attempt=attempt, finished_at=_now())
+            out.append(rec)
+            counts[rec["status"]] += 1
+            if rec["status"] == UPLOADED:
+                nbytes += rec["bytes"] or 0
+            _log(f"{rec['status']:<15} {settings.scope}:{rec['name']}"
+                 + (f"  ({rec['error']})" if rec["error"] else ""))
+    elapsed = max(time.monotonic() - t0, 1e-9)
+    code = EXIT_ABORTED if aborted else (EXIT_FILES_FAILED if counts[FAILED] else EXIT_OK)
+    marker = {"task": task, "attempt": attempt, "host": socket.gethostname(),
+              "started_at": started, "finished_at": _now(), "exit_code": code,
+              "files": len(manifest["files"]), "done_before": len(done_before),
+              "uploaded": counts[UPLOADED], "already_present": counts[ALREADY_PRESENT],
+              "failed": counts[FAILED], "bytes_uploaded": nbytes, "aborted": aborted,
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+              "rucio_host": getattr(rio, "host", None), "rucio_account": getattr(rio, "account", None)}
+    atomic_write_json(layout.done_marker(task), marker)
+    _log(f"task {task} finished: {counts[UPLOADED]} uploaded ({human_bytes(nbytes)}, "
+         f"{nbytes / elapsed / 1e6:.1f} MB/s, {counts[UPLOADED] / elapsed:.1f} files/s), "
+         f"{counts[ALREADY_PRESENT]} already present, {counts[FAILED]} failed"
+         + (f"; aborted: {aborted}" if aborted else "") + f"; exit {code}")
+    return code
+
+
+def _not_attempted(s: Settings, entry: dict[str, Any], reason: str) -> dict[str, Any]:
+    return {"relpath": entry["relpath"], "path": str(s.root / entry["relpath"]),
+            "scope": s.scope, "name": entry["name"], "rse": s.rse, "bytes": entry["size"],
+            "adler32": None, "md5": None, "pfn": None, "guid": None, "status": FAILED,
+            "error": f"not attempted: {reason}"}
