@@ -183,7 +183,8 @@ def run_task(run_dir: Path, task: int,
               "uploaded": counts[UPLOADED], "already_present": counts[ALREADY_PRESENT],
               "failed": counts[FAILED], "bytes_uploaded": nbytes, "aborted": aborted,
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-              "rucio_host": getattr(rio, "host", None), "rucio_account": getattr(rio, "account", None)}
+              "rucio_host": getattr(rio, "host", None),
+              "rucio_account": getattr(rio, "account", None)}
     atomic_write_json(layout.done_marker(task), marker)
     _log(f"task {task} finished: {counts[UPLOADED]} uploaded ({human_bytes(nbytes)}, "
          f"{nbytes / elapsed / 1e6:.1f} MB/s, {counts[UPLOADED] / elapsed:.1f} files/s), "

@@ -1,0 +1,51 @@
+"""Fixtures of the integration layer (see ithelpers.py for what they rely on)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ithelpers import CI_DIR, RUCIO_CFG, _services_problem, chown_user
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    problem = _services_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"integration services unavailable in CI: {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def workdir(services: None, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory owned by dacuser, outside root's private /tmp/pytest-of-root."""
+    base = CI_DIR / "tests"
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    d = base / f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    (d / "token").mkdir()
+    cfg = RUCIO_CFG.read_text().replace(
+        str(CI_DIR / "rucio" / "token"), str(d / "token"))
+    (d / "rucio.cfg").write_text(cfg)
+    (d / "rucio.cfg").chmod(0o600)
+    chown_user(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def rucio_client(services: None) -> Any:
+    os.environ["RUCIO_CONFIG"] = str(RUCIO_CFG)
+    from rucio.client import Client
+
+    return Client()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# run.sh - the test command of the README and of .ci/run. On a fresh Debian 12 machine, as root:
+# installs what the tests need, starts the real Slurm and the real Rucio server on this machine,
+# then runs the fast unit layer and the integration layer. Extra arguments go to pytest
+# (e.g. `tests/run.sh -k e2e`). Fails if pytest collects no test.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
+export DAC_CI_DIR=$CI_DIR
+[ "$(id -u)" = 0 ] || { echo "tests/run.sh: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }
+
+T0=$SECONDS
+bash "$HERE/services/install.sh"
+bash "$HERE/services/start-slurm.sh"
+bash "$HERE/services/start-rucio.sh" > "$CI_DIR/start-rucio.log" 2>&1 \
+  || { cat "$CI_DIR/start-rucio.log" >&2; exit 1; }
+grep '^\[start-rucio' "$CI_DIR/start-rucio.log" | tail -n 2
+# the POSIX RSE is a local directory: the uploading user (dacuser in the tests) must own it
+chown -R dacuser: "$CI_DIR/rucio/rse"
+echo "[run.sh] services up after $((SECONDS - T0)) s"
+
+cd "$REPO"
+rc=0
+"$CI_DIR/venv/bin/ruff" check . || rc=$?
+"$CI_DIR/venv/bin/pytest" "$@" || rc=$?
+case $rc in
+  0) ;;
+  5) echo "tests/run.sh: pytest collected no tests: that is a failure" >&2; exit 1 ;;
+  *) exit "$rc" ;;
+esac
