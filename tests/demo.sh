@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# demo.sh - the README's first command. On a fresh Debian 12 machine, as root: installs and starts
+# a local Slurm and a local Rucio server (tests/services/), generates a tree of 240 files, and
+# uploads it as the unprivileged user 'dacuser' through a real Slurm job array (4 tasks, at most
+# 2 at once) into the local Rucio; the collector job writes summary.json, whose path is printed.
+#
+#   DEMO_DIR    where the demo tree, job file and runs go (default /tmp/dac-upload-demo)
+#   DEMO_FILES  number of files (default 240)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
+export DAC_CI_DIR=$CI_DIR
+DEMO_DIR=${DEMO_DIR:-/tmp/dac-upload-demo}
+DEMO_FILES=${DEMO_FILES:-240}
+[ "$(id -u)" = 0 ] || { echo "tests/demo.sh: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }
+
+bash "$HERE/services/install.sh"
+bash "$HERE/services/start-slurm.sh"
+bash "$HERE/services/start-rucio.sh" > "$CI_DIR/start-rucio.log" 2>&1 \
+  || { cat "$CI_DIR/start-rucio.log" >&2; exit 1; }
+grep '^\[start-rucio' "$CI_DIR/start-rucio.log" | tail -n 1
+chown -R dacuser: "$CI_DIR/rucio/rse"
+
+# a fresh demo area owned by the demo user, with its own Rucio client config and token
+RUN_TAG=$(date -u +%Y%m%dT%H%M%S)
+mkdir -p "$DEMO_DIR"
+sed "s|auth_token_file_path = .*|auth_token_file_path = $DEMO_DIR/token/auth_token|" \
+  "$CI_DIR/rucio/etc/client.cfg" > "$DEMO_DIR/rucio.cfg"
+mkdir -p "$DEMO_DIR/token" "$DEMO_DIR/jobs"
+chmod 600 "$DEMO_DIR/rucio.cfg"
+"$CI_DIR/venv/bin/python" - "$DEMO_DIR/data/$RUN_TAG" "$DEMO_FILES" <<'PY'
+import os, random, sys
+root, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(42)
+for i in range(n):
+    d = os.path.join(root, f"visit{i % 6:03d}", f"detector{i % 4:02d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"calexp_{i:05d}.fits"), "wb") as fh:
+        fh.write(rng.randbytes(rng.randint(1024, 256 * 1024)))
+print(f"demo tree: {n} files under {root}")
+PY
+cat > "$DEMO_DIR/jobs/demo.toml" <<TOML
+# Demo job written by tests/demo.sh: upload the generated tree into the local Rucio.
+[source]
+root = "../data/$RUN_TAG"
+include = ["**/*.fits"]
+
+[rucio]
+scope = "test"
+rse = "LOCAL_DISK"
+config = "../rucio.cfg"
+
+[naming]
+prefix = "demo/$RUN_TAG/"
+
+[batching]
+files_per_batch = 60
+max_running = 2
+
+[slurm]
+time = "00:30:00"
+mem = "1G"
+
+[container]
+runtime = "none"
+TOML
+chown -R dacuser: "$DEMO_DIR"
+
+cd "$DEMO_DIR"
+echo "+ dac-upload submit jobs/demo.toml --wait    (as dacuser)"
+runuser -u dacuser -- env HOME=/home/dacuser PATH="$CI_DIR/venv/bin:/usr/bin:/bin" \
+  dac-upload submit jobs/demo.toml --wait --timeout 1800
