@@ -123,10 +123,15 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
                f"job {sub.collector_job_id} (afterany)")
     click.echo(f"summary will be written to {target / 'summary.json'}")
     if wait:
+        from .collect import records_so_far
+
+        progress = Progress("uploading")
         try:
-            slurm.wait_until_gone(sub.collector_job_id, timeout)
+            slurm.wait_until_gone(sub.collector_job_id, timeout, poll=2.0,
+                                  on_poll=lambda: progress.update(*records_so_far(target)))
         except slurm.SlurmError as exc:
             _fail(str(exc), EXIT_SERVICE)
+        progress.done()
         _report(target)
 
 

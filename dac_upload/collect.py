@@ -91,6 +91,16 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
     }
 
 
+def records_so_far(run_dir: Path) -> tuple[int, int]:
+    """(files with a result record, their bytes) over all tasks: progress while a run goes."""
+    files = nbytes = 0
+    for path in RunLayout(run_dir).results.glob("task-*.jsonl"):
+        for rec in read_jsonl(path):
+            files += 1
+            nbytes += rec.get("bytes") or 0
+    return files, nbytes
+
+
 def _from_markers(markers: dict[int, dict[str, Any]], key: str) -> str | None:
     """What the tasks saw (e.g. the Rucio host their client talked to): first one recorded."""
     for task in sorted(markers):

@@ -128,14 +128,22 @@ class RucioIO:
             return [*problems, f"cannot look up RSE {rse!r}: {_describe(exc)}"]
         if info.get("availability_write") is False:
             problems.append(f"RSE {rse!r} is blocked for writing; try later or ask its admins")
-        try:
-            limit = self.client.get_local_account_limit(account, rse).get(rse)
-        except Exception:
-            limit = None
-        if limit is not None and limit == 0:
-            problems.append(f"account {account!r} has no quota on {rse!r}; ask the Rucio "
-                            "admins for one ('rucio-admin account set-limits')")
+        if not self._has_quota(account, rse):
+            problems.append(f"account {account!r} has no quota on {rse!r} (uploads would fail "
+                            "with InsufficientAccountLimit); ask the Rucio admins for one "
+                            "('rucio-admin account set-limits')")
         return problems
+
+    def _has_quota(self, account: str, rse: str) -> bool:
+        """A local limit on the RSE, or any global (RSE-expression) limit we cannot evaluate
+        here; when Rucio will not tell us, assume yes rather than refuse a good job."""
+        try:
+            local = self.client.get_local_account_limit(account, rse).get(rse)
+            if local is not None:
+                return bool(local)
+            return bool(self.client.get_global_account_limits(account))
+        except Exception:
+            return True
 
     # ------------------------------------------------------------------ queries
     def did(self, scope: str, name: str) -> DidInfo | None:

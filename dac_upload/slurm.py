@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .render import SHELL, make_slurm
 
@@ -124,7 +124,8 @@ def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
     return parse_squeue_states(proc.stdout)
 
 
-def wait_until_gone(job_id: str, timeout: float, poll: float = 1.0) -> None:
+def wait_until_gone(job_id: str, timeout: float, poll: float = 1.0,
+                    on_poll: Callable[[], None] | None = None) -> None:
     """Block until ``job_id`` has left the queue (or reached a final state)."""
     final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
              "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -141,6 +142,8 @@ def wait_until_gone(job_id: str, timeout: float, poll: float = 1.0) -> None:
         if time.monotonic() > deadline:
             raise SlurmError(f"job {job_id} still {sorted(set(states.values()))} after "
                              f"{timeout:.0f} s")
+        if on_poll is not None:
+            on_poll()
         time.sleep(poll)
 
 
