@@ -38,9 +38,11 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
-    """Pretty, key-sorted JSON so that re-running a step gives a byte-identical file."""
-    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o644, pretty: bool = True) -> None:
+    """Key-sorted JSON so that re-running a step gives a byte-identical file. ``pretty=False``
+    for machine-read files: only then does json use its C encoder (10x faster)."""
+    text = json.dumps(obj, indent=1 if pretty else None, sort_keys=True,
+                      ensure_ascii=False) + "\n"
     atomic_write_text(path, text, mode)
 
 

@@ -102,7 +102,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
             "run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
             "bytes": batch.bytes,
             "files": [{"relpath": f.relpath, "name": f.name, "size": f.size, "mtime": f.mtime}
-                      for f in batch.files]})
+                      for f in batch.files]}, pretty=False)
 
     ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable)
     array_body = render.render_body("array.sh.j2", ctx)
