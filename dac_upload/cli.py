@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .config import ConfigError, JobConfig, load_job
-from .pipeline import PlanError, PreparedRun, prepare_run, submit_run
+from .pipeline import CollectorNotSubmitted, PlanError, PreparedRun, prepare_run, submit_run
 from .progress import Progress, human_bytes
 
 EXIT_FAILURES = 1
@@ -116,6 +116,8 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
         sub = submit_run(target, slurm.max_array_size(), slurm.submit)
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
+    except CollectorNotSubmitted as exc:
+        _fail(str(exc), EXIT_SERVICE)
     except slurm.SlurmError as exc:
         _fail(f"{exc} (run directory {target} is kept; fix and retry with "
               f"dac-upload submit --run {target})", EXIT_SERVICE)

@@ -24,6 +24,7 @@ from .catalogue import Catalogue, walk, write_catalogue
 from .config import JobConfig
 from .files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
 from .plan import Batch, RunLayout, compress_indices, make_batches, name_files
+from .naming import glob_regex
 from .progress import Progress
 
 MAX_PROBLEM_LINES = 20
@@ -35,6 +36,10 @@ class PlanError(Exception):
     def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
         self.lines = lines
+
+
+class CollectorNotSubmitted(Exception):
+    """The array is in the queue but its collector job is not: say so, with the way out."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ def _problem_lines(where: str, problems: list[Any], what: str) -> list[str]:
 def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
     errors = _problem_lines(str(job.source.root), cat.refused, "refused files")
     for pattern, hits in cat.pattern_hits.items():
-        if hits == 0:
+        # hits count the first include pattern a file matched: look again before complaining
+        if hits == 0 and not any(glob_regex(pattern).match(e.relpath) for e in cat.entries):
             errors.append(f"{job.path}: [source] include pattern {pattern!r} matches no file "
                           f"under {job.source.root}; fix the pattern or the root")
     return errors
@@ -176,13 +182,21 @@ def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str]) -
     array_body = _body_of(layout.array_script)
     collect_body = _body_of(layout.collect_script)
     array_id = submit(run["slurm"]["array"], array_body, layout.dir, layout.array_script.name)
-    collect_opts = dict(run["slurm"]["collector"], dependency=f"afterany:{array_id}")
-    collector_id = submit(collect_opts, collect_body, layout.dir, layout.collect_script.name)
-    sub = {"attempt": 1, "array_job_id": array_id, "collector_job_id": collector_id,
+    # record the array at once: if the collector cannot be submitted, the run still knows it
+    sub = {"attempt": 1, "array_job_id": array_id, "collector_job_id": None,
            "task_ids": run["plan"]["task_ids"],
            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run["submissions"].append(sub)
     run["state"] = "submitted"
+    atomic_write_json(layout.run_json, run)
+    collect_opts = dict(run["slurm"]["collector"], dependency=f"afterany:{array_id}")
+    try:
+        collector_id = submit(collect_opts, collect_body, layout.dir, layout.collect_script.name)
+    except Exception as exc:
+        raise CollectorNotSubmitted(
+            f"array job {array_id} was submitted but its collector was not ({exc}); when the "
+            f"array has finished run: dac-upload collect {layout.dir}") from exc
+    sub["collector_job_id"] = collector_id
     run["slurm"]["collector"] = collect_opts
     atomic_write_json(layout.run_json, run)
     return Submission(array_id, collector_id, run["plan"]["task_ids"])
