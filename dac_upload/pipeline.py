@@ -23,8 +23,8 @@ from . import __version__, render
 from .catalogue import Catalogue, walk, write_catalogue
 from .config import JobConfig
 from .files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
-from .plan import Batch, RunLayout, compress_indices, make_batches, name_files
 from .naming import glob_regex
+from .plan import Batch, RunLayout, compress_indices, make_batches, name_files
 from .progress import Progress
 
 MAX_PROBLEM_LINES = 20

@@ -65,7 +65,8 @@ def as_user(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
     """Run a command as dacuser with a clean, user-like environment."""
     env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
            "USER": USER, "LANG": "C.UTF-8"}
-    return subprocess.run([shutil.which("runuser") or "/usr/sbin/runuser", "-u", USER, "--", *args], cwd=cwd, env=env,
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    return subprocess.run([runuser, "-u", USER, "--", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
