@@ -10,6 +10,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
 export DAC_CI_DIR=$CI_DIR
+export SLURM_CI_DIR=${SLURM_CI_DIR:-$CI_DIR/slurm} RUCIO_BASE=${RUCIO_BASE:-$CI_DIR/rucio}
 DEMO_DIR=${DEMO_DIR:-/tmp/dac-upload-demo}
 DEMO_FILES=${DEMO_FILES:-240}
 [ "$(id -u)" = 0 ] || { echo "tests/demo.sh: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }

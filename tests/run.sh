@@ -8,6 +8,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
 export DAC_CI_DIR=$CI_DIR
+export SLURM_CI_DIR=${SLURM_CI_DIR:-$CI_DIR/slurm} RUCIO_BASE=${RUCIO_BASE:-$CI_DIR/rucio}
 [ "$(id -u)" = 0 ] || { echo "tests/run.sh: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }
 
 T0=$SECONDS
