@@ -1,0 +1,25 @@
+"""Fixtures of the unit layer (plain helpers live in unit_helpers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from unit_helpers import job_text, write_job, write_tree
+
+from dac_upload.config import JobConfig, load_job
+
+
+@pytest.fixture
+def make_job(tmp_path: Path) -> Callable[..., JobConfig]:
+    """``make_job(files, source='include = [...]', ...)``: the tree ``tmp_path/data`` holding
+    ``files`` (default one small file) and a loaded job file ``tmp_path/job.toml``."""
+
+    def make(files: Mapping[str, bytes | str] | None = None, filename: str = "job.toml",
+             **extra: str) -> JobConfig:
+        write_tree(tmp_path / "data", {"a.fits": b"hello"} if files is None else files)
+        return load_job(write_job(tmp_path, job_text(**extra), filename))
+
+    return make

@@ -1,0 +1,243 @@
+"""catalogue.walk: patterns, pruning, symlink policies, refused entries; catalogue files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from unit_helpers import write_tree
+
+from dac_upload.catalogue import Catalogue, Entry, Problem, read_catalogue, walk, write_catalogue
+from dac_upload.config import SourceConfig
+
+
+def _source(root: Path, include: tuple[str, ...] = ("**/*",), exclude: tuple[str, ...] = (),
+            symlinks: str = "follow") -> SourceConfig:
+    return SourceConfig(root=root, include=include, exclude=exclude, symlinks=symlinks)
+
+
+def _rels(cat: Catalogue) -> list[str]:
+    return [e.relpath for e in cat.entries]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    write_tree(root, {
+        "b.fits": b"0123456789",
+        "a.txt": b"text",
+        "empty.fits": b"",
+        "raw/r1.fits": b"r1",
+        "raw/r2.fits": b"r22",
+        "raw/deep/d1.fits": b"d",
+        "raw/tmp/t.fits": b"t",
+        "tmp/x.fits": b"x",
+        "tmpx/y.fits": b"y",
+        "calib/c.yaml": b"c: 1\n",
+    })
+    return root
+
+
+def test_walk_everything_in_deterministic_order(tree: Path) -> None:
+    cat = walk(_source(tree))
+    # depth first: a directory's own files (by name), then its subdirectories (by name)
+    assert _rels(cat) == [
+        "a.txt", "b.fits", "empty.fits",
+        "calib/c.yaml",
+        "raw/r1.fits", "raw/r2.fits", "raw/deep/d1.fits", "raw/tmp/t.fits",
+        "tmp/x.fits",
+        "tmpx/y.fits",
+    ]
+    assert cat.refused == [] and cat.skipped == []
+    assert cat.root == tree
+    assert cat.pattern_hits == {"**/*": 10}
+    assert cat.total_bytes == 10 + 4 + 0 + 5 + 2 + 3 + 1 + 1 + 1 + 1
+    by_rel = {e.relpath: e for e in cat.entries}
+    assert by_rel["empty.fits"].size == 0
+    assert by_rel["raw/r2.fits"].size == 3
+    st = os.stat(tree / "raw/r2.fits")
+    assert by_rel["raw/r2.fits"].mtime == st.st_mtime
+    assert walk(_source(tree)) == cat
+
+
+def test_include_and_exclude(tree: Path) -> None:
+    cat = walk(_source(tree, include=("**/*.fits",), exclude=("**/tmp/**", "empty.fits")))
+    assert _rels(cat) == ["b.fits", "raw/r1.fits", "raw/r2.fits", "raw/deep/d1.fits",
+                          "tmpx/y.fits"]
+    # tmp/ and raw/tmp/ are pruned (never entered), so their files are not even counted
+    assert cat.pattern_hits == {"**/*.fits": 6}
+
+
+def test_pattern_hits_per_pattern(tree: Path) -> None:
+    cat = walk(_source(tree, include=("*.fits", "raw/**", "**/*.yaml", "nothing/*")))
+    assert _rels(cat) == ["b.fits", "empty.fits", "calib/c.yaml", "raw/r1.fits",
+                          "raw/r2.fits", "raw/deep/d1.fits", "raw/tmp/t.fits"]
+    assert cat.pattern_hits == {"*.fits": 2, "raw/**": 4, "**/*.yaml": 1, "nothing/*": 0}
+
+
+def test_pattern_hits_count_the_first_matching_pattern(tree: Path) -> None:
+    # documented in pipeline.check_catalogue, which looks again before calling a 0 an error
+    cat = walk(_source(tree, include=("**/*.fits", "raw/*.fits")))
+    assert cat.pattern_hits == {"**/*.fits": 8, "raw/*.fits": 0}
+    assert len(cat.entries) == 8
+
+
+def test_exclude_file_pattern_does_not_prune(tree: Path) -> None:
+    cat = walk(_source(tree, include=("**/*.fits",), exclude=("**/tmp/*",)))
+    assert "raw/tmp/t.fits" not in _rels(cat)
+    assert "tmp/x.fits" not in _rels(cat)
+    assert "tmpx/y.fits" in _rels(cat)
+
+
+def test_directory_symlink_is_listed_and_not_descended(tree: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write_tree(outside, {"o.fits": b"o"})
+    os.symlink(outside, tree / "link-out")
+    os.symlink(tree / "raw", tree / "calib" / "loop")
+    cat = walk(_source(tree))
+    assert not any(r.startswith(("link-out", "calib/loop")) for r in _rels(cat))
+    assert len(cat.entries) == 10
+    # the root's entries are scanned before calib/'s
+    assert cat.skipped == [Problem("link-out", "directory symlink not followed"),
+                           Problem("calib/loop", "directory symlink not followed")]
+    assert cat.refused == []
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> Path:
+    root = tmp_path / "linked"
+    write_tree(root, {"real.fits": b"12345"})
+    target = tmp_path / "target.fits"
+    target.write_bytes(b"target content")
+    os.symlink(target, root / "link.fits")
+    return root
+
+
+def test_file_symlink_followed(linked: Path) -> None:
+    cat = walk(_source(linked, symlinks="follow"))
+    by_rel = {e.relpath: e for e in cat.entries}
+    assert sorted(by_rel) == ["link.fits", "real.fits"]
+    assert by_rel["link.fits"].size == len(b"target content")  # the target's size
+    assert cat.refused == [] and cat.skipped == []
+
+
+def test_file_symlink_skipped(linked: Path) -> None:
+    cat = walk(_source(linked, symlinks="skip"))
+    assert _rels(cat) == ["real.fits"]
+    assert cat.skipped == [Problem("link.fits", 'symlink skipped (symlinks = "skip")')]
+    assert cat.refused == []
+
+
+def test_file_symlink_refused(linked: Path) -> None:
+    cat = walk(_source(linked, symlinks="refuse"))
+    assert _rels(cat) == ["real.fits"]
+    assert len(cat.refused) == 1
+    assert cat.refused[0].relpath == "link.fits"
+    assert 'symlinks = "refuse"' in cat.refused[0].reason
+    assert cat.skipped == []
+
+
+def test_symlink_not_matching_include_is_ignored(linked: Path) -> None:
+    cat = walk(_source(linked, include=("real.*",), symlinks="refuse"))
+    assert _rels(cat) == ["real.fits"]
+    assert cat.refused == [] and cat.skipped == []
+
+
+def test_dangling_symlink_refused(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    write_tree(root, {"ok.fits": b"ok"})
+    os.symlink(tmp_path / "gone.fits", root / "dangling.fits")
+    cat = walk(_source(root))
+    assert _rels(cat) == ["ok.fits"]
+    assert cat.refused == [Problem("dangling.fits", "dangling symlink")]
+    # not matched by include: not reported at all
+    assert walk(_source(root, include=("ok.*",))).refused == []
+
+
+def test_fifo_refused(tmp_path: Path) -> None:
+    root = tmp_path / "f"
+    write_tree(root, {"ok.fits": b"ok"})
+    os.mkfifo(root / "pipe.fits")
+    os.mkfifo(root / "pipe.txt")
+    cat = walk(_source(root, include=("*.fits",)))
+    assert _rels(cat) == ["ok.fits"]
+    assert cat.refused == [Problem("pipe.fits", "not a regular file")]
+
+
+def test_non_utf8_name_refused(tmp_path: Path) -> None:
+    root = tmp_path / "n"
+    write_tree(root, {"ok.fits": b"ok"})
+    fd = os.open(os.path.join(os.fsencode(root), b"bad\xff.fits"), os.O_CREAT | os.O_WRONLY)
+    os.close(fd)
+    cat = walk(_source(root, include=("*.fits",)))
+    assert _rels(cat) == ["ok.fits"]
+    assert cat.refused == [Problem("bad\ufffd.fits", "the file name is not valid UTF-8")]
+    # excluded: not reported
+    assert walk(_source(root, include=("ok.*",))).refused == []
+
+
+def test_unreadable_file_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file: permissions cannot make one unreadable")
+    root = tmp_path / "u"
+    write_tree(root, {"ok.fits": b"ok", "secret.fits": b"s"})
+    (root / "secret.fits").chmod(0)
+    cat = walk(_source(root))
+    assert _rels(cat) == ["ok.fits"]
+    assert [p.relpath for p in cat.refused] == ["secret.fits"]
+    assert "not readable" in cat.refused[0].reason
+
+
+def test_empty_root(tmp_path: Path) -> None:
+    (tmp_path / "e").mkdir()
+    cat = walk(_source(tmp_path / "e", include=("*.fits",)))
+    assert cat.entries == [] and cat.total_bytes == 0
+    assert cat.pattern_hits == {"*.fits": 0}
+
+
+def test_missing_root_is_refused_not_raised(tmp_path: Path) -> None:
+    cat = walk(_source(tmp_path / "missing"))
+    assert cat.entries == []
+    assert len(cat.refused) == 1 and cat.refused[0].relpath == "."
+    assert cat.refused[0].reason.startswith("cannot list directory: ")
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.updates: list[tuple[int, int]] = []
+        self.finished = False
+
+    def update(self, files: int, nbytes: int) -> None:
+        self.updates.append((files, nbytes))
+
+    def done(self) -> None:
+        self.finished = True
+
+
+def test_progress_is_told_running_totals(tree: Path) -> None:
+    rec = _Recorder()
+    cat = walk(_source(tree, include=("raw/*.fits",)), progress=rec)  # type: ignore[arg-type]
+    assert rec.updates == [(1, 2), (2, 5)]
+    assert rec.finished
+    assert cat.total_bytes == 5
+
+
+# ----------------------------------------------------------------------------- catalogue file
+def test_catalogue_round_trip(tmp_path: Path, tree: Path) -> None:
+    entries = walk(_source(tree)).entries
+    entries.append(Entry("ünïcode/naïve name.fits", 12345678901, 1700000000.123456789))
+    path = tmp_path / "catalogue.jsonl"
+    write_catalogue(path, entries)
+    assert read_catalogue(path) == entries
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(entries)
+    assert lines[-1] == ('{"mtime": 1700000000.1234567, "relpath": "ünïcode/naïve name.fits", '
+                         '"size": 12345678901}')
+
+
+def test_empty_catalogue_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    write_catalogue(path, [])
+    assert path.read_bytes() == b""
+    assert read_catalogue(path) == []

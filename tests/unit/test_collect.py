@@ -1,0 +1,202 @@
+"""collect: result records -> summary.json; nothing dropped, byte-identical re-runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dac_upload import __version__
+from dac_upload.collect import build_summary, collect, merge_records, records_so_far
+from dac_upload.files import atomic_write_json
+from dac_upload.plan import RunLayout
+
+FILE_FIELDS = {"scope", "name", "bytes", "adler32", "md5", "rse", "pfn", "guid", "path",
+               "relpath", "batch", "attempt", "status", "error"}
+
+
+def _run(tasks: int = 3) -> dict[str, Any]:
+    return {"run_id": "R1", "created_at": "2024-05-01T10:00:00Z", "job": {"name": "dp1"},
+            "source": {"root": "/data"}, "plan": {"tasks": tasks},
+            "rucio": {"scope": "user.t", "rse": "TEST_RSE", "account": None,
+                      "dataset": "ds", "lifetime": None},
+            "submissions": [{"array_job_id": "100", "collector_job_id": "101"}]}
+
+
+def _entry(name: str, size: int) -> dict[str, Any]:
+    return {"relpath": f"rel/{name}", "name": name, "size": size, "mtime": 1.0}
+
+
+def _rec(name: str, status: str, size: int = 1, attempt: int = 1,
+         error: str | None = None) -> dict[str, Any]:
+    ok = status in ("uploaded", "already_present")
+    return {"name": name, "status": status, "bytes": size, "attempt": attempt,
+            "adler32": "0000abcd" if ok else None, "md5": "m" * 32 if ok else None,
+            "pfn": f"davs://se/{name}" if ok else None, "guid": "g-" + name if ok else None,
+            "error": error}
+
+
+def _marker(task: int, code: int, finished: str, **more: Any) -> dict[str, Any]:
+    return {"task": task, "exit_code": code, "finished_at": finished, **more}
+
+
+# ----------------------------------------------------------------------------- merge_records
+def test_later_success_beats_earlier_failure() -> None:
+    merged = merge_records([_rec("a", "failed", attempt=1, error="boom"),
+                            _rec("a", "uploaded", attempt=2)])
+    assert merged["a"]["status"] == "uploaded" and merged["a"]["attempt"] == 2
+
+
+def test_success_beats_later_failure() -> None:
+    merged = merge_records([_rec("a", "uploaded", attempt=1),
+                            _rec("a", "failed", attempt=2, error="conflict")])
+    assert merged["a"]["status"] == "uploaded" and merged["a"]["attempt"] == 1
+
+
+def test_latest_failure_and_latest_success_win() -> None:
+    merged = merge_records([_rec("a", "failed", attempt=1, error="one"),
+                            _rec("a", "failed", attempt=2, error="two"),
+                            _rec("b", "uploaded", attempt=1),
+                            _rec("b", "already_present", attempt=2)])
+    assert merged["a"]["error"] == "two"
+    assert merged["b"]["status"] == "already_present"
+    assert merge_records([]) == {}
+
+
+# ----------------------------------------------------------------------------- build_summary
+def _scenario() -> dict[str, Any]:
+    manifests = {
+        0: {"files": [_entry("a", 10), _entry("b", 20)]},
+        1: {"files": [_entry("c", 30), _entry("d", 40), _entry("e", 50)]},
+        2: {"files": [_entry("f", 60)]},  # never ran: no result, no marker
+    }
+    results = {
+        0: [_rec("a", "failed", 10, 1, "upload failed: timeout"), _rec("b", "uploaded", 20, 1),
+            _rec("a", "uploaded", 10, 2)],
+        1: [_rec("c", "already_present", 30), _rec("d", "failed", 40, 1, "conflict: x")],
+    }
+    markers = {0: _marker(0, 0, "2024-05-01T11:00:00Z", rucio_host="https://rucio:443",
+                          rucio_account="jbloggs"),
+               1: _marker(1, 1, "2024-05-01T12:00:00Z")}
+    return {"run": _run(), "manifests": manifests, "results": results, "markers": markers}
+
+
+def test_build_summary() -> None:
+    s = build_summary(**_scenario())
+    assert s["schema_version"] == 1
+    assert s["tool"] == {"name": "dac-upload", "version": __version__}
+    assert (s["job"], s["run_id"], s["created_at"]) == ("dp1", "R1", "2024-05-01T10:00:00Z")
+    assert s["finished_at"] == "2024-05-01T12:00:00Z"
+    assert s["source_root"] == "/data"
+    assert s["rucio"] == {"host": "https://rucio:443", "account": "jbloggs", "scope": "user.t",
+                          "rse": "TEST_RSE", "dataset": "ds", "lifetime": None}
+    assert s["slurm"] == {"submissions": [{"array_job_id": "100", "collector_job_id": "101"}]}
+    assert s["complete"] is False
+    assert s["counts"] == {"files": 6, "bytes": 210, "uploaded": 2, "already_present": 1,
+                           "failed": 1, "not_attempted": 2, "bytes_uploaded": 30,
+                           "tasks": 3, "tasks_with_result": 2, "tasks_missing_result": 1}
+    c = s["counts"]
+    assert c["uploaded"] + c["already_present"] + c["failed"] + c["not_attempted"] == c["files"]
+    assert s["tasks_missing_result"] == [2]
+    assert s["failed_tasks"] == [1]
+
+    files = s["files"]
+    assert list(files) == [f"user.t:{n}" for n in "abcdef"]
+    for key, f in files.items():
+        assert set(f) == FILE_FIELDS
+        assert key == f"{f['scope']}:{f['name']}"
+        assert f["rse"] == "TEST_RSE"
+        assert f["path"] == f"/data/{f['relpath']}"
+    assert files["user.t:a"]["status"] == "uploaded" and files["user.t:a"]["attempt"] == 2
+    assert files["user.t:a"]["error"] is None
+    assert files["user.t:a"]["pfn"] == "davs://se/a"
+    assert files["user.t:a"]["adler32"] == "0000abcd"
+    assert files["user.t:c"]["status"] == "already_present"
+    assert files["user.t:d"]["status"] == "failed" and files["user.t:d"]["error"] == "conflict: x"
+    assert [files[f"user.t:{n}"]["batch"] for n in "abcdef"] == [0, 0, 1, 1, 1, 2]
+    # e: its task finished without a record for it; f: its task never wrote anything
+    e, f = files["user.t:e"], files["user.t:f"]
+    assert e["status"] == f["status"] == "not_attempted"
+    assert e["error"] == "the task finished without a record for this file"
+    assert f["error"].startswith("the task wrote no result")
+    assert "logs/task-2.job*.out" in f["error"]
+    assert (f["bytes"], f["adler32"], f["md5"], f["pfn"], f["guid"]) == (60, None, None, None,
+                                                                         None)
+
+
+def test_task_without_marker_but_with_records() -> None:
+    sc = _scenario()
+    del sc["markers"][1]  # killed before writing its marker: its records still count
+    s = build_summary(**sc)
+    assert s["tasks_missing_result"] == [1, 2]
+    assert s["files"]["user.t:c"]["status"] == "already_present"
+    assert s["files"]["user.t:e"]["error"].startswith("the task wrote no result")
+    assert s["failed_tasks"] == []
+    assert s["finished_at"] == "2024-05-01T11:00:00Z"
+
+
+def test_complete_run() -> None:
+    manifests = {0: {"files": [_entry("a", 1)]}, 1: {"files": [_entry("b", 2)]}}
+    results = {0: [_rec("a", "uploaded", 1)], 1: [_rec("b", "already_present", 2)]}
+    markers = {0: _marker(0, 0, "t1"), 1: _marker(1, 0, "t2")}
+    run = _run(2)
+    run["rucio"]["account"] = "from-job"
+    s = build_summary(run, manifests, results, markers)
+    assert s["complete"] is True
+    assert s["failed_tasks"] == [] and s["tasks_missing_result"] == []
+    assert s["rucio"]["account"] == "from-job" and s["rucio"]["host"] is None
+    assert s["counts"]["bytes_uploaded"] == 1
+
+
+def test_nothing_ran() -> None:
+    manifests = {0: {"files": [_entry("a", 1)]}}
+    s = build_summary(_run(1), manifests, {}, {})
+    assert s["complete"] is False
+    assert s["finished_at"] is None
+    assert s["counts"]["not_attempted"] == 1
+    assert s["tasks_missing_result"] == [0]
+
+
+# ----------------------------------------------------------------------------- collect()
+def _write_run(run_dir: Path) -> RunLayout:
+    sc = _scenario()
+    layout = RunLayout(run_dir)
+    for d in (layout.manifests, layout.results, layout.logs):
+        d.mkdir(parents=True)
+    atomic_write_json(layout.run_json, sc["run"])
+    for task, manifest in sc["manifests"].items():
+        atomic_write_json(layout.manifest(task), manifest)
+    for task, recs in sc["results"].items():
+        text = "".join(json.dumps(r) + "\n" for r in recs)
+        layout.result(task).write_text(text + ('{"name": "torn' if task == 1 else ""))
+    for task, marker in sc["markers"].items():
+        atomic_write_json(layout.done_marker(task), marker)
+    return layout
+
+
+def test_collect_writes_byte_identical_summary(tmp_path: Path) -> None:
+    layout = _write_run(tmp_path / "R1")
+    summary = collect(layout.dir)
+    first = layout.summary.read_bytes()
+    assert json.loads(first) == summary == build_summary(**_scenario())
+    assert collect(layout.dir) == summary
+    assert layout.summary.read_bytes() == first
+    assert sorted(p.name for p in layout.dir.iterdir()) == [
+        "logs", "manifests", "results", "run.json", "summary.json"]
+
+
+def test_collect_missing_manifest_raises(tmp_path: Path) -> None:
+    layout = _write_run(tmp_path / "R1")
+    layout.manifest(2).unlink()
+    with pytest.raises(FileNotFoundError):
+        collect(layout.dir)
+    assert not layout.summary.exists()
+
+
+def test_records_so_far(tmp_path: Path) -> None:
+    layout = _write_run(tmp_path / "R1")
+    # task 0: 3 records (10 + 20 + 10 bytes); task 1: 2 records and a torn line (30 + 40)
+    assert records_so_far(layout.dir) == (5, 110)
+    assert records_so_far(tmp_path / "nothing-yet") == (0, 0)

@@ -1,0 +1,136 @@
+"""files: atomic writes, JSON lines (torn last line), one-read checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import stat
+import zlib
+from pathlib import Path
+
+import pytest
+
+from dac_upload.files import (
+    JsonlAppender,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_checksums,
+    read_json,
+    read_jsonl,
+)
+
+
+def test_atomic_write_json(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    obj = {"b": [1, 2.5, None], "a": {"ü": "naïve"}, "c": True}
+    atomic_write_json(path, obj)
+    assert json.loads(path.read_text(encoding="utf-8")) == obj
+    assert read_json(path) == obj
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("}\n")
+    assert text.index('"a"') < text.index('"b"') < text.index('"c"')  # sorted keys
+    assert "naïve" in text  # not \u-escaped
+    assert os.listdir(tmp_path) == ["run.json"]  # no temp file left behind
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_atomic_write_json_is_byte_identical_on_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    atomic_write_json(path, {"z": 1, "a": [3, 2]})
+    first = path.read_bytes()
+    atomic_write_json(path, {"a": [3, 2], "z": 1})
+    assert path.read_bytes() == first
+
+
+def test_atomic_write_json_compact(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    obj = {"files": [{"relpath": "ü b", "size": 1}], "a": 1}
+    atomic_write_json(path, obj, pretty=False)
+    expected = '{"a": 1, "files": [{"relpath": "ü b", "size": 1}]}\n'
+    assert path.read_text(encoding="utf-8") == expected
+    assert read_json(path) == obj
+
+
+def test_atomic_write_replaces_and_sets_mode(tmp_path: Path) -> None:
+    path = tmp_path / "array.sh"
+    path.write_text("old")
+    atomic_write_bytes(path, b"#!/bin/bash\n", 0o755)
+    assert path.read_bytes() == b"#!/bin/bash\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert os.listdir(tmp_path) == ["array.sh"]
+
+
+def test_atomic_write_failure_leaves_old_content_and_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    atomic_write_json(path, {"v": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"v": object()})  # not JSON: fails before any temp file
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "not bytes")  # type: ignore[arg-type]
+    assert read_json(path) == {"v": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    records = [{"relpath": "a b", "size": 1}, {"relpath": "ü", "size": 2}, {}]
+    atomic_write_jsonl(path, iter(records))
+    assert list(read_jsonl(path)) == records
+    assert path.read_text(encoding="utf-8").splitlines()[0] == '{"relpath": "a b", "size": 1}'
+
+
+def test_read_jsonl_ignores_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"name": "a"}\n\n{"name": "b"}\n{"name": "c", "sta', encoding="utf-8")
+    assert list(read_jsonl(path)) == [{"name": "a"}, {"name": "b"}]
+
+
+def test_read_jsonl_raises_on_a_corrupt_complete_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"name": "a"}\n{oops}\n{"name": "b"}\n', encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError):
+        list(read_jsonl(path))
+
+
+def test_appender_appends_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    with JsonlAppender(path) as out:
+        out.append({"name": "a", "n": 1})
+    with JsonlAppender(path) as out:
+        out.append({"name": "b"})
+    assert path.read_text(encoding="utf-8") == '{"n": 1, "name": "a"}\n{"name": "b"}\n'
+    assert list(read_jsonl(path)) == [{"name": "a", "n": 1}, {"name": "b"}]
+
+
+@pytest.mark.parametrize("size", [0, 10, 9 * 1024 * 1024 + 7])
+def test_read_checksums(tmp_path: Path, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert read_checksums(path) == (size, f"{zlib.adler32(data) & 0xFFFFFFFF:08x}",
+                                    hashlib.md5(data).hexdigest())
+
+
+def test_read_checksums_known_values(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert read_checksums(empty) == (0, "00000001", "d41d8cd98f00b204e9800998ecf8427e")
+    small = tmp_path / "small"
+    small.write_bytes(b"a")  # adler32 with leading zeros: 00620062
+    assert read_checksums(small) == (1, "00620062", "0cc175b9c0f1b6a831c399e269772661")
+
+
+def test_read_checksums_small_chunks_agree(tmp_path: Path) -> None:
+    data = os.urandom(100_003)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert read_checksums(path, chunk=4096) == read_checksums(path)
+    assert read_checksums(path, chunk=7)[1] == f"{zlib.adler32(data):08x}"
+
+
+def test_read_checksums_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_checksums(tmp_path / "missing")

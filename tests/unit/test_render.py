@@ -1,0 +1,250 @@
+"""render: the exact array and collector scripts for a CSD3-like job, both runtimes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dac_upload import __version__, render
+from dac_upload.config import JobConfig, parse_job
+
+RUN_DIR = Path("/rds/project/x y/runs/R1")
+
+
+def _job(container: dict[str, Any], **slurm: Any) -> JobConfig:
+    raw = {
+        "source": {"root": "/rds/project/dp1 data"},
+        "rucio": {"scope": "user.jbloggs", "rse": "CSD3_DISK"},
+        "slurm": {"partition": "icelake", "account": "DIRAC-DP002-CPU", "time": "02:00:00",
+                  "mem": "4G", "extra": {"qos": "normal"}, **slurm},
+        "container": container,
+    }
+    return parse_job(raw, path=Path("/home/u/jobs/csd3.toml"))
+
+
+NONE = {"runtime": "none", "python": "/opt/venv/bin/python"}
+APPTAINER = {"runtime": "apptainer", "image": "/rds/images/dac-upload.sif",
+             "binds": ["/rds/cvmfs:/cvmfs:ro"]}
+
+
+def _array(job: JobConfig) -> str:
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3")
+    body = render.render_body("array.sh.j2", ctx)
+    return render.full_script(render.array_options(job, "0-9", 3), body)
+
+
+def _collector(job: JobConfig) -> str:
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3")
+    body = render.render_body("collect.sh.j2", ctx)
+    return render.full_script(render.collector_options(job, "12345"), body)
+
+
+def _expected(text: str) -> str:
+    return text.replace("@VERSION@", __version__)
+
+
+ARRAY_HEADER = """\
+#!/bin/bash
+
+#SBATCH --account             DIRAC-DP002-CPU
+#SBATCH --array               0-9%3
+#SBATCH --cpus-per-task       1
+#SBATCH --job-name            dacu-csd3
+#SBATCH --mem                 4G
+#SBATCH --open-mode           append
+#SBATCH --output              logs/task-%a.job%A.out
+#SBATCH --partition           icelake
+#SBATCH --qos                 normal
+#SBATCH --time                02:00:00
+
+"""
+
+COLLECT_HEADER = """\
+#!/bin/bash
+
+#SBATCH --account             DIRAC-DP002-CPU
+#SBATCH --cpus-per-task       1
+#SBATCH --dependency          afterany:12345
+#SBATCH --job-name            dacu-csd3-collect
+#SBATCH --mem                 4G
+#SBATCH --open-mode           append
+#SBATCH --output              logs/collect.job%j.out
+#SBATCH --partition           icelake
+#SBATCH --qos                 normal
+#SBATCH --time                02:00:00
+
+"""
+
+ARRAY_NONE = ARRAY_HEADER + """\
+# dac-upload @VERSION@: job csd3, run R1.
+# One array task uploads one batch manifest: manifests/task-NNNNN.json -> results/task-NNNNN.jsonl
+set -uo pipefail
+RUN_DIR='/rds/project/x y/runs/R1'
+TASK="${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm array task (sbatch --array)}"
+echo "dac-upload: run R1 task $TASK on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+/opt/venv/bin/python -m dac_upload worker --run "$RUN_DIR" --task "$TASK"
+rc=$?
+echo "dac-upload: run R1 task $TASK exit code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+exit "$rc"
+"""
+
+ARRAY_APPTAINER = ARRAY_HEADER + """\
+# dac-upload @VERSION@: job csd3, run R1.
+# One array task uploads one batch manifest: manifests/task-NNNNN.json -> results/task-NNNNN.jsonl
+set -uo pipefail
+RUN_DIR='/rds/project/x y/runs/R1'
+TASK="${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm array task (sbatch --array)}"
+echo "dac-upload: run R1 task $TASK on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+apptainer exec --cleanenv \\
+  --bind '/rds/project/dp1 data:/rds/project/dp1 data:ro' \\
+  --bind '/rds/project/x y/runs/R1' \\
+  --bind /rds/cvmfs:/cvmfs:ro \\
+  --env "SLURM_ARRAY_TASK_ID=$TASK" \\
+  /rds/images/dac-upload.sif \\
+  dac-upload worker --run "$RUN_DIR" --task "$TASK"
+rc=$?
+echo "dac-upload: run R1 task $TASK exit code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+exit "$rc"
+"""
+
+COLLECT_NONE = COLLECT_HEADER + """\
+# dac-upload @VERSION@: job csd3, run R1.
+# Collector: runs after every array task (afterany), merges results/ into summary.json.
+set -uo pipefail
+RUN_DIR='/rds/project/x y/runs/R1'
+echo "dac-upload: collecting run R1 on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+/opt/venv/bin/python -m dac_upload collect "$RUN_DIR"
+rc=$?
+echo "dac-upload: collector exit code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+exit "$rc"
+"""
+
+COLLECT_APPTAINER = COLLECT_HEADER + """\
+# dac-upload @VERSION@: job csd3, run R1.
+# Collector: runs after every array task (afterany), merges results/ into summary.json.
+set -uo pipefail
+RUN_DIR='/rds/project/x y/runs/R1'
+echo "dac-upload: collecting run R1 on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+apptainer exec --cleanenv \\
+  --bind '/rds/project/dp1 data:/rds/project/dp1 data:ro' \\
+  --bind '/rds/project/x y/runs/R1' \\
+  --bind /rds/cvmfs:/cvmfs:ro \\
+  /rds/images/dac-upload.sif \\
+  dac-upload collect "$RUN_DIR"
+rc=$?
+echo "dac-upload: collector exit code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+exit "$rc"
+"""
+
+
+def test_array_script_runtime_none() -> None:
+    assert _array(_job(NONE)) == _expected(ARRAY_NONE)
+
+
+def test_array_script_runtime_apptainer() -> None:
+    assert _array(_job(APPTAINER)) == _expected(ARRAY_APPTAINER)
+
+
+def test_collector_script_runtime_none() -> None:
+    assert _collector(_job(NONE)) == _expected(COLLECT_NONE)
+
+
+def test_collector_script_runtime_apptainer() -> None:
+    assert _collector(_job(APPTAINER)) == _expected(COLLECT_APPTAINER)
+
+
+def test_python_argument_used_when_the_job_names_none() -> None:
+    job = _job({"runtime": "none"})
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3 x")
+    assert ctx.python == "/usr/bin/python3 x"
+    body = render.render_body("array.sh.j2", ctx)
+    assert "\n'/usr/bin/python3 x' -m dac_upload worker --run \"$RUN_DIR\"" in body
+
+
+def test_rucio_config_exported_and_bound() -> None:
+    raw = {"source": {"root": "/data"}, "rucio": {"scope": "s", "rse": "R",
+                                                   "config": "/etc/my rucio.cfg"},
+           "container": APPTAINER}
+    job = parse_job(raw, path=Path("/home/u/jobs/j.toml"))
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3")
+    assert ctx.binds == ("/data:/data:ro", str(RUN_DIR),
+                         "/etc/my rucio.cfg:/etc/my rucio.cfg:ro", "/rds/cvmfs:/cvmfs:ro")
+    body = render.render_body("array.sh.j2", ctx)
+    assert "\nexport RUCIO_CONFIG='/etc/my rucio.cfg'\n" in body
+    assert "\n  --env RUCIO_CONFIG='/etc/my rucio.cfg' \\\n" in body
+    assert "\n  --bind '/etc/my rucio.cfg:/etc/my rucio.cfg:ro' \\\n" in body
+
+
+def test_context_has_no_binds_without_apptainer() -> None:
+    ctx = render.script_context(_job(NONE), "R1", RUN_DIR, "/x")
+    assert ctx.binds == () and ctx.image is None and ctx.runtime == "none"
+
+
+def test_array_options() -> None:
+    job = _job(NONE, job_name="dp1", cpus_per_task=4)
+    assert render.array_options(job, "0-3,7", 2) == {
+        "job_name": "dp1", "array": "0-3,7%2", "output": "logs/task-%a.job%A.out",
+        "open_mode": "append", "time": "02:00:00", "mem": "4G", "cpus_per_task": 4,
+        "partition": "icelake", "account": "DIRAC-DP002-CPU", "qos": "normal"}
+
+
+def test_collector_options() -> None:
+    job = _job(NONE, cpus_per_task=4)
+    opts = render.collector_options(job, "12345")
+    assert opts["dependency"] == "afterany:12345"
+    assert opts["job_name"] == "dacu-csd3-collect"
+    assert opts["cpus_per_task"] == 1  # the collector needs one CPU whatever the job says
+    assert opts["output"] == "logs/collect.job%j.out"
+    placeholder = render.collector_options(job, None)["dependency"]
+    assert placeholder == "afterany:ARRAY_JOB_ID"
+
+
+def test_no_partition_no_account_lines() -> None:
+    job = parse_job({"source": {"root": "/d"}, "rucio": {"scope": "s", "rse": "R"},
+                     "container": NONE}, path=Path("/j/x.toml"))
+    script = render.full_script(render.array_options(job, "0", 1), "true\n")
+    assert "--partition" not in script and "--account" not in script
+    assert script.startswith("#!/bin/bash\n\n#SBATCH --array               0%1\n")
+    assert script.endswith("\n\ntrue\n")
+
+
+def test_unknown_extra_option_is_one_line() -> None:
+    job = _job(NONE, extra={"qoss": "normal", "mail_type": "END"})
+    problems = render.sbatch_option_problems(job)
+    assert len(problems) == 1
+    assert problems[0].startswith("/home/u/jobs/csd3.toml: [slurm] extra: unknown sbatch "
+                                  "option(s): qoss; see 'man sbatch'")
+
+
+def test_dashed_extra_option_is_reported() -> None:
+    problems = render.sbatch_option_problems(_job(NONE, extra={"mail-type": "END"}))
+    assert len(problems) == 1 and "mail-type" in problems[0]
+
+
+def test_known_extra_options_pass() -> None:
+    job = _job(NONE, extra={"qos": "normal", "mail_type": "END", "exclusive": ""})
+    assert render.sbatch_option_problems(job) == []
+    script = render.full_script(render.array_options(job, "0", 1), "true\n")
+    assert "\n#SBATCH --mail-type           END\n" in script
+    assert "#SBATCH --exclusive" in [line.rstrip() for line in script.splitlines()]
+
+
+def test_make_slurm_unknown_option_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown sbatch option"):
+        render.make_slurm({"not_an_option": "1"})
+
+
+def test_templates_dir() -> None:
+    tdir = render.templates_dir()
+    assert (tdir / "array.sh.j2").is_file()
+    assert (tdir / "collect.sh.j2").is_file()
+
+
+def test_unknown_template_is_an_error() -> None:
+    import jinja2
+
+    ctx = render.script_context(_job(NONE), "R1", RUN_DIR, "/x")
+    with pytest.raises(jinja2.TemplateNotFound):
+        render.render_body("nope.sh.j2", ctx)

@@ -1,0 +1,47 @@
+"""Plain helpers shared by the unit tests (imported as ``unit_helpers``; conftest.py holds the
+fixtures). The name is unique so it cannot clash with another test layer's conftest."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+
+# Base lines of each section of a valid job; make_job() appends lines per section.
+BASE_SECTIONS = {
+    "job": "",
+    "source": 'root = "data"',
+    "rucio": 'scope = "user.test"\nrse = "TEST_RSE"',
+    "naming": "",
+    "batching": "",
+    "slurm": "",
+    "container": 'runtime = "none"\npython = "/usr/bin/python3"',
+}
+
+
+def job_text(**extra: str) -> str:
+    """A valid job file; ``extra[section]`` holds more ``key = value`` lines for it."""
+    unknown = set(extra) - set(BASE_SECTIONS)
+    assert not unknown, unknown
+    out = []
+    for section, base in BASE_SECTIONS.items():
+        lines = "\n".join(x for x in (base, textwrap.dedent(extra.get(section, "")).strip()) if x)
+        if lines:
+            out.append(f"[{section}]\n{lines}\n")
+    return "\n".join(out)
+
+
+def write_tree(root: Path, files: Mapping[str, bytes | str]) -> None:
+    """Create ``files`` (relative POSIX path -> content) below ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def write_job(directory: Path, text: str, filename: str = "job.toml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
