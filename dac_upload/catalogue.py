@@ -62,11 +62,11 @@ def walk(source: SourceConfig, progress: Progress | None = None) -> Catalogue:
     def selected(rel: str) -> bool:
         hit = False
         for pattern, rx in include:
-            if rx.match(rel):
+            if rx.fullmatch(rel):
                 cat.pattern_hits[pattern] += 1
                 hit = True
                 break
-        return hit and not any(rx.match(rel) for rx in exclude)
+        return hit and not any(rx.fullmatch(rel) for rx in exclude)
 
     for rel, entry in _scan(root, source.exclude, cat):
         if not _valid_utf8(rel):

@@ -22,12 +22,16 @@ else:  # pragma: no cover - Python < 3.11 (CSD3 login nodes)
 
 RUNTIMES = ("none", "apptainer")
 SYMLINK_POLICIES = ("follow", "skip", "refuse")
-_SLURM_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_SLURM_TIME_RE = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+")
+_JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(i)?)?(b)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_DURATION_RE = re.compile(r"\s*(\d+)\s*([smhdw]?)\s*")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+_INVALID = object()  # stands for a value already reported as invalid
 
 
 class ConfigError(Exception):
@@ -123,15 +127,14 @@ def parse_size(value: Any) -> int:
         return value
     if not isinstance(value, str):
         raise ValueError
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.fullmatch(value)
     if not m:
         raise ValueError
-    unit = (m.group(2) or "").lower()
-    unit = unit[:-1] if unit.endswith("b") and len(unit) > 1 else unit
-    result = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if result <= 0:
-        raise ValueError
-    return result
+    unit = ((m.group(2) or "") + (m.group(3) or "")).lower()
+    exact = float(m.group(1)) * _SIZE_UNITS[unit]
+    if exact < 1 or (exact != int(exact) and not unit):
+        raise ValueError  # no fractions of a byte
+    return int(exact)
 
 
 def parse_duration(value: Any) -> int:
@@ -142,7 +145,7 @@ def parse_duration(value: Any) -> int:
         if value <= 0:
             raise ValueError
         return value
-    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    m = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
     if not m or int(m.group(1)) <= 0:
         raise ValueError
     return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
@@ -181,7 +184,7 @@ def _choice(options: tuple[str, ...]) -> _Check:
 
 
 def _slurm_time(v: Any) -> str:
-    if not isinstance(v, str) or not _SLURM_TIME_RE.match(v):
+    if not isinstance(v, str) or not _SLURM_TIME_RE.fullmatch(v):
         raise ValueError
     return v
 
@@ -303,16 +306,19 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
             except (ValueError, TypeError):
                 errors.append(f"{where}: [{section}] {key} = {given[key]!r} is not valid: "
                               f"use {expect}")
-                values[section][key] = None if default is ... else default
+                values[section][key] = _INVALID
 
-    v = values
-    _semantic_checks(v, where, errors)
+    # the semantic checks judge only values that are valid one by one
+    _semantic_checks({s: {k: val for k, val in kv.items() if val is not _INVALID}
+                      for s, kv in values.items()}, where, errors, path)
     if errors:
         raise ConfigError(errors)
+    v = values
 
-    name = v["job"]["name"] or path.stem
+    name = v["job"].get("name") or path.stem
     base = path.parent
-    runs_dir = Path(v["job"]["runs_dir"]) if v["job"]["runs_dir"] else Path(name) / "runs"
+    runs_dir = (Path(v["job"]["runs_dir"]).expanduser() if v["job"]["runs_dir"]
+                else Path(name) / "runs")
     runs_dir = Path(os.path.abspath(runs_dir if runs_dir.is_absolute() else base / runs_dir))
     root = Path(v["source"]["root"]).expanduser()
     root = Path(os.path.abspath(root if root.is_absolute() else base / root))
@@ -341,7 +347,17 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
     )
 
 
-def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]) -> None:
+def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str],
+                     path: Path) -> None:
+    name = v["job"].get("name") or path.stem
+    if not _JOB_NAME_RE.fullmatch(name):
+        key = "[job] name" if v["job"].get("name") else "the job file name (its default)"
+        errors.append(f"{where}: {key} {name!r} is not a usable job name: use letters, digits, "
+                      "'.', '_' and '-' (set [job] name)")
+    job_name = v["slurm"].get("job_name")
+    if job_name and not _JOB_NAME_RE.fullmatch(job_name):
+        errors.append(f"{where}: [slurm] job_name = {job_name!r}: use letters, digits, '.', "
+                      "'_' and '-'")
     r = v["rucio"]
     for key, check in (("scope", naming.scope_problem), ("account", naming.account_problem),
                        ("rse", naming.rse_problem)):
@@ -355,19 +371,19 @@ def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]
                                                     else None)
         if problem:
             errors.append(f"{where}: [rucio] dataset = {r['dataset']!r}: {problem}")
-    rep = v["naming"]["replace_invalid"]
+    rep = v["naming"].get("replace_invalid")
     if rep is not None and naming.name_problem("a" + rep) is not None:
         errors.append(f"{where}: [naming] replace_invalid = {rep!r} is itself not allowed in "
                       "a Rucio name: use '_', '-' or '.'")
-    prefix = v["naming"]["prefix"]
+    prefix = v["naming"].get("prefix")
     if prefix and naming.name_problem(prefix) is not None:
         errors.append(f"{where}: [naming] prefix = {prefix!r}: "
                       f"{naming.name_problem(prefix)}")
     c = v["container"]
-    if c["runtime"] == "apptainer" and not c["image"]:
+    if c.get("runtime") == "apptainer" and not c.get("image"):
         errors.append(f"{where}: [container] runtime = \"apptainer\" needs image = "
                       "\"/path/to/dac-upload.sif\" (or set runtime = \"none\")")
-    for bind in c["binds"] or ():
+    for bind in c.get("binds") or ():
         if "," in bind or not bind.startswith("/"):
             errors.append(f"{where}: [container] binds entry {bind!r}: use one absolute "
                           "'src[:dst[:ro]]' per entry")

@@ -57,18 +57,25 @@ def read_json(path: Path) -> Any:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the records of a JSON-lines file, skipping a torn last line.
+    """Yield the records of a JSON-lines file, skipping torn lines.
 
-    A worker killed mid-write can leave an incomplete final line; every complete line before
-    it is still a valid record.
+    A worker killed mid-write leaves an incomplete final line (which a later attempt ends
+    with a newline before appending); every complete record is still valid. A torn record
+    was never finished, so skipping it means its file is simply done again.
     """
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if not line.endswith("\n"):
                 return
             line = line.strip()
-            if line:
-                yield json.loads(line)
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 class JsonlAppender:
@@ -79,7 +86,10 @@ class JsonlAppender:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        torn = _ends_without_newline(self.path)
         self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        if torn:  # an earlier attempt was killed mid-record: end that fragment's line
+            self._handle.write("\n")
 
     def append(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
@@ -94,6 +104,18 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ends_without_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return False
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -14,11 +14,11 @@ from functools import lru_cache
 NAME_MAX = 250
 SCOPE_MAX = 25
 ACCOUNT_MAX = 25
-_NAME_RE = re.compile(r"^[/A-Za-z0-9][/A-Za-z0-9._\-]*$")
+_NAME_RE = re.compile(r"[/A-Za-z0-9][/A-Za-z0-9._\-]*")
 _NAME_BAD_CHAR_RE = re.compile(r"[^/A-Za-z0-9._\-]")
-_SCOPE_RE = re.compile(r"^[A-Za-z0-9._\-]+$")
-_ACCOUNT_RE = re.compile(r"^[a-z0-9_\-]+$")
-_RSE_RE = re.compile(r"^[A-Z0-9]+([_\-][A-Z0-9]+)*$")
+_SCOPE_RE = re.compile(r"[A-Za-z0-9._\-]+")
+_ACCOUNT_RE = re.compile(r"[a-z0-9_\-]+")
+_RSE_RE = re.compile(r"[A-Z0-9]+([_\-][A-Z0-9]+)*")
 
 
 def name_problem(name: str) -> str | None:
@@ -27,7 +27,7 @@ def name_problem(name: str) -> str | None:
         return "the name is empty"
     if len(name) > NAME_MAX:
         return f"the name is {len(name)} characters long, Rucio allows at most {NAME_MAX}"
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         bad = sorted(set(_NAME_BAD_CHAR_RE.findall(name)))
         if bad:
             shown = " ".join(repr(c) for c in bad[:5])
@@ -37,19 +37,19 @@ def name_problem(name: str) -> str | None:
 
 
 def scope_problem(scope: str) -> str | None:
-    if not scope or len(scope) > SCOPE_MAX or not _SCOPE_RE.match(scope):
+    if not scope or len(scope) > SCOPE_MAX or not _SCOPE_RE.fullmatch(scope):
         return f"a scope is 1-{SCOPE_MAX} characters of A-Z a-z 0-9 . _ -"
     return None
 
 
 def account_problem(account: str) -> str | None:
-    if not account or len(account) > ACCOUNT_MAX or not _ACCOUNT_RE.match(account):
+    if not account or len(account) > ACCOUNT_MAX or not _ACCOUNT_RE.fullmatch(account):
         return f"an account is 1-{ACCOUNT_MAX} characters of a-z 0-9 _ -"
     return None
 
 
 def rse_problem(rse: str) -> str | None:
-    if not _RSE_RE.match(rse):
+    if not _RSE_RE.fullmatch(rse):
         return "an RSE name is upper-case letters and digits separated by single '_' or '-'"
     return None
 
@@ -70,17 +70,21 @@ def make_name(relpath: str, prefix: str = "", replace_invalid: str | None = None
 @lru_cache(maxsize=256)
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """Compile a recursive glob (``**/*.fits``, ``raw/*/c?.fits``) matched against a POSIX
-    relative path. ``*`` and ``?`` never cross ``/``; ``**`` as a whole component matches any
-    number of directories (zero included); ``[...]`` is a character class."""
+    relative path, with the shell's rules: ``*``, ``?`` and ``[...]`` never cross ``/``;
+    ``**`` as a whole component matches any number of directories (zero included); a name
+    starting with ``.`` (a hidden file or directory) is matched only by a component that
+    starts with ``.`` itself, so ``**/*`` does not pick up ``.DS_Store`` or ``.snapshot/``."""
     parts = pattern.strip("/").split("/")
     out = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if part == "**":
-            out.append(".*" if last else "(?:[^/]+/)*")
+            out.append(r"(?!\.)[^/]*(?:/(?!\.)[^/]*)*" if last else r"(?:(?!\.)[^/]+/)*")
             continue
-        out.append(_translate_component(part) + ("" if last else "/"))
-    return re.compile("^" + "".join(out) + "$", re.DOTALL)
+        hidden_ok = part.startswith(".")
+        out.append(("" if hidden_ok else r"(?!\.)") + _translate_component(part)
+                   + ("" if last else "/"))
+    return re.compile("^" + "".join(out) + r"\Z", re.DOTALL)
 
 
 def _translate_component(part: str) -> str:
@@ -104,24 +108,24 @@ def _translate_component(part: str) -> str:
             if j >= n:
                 res.append("\\[")
             else:
-                body = part[i:j]
+                body = part[i:j].replace("\\", "\\\\").replace("/", "")
                 i = j + 1
                 if body[:1] in "!^":
-                    body = "^" + body[1:]
-                res.append("[" + body.replace("\\", "\\\\").replace("/", "") + "]")
+                    body = "^/" + body[1:]  # a negated class must not match '/' either
+                res.append("[" + body + "]")
         else:
             res.append(re.escape(c))
     return "".join(res)
 
 
 def matches_any(relpath: str, patterns: tuple[str, ...]) -> bool:
-    return any(glob_regex(p).match(relpath) for p in patterns)
+    return any(glob_regex(p).fullmatch(relpath) for p in patterns)
 
 
 def dir_pruned(reldir: str, exclude: tuple[str, ...]) -> bool:
     """True if every file below directory ``reldir`` is excluded by a ``.../**`` pattern, so
     the walk need not enter it (e.g. ``**/tmp/**`` prunes every ``tmp`` directory)."""
     for pattern in exclude:
-        if pattern.endswith("/**") and glob_regex(pattern[:-3]).match(reldir):
+        if pattern.endswith("/**") and glob_regex(pattern[:-3]).fullmatch(reldir):
             return True
     return False

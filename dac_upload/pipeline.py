@@ -67,7 +67,8 @@ def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
     errors = _problem_lines(str(job.source.root), cat.refused, "refused files")
     for pattern, hits in cat.pattern_hits.items():
         # hits count the first include pattern a file matched: look again before complaining
-        if hits == 0 and not any(glob_regex(pattern).match(e.relpath) for e in cat.entries):
+        if hits == 0 and not any(glob_regex(pattern).fullmatch(e.relpath)
+                                 for e in cat.entries):
             errors.append(f"{job.path}: [source] include pattern {pattern!r} matches no file "
                           f"under {job.source.root}; fix the pattern or the root")
     return errors
@@ -175,10 +176,11 @@ def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str]) -
         raise PlanError([f"{run_dir}: already submitted as array job {first['array_job_id']};"
                          " plan a new run (dac-upload submit JOB)"])
     n = int(run["plan"]["tasks"])
-    if n > max_array_size - 1:
-        raise PlanError([f"{run_dir}: {n} batches but this cluster's MaxArraySize allows "
-                         f"indices up to {max_array_size - 1}; raise [batching] files_per_batch"
-                         " or bytes_per_batch so there are fewer batches"])
+    if n > max_array_size:  # indices 0..n-1 must stay below MaxArraySize
+        raise PlanError([f"{run_dir}: {n} batches but this cluster's MaxArraySize allows at "
+                         f"most {max_array_size} array tasks (indices 0-{max_array_size - 1}); "
+                         "raise [batching] files_per_batch or bytes_per_batch so there are "
+                         "fewer batches"])
     array_body = _body_of(layout.array_script)
     collect_body = _body_of(layout.collect_script)
     array_id = submit(run["slurm"]["array"], array_body, layout.dir, layout.array_script.name)

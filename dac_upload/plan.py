@@ -64,40 +64,56 @@ def make_batches(files: Sequence[PlannedFile], files_per_batch: int | None,
     """Split ``files`` into batches that respect both limits, balanced by bytes.
 
     Largest file first into the batch with the fewest bytes that still has room (LPT), which
-    keeps the slowest array task close to the mean. A file larger than ``bytes_per_batch`` gets
-    a batch of its own. The result depends only on the input (ties broken by relpath), and the
-    files in a batch are listed in path order for locality on the source file system.
+    keeps the slowest array task close to the mean. When the files do not fit into the
+    smallest possible number of batches, the whole assignment is redone with more batches
+    (rather than opening a batch for the leftovers, which would leave it nearly empty). A
+    file larger than ``bytes_per_batch`` gets a batch of its own. The result depends only on
+    the input (ties broken by relpath), and the files in a batch are listed in path order for
+    locality on the source file system.
     """
     if not files:
         return []
     max_files = files_per_batch or len(files)
     max_bytes = bytes_per_batch
-    total = sum(f.size for f in files)
-    n = -(-len(files) // max_files)
-    if max_bytes:
-        n = max(n, -(-total // max_bytes))
-    ordered = sorted(files, key=lambda f: (-f.size, f.relpath))
-    members: list[list[PlannedFile]] = [[] for _ in range(n)]
-    heap = [(0, i) for i in range(n)]  # (bytes, batch) of batches that still take files
-    for f in ordered:
-        placed = False
-        while heap:
-            used, i = heap[0]
-            if len(members[i]) >= max_files:
-                heapq.heappop(heap)  # full by count for good
-                continue
-            if max_bytes and used and used + f.size > max_bytes:
-                break  # the emptiest batch cannot take it: none can
-            heapq.heapreplace(heap, (used + f.size, i))
-            members[i].append(f)
-            placed = True
-            break
-        if not placed:
-            members.append([f])
-            heapq.heappush(heap, (f.size, len(members) - 1))
-    members = [m for m in members if m]
+    alone = [[f] for f in files if max_bytes and f.size > max_bytes]
+    rest = sorted((f for f in files if not (max_bytes and f.size > max_bytes)),
+                  key=lambda f: (-f.size, f.relpath))
+    members: list[list[PlannedFile]] = []
+    if rest:
+        n = _min_batches(rest, max_files, max_bytes)
+        while True:
+            members, overflow = _lpt(rest, n, max_files, max_bytes)
+            if not overflow:
+                break
+            n += _min_batches(overflow, max_files, max_bytes)
+    members = [m for m in members if m] + alone
     members.sort(key=lambda m: min(f.relpath for f in m))
     return [Batch(i, tuple(sorted(m, key=lambda f: f.relpath))) for i, m in enumerate(members)]
+
+
+def _min_batches(files: Sequence[PlannedFile], max_files: int, max_bytes: int | None) -> int:
+    n = -(-len(files) // max_files)
+    if max_bytes:
+        n = max(n, -(-sum(f.size for f in files) // max_bytes))
+    return max(n, 1)
+
+
+def _lpt(ordered: Sequence[PlannedFile], n: int, max_files: int,
+         max_bytes: int | None) -> tuple[list[list[PlannedFile]], list[PlannedFile]]:
+    """Assign files (largest first) to ``n`` batches; return (batches, files that fit none)."""
+    members: list[list[PlannedFile]] = [[] for _ in range(n)]
+    heap = [(0, i) for i in range(n)]  # (bytes, batch) of batches that still take files
+    overflow: list[PlannedFile] = []
+    for f in ordered:
+        while heap and len(members[heap[0][1]]) >= max_files:
+            heapq.heappop(heap)  # full by count for good
+        if not heap or (max_bytes and heap[0][0] + f.size > max_bytes):
+            overflow.append(f)  # the emptiest batch cannot take it: none can
+            continue
+        used, i = heap[0]
+        heapq.heapreplace(heap, (used + f.size, i))
+        members[i].append(f)
+    return members, overflow
 
 
 def compress_indices(indices: Sequence[int]) -> str:

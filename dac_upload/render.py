@@ -143,8 +143,18 @@ def full_script(options: dict[str, Any], body: str) -> str:
     return slurm.script(shell=SHELL, convert=False)
 
 
+# set by dac-upload itself: letting [slurm] extra override them would break the run layout
+RESERVED_OPTIONS = ("array", "output", "error", "open_mode", "job_name", "dependency",
+                    "parsable", "wrap", "chdir", "wait", "test_only", "hold", "input")
+
+
 def sbatch_option_problems(job: JobConfig) -> list[str]:
-    """One line per [slurm] extra option simple-slurm/sbatch would not accept."""
+    """One line per [slurm] extra option simple-slurm/sbatch would not accept, or that
+    would override what dac-upload sets itself."""
+    owned = sorted(set(job.slurm.extra) & set(RESERVED_OPTIONS))
+    if owned:
+        return [f"{job.path}: [slurm] extra sets {', '.join(owned)}, which dac-upload sets "
+                "itself; remove it (job names go in [slurm] job_name)"]
     try:
         make_slurm(_common_options(job))
     except ValueError as exc:

@@ -60,7 +60,7 @@ def parse_squeue_states(text: str) -> dict[str, str]:
     return out
 
 
-def first_error_line(stderr: str) -> str:
+def last_error_line(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower()]
     return (errors or lines or ["(sbatch printed nothing)"])[-1]
@@ -84,7 +84,7 @@ def _run(args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProces
         raise SlurmError(f"'{' '.join(args)}' did not answer within {timeout:.0f} s: "
                          "is slurmctld up? (try 'sinfo')") from None
     if proc.returncode != 0:
-        raise SlurmError(f"'{' '.join(args)}' failed: {first_error_line(proc.stderr)}")
+        raise SlurmError(f"'{' '.join(args)}' failed: {last_error_line(proc.stderr)}")
     return proc
 
 
@@ -105,7 +105,7 @@ def submit(options: dict[str, Any], body: str, run_dir: Path, script_name: str) 
         except (AssertionError, ValueError, IndexError, SystemExit):
             job_id = None
     if job_id is None:
-        raise SlurmError(f"sbatch {script_name} failed: {first_error_line(captured['text'])}")
+        raise SlurmError(f"sbatch {script_name} failed: {last_error_line(captured['text'])}")
     return str(job_id)
 
 

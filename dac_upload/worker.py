@@ -107,7 +107,7 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
             rec["error"] = (f"uploaded but the replica on {s.rse} is "
                             f"{rep.state if rep else 'missing'}, not AVAILABLE")
             return rec
-        if (rep.adler32 or "").zfill(8) != adler32 or rep.bytes != size:
+        if (rep.adler32 or "").lower().zfill(8) != adler32 or rep.bytes != size:
             rec["error"] = (f"checksum mismatch after upload: Rucio has bytes {rep.bytes} "
                             f"adler32 {rep.adler32}, the file {size} {adler32} (it changed "
                             "while uploading?)")

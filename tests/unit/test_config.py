@@ -154,9 +154,6 @@ def test_parse_job_from_dict_without_a_file() -> None:
     assert job.text == ""
 
 
-@pytest.mark.xfail(reason="BUG: config.parse_job does not expanduser() runs_dir (it does for "
-                          "source.root, rucio.config and container.image): runs_dir = "
-                          "'~/runs' becomes '<jobdir>/~/runs'", strict=True)
 def test_runs_dir_expands_home(tmp_path: Path) -> None:
     job = load_job(write_job(tmp_path, job_text(job='runs_dir = "~/dac-runs"')))
     assert job.runs_dir == Path.home() / "dac-runs"
@@ -289,9 +286,6 @@ def test_apptainer_is_the_default_runtime(tmp_path: Path) -> None:
     assert job.container.image == tmp_path.resolve() / "dac.sif"
 
 
-@pytest.mark.xfail(reason="BUG: config.parse_job substitutes the default runtime 'apptainer' "
-                          "for an invalid runtime, so runtime = 'docker' also yields the false "
-                          "line '[container] runtime = \"apptainer\" needs image'", strict=True)
 def test_invalid_runtime_is_one_line(tmp_path: Path) -> None:
     path, lines = _errors(tmp_path, job_text().replace('runtime = "none"', 'runtime = "docker"'))
     assert lines == [f"{path}: [container] runtime = 'docker' is not valid: use none or apptainer"]
@@ -373,9 +367,6 @@ def test_parse_size_rejects(value: object) -> None:
         parse_size(value)
 
 
-@pytest.mark.xfail(reason="BUG: config.parse_size('5 iB') / ('5i') raises KeyError('i') instead "
-                          "of ValueError (the unit regex allows a bare 'i'), so load_job crashes "
-                          "with a traceback on bytes_per_batch = '5 iB'", strict=True)
 @pytest.mark.parametrize("value", ["5 iB", "5i"])
 def test_parse_size_bare_i_is_a_value_error(value: str) -> None:
     with pytest.raises(ValueError):
@@ -453,3 +444,20 @@ def test_cli_help(args: list[str], flag: str) -> None:
     else:
         for command in ("plan", "submit", "worker", "collect"):
             assert command in result.stdout
+
+
+@pytest.mark.parametrize("value", ["1.5", "0.0001 KB", "0", "5 XB"])
+def test_parse_size_refuses_fractions_of_a_byte_and_nonsense(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+def test_job_name_from_a_file_name_with_a_space_is_refused(tmp_path: Path) -> None:
+    raw = {"source": {"root": str(tmp_path)}, "rucio": {"scope": "s", "rse": "R"},
+           "container": {"runtime": "none"}}
+    with pytest.raises(ConfigError) as info:
+        parse_job(raw, path=tmp_path / "my job.toml")
+    assert len(info.value.lines) == 1
+    assert "'my job'" in info.value.lines[0] and "[job] name" in info.value.lines[0]
+    assert parse_job({**raw, "job": {"name": "my-job"}}, path=tmp_path / "my job.toml").name \
+        == "my-job"

@@ -283,10 +283,6 @@ def test_too_many_tasks_for_max_array_size(job: JobConfig) -> None:
     assert read_json(layout.run_json)["state"] == "planned"
 
 
-@pytest.mark.xfail(reason="BUG: pipeline.submit_run refuses n tasks when n == MaxArraySize "
-                          "(check 'n > max_array_size - 1'), although indices 0..n-1 are all "
-                          "<= MaxArraySize-1 and Slurm accepts them; the error even says "
-                          "'2 batches but ... allows indices up to 1'", strict=True)
 def test_max_array_size_equal_to_task_count_is_accepted(job: JobConfig) -> None:
     layout = prepare_run(job, preflight=None).layout  # 2 tasks, indices 0-1
     sub = submit_run(layout.dir, max_array_size=2, submit=FakeSubmit("100", "101"))

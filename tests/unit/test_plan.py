@@ -100,8 +100,7 @@ def test_both_limits_respected(seed: int) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("limit_factor", [1.5, 3, 10])
 def test_balanced_by_bytes(seed: int, limit_factor: float) -> None:
-    """With only a byte limit, LPT keeps max - min batch bytes within the largest file, as
-    long as the batch count needed no overflow batch (see the xfail test below)."""
+    """With only a byte limit, LPT keeps max - min batch bytes within the largest file."""
     rng = random.Random(seed)
     files = _files([rng.randint(1, 10**6) for _ in range(500)])
     total = sum(f.size for f in files)
@@ -114,13 +113,21 @@ def test_balanced_by_bytes(seed: int, limit_factor: float) -> None:
     assert max(sizes) - min(sizes) <= largest, sizes
 
 
-@pytest.mark.xfail(reason="BUG: plan.make_batches opens an extra batch only for the tail that "
-                          "no longer fits (sizes 60,60,35,35,10 with bytes_per_batch=100 -> "
-                          "95,95,10), instead of re-balancing over 3 batches (e.g. 60,70,70): "
-                          "max-min 85 > largest file 60, against the 'balanced by bytes' "
-                          "docstring", strict=True)
 def test_balanced_when_an_extra_batch_is_needed() -> None:
     files = _files([60, 60, 35, 35, 10])
+    batches = make_batches(files, None, 100)
+    _check_partition(files, batches)
+    sizes = [b.bytes for b in batches]
+    assert max(sizes) <= 100
+    assert max(sizes) - min(sizes) <= 60, sizes
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_balanced_even_when_the_minimum_batch_count_does_not_fit(seed: int) -> None:
+    """Sizes just over a third of the limit cannot pack into the minimum count: the plan is
+    redone with more batches instead of leaving a nearly empty overflow batch."""
+    rng = random.Random(seed)
+    files = _files([rng.randint(34, 60) for _ in range(200)])
     batches = make_batches(files, None, 100)
     _check_partition(files, batches)
     sizes = [b.bytes for b in batches]

@@ -248,3 +248,15 @@ def test_unknown_template_is_an_error() -> None:
     ctx = render.script_context(_job(NONE), "R1", RUN_DIR, "/x")
     with pytest.raises(jinja2.TemplateNotFound):
         render.render_body("nope.sh.j2", ctx)
+
+
+def test_extra_may_not_override_what_dac_upload_sets(tmp_path: Path) -> None:
+    from dac_upload.config import parse_job
+
+    raw = {"source": {"root": str(tmp_path)}, "rucio": {"scope": "s", "rse": "R"},
+           "container": {"runtime": "none"},
+           "slurm": {"extra": {"array": "0-3", "output": "x.out", "qos": "normal"}}}
+    job = parse_job(raw, path=tmp_path / "j.toml")
+    lines = render.sbatch_option_problems(job)
+    assert len(lines) == 1
+    assert "array, output" in lines[0] and "qos" not in lines[0]

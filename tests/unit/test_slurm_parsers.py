@@ -6,7 +6,7 @@ import pytest
 
 from dac_upload.slurm import (
     SlurmError,
-    first_error_line,
+    last_error_line,
     parse_sbatch_output,
     parse_scontrol_config,
     parse_squeue_states,
@@ -80,15 +80,15 @@ def test_parse_squeue_states() -> None:
     assert parse_squeue_states("") == {}
 
 
-def test_first_error_line_picks_the_error() -> None:
+def test_last_error_line_picks_the_error() -> None:
     stderr = ("sbatch: warning: can't honor --ntasks-per-node\n"
               "sbatch: error: Batch job submission failed: Invalid account or account/partition"
               " combination specified\n")
-    assert first_error_line(stderr) == ("sbatch: error: Batch job submission failed: Invalid "
+    assert last_error_line(stderr) == ("sbatch: error: Batch job submission failed: Invalid "
                                         "account or account/partition combination specified")
 
 
-def test_first_error_line_without_error_word() -> None:
-    assert first_error_line("  \nsomething odd\nlast words  \n") == "last words"
-    assert first_error_line("") == "(sbatch printed nothing)"
-    assert first_error_line("\n\n") == "(sbatch printed nothing)"
+def test_last_error_line_without_error_word() -> None:
+    assert last_error_line("  \nsomething odd\nlast words  \n") == "last words"
+    assert last_error_line("") == "(sbatch printed nothing)"
+    assert last_error_line("\n\n") == "(sbatch printed nothing)"

@@ -305,11 +305,6 @@ def test_resume_retries_only_what_failed(run: tuple[RunLayout, JobConfig],
     assert read_json(layout.done_marker(0))["done_before"] == 3
 
 
-@pytest.mark.xfail(reason="BUG: worker.run_task appends to a results file whose last line was "
-                          "torn by a killed attempt (read_jsonl skips it) without first ending "
-                          "that line, so the retry's first record is glued onto the fragment: "
-                          "that record is lost and read_jsonl (collect, the next resume) then "
-                          "raises JSONDecodeError on the merged line", strict=True)
 def test_resume_after_a_torn_last_line(run: tuple[RunLayout, JobConfig]) -> None:
     layout, _ = run
     fake = FakeRucio()
