@@ -53,10 +53,10 @@ def _rucio_preflight(job: JobConfig) -> list[str]:
         return [str(exc)]
 
 
-def _plan(job: JobConfig, offline: bool) -> PreparedRun:
+def _plan(job: JobConfig, offline: bool, max_tasks: int | None = None) -> PreparedRun:
     try:
         return prepare_run(job, preflight=None if offline else _rucio_preflight,
-                           progress=Progress("cataloguing"))
+                           progress=Progress("cataloguing"), max_tasks=max_tasks)
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
     raise AssertionError("unreachable")
@@ -106,14 +106,19 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
 
     if bool(job_file) == bool(run_dir):
         _fail("give either JOB_FILE or --run RUN", EXIT_USER)
-    if job_file:
-        prep = _plan(_load(job_file), offline)
+    job = _load(job_file) if job_file else None
+    try:  # ask Slurm first: without it, planning would only leave a run nobody can submit
+        max_tasks = slurm.max_array_size()
+    except slurm.SlurmError as exc:
+        _fail(str(exc), EXIT_SERVICE)
+    if job is not None:
+        prep = _plan(job, offline, max_tasks)
         _describe(prep)
         target = prep.layout.dir
     else:
         target = Path(run_dir).resolve()
     try:
-        sub = submit_run(target, slurm.max_array_size(), slurm.submit)
+        sub = submit_run(target, max_tasks, slurm.submit)
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
     except CollectorNotSubmitted as exc:

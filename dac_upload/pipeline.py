@@ -75,8 +75,12 @@ def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
 
 
 def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | None = None,
-                progress: Progress | None = None, python: str | None = None) -> PreparedRun:
-    """Catalogue, name, batch and render a run; write its directory. Nothing is submitted."""
+                progress: Progress | None = None, python: str | None = None,
+                max_tasks: int | None = None) -> PreparedRun:
+    """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
+
+    ``max_tasks`` (the cluster's MaxArraySize, when known) refuses a plan with more batches
+    than one array can hold before the run directory is created."""
     if not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
@@ -93,6 +97,8 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         raise PlanError(errors)
 
     batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
+    if max_tasks is not None and len(batches) > max_tasks:
+        raise PlanError([_too_many_tasks(f"{job.path}: {len(batches)} batches", max_tasks)])
     run_id = new_run_id()
     job.runs_dir.mkdir(parents=True, exist_ok=True)
     layout = RunLayout(job.runs_dir / run_id)
@@ -177,10 +183,7 @@ def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str]) -
                          " plan a new run (dac-upload submit JOB)"])
     n = int(run["plan"]["tasks"])
     if n > max_array_size:  # indices 0..n-1 must stay below MaxArraySize
-        raise PlanError([f"{run_dir}: {n} batches but this cluster's MaxArraySize allows at "
-                         f"most {max_array_size} array tasks (indices 0-{max_array_size - 1}); "
-                         "raise [batching] files_per_batch or bytes_per_batch so there are "
-                         "fewer batches"])
+        raise PlanError([_too_many_tasks(f"{run_dir}: {n} batches", max_array_size)])
     array_body = _body_of(layout.array_script)
     collect_body = _body_of(layout.collect_script)
     array_id = submit(run["slurm"]["array"], array_body, layout.dir, layout.array_script.name)
@@ -202,6 +205,12 @@ def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str]) -
     run["slurm"]["collector"] = collect_opts
     atomic_write_json(layout.run_json, run)
     return Submission(array_id, collector_id, run["plan"]["task_ids"])
+
+
+def _too_many_tasks(what: str, max_array_size: int) -> str:
+    return (f"{what} but this cluster's MaxArraySize allows at most {max_array_size} array "
+            f"tasks (indices 0-{max_array_size - 1}); raise [batching] files_per_batch or "
+            "bytes_per_batch so there are fewer batches")
 
 
 def _body_of(script: Path) -> str:

@@ -316,3 +316,13 @@ def test_array_failure_records_nothing(job: JobConfig) -> None:
     assert (run["state"], run["submissions"]) == ("planned", [])
     sub = submit_run(layout.dir, 1001, FakeSubmit("300", "301"))  # a retry can go ahead
     assert sub.array_job_id == "300"
+
+
+def test_more_batches_than_max_tasks_is_refused_before_anything_is_written(
+        job: JobConfig) -> None:
+    with pytest.raises(PlanError) as info:
+        prepare_run(job, preflight=None, max_tasks=1)        # the job plans into 2 tasks
+    assert len(info.value.lines) == 1
+    assert "2 batches" in info.value.lines[0] and "at most 1 array tasks" in info.value.lines[0]
+    assert _runs(job) == []
+    assert prepare_run(job, preflight=None, max_tasks=2).batches
