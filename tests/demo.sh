@@ -10,17 +10,11 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
 export DAC_CI_DIR=$CI_DIR
-export SLURM_CI_DIR=${SLURM_CI_DIR:-$CI_DIR/slurm} RUCIO_BASE=${RUCIO_BASE:-$CI_DIR/rucio}
 DEMO_DIR=${DEMO_DIR:-/tmp/dac-upload-demo}
 DEMO_FILES=${DEMO_FILES:-240}
 [ "$(id -u)" = 0 ] || { echo "tests/demo.sh: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }
 
-bash "$HERE/services/install.sh"
-bash "$HERE/services/start-slurm.sh"
-bash "$HERE/services/start-rucio.sh" > "$CI_DIR/start-rucio.log" 2>&1 \
-  || { cat "$CI_DIR/start-rucio.log" >&2; exit 1; }
-grep '^\[start-rucio' "$CI_DIR/start-rucio.log" | tail -n 1
-chown -R dacuser: "$CI_DIR/rucio/rse"
+bash "$HERE/services/up.sh"
 
 # a fresh demo area owned by the demo user, with its own Rucio client config and token
 RUN_TAG=$(date -u +%Y%m%dT%H%M%S)

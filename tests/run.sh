@@ -8,25 +8,18 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
 export DAC_CI_DIR=$CI_DIR
-export SLURM_CI_DIR=${SLURM_CI_DIR:-$CI_DIR/slurm} RUCIO_BASE=${RUCIO_BASE:-$CI_DIR/rucio}
 [ "$(id -u)" = 0 ] || { echo "tests/run.sh: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }
 
-T0=$SECONDS
-bash "$HERE/services/install.sh"
-bash "$HERE/services/start-slurm.sh"
-bash "$HERE/services/start-rucio.sh" > "$CI_DIR/start-rucio.log" 2>&1 \
-  || { cat "$CI_DIR/start-rucio.log" >&2; exit 1; }
-grep '^\[start-rucio' "$CI_DIR/start-rucio.log" | tail -n 2
-# the POSIX RSE is a local directory: the uploading user (dacuser in the tests) must own it
-chown -R dacuser: "$CI_DIR/rucio/rse"
-echo "[run.sh] services up after $((SECONDS - T0)) s"
+bash "$HERE/services/up.sh"
 
 cd "$REPO"
+lint=0
+"$CI_DIR/venv/bin/ruff" check . || lint=$?
 rc=0
-"$CI_DIR/venv/bin/ruff" check . || rc=$?
 "$CI_DIR/venv/bin/pytest" "$@" || rc=$?
 case $rc in
   0) ;;
   5) echo "tests/run.sh: pytest collected no tests: that is a failure" >&2; exit 1 ;;
   *) exit "$rc" ;;
 esac
+[ "$lint" = 0 ] || { echo "tests/run.sh: ruff found problems (above)" >&2; exit 1; }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# up.sh - bring up everything the demo and the integration tests need, as root, idempotently:
+# install.sh (Debian packages, user dacuser, the venv with this checkout), the local Slurm and
+# the local Rucio server. Every piece lives under DAC_CI_DIR (default /tmp/dac-upload-ci).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
+export DAC_CI_DIR=$CI_DIR
+export SLURM_CI_DIR=${SLURM_CI_DIR:-$CI_DIR/slurm} RUCIO_BASE=${RUCIO_BASE:-$CI_DIR/rucio}
+[ "$(id -u)" = 0 ] || { echo "$0: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }
+
+T0=$SECONDS
+bash "$HERE/install.sh"
+bash "$HERE/start-slurm.sh"
+mkdir -p "$CI_DIR"
+bash "$HERE/start-rucio.sh" > "$CI_DIR/start-rucio.log" 2>&1 \
+  || { cat "$CI_DIR/start-rucio.log" >&2; exit 1; }
+grep '^\[start-rucio' "$CI_DIR/start-rucio.log" | tail -n 2
+# the POSIX RSE is a local directory: the uploading user (dacuser) must be able to write it
+chown -R dacuser: "$RUCIO_BASE/rse"
+echo "[up.sh] services up after $((SECONDS - T0)) s"
