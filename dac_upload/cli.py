@@ -1,8 +1,9 @@
 """The ``dac-upload`` command: parse options, call one step, print the outcome.
 
 Exit codes: 0 success; 1 the run finished with failed files (collect, submit --wait);
-2 a problem you can fix in the job file or the source tree (nothing was submitted);
-3 Slurm or Rucio refused or could not be reached.
+2 a problem you can fix in the job file, the source tree or your Rucio credentials, scope or
+RSE (nothing was submitted); 3 sbatch refused the job, or Slurm or the Rucio server could
+not be reached.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ def _load(job_file: str) -> JobConfig:
 
 
 def _rucio_preflight(job: JobConfig) -> list[str]:
+    """Problems Rucio reports for this job; an unreachable server raises RucioUnavailable."""
     if job.rucio.config:
         os.environ["RUCIO_CONFIG"] = str(job.rucio.config)
-    from .rucio_io import RucioFatal, RucioIO
+    from .rucio_io import RucioFatal, RucioIO, RucioUnavailable
 
     try:
         return RucioIO(job.rucio.account).preflight(job.rucio.scope, job.rucio.rse)
+    except RucioUnavailable:
+        raise
     except RucioFatal as exc:
         return [str(exc)]
 
@@ -59,6 +63,10 @@ def _plan(job: JobConfig, offline: bool, max_tasks: int | None = None) -> Prepar
                            progress=Progress("cataloguing"), max_tasks=max_tasks)
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
+    except Exception as exc:
+        if type(exc).__name__ != "RucioUnavailable":
+            raise
+        _fail(f"{exc} (or plan without the Rucio checks: --offline)", EXIT_SERVICE)
     raise AssertionError("unreachable")
 
 
@@ -124,7 +132,8 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
     except CollectorNotSubmitted as exc:
         _fail(str(exc), EXIT_SERVICE)
     except slurm.SlurmError as exc:
-        _fail(f"{exc} (run directory {target} is kept; fix and retry with "
+        _fail(f"{exc} (nothing was submitted; fix [slurm] in the job file and submit the job "
+              f"again, or if the cause has passed, retry this planned run: "
               f"dac-upload submit --run {target})", EXIT_SERVICE)
     click.echo(f"submitted array job {sub.array_job_id} (tasks {sub.task_ids}) and collector "
                f"job {sub.collector_job_id} (afterany)")

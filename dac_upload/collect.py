@@ -14,10 +14,9 @@ from typing import Any
 from . import __version__
 from .files import atomic_write_json, read_json, read_jsonl
 from .plan import RunLayout
-from .worker import ALREADY_PRESENT, DONE_STATES, FAILED, UPLOADED
+from .worker import ALREADY_PRESENT, DONE_STATES, FAILED, NOT_ATTEMPTED, UPLOADED
 
 SCHEMA_VERSION = 1
-NOT_ATTEMPTED = "not_attempted"
 
 
 def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -390,7 +390,7 @@ def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]
 
 
 def _abs(p: Path, base: Path) -> Path:
-    return p if p.is_absolute() else base / p
+    return Path(os.path.abspath(p if p.is_absolute() else base / p))
 
 
 def _close_match(key: str, keys: dict[str, Any]) -> str | None:

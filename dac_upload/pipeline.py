@@ -145,8 +145,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         "rucio": {"scope": job.rucio.scope, "rse": job.rucio.rse, "account": job.rucio.account,
                   "dataset": job.rucio.dataset, "dataset_did": job.rucio.dataset_did,
                   "lifetime": job.rucio.lifetime,
-                  "config": str(job.rucio.config) if job.rucio.config else None,
-                  "host": None},
+                  "config": str(job.rucio.config) if job.rucio.config else None},
         "catalogue": {"file": layout.catalogue.name,
                       "sha256": hashlib.sha256(layout.catalogue.read_bytes()).hexdigest(),
                       "files": len(files), "bytes": total, "skipped": len(cat.skipped)},
@@ -209,7 +208,7 @@ def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str]) -
 
 def _too_many_tasks(what: str, max_array_size: int) -> str:
     return (f"{what} but this cluster's MaxArraySize allows at most {max_array_size} array "
-            f"tasks (indices 0-{max_array_size - 1}); raise [batching] files_per_batch or "
+            f"task(s) (indices 0-{max_array_size - 1}); raise [batching] files_per_batch or "
             "bytes_per_batch so there are fewer batches")
 
 

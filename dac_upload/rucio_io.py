@@ -5,16 +5,20 @@ into two exceptions: ``RucioFileError`` (this file failed, go on with the next) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import requests
 from rucio.client import Client
 from rucio.client.uploadclient import UploadClient
+from rucio.common import config as rucio_config
 from rucio.common import exception as rexc
 
 _LOG = logging.getLogger("dac_upload.rucio")
@@ -29,6 +33,10 @@ _FATAL = (
 
 class RucioFatal(Exception):
     """The account, server, scope or RSE is unusable: no further file can succeed."""
+
+
+class RucioUnavailable(RucioFatal):
+    """The Rucio server cannot be reached (as opposed to refusing us)."""
 
 
 class RucioFileError(Exception):
@@ -51,12 +59,22 @@ class ReplicaInfo:
 
 
 def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
     text = " ".join(str(exc).split())
     details = text.split("Details:", 1)[-1].strip() if "Details:" in text else text
-    return f"{type(exc).__name__}: {details}" if details else type(exc).__name__
+    if details.startswith(name + ":"):
+        details = details[len(name) + 1:].strip()
+    return f"{name}: {details}" if details else name
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, (rexc.ServerConnectionException, requests.exceptions.ConnectionError,
+                            requests.exceptions.Timeout))
 
 
 def _translate(exc: BaseException, what: str) -> Exception:
+    if _unreachable(exc):
+        return RucioUnavailable(f"{what}: {_describe(exc)}")
     if isinstance(exc, _FATAL):
         return RucioFatal(f"{what}: {_describe(exc)}")
     return RucioFileError(f"{what}: {_describe(exc)}")
@@ -82,6 +100,28 @@ class _Capture(logging.Handler):
         return None
 
 
+@contextlib.contextmanager
+def _stat_retries(retries: int | None) -> Iterator[None]:
+    """UploadClient treats a destination size of 0 as a storage race and retries its stat with
+    back-off (1+2+...+32 s): an empty file took 63 s to upload. For an empty source file a size
+    of 0 is the right answer, so ask once (Rucio's own option client.protocol_stat_retries)."""
+    if retries is None:
+        yield
+        return
+    cfg = rucio_config.get_config()
+    if not cfg.has_section("client"):
+        cfg.add_section("client")
+    old = cfg.get("client", "protocol_stat_retries", fallback=None)
+    cfg.set("client", "protocol_stat_retries", str(retries))
+    try:
+        yield
+    finally:
+        if old is None:
+            cfg.remove_option("client", "protocol_stat_retries")
+        else:
+            cfg.set("client", "protocol_stat_retries", old)
+
+
 class RucioIO:
     """A Rucio session for one process: one authenticated client, reused for every call."""
 
@@ -89,6 +129,9 @@ class RucioIO:
         try:
             self.client = Client(account=account)
         except Exception as exc:  # the client raises many types while configuring itself
+            if _unreachable(exc):
+                raise RucioUnavailable(f"cannot reach the Rucio server: {_describe(exc)}; "
+                                       "check rucio_host in your rucio.cfg, or try later") from None
             raise RucioFatal(f"cannot start a Rucio client: {_describe(exc)}; check "
                              "RUCIO_CONFIG / rucio.cfg and your credentials") from None
         self._uploader: UploadClient | None = None
@@ -108,6 +151,9 @@ class RucioIO:
         try:
             who = self.client.whoami()
         except Exception as exc:
+            if _unreachable(exc):
+                raise RucioUnavailable(f"cannot reach the Rucio server {self.host}: "
+                                       f"{_describe(exc)}; try later") from None
             return [f"Rucio at {self.host} refused us: {_describe(exc)}; check the "
                     "credentials in your rucio.cfg (proxy, password or token)"]
         account = (who or {}).get("account", self.account)
@@ -179,13 +225,42 @@ class RucioIO:
         except Exception:
             return None
 
+    # ------------------------------------------------------------------ datasets
+    def ensure_dataset(self, dataset: tuple[str, str], rse: str, lifetime: int | None) -> bool:
+        """Create the dataset with its rule on ``rse`` (carrying the lifetime, if any), as
+        Rucio's upload would; True if it was created, False if it existed (left as it is).
+
+        Done once per task, not per file: UploadClient forgets per call that it made the
+        dataset and refuses every later file when a lifetime is set."""
+        scope, name = dataset
+        rule = {"account": self.account, "copies": 1, "rse_expression": rse,
+                "grouping": "DATASET", "lifetime": lifetime}
+        try:
+            self.client.add_dataset(scope=scope, name=name, rules=[rule])
+        except rexc.DataIdentifierAlreadyExists:
+            return False
+        except Exception as exc:
+            raise _translate(exc, f"creating dataset {scope}:{name}") from None
+        return True
+
+    def attach(self, dataset: tuple[str, str], scope: str, name: str) -> None:
+        """Attach a file to the dataset; attaching it twice is not an error."""
+        try:
+            self.client.attach_dids(dataset[0], dataset[1], [{"scope": scope, "name": name}])
+        except rexc.FileAlreadyExists:
+            return
+        except Exception as exc:
+            raise _translate(exc, f"attaching to {dataset[0]}:{dataset[1]}") from None
+
     # ------------------------------------------------------------------ upload
     def upload(self, path: Path, scope: str, name: str, rse: str,
                dataset: tuple[str, str] | None, lifetime: int | None) -> tuple[str, str | None]:
         """Upload one file with Rucio's stock UploadClient; return (pfn, guid).
 
         ``register_after_upload``: no replica is registered before its bytes are on the RSE
-        (and it needs no rename on the storage, which Echo cannot do).
+        (and it needs no rename on the storage, which Echo cannot do). With a dataset, the
+        file is attached to it and the dataset's rule (made by ensure_dataset) protects it;
+        without one, the file gets its own rule, with ``lifetime`` only when asked for.
         """
         capture = _Capture()
         logger = logging.getLogger("dac_upload.rucio.upload")
@@ -197,13 +272,14 @@ class RucioIO:
                                 "did_name": name, "register_after_upload": True}
         if dataset:
             item["dataset_scope"], item["dataset_name"] = dataset
-        if lifetime:
+        elif lifetime:
             item["lifetime"] = lifetime
         fd, summary_path = tempfile.mkstemp(prefix=".upload-", suffix=".json")
         os.close(fd)
         try:
             uploader.logger = logger.log
-            uploader.upload([item], summary_file_path=summary_path)
+            with _stat_retries(0 if path.stat().st_size == 0 else None):
+                uploader.upload([item], summary_file_path=summary_path)
             with open(summary_path, encoding="utf-8") as handle:
                 entry = json.load(handle).get(f"{scope}:{name}", {})
             return str(entry.get("pfn", "")), entry.get("guid")

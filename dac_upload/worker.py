@@ -23,6 +23,7 @@ from .progress import human_bytes
 UPLOADED = "uploaded"
 ALREADY_PRESENT = "already_present"
 FAILED = "failed"
+NOT_ATTEMPTED = "not_attempted"
 DONE_STATES = (UPLOADED, ALREADY_PRESENT)
 
 EXIT_OK = 0
@@ -77,8 +78,10 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
     try:
         st = os.stat(path)
         if st.st_size != entry["size"] or st.st_mtime != entry["mtime"]:
-            rec["error"] = (f"changed since it was catalogued (size {entry['size']} -> "
-                            f"{st.st_size}); plan a new run to upload the new content")
+            what = (f"size {entry['size']} -> {st.st_size}" if st.st_size != entry["size"]
+                    else "modification time")
+            rec["error"] = (f"changed since it was catalogued ({what}); not uploaded: plan a "
+                            "new run once the file is final")
             return rec
         size, adler32, md5 = read_checksums(path)
     except FileNotFoundError:
@@ -98,6 +101,8 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
                 return rec
             rep = rio.replica(s.scope, entry["name"], s.rse)
             if rep is not None and rep.state == "AVAILABLE":
+                if s.dataset:  # an earlier run may have uploaded it outside this dataset
+                    rio.attach(s.dataset, s.scope, entry["name"])
                 rec.update(status=ALREADY_PRESENT, pfn=rep.pfn,
                            guid=rio.guid(s.scope, entry["name"]))
                 return rec
@@ -137,7 +142,7 @@ def run_task(run_dir: Path, task: int,
               file=sys.stderr)
         return EXIT_BAD_INPUT
     settings = Settings.from_run(run)
-    attempt = int(os.environ.get("DAC_UPLOAD_ATTEMPT", "1"))
+    attempt = _previous_attempt(layout.done_marker(task)) + 1
     started = _now()
     layout.results.mkdir(exist_ok=True)
     result_path = layout.result(task)
@@ -146,7 +151,7 @@ def run_task(run_dir: Path, task: int,
     _log(f"task {task}: {len(manifest['files'])} files in manifest, {len(done_before)} done "
          f"before, {len(todo)} to do; scope {settings.scope}, RSE {settings.rse}")
 
-    counts = {UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0}
+    counts = {UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0, NOT_ATTEMPTED: 0}
     nbytes = 0
     aborted: str | None = None
     t0 = time.monotonic()
@@ -156,6 +161,10 @@ def run_task(run_dir: Path, task: int,
             if rucio_factory is None:
                 from .rucio_io import RucioIO as rucio_factory
             rio = rucio_factory(settings.account)
+            if settings.dataset and todo:
+                created = rio.ensure_dataset(settings.dataset, settings.rse, settings.lifetime)
+                _log(f"dataset {':'.join(settings.dataset)} "
+                     + ("created" if created else "exists: its rules are left as they are"))
         except Exception as exc:
             aborted = str(exc)
         for entry in todo:
@@ -181,14 +190,17 @@ def run_task(run_dir: Path, task: int,
               "started_at": started, "finished_at": _now(), "exit_code": code,
               "files": len(manifest["files"]), "done_before": len(done_before),
               "uploaded": counts[UPLOADED], "already_present": counts[ALREADY_PRESENT],
-              "failed": counts[FAILED], "bytes_uploaded": nbytes, "aborted": aborted,
+              "failed": counts[FAILED], "not_attempted": counts[NOT_ATTEMPTED],
+              "bytes_uploaded": nbytes,
+              "aborted": aborted,
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "rucio_host": getattr(rio, "host", None),
               "rucio_account": getattr(rio, "account", None)}
     atomic_write_json(layout.done_marker(task), marker)
     _log(f"task {task} finished: {counts[UPLOADED]} uploaded ({human_bytes(nbytes)}, "
          f"{nbytes / elapsed / 1e6:.1f} MB/s, {counts[UPLOADED] / elapsed:.1f} files/s), "
-         f"{counts[ALREADY_PRESENT]} already present, {counts[FAILED]} failed"
+         f"{counts[ALREADY_PRESENT]} already present, {counts[FAILED]} failed, "
+         f"{counts[NOT_ATTEMPTED]} not attempted"
          + (f"; aborted: {aborted}" if aborted else "") + f"; exit {code}")
     return code
 
@@ -196,5 +208,12 @@ def run_task(run_dir: Path, task: int,
 def _not_attempted(s: Settings, entry: dict[str, Any], reason: str) -> dict[str, Any]:
     return {"relpath": entry["relpath"], "path": str(s.root / entry["relpath"]),
             "scope": s.scope, "name": entry["name"], "rse": s.rse, "bytes": entry["size"],
-            "adler32": None, "md5": None, "pfn": None, "guid": None, "status": FAILED,
-            "error": f"not attempted: {reason}"}
+            "adler32": None, "md5": None, "pfn": None, "guid": None, "status": NOT_ATTEMPTED,
+            "error": f"task stopped before this file: {reason}"}
+
+
+def _previous_attempt(marker: Path) -> int:
+    try:
+        return int(read_json(marker).get("attempt") or 0)
+    except (OSError, ValueError):
+        return 0

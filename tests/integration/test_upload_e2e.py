@@ -151,3 +151,52 @@ runtime = "none"
         assert entry["pfn"] == summary["files"][key]["pfn"]
         assert entry["guid"] == summary["files"][key]["guid"]
     assert os.path.exists(run_dir / "summary.json")
+
+
+def test_dataset_with_lifetime_across_tasks(workdir: Path, rucio_client) -> None:
+    """A dataset is created once with its rule (and the lifetime, asked for here), every file
+    of every task is attached; a later run into another dataset attaches what is present."""
+    root = workdir / "src"
+    files = make_tree(root, 9, seed=3)
+    chown_user(workdir)
+    prefix = unique_prefix()
+    dataset = prefix.strip("/").replace("/", "_") + "_ds"
+
+    def job(name: str, ds: str, lifetime: str) -> Path:
+        return write_job(workdir, name, f"""
+[source]
+root = "../src"
+[rucio]
+scope = "{SCOPE}"
+rse = "{RSE}"
+config = "../rucio.cfg"
+dataset = "{ds}"
+{lifetime}
+[naming]
+prefix = "{prefix}"
+[batching]
+files_per_batch = 3
+max_running = 3
+[container]
+runtime = "none"
+""")
+
+    first = dac_upload(["submit", str(job("ds1", dataset, 'lifetime = "2d"')), "--wait"],
+                       cwd=workdir)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "deletable 2.0 days after upload" in first.stderr      # the lifetime warning
+    summary = load_summary(run_dir_of(first.stdout))
+    assert summary["counts"]["uploaded"] == len(files) and summary["counts"]["tasks"] == 3
+    content = {d["name"] for d in rucio_client.list_content(SCOPE, dataset)}
+    assert content == {prefix + rel for rel in files}
+    rules = list(rucio_client.list_did_rules(SCOPE, dataset))
+    assert len(rules) == 1 and rules[0]["expires_at"] is not None
+    assert all(not list(rucio_client.list_did_rules(SCOPE, prefix + rel)) for rel in files)
+
+    again = dac_upload(["submit", str(job("ds2", dataset + "2", "")), "--wait"], cwd=workdir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert load_summary(run_dir_of(again.stdout))["counts"]["already_present"] == len(files)
+    content2 = {d["name"] for d in rucio_client.list_content(SCOPE, dataset + "2")}
+    assert content2 == content
+    rules2 = list(rucio_client.list_did_rules(SCOPE, dataset + "2"))
+    assert all(r["expires_at"] is None for r in rules2)

@@ -323,6 +323,6 @@ def test_more_batches_than_max_tasks_is_refused_before_anything_is_written(
     with pytest.raises(PlanError) as info:
         prepare_run(job, preflight=None, max_tasks=1)        # the job plans into 2 tasks
     assert len(info.value.lines) == 1
-    assert "2 batches" in info.value.lines[0] and "at most 1 array tasks" in info.value.lines[0]
+    assert "2 batches" in info.value.lines[0] and "at most 1 array task(s)" in info.value.lines[0]
     assert _runs(job) == []
     assert prepare_run(job, preflight=None, max_tasks=2).batches

@@ -39,6 +39,8 @@ class FakeRucio:
         self.upload_errors: dict[str, Exception] = {}
         self.replica_after_upload: dict[str, ReplicaInfo] = {}
         self.factory_calls: list[str | None] = []
+        self.datasets: list[tuple[tuple[str, str], str, int | None]] = []
+        self.attached: list[tuple[tuple[str, str], str]] = []
 
     def factory(self, account: str | None) -> FakeRucio:
         self.factory_calls.append(account)
@@ -58,6 +60,13 @@ class FakeRucio:
 
     def guid(self, scope: str, name: str) -> str | None:
         return f"guid-{name}" if name in self.dids else None
+
+    def ensure_dataset(self, dataset: tuple[str, str], rse: str, lifetime: int | None) -> bool:
+        self.datasets.append((dataset, rse, lifetime))
+        return len(self.datasets) == 1
+
+    def attach(self, dataset: tuple[str, str], scope: str, name: str) -> None:
+        self.attached.append((dataset, name))
 
     def upload(self, path: Path, scope: str, name: str, rse: str,
                dataset: tuple[str, str] | None, lifetime: int | None) -> tuple[str, str | None]:
@@ -114,6 +123,8 @@ def test_all_uploaded(run: tuple[RunLayout, JobConfig]) -> None:
     assert fake.factory_calls == [None]
     assert [u["name"] for u in fake.uploads] == ["a.fits", "b.fits", "sub/c.fits", "sub/d.fits"]
     assert all(u["dataset"] == (SCOPE, "ds1") and u["lifetime"] == 86400 for u in fake.uploads)
+    # the dataset (carrying the lifetime) is made once per task, not once per file
+    assert fake.datasets == [((SCOPE, "ds1"), RSE, 86400)]
     assert fake.uploads[0]["path"] == job.source.root / "a.fits"
     recs = _records(layout)
     for rel, data in CONTENT.items():
@@ -198,13 +209,13 @@ def test_rucio_fatal_stops_the_task(run: tuple[RunLayout, JobConfig]) -> None:
     recs = _records(layout)
     assert recs["a.fits"]["status"] == "uploaded"
     for name in ("b.fits", "sub/c.fits", "sub/d.fits"):
-        assert recs[name]["status"] == "failed"
-        assert recs[name]["error"] == ("not attempted: upload failed: CannotAuthenticate: "
-                                       "expired")
+        assert recs[name]["status"] == "not_attempted"
+        assert recs[name]["error"] == ("task stopped before this file: upload failed: "
+                                       "CannotAuthenticate: expired")
     marker = read_json(layout.done_marker(0))
     assert marker["exit_code"] == 3
     assert marker["aborted"] == "upload failed: CannotAuthenticate: expired"
-    assert (marker["uploaded"], marker["failed"]) == (1, 3)
+    assert (marker["uploaded"], marker["failed"], marker["not_attempted"]) == (1, 0, 3)
 
 
 def test_unexpected_exception_aborts_as_internal_error(run: tuple[RunLayout, JobConfig]) -> None:
@@ -225,8 +236,9 @@ def test_client_that_cannot_start_aborts_everything(run: tuple[RunLayout, JobCon
     assert run_task(layout.dir, 0, rucio_factory=factory) == 3
     recs = _records(layout)
     assert len(recs) == 4
-    assert all(r["error"] == "not attempted: cannot start a Rucio client: no rucio.cfg"
-               for r in recs.values())
+    assert all(r["status"] == "not_attempted" for r in recs.values())
+    assert all(r["error"] == "task stopped before this file: cannot start a Rucio client: "
+               "no rucio.cfg" for r in recs.values())
     marker = read_json(layout.done_marker(0))
     assert marker["rucio_host"] is None and marker["exit_code"] == 3
 
@@ -251,10 +263,11 @@ def test_file_changed_after_planning(run: tuple[RunLayout, JobConfig]) -> None:
     assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 1
     recs = _records(layout)
     assert recs["a.fits"]["status"] == "failed"
-    assert recs["a.fits"]["error"] == ("changed since it was catalogued (size 5 -> 15); plan a "
-                                       "new run to upload the new content")
+    assert recs["a.fits"]["error"] == ("changed since it was catalogued (size 5 -> 15); not "
+                                       "uploaded: plan a new run once the file is final")
     assert recs["b.fits"]["status"] == "failed"
-    assert recs["b.fits"]["error"].startswith("changed since it was catalogued")
+    assert recs["b.fits"]["error"].startswith(
+        "changed since it was catalogued (modification time)")
     assert [u["name"] for u in fake.uploads] == ["sub/c.fits", "sub/d.fits"]
 
 
@@ -351,3 +364,15 @@ def test_run_json_needs_only_what_the_worker_reads(tmp_path: Path) -> None:
     assert fake.uploads[0]["dataset"] is None and fake.uploads[0]["lifetime"] is None
     [rec] = read_jsonl(layout.result(0))
     assert (rec["name"], rec["status"], rec["adler32"]) == ("p/x.dat", "uploaded", _adler(b"xyz"))
+
+
+def test_already_present_file_is_attached_to_the_dataset(make_job: Callable[..., JobConfig],
+                                                         ) -> None:
+    """A file uploaded by an earlier run outside the dataset still ends up in it."""
+    job = make_job(CONTENT, rucio='dataset = "ds1"')
+    layout = prepare_run(job, preflight=None).layout
+    fake = FakeRucio()
+    fake.add_existing("a.fits", CONTENT["a.fits"])
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0
+    assert fake.attached == [((SCOPE, "ds1"), "a.fits")]
+    assert fake.datasets == [((SCOPE, "ds1"), RSE, None)]
