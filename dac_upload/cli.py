@@ -8,6 +8,7 @@ not be reached.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -49,8 +50,11 @@ def _rucio_preflight(job: JobConfig) -> list[str]:
         os.environ["RUCIO_CONFIG"] = str(job.rucio.config)
     from .rucio_io import RucioFatal, RucioIO, RucioUnavailable
 
+    logging.getLogger("baseclient").setLevel(logging.CRITICAL)  # we report in one line
+    ds = job.rucio.dataset_did
     try:
-        return RucioIO(job.rucio.account).preflight(job.rucio.scope, job.rucio.rse)
+        return RucioIO(job.rucio.account).preflight(job.rucio.scope, job.rucio.rse,
+                                                    ds[0] if ds else None)
     except RucioUnavailable:
         raise
     except RucioFatal as exc:

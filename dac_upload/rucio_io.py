@@ -145,32 +145,46 @@ class RucioIO:
         return str(self.client.account)
 
     # ------------------------------------------------------------------ preflight
-    def preflight(self, scope: str, rse: str) -> list[str]:
-        """Problems that would make every upload fail, each one line with the fix."""
+    def preflight(self, scope: str, rse: str, dataset_scope: str | None = None) -> list[str]:
+        """Problems that would make every upload fail, each one line with the fix. A server
+        that cannot be reached raises RucioUnavailable instead (not the user's to fix)."""
+        try:
+            return self._preflight(scope, rse, dataset_scope)
+        except Exception as exc:
+            if _unreachable(exc):
+                raise RucioUnavailable(f"cannot reach the Rucio server {self.host}: "
+                                       f"{_describe(exc)}; try later") from None
+            raise
+
+    def _preflight(self, scope: str, rse: str, dataset_scope: str | None) -> list[str]:
         problems: list[str] = []
         try:
             who = self.client.whoami()
         except Exception as exc:
             if _unreachable(exc):
-                raise RucioUnavailable(f"cannot reach the Rucio server {self.host}: "
-                                       f"{_describe(exc)}; try later") from None
+                raise
             return [f"Rucio at {self.host} refused us: {_describe(exc)}; check the "
                     "credentials in your rucio.cfg (proxy, password or token)"]
         account = (who or {}).get("account", self.account)
         try:
             scopes = set(self.client.list_scopes())
         except Exception as exc:
+            if _unreachable(exc):
+                raise
             return [f"cannot list Rucio scopes: {_describe(exc)}"]
-        if scope not in scopes:
-            problems.append(f"Rucio scope {scope!r} does not exist; ask your Rucio admins to "
-                            f"create it, or set [rucio] scope to one of yours "
-                            f"(e.g. user.{account})")
+        for key, value in (("scope", scope), ("dataset", dataset_scope)):
+            if value and value not in scopes and (key == "scope" or value != scope):
+                problems.append(f"Rucio scope {value!r} ([rucio] {key}) does not exist; ask "
+                                "your Rucio admins to create it, or use one of yours "
+                                f"(e.g. user.{account})")
         try:
             info = self.client.get_rse(rse)
         except rexc.RSENotFound:
             return [*problems, f"RSE {rse!r} does not exist; check [rucio] rse "
                     "('rucio list-rses' lists them)"]
         except Exception as exc:
+            if _unreachable(exc):
+                raise
             return [*problems, f"cannot look up RSE {rse!r}: {_describe(exc)}"]
         if info.get("availability_write") is False:
             problems.append(f"RSE {rse!r} is blocked for writing; try later or ask its admins")
@@ -226,9 +240,11 @@ class RucioIO:
             return None
 
     # ------------------------------------------------------------------ datasets
-    def ensure_dataset(self, dataset: tuple[str, str], rse: str, lifetime: int | None) -> bool:
-        """Create the dataset with its rule on ``rse`` (carrying the lifetime, if any), as
-        Rucio's upload would; True if it was created, False if it existed (left as it is).
+    def ensure_dataset(self, dataset: tuple[str, str], rse: str, lifetime: int | None) -> str:
+        """Make sure the dataset exists and a rule on ``rse`` protects it (and so every file
+        attached to it). Returns what was done: "created", "rule added" (it existed without a
+        rule on the RSE; the new rule carries the lifetime, if any) or "exists" (left as it
+        is, its own rule and lifetime included).
 
         Done once per task, not per file: UploadClient forgets per call that it made the
         dataset and refuses every later file when a lifetime is set."""
@@ -237,10 +253,30 @@ class RucioIO:
                 "grouping": "DATASET", "lifetime": lifetime}
         try:
             self.client.add_dataset(scope=scope, name=name, rules=[rule])
+            return "created"
         except rexc.DataIdentifierAlreadyExists:
-            return False
+            pass
         except Exception as exc:
             raise _translate(exc, f"creating dataset {scope}:{name}") from None
+        return "rule added" if self.ensure_rule(scope, name, rse, lifetime, "DATASET") \
+            else "exists"
+
+    def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None,
+                    grouping: str = "NONE") -> bool:
+        """Add a rule for the DID on ``rse`` unless one already names that RSE; True if added.
+        UploadClient adds no rule when the DID existed before (a replica it adds to another
+        RSE would otherwise be unprotected)."""
+        try:
+            if any(r.get("rse_expression") == rse
+                   for r in self.client.list_did_rules(scope, name)):
+                return False
+            self.client.add_replication_rule([{"scope": scope, "name": name}], 1, rse,
+                                             grouping=grouping, lifetime=lifetime,
+                                             account=self.account)
+        except rexc.DuplicateRule:
+            return False
+        except Exception as exc:
+            raise _translate(exc, f"adding a rule for {scope}:{name} on {rse}") from None
         return True
 
     def attach(self, dataset: tuple[str, str], scope: str, name: str) -> None:

@@ -8,6 +8,7 @@ earlier attempt are not touched again. The worker never talks to Slurm.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -107,6 +108,8 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
                            guid=rio.guid(s.scope, entry["name"]))
                 return rec
         pfn, guid = rio.upload(path, s.scope, entry["name"], s.rse, s.dataset, s.lifetime)
+        if did is not None and not s.dataset:  # Rucio made no rule for a DID that existed
+            rio.ensure_rule(s.scope, entry["name"], s.rse, s.lifetime)
         rep = rio.replica(s.scope, entry["name"], s.rse)
         if rep is None or rep.state != "AVAILABLE":
             rec["error"] = (f"uploaded but the replica on {s.rse} is "
@@ -142,7 +145,7 @@ def run_task(run_dir: Path, task: int,
               file=sys.stderr)
         return EXIT_BAD_INPUT
     settings = Settings.from_run(run)
-    attempt = _previous_attempt(layout.done_marker(task)) + 1
+    attempt = _previous_attempt(layout.done_marker(task), layout.result(task)) + 1
     started = _now()
     layout.results.mkdir(exist_ok=True)
     result_path = layout.result(task)
@@ -162,9 +165,10 @@ def run_task(run_dir: Path, task: int,
                 from .rucio_io import RucioIO as rucio_factory
             rio = rucio_factory(settings.account)
             if settings.dataset and todo:
-                created = rio.ensure_dataset(settings.dataset, settings.rse, settings.lifetime)
-                _log(f"dataset {':'.join(settings.dataset)} "
-                     + ("created" if created else "exists: its rules are left as they are"))
+                done = rio.ensure_dataset(settings.dataset, settings.rse, settings.lifetime)
+                _log(f"dataset {':'.join(settings.dataset)}: {done}"
+                     + (" (its rule is left as it is; lifetime not applied)"
+                        if done == "exists" and settings.lifetime else ""))
         except Exception as exc:
             aborted = str(exc)
         for entry in todo:
@@ -174,7 +178,7 @@ def run_task(run_dir: Path, task: int,
                 try:
                     rec = process_file(rio, settings, entry)
                 except Exception as exc:  # RucioFatal, or a bug: stop, say why once
-                    aborted = str(exc) if type(exc).__name__ == "RucioFatal" else (
+                    aborted = str(exc) if _is_fatal(exc) else (
                         f"internal error {type(exc).__name__}: {exc}")
                     rec = _not_attempted(settings, entry, aborted)
             rec.update(task=task, attempt=attempt, finished_at=_now())
@@ -212,8 +216,17 @@ def _not_attempted(s: Settings, entry: dict[str, Any], reason: str) -> dict[str,
             "error": f"task stopped before this file: {reason}"}
 
 
-def _previous_attempt(marker: Path) -> int:
-    try:
-        return int(read_json(marker).get("attempt") or 0)
-    except (OSError, ValueError):
-        return 0
+def _is_fatal(exc: Exception) -> bool:
+    from .rucio_io import RucioFatal
+
+    return isinstance(exc, RucioFatal)
+
+
+def _previous_attempt(marker: Path, results: Path) -> int:
+    """Highest attempt seen so far: the marker's, or a killed attempt's records."""
+    seen = 0
+    with contextlib.suppress(OSError, ValueError):
+        seen = int(read_json(marker).get("attempt") or 0)
+    if results.exists():
+        seen = max([seen, *(int(r.get("attempt") or 0) for r in read_jsonl(results))])
+    return seen

@@ -41,6 +41,7 @@ class FakeRucio:
         self.factory_calls: list[str | None] = []
         self.datasets: list[tuple[tuple[str, str], str, int | None]] = []
         self.attached: list[tuple[tuple[str, str], str]] = []
+        self.rules: list[tuple[str, str, int | None]] = []
 
     def factory(self, account: str | None) -> FakeRucio:
         self.factory_calls.append(account)
@@ -67,6 +68,10 @@ class FakeRucio:
 
     def attach(self, dataset: tuple[str, str], scope: str, name: str) -> None:
         self.attached.append((dataset, name))
+
+    def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None) -> bool:
+        self.rules.append((name, rse, lifetime))
+        return True
 
     def upload(self, path: Path, scope: str, name: str, rse: str,
                dataset: tuple[str, str] | None, lifetime: int | None) -> tuple[str, str | None]:
@@ -376,3 +381,34 @@ def test_already_present_file_is_attached_to_the_dataset(make_job: Callable[...,
     assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0
     assert fake.attached == [((SCOPE, "ds1"), "a.fits")]
     assert fake.datasets == [((SCOPE, "ds1"), RSE, None)]
+
+
+def test_existing_did_elsewhere_gets_a_rule_here(make_job: Callable[..., JobConfig]) -> None:
+    """Rucio's upload makes no rule for a DID that existed: the worker adds one on our RSE."""
+    layout = prepare_run(make_job(CONTENT), preflight=None).layout
+    fake = FakeRucio()
+    fake.add_existing("a.fits", CONTENT["a.fits"], state="UNAVAILABLE")
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0
+    assert fake.rules == [("a.fits", RSE, None)]         # only for the DID that existed
+
+
+def test_unreachable_server_mid_task_is_reported_as_such(
+        run: tuple[RunLayout, JobConfig]) -> None:
+    from dac_upload.rucio_io import RucioUnavailable
+
+    layout, _ = run
+    fake = FakeRucio()
+    fake.upload_errors["b.fits"] = RucioUnavailable("upload failed: ServerConnectionException")
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 3
+    marker = read_json(layout.done_marker(0))
+    assert marker["aborted"] == "upload failed: ServerConnectionException"
+
+
+def test_attempt_counts_a_killed_attempt_without_marker(
+        run: tuple[RunLayout, JobConfig]) -> None:
+    layout, _ = run
+    layout.results.mkdir(exist_ok=True)
+    layout.result(0).write_text('{"name": "zzz", "status": "failed", "attempt": 2}\n{"na')
+    assert run_task(layout.dir, 0, rucio_factory=FakeRucio().factory) == 0
+    assert read_json(layout.done_marker(0))["attempt"] == 3
+    assert {r["attempt"] for r in _records(layout).values() if r["name"] != "zzz"} == {3}
