@@ -129,7 +129,7 @@ def test_unknown_scope_and_rse_are_caught_by_the_preflight(workdir: Path) -> Non
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2, lines
-    assert "scope 'nosuchscope' does not exist" in lines[0]
+    assert "scope 'nosuchscope' ([rucio] scope) does not exist" in lines[0]
     assert "RSE 'NO_SUCH_RSE' does not exist" in lines[1]
     assert "submitted" not in proc.stdout
 
