@@ -58,6 +58,8 @@ class RucioConfig:
     dataset: str | None
     lifetime: int | None
     config: Path | None
+    retries: int = 4
+    retry_wait: int = 5
 
     @property
     def dataset_did(self) -> tuple[str, str] | None:
@@ -167,6 +169,12 @@ def _int_pos(v: Any) -> int:
     return v
 
 
+def _int_nonneg(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError
+    return v
+
+
 def _str_list(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
@@ -228,6 +236,9 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
         "dataset": (_str, None, 'a dataset name, or "scope:name"'),
         "lifetime": (parse_duration, None, 'seconds, or "30d" / "12h"; leave it out for none'),
         "config": (_str, None, "the path of a rucio.cfg"),
+        "retries": (_int_nonneg, 4, "how often a file is tried again when the server is "
+                    "unreachable or fails (0 or more)"),
+        "retry_wait": (parse_duration, 5, "seconds before the first retry (doubling after)"),
     },
     "naming": {
         "prefix": (_any_str, "", 'a string such as "dp1/"'),
@@ -334,7 +345,8 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
         rucio=RucioConfig(scope=v["rucio"]["scope"], rse=v["rucio"]["rse"],
                           account=v["rucio"]["account"], dataset=v["rucio"]["dataset"],
                           lifetime=v["rucio"]["lifetime"],
-                          config=_abs(Path(rucio_cfg).expanduser(), base) if rucio_cfg else None),
+                          config=_abs(Path(rucio_cfg).expanduser(), base) if rucio_cfg else None,
+                          retries=v["rucio"]["retries"], retry_wait=v["rucio"]["retry_wait"]),
         naming=NamingConfig(prefix=v["naming"]["prefix"],
                             replace_invalid=v["naming"]["replace_invalid"]),
         batching=BatchingConfig(files_per_batch=v["batching"]["files_per_batch"],

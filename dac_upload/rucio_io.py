@@ -31,6 +31,11 @@ _FATAL = (
 )
 
 
+# The server failed, not the request: worth another try after a pause.
+_TRANSIENT = (rexc.DatabaseException, rexc.ServiceUnavailable,
+              rexc.ResourceTemporaryUnavailable)
+
+
 class RucioFatal(Exception):
     """The account, server, scope or RSE is unusable: no further file can succeed."""
 
@@ -41,6 +46,10 @@ class RucioUnavailable(RucioFatal):
 
 class RucioFileError(Exception):
     """This one file could not be uploaded; the message says why."""
+
+
+class RucioTransient(RucioFileError):
+    """The server failed this request (HTTP 5xx, database busy): trying again may work."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ def _unreachable(exc: BaseException) -> bool:
 def _translate(exc: BaseException, what: str) -> Exception:
     if _unreachable(exc):
         return RucioUnavailable(f"{what}: {_describe(exc)}")
+    if isinstance(exc, _TRANSIENT):
+        return RucioTransient(f"{what}: {_describe(exc)}")
     if isinstance(exc, _FATAL):
         return RucioFatal(f"{what}: {_describe(exc)}")
     return RucioFileError(f"{what}: {_describe(exc)}")

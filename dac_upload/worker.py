@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +29,15 @@ FAILED = "failed"
 NOT_ATTEMPTED = "not_attempted"
 DONE_STATES = (UPLOADED, ALREADY_PRESENT)
 
+# Why a file failed. A permanent cause needs a person (resubmit leaves such files alone
+# unless asked); the others are worth another attempt.
+PERMANENT_CAUSES = ("conflict", "missing", "unreadable", "changed")
+
 EXIT_OK = 0
 EXIT_FILES_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
+EXIT_STOPPED = 4  # asked to stop (wall time near): resubmit finishes the rest
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class Settings:
     dataset: tuple[str, str] | None
     lifetime: int | None
     root: Path
+    retries: int = 4
+    retry_wait: float = 5.0
 
     @classmethod
     def from_run(cls, run: dict[str, Any]) -> Settings:
@@ -48,7 +57,8 @@ class Settings:
         ds = r.get("dataset_did")
         return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"),
                    dataset=(ds[0], ds[1]) if ds else None, lifetime=r.get("lifetime"),
-                   root=Path(run["source"]["root"]))
+                   root=Path(run["source"]["root"]), retries=int(r.get("retries", 4)),
+                   retry_wait=float(r.get("retry_wait", 5)))
 
 
 def existing_verdict(size: int, adler32: str, did_bytes: int | None,
@@ -69,41 +79,45 @@ def _log(msg: str) -> None:
 
 def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
     """Upload one manifest entry; return its result record (never raises RucioFileError)."""
-    from .rucio_io import RucioFileError
+    from .rucio_io import RucioFileError, RucioTransient
 
     path = s.root / entry["relpath"]
     rec: dict[str, Any] = {"relpath": entry["relpath"], "path": str(path), "scope": s.scope,
                            "name": entry["name"], "rse": s.rse, "bytes": entry["size"],
                            "adler32": None, "md5": None, "pfn": None, "guid": None,
-                           "status": FAILED, "error": None}
+                           "status": FAILED, "cause": None, "error": None}
     try:
         st = os.stat(path)
         if st.st_size != entry["size"] or st.st_mtime != entry["mtime"]:
             what = (f"size {entry['size']} -> {st.st_size}" if st.st_size != entry["size"]
                     else "modification time")
-            rec["error"] = (f"changed since it was catalogued ({what}); not uploaded: plan a "
-                            "new run once the file is final")
+            rec.update(cause="changed", error=(
+                f"changed since it was catalogued ({what}); not uploaded: plan a new run once "
+                "the file is final"))
             return rec
         size, adler32, md5 = read_checksums(path)
     except FileNotFoundError:
-        rec["error"] = "missing: the file vanished after it was catalogued"
+        rec.update(cause="missing", error="missing: the file vanished after it was catalogued")
         return rec
     except OSError as exc:
-        rec["error"] = f"unreadable: {exc.strerror or exc}"
+        rec.update(cause="unreadable", error=f"unreadable: {exc.strerror or exc}")
         return rec
     rec.update(bytes=size, adler32=adler32, md5=md5)
     try:
         did = rio.did(s.scope, entry["name"])
         if did is not None:
             if existing_verdict(size, adler32, did.bytes, did.adler32) == "conflict":
-                rec["error"] = (f"conflict: {s.scope}:{entry['name']} is already in Rucio "
-                                f"with other content (bytes {did.bytes}, adler32 "
-                                f"{did.adler32}); left alone, rename or remove one of them")
+                rec.update(cause="conflict", error=(
+                    f"conflict: {s.scope}:{entry['name']} is already in Rucio with other "
+                    f"content (bytes {did.bytes}, adler32 {did.adler32}); left alone, rename "
+                    "or remove one of them"))
                 return rec
             rep = rio.replica(s.scope, entry["name"], s.rse)
             if rep is not None and rep.state == "AVAILABLE":
                 if s.dataset:  # an earlier run may have uploaded it outside this dataset
                     rio.attach(s.dataset, s.scope, entry["name"])
+                else:  # a crash between replica and rule must not leave it unprotected
+                    rio.ensure_rule(s.scope, entry["name"], s.rse, s.lifetime)
                 rec.update(status=ALREADY_PRESENT, pfn=rep.pfn,
                            guid=rio.guid(s.scope, entry["name"]))
                 return rec
@@ -112,17 +126,20 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
             rio.ensure_rule(s.scope, entry["name"], s.rse, s.lifetime)
         rep = rio.replica(s.scope, entry["name"], s.rse)
         if rep is None or rep.state != "AVAILABLE":
-            rec["error"] = (f"uploaded but the replica on {s.rse} is "
-                            f"{rep.state if rep else 'missing'}, not AVAILABLE")
+            rec.update(cause="verify", error=(
+                f"uploaded but the replica on {s.rse} is {rep.state if rep else 'missing'}, "
+                "not AVAILABLE"))
             return rec
         if (rep.adler32 or "").lower().zfill(8) != adler32 or rep.bytes != size:
-            rec["error"] = (f"checksum mismatch after upload: Rucio has bytes {rep.bytes} "
-                            f"adler32 {rep.adler32}, the file {size} {adler32} (it changed "
-                            "while uploading?)")
+            rec.update(cause="verify", error=(
+                f"checksum mismatch after upload: Rucio has bytes {rep.bytes} adler32 "
+                f"{rep.adler32}, the file {size} {adler32} (it changed while uploading?)"))
             return rec
         rec.update(status=UPLOADED, pfn=rep.pfn or pfn, guid=guid)
+    except RucioTransient as exc:
+        rec.update(cause="transient", error=str(exc))
     except RucioFileError as exc:
-        rec["error"] = str(exc)
+        rec.update(cause="rucio", error=str(exc))
     return rec
 
 
@@ -158,7 +175,7 @@ def run_task(run_dir: Path, task: int,
     nbytes = 0
     aborted: str | None = None
     t0 = time.monotonic()
-    with JsonlAppender(result_path) as out:
+    with StopRequest() as stop, JsonlAppender(result_path) as out:
         rio = None
         try:
             if rucio_factory is None:
@@ -173,14 +190,16 @@ def run_task(run_dir: Path, task: int,
             aborted = str(exc)
         for entry in todo:
             if aborted:
-                rec = _not_attempted(settings, entry, aborted)
+                rec = _not_attempted(settings, entry, aborted, "aborted")
+            elif stop.reason:
+                rec = _not_attempted(settings, entry, stop.reason, "stopped")
             else:
                 try:
-                    rec = process_file(rio, settings, entry)
+                    rec = _with_retries(rio, settings, entry, stop)
                 except Exception as exc:  # RucioFatal, or a bug: stop, say why once
                     aborted = str(exc) if _is_fatal(exc) else (
                         f"internal error {type(exc).__name__}: {exc}")
-                    rec = _not_attempted(settings, entry, aborted)
+                    rec = _not_attempted(settings, entry, aborted, "aborted")
             rec.update(task=task, attempt=attempt, finished_at=_now())
             out.append(rec)
             counts[rec["status"]] += 1
@@ -189,14 +208,15 @@ def run_task(run_dir: Path, task: int,
             _log(f"{rec['status']:<15} {settings.scope}:{rec['name']}"
                  + (f"  ({rec['error']})" if rec["error"] else ""))
     elapsed = max(time.monotonic() - t0, 1e-9)
-    code = EXIT_ABORTED if aborted else (EXIT_FILES_FAILED if counts[FAILED] else EXIT_OK)
+    code = (EXIT_ABORTED if aborted else EXIT_STOPPED if stop.reason and counts[NOT_ATTEMPTED]
+            else EXIT_FILES_FAILED if counts[FAILED] else EXIT_OK)
     marker = {"task": task, "attempt": attempt, "host": socket.gethostname(),
               "started_at": started, "finished_at": _now(), "exit_code": code,
               "files": len(manifest["files"]), "done_before": len(done_before),
               "uploaded": counts[UPLOADED], "already_present": counts[ALREADY_PRESENT],
               "failed": counts[FAILED], "not_attempted": counts[NOT_ATTEMPTED],
               "bytes_uploaded": nbytes,
-              "aborted": aborted,
+              "aborted": aborted, "stopped": stop.reason,
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "rucio_host": getattr(rio, "host", None),
               "rucio_account": getattr(rio, "account", None)}
@@ -205,15 +225,74 @@ def run_task(run_dir: Path, task: int,
          f"{nbytes / elapsed / 1e6:.1f} MB/s, {counts[UPLOADED] / elapsed:.1f} files/s), "
          f"{counts[ALREADY_PRESENT]} already present, {counts[FAILED]} failed, "
          f"{counts[NOT_ATTEMPTED]} not attempted"
-         + (f"; aborted: {aborted}" if aborted else "") + f"; exit {code}")
+         + (f"; aborted: {aborted}" if aborted else "")
+         + (f"; stopped: {stop.reason}" if stop.reason else "") + f"; exit {code}")
     return code
 
 
-def _not_attempted(s: Settings, entry: dict[str, Any], reason: str) -> dict[str, Any]:
+class StopRequest:
+    """SIGUSR1 (Slurm's wall-time warning, forwarded by the array script) or SIGTERM: finish
+    the current file, record the rest as not attempted, write the marker, exit. Waits between
+    retries are cut short too."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        self.reason = ("wall time near (SIGUSR1 from Slurm)" if signum == signal.SIGUSR1
+                       else f"asked to stop ({name})")
+        self._event.set()
+
+    def sleep(self, seconds: float) -> None:
+        self._event.wait(seconds)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _with_retries(rio: Any, s: Settings, entry: dict[str, Any],
+                  stop: StopRequest) -> dict[str, Any]:
+    """process_file, again after a pause (doubling, at most 5 min) when the server was
+    unreachable or failed the request; an unreachable server after the last try aborts
+    the task (raises RucioUnavailable), a failing one fails this file (cause transient)."""
+    from .rucio_io import RucioUnavailable
+
+    for i in range(s.retries + 1):
+        last = i == s.retries or stop.reason is not None
+        try:
+            rec = process_file(rio, s, entry)
+        except RucioUnavailable as exc:
+            if last:
+                raise
+            why = str(exc)
+        else:
+            if rec.get("cause") != "transient" or last:
+                return rec
+            why = rec["error"]
+        wait = min(s.retry_wait * 2 ** i, 300.0)
+        _log(f"retry {i + 1}/{s.retries} of {s.scope}:{entry['name']} in {wait:.0f} s: {why}")
+        stop.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _not_attempted(s: Settings, entry: dict[str, Any], reason: str,
+                   cause: str) -> dict[str, Any]:
     return {"relpath": entry["relpath"], "path": str(s.root / entry["relpath"]),
             "scope": s.scope, "name": entry["name"], "rse": s.rse, "bytes": entry["size"],
             "adler32": None, "md5": None, "pfn": None, "guid": None, "status": NOT_ATTEMPTED,
-            "error": f"task stopped before this file: {reason}"}
+            "cause": cause, "error": f"task stopped before this file: {reason}"}
 
 
 def _is_fatal(exc: Exception) -> bool:

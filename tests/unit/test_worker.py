@@ -397,9 +397,13 @@ def test_unreachable_server_mid_task_is_reported_as_such(
     from dac_upload.rucio_io import RucioUnavailable
 
     layout, _ = run
+    run_json = read_json(layout.run_json)
+    run_json["rucio"].update(retries=2, retry_wait=0.01)
+    layout.run_json.write_text(json.dumps(run_json))
     fake = FakeRucio()
     fake.upload_errors["b.fits"] = RucioUnavailable("upload failed: ServerConnectionException")
     assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 3
+    assert [u["name"] for u in fake.uploads].count("b.fits") == 3    # tried 1 + 2 times
     marker = read_json(layout.done_marker(0))
     assert marker["aborted"] == "upload failed: ServerConnectionException"
 
@@ -412,3 +416,70 @@ def test_attempt_counts_a_killed_attempt_without_marker(
     assert run_task(layout.dir, 0, rucio_factory=FakeRucio().factory) == 0
     assert read_json(layout.done_marker(0))["attempt"] == 3
     assert {r["attempt"] for r in _records(layout).values() if r["name"] != "zzz"} == {3}
+
+
+def _fast_retries(layout: RunLayout, retries: int) -> None:
+    run_json = read_json(layout.run_json)
+    run_json["rucio"].update(retries=retries, retry_wait=0.01)
+    layout.run_json.write_text(json.dumps(run_json))
+
+
+def test_transient_server_error_is_retried_then_succeeds(
+        run: tuple[RunLayout, JobConfig]) -> None:
+    from dac_upload.rucio_io import RucioTransient
+
+    layout, _ = run
+    _fast_retries(layout, 3)
+    fake = FakeRucio()
+    real_upload = fake.upload
+    failures = {"b.fits": 2}
+
+    def flaky(path: Path, scope: str, name: str, *args: Any) -> tuple[str, str | None]:
+        if failures.get(name):
+            failures[name] -= 1
+            raise RucioTransient("upload failed: DatabaseException: database is locked")
+        return real_upload(path, scope, name, *args)
+
+    fake.upload = flaky  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0
+    assert _records(layout)["b.fits"]["status"] == "uploaded"
+
+
+def test_transient_error_that_persists_fails_the_file_with_its_cause(
+        run: tuple[RunLayout, JobConfig]) -> None:
+    from dac_upload.rucio_io import RucioTransient
+
+    layout, _ = run
+    _fast_retries(layout, 1)
+    fake = FakeRucio()
+    fake.upload_errors["b.fits"] = RucioTransient("upload failed: DatabaseException: locked")
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 1
+    rec = _records(layout)["b.fits"]
+    assert (rec["status"], rec["cause"]) == ("failed", "transient")
+    assert [u["name"] for u in fake.uploads].count("b.fits") == 2
+
+
+def test_wall_time_signal_stops_after_the_current_file(run: tuple[RunLayout, JobConfig]) -> None:
+    """SIGUSR1 (forwarded by the array script) mid-batch: the file being uploaded finishes,
+    the rest are not attempted (cause stopped), the marker says why, exit 4."""
+    import signal
+
+    layout, _ = run
+    fake = FakeRucio()
+    real_upload = fake.upload
+
+    def upload_then_signal(path: Path, scope: str, name: str, *args: Any):
+        result = real_upload(path, scope, name, *args)
+        if name == "b.fits":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    fake.upload = upload_then_signal  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 4
+    recs = _records(layout)
+    assert recs["a.fits"]["status"] == recs["b.fits"]["status"] == "uploaded"
+    for name in ("sub/c.fits", "sub/d.fits"):
+        assert (recs[name]["status"], recs[name]["cause"]) == ("not_attempted", "stopped")
+    marker = read_json(layout.done_marker(0))
+    assert marker["stopped"] == "wall time near (SIGUSR1 from Slurm)"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL   # handler restored
