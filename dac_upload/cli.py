@@ -12,12 +12,21 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from . import __version__
 from .config import ConfigError, JobConfig, load_job
-from .pipeline import CollectorNotSubmitted, PlanError, PreparedRun, prepare_run, submit_run
+from .pipeline import (
+    CollectorNotSubmitted,
+    PlanError,
+    PreparedRun,
+    Submission,
+    prepare_run,
+    submit_run,
+    submit_tasks,
+)
 from .progress import Progress, human_bytes
 
 EXIT_FAILURES = 1
@@ -61,10 +70,10 @@ def _rucio_preflight(job: JobConfig) -> list[str]:
         return [str(exc)]
 
 
-def _plan(job: JobConfig, offline: bool, max_tasks: int | None = None) -> PreparedRun:
+def _plan(job: JobConfig, offline: bool) -> PreparedRun:
     try:
         return prepare_run(job, preflight=None if offline else _rucio_preflight,
-                           progress=Progress("cataloguing"), max_tasks=max_tasks)
+                           progress=Progress("cataloguing"))
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
     except Exception as exc:
@@ -119,28 +128,57 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
     if bool(job_file) == bool(run_dir):
         _fail("give either JOB_FILE or --run RUN", EXIT_USER)
     job = _load(job_file) if job_file else None
-    try:  # ask Slurm first: without it, planning would only leave a run nobody can submit
-        max_tasks = slurm.max_array_size()
-    except slurm.SlurmError as exc:
-        _fail(str(exc), EXIT_SERVICE)
+    max_array = _max_array_size()
     if job is not None:
-        prep = _plan(job, offline, max_tasks)
+        prep = _plan(job, offline)
         _describe(prep)
         target = prep.layout.dir
     else:
         target = Path(run_dir).resolve()
+    max_submit = _run_setting(target, "max_submit")
+    _submitted(target, lambda: submit_run(target, max_array, slurm.submit, max_submit), wait,
+               timeout)
+
+
+def _max_array_size() -> int:
+    """Ask Slurm first: without it, planning would only leave a run nobody can submit."""
+    from . import slurm
+
     try:
-        sub = submit_run(target, max_tasks, slurm.submit)
+        return slurm.max_array_size()
+    except slurm.SlurmError as exc:
+        _fail(str(exc), EXIT_SERVICE)
+    raise AssertionError("unreachable")
+
+
+def _run_setting(run_dir: Path, key: str) -> int | None:
+    from .files import read_json
+
+    return read_json(run_dir / "run.json").get("slurm_limits", {}).get(key)
+
+
+def _submitted(target: Path, do_submit: Callable[[], Submission], wait: bool,
+               timeout: float) -> None:
+    """Run a submission, report it, optionally wait for its collector."""
+    from . import slurm
+
+    try:
+        sub = do_submit()
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
     except CollectorNotSubmitted as exc:
         _fail(str(exc), EXIT_SERVICE)
     except slurm.SlurmError as exc:
-        _fail(f"{exc} (nothing was submitted; fix [slurm] in the job file and submit the job "
-              f"again, or if the cause has passed, retry this planned run: "
-              f"dac-upload submit --run {target})", EXIT_SERVICE)
-    click.echo(f"submitted array job {sub.array_job_id} (tasks {sub.task_ids}) and collector "
-               f"job {sub.collector_job_id} (afterany)")
+        _fail(f"{exc} (fix [slurm] in the job file and submit the job again, or if the cause "
+              f"has passed: dac-upload resubmit {target})", EXIT_SERVICE)
+    for array in sub.arrays:
+        click.echo(f"submitted array job {array['job_id']}: tasks {array['task_ids']}"
+                   + (f" (+{array['offset']})" if array["offset"] else ""))
+    click.echo(f"submitted collector job {sub.collector_job_id} (afterany), attempt "
+               f"{sub.attempt}")
+    if sub.left_over:
+        click.echo(f"held back by [slurm] max_submit: tasks {sub.left_over}; submit them "
+                   f"later with: dac-upload resubmit {target}")
     click.echo(f"summary will be written to {target / 'summary.json'}")
     if wait:
         from .collect import records_so_far
@@ -195,3 +233,109 @@ def collect(run_dir: str) -> None:
     except (OSError, ValueError, KeyError) as exc:
         _fail(f"cannot collect {run_dir}: {exc}", EXIT_USER)
     _report(Path(run_dir).resolve())
+
+
+def _run_status(run_dir: Path) -> tuple[Any, list[Any]]:
+    """(RunState, [TaskStatus]) from the run directory and the scheduler's view."""
+    from . import slurm
+    from .collect import read_run
+    from .status import task_status
+
+    try:
+        state = read_run(run_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
+    sched: dict[int, str] = {}
+    arrays = [(a["job_id"], a["offset"]) for s in state.run.get("submissions", [])
+              for a in s.get("arrays", [])]
+    try:
+        known = slurm.array_states([job_id for job_id, _ in arrays])
+    except slurm.SlurmError as exc:
+        click.echo(f"warning: no scheduler view ({exc}); states come from results only",
+                   err=True)
+        known = {}
+    for job_id, offset in arrays:  # later submissions override earlier ones
+        for (array, index), st in known.items():
+            if array == job_id:
+                sched[offset + index] = st
+    tasks = [task_status(t, state.manifests[t], state.results.get(t, []),
+                         state.markers.get(t), sched.get(t)) for t in sorted(state.manifests)]
+    return state, tasks
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for scripts.")
+def status(run_dir: str, as_json: bool) -> None:
+    """What every array task of RUN_DIR has done, and the next command to run."""
+    import json
+    from collections import Counter
+
+    from .status import MEANING, format_table, next_command
+    from .status import as_json as tasks_json
+
+    target = Path(run_dir).resolve()
+    state, tasks = _run_status(target)
+    causes: Counter = Counter()
+    for t in tasks:
+        causes.update(t.causes)
+    nxt = next_command(tasks, str(target))
+    if as_json:
+        click.echo(json.dumps({"run_dir": str(target), "tasks": tasks_json(tasks),
+                               "causes": dict(sorted(causes.items())),
+                               "warnings": state.problems, "next": nxt}, indent=1))
+        return
+    files = sum(t.files for t in tasks)
+    done = sum(t.files_done for t in tasks)
+    by_state = Counter(t.state for t in tasks)
+    click.echo(f"run {state.run['run_id']} ({state.run['job']['name']}): {done:,}/{files:,} "
+               f"files done; tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())))
+    click.echo(format_table(tasks))
+    if causes:
+        click.echo("not done, by cause: " + ", ".join(f"{c} {n}" for c, n in
+                                                      sorted(causes.items())))
+    for problem in state.problems:
+        click.echo(f"warning: {problem}")
+    for s in sorted(by_state):
+        click.echo(f"  {s}: {MEANING[s]}")
+    click.echo(f"next: {nxt}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--force", is_flag=True,
+              help="Submit even though tasks of the run are still pending or running.")
+@click.option("--retry-permanent", is_flag=True,
+              help="Also retry files that failed for a reason a person must fix (missing, "
+                   "unreadable, changed, conflict), once you have fixed it.")
+@click.option("--wait", is_flag=True, help="Wait for the new collector and report.")
+@click.option("--timeout", default=86400.0, show_default=True,
+              help="Seconds to wait with --wait.")
+def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
+             timeout: float) -> None:
+    """Submit again only the tasks of RUN_DIR that are not complete; a new collector merges
+    every attempt. Inside a task only the files not yet done are tried."""
+    from . import slurm
+    from .pipeline import compress_indices
+    from .status import tasks_to_retry
+
+    target = Path(run_dir).resolve()
+    max_array = _max_array_size()
+    _, tasks = _run_status(target)
+    active = [t.task for t in tasks if t.state in ("pending", "running")]
+    if active and not force:
+        _fail(f"tasks {compress_indices(active)} of this run are still pending or running; "
+              "wait for them (dac-upload status), or use --force", EXIT_USER)
+    retry = [t for t in tasks_to_retry(tasks, retry_permanent) if t not in active]
+    if not retry:
+        stuck = [t.task for t in tasks if not t.complete and t.permanent_only]
+        if stuck:
+            click.echo(f"nothing submitted: tasks {compress_indices(stuck)} have only files "
+                       "that failed for a reason a person must fix (see dac-upload status); "
+                       "fix them, then: dac-upload resubmit --retry-permanent")
+        else:
+            click.echo("nothing to resubmit: every task is complete")
+        return
+    max_submit = _run_setting(target, "max_submit")
+    _submitted(target, lambda: submit_tasks(target, retry, max_array, slurm.submit,
+                                            max_submit), wait, timeout)

@@ -8,6 +8,7 @@ time of its own, only the times the tasks recorded).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                   results: dict[int, list[dict[str, Any]]],
-                  markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+                  markers: dict[int, dict[str, Any]],
+                  warnings: list[str] | None = None) -> dict[str, Any]:
     """Pure: everything known about a run -> the summary document."""
     scope, rse = run["rucio"]["scope"], run["rucio"]["rse"]
     root = Path(run["source"]["root"])
@@ -47,7 +49,7 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
             rec = merged.get(entry["name"])
             if rec is None:
                 why = ("the task wrote no result (it never ran, or died before this file): "
-                       f"see logs/task-{task}.job*.out") if task not in markers else \
+                       "see dac-upload status for its log") if task not in markers else \
                       "the task finished without a record for this file"
                 rec = {"status": NOT_ATTEMPTED, "error": why, "bytes": entry["size"],
                        "adler32": None, "md5": None, "pfn": None, "guid": None,
@@ -86,6 +88,7 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                    "tasks_missing_result": len(missing_tasks)},
         "tasks_missing_result": missing_tasks,
         "failed_tasks": sorted(t for t, m in markers.items() if m.get("exit_code")),
+        "warnings": list(warnings or []),
         "files": files,
     }
 
@@ -108,16 +111,44 @@ def _from_markers(markers: dict[int, dict[str, Any]], key: str) -> str | None:
     return None
 
 
-def collect(run_dir: Path) -> dict[str, Any]:
-    """Read every manifest, result and marker of the run, write summary.json atomically."""
+@dataclass
+class RunState:
+    """Everything the run directory says about a run."""
+
+    run: dict[str, Any]
+    manifests: dict[int, dict[str, Any]]
+    results: dict[int, list[dict[str, Any]]]
+    markers: dict[int, dict[str, Any]]
+    problems: list[str]   # files in results/ that are not ours, markers that do not parse
+
+
+def read_run(run_dir: Path) -> RunState:
     layout = RunLayout(run_dir)
     run = read_json(layout.run_json)
     n = int(run["plan"]["tasks"])
     manifests = {t: read_json(layout.manifest(t)) for t in range(n)}
     results = {t: list(read_jsonl(layout.result(t))) for t in range(n)
                if layout.result(t).exists()}
-    markers = {t: read_json(layout.done_marker(t)) for t in range(n)
-               if layout.done_marker(t).exists()}
-    summary = build_summary(run, manifests, results, markers)
-    atomic_write_json(layout.summary, summary)
+    markers: dict[int, dict[str, Any]] = {}
+    problems: list[str] = []
+    for t in range(n):
+        if layout.done_marker(t).exists():
+            try:
+                markers[t] = read_json(layout.done_marker(t))
+            except ValueError:
+                problems.append(f"{layout.done_marker(t).name}: not valid JSON (ignored)")
+    ours = {layout.result(t).name for t in range(n)} | {layout.done_marker(t).name
+                                                        for t in range(n)}
+    for path in sorted(layout.results.iterdir()) if layout.results.exists() else []:
+        if path.name not in ours and not path.name.startswith("."):
+            problems.append(f"results/{path.name}: not a file of this run (ignored)")
+    return RunState(run, manifests, results, markers, problems)
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Read every manifest, result and marker of the run, write summary.json atomically."""
+    state = read_run(run_dir)
+    summary = build_summary(state.run, state.manifests, state.results, state.markers,
+                            state.problems)
+    atomic_write_json(RunLayout(run_dir).summary, summary)
     return summary

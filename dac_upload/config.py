@@ -94,6 +94,8 @@ class SlurmConfig:
     cpus_per_task: int
     job_name: str | None
     extra: dict[str, str] = field(default_factory=dict)
+    stop_margin: int = 300
+    max_submit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,10 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
         "cpus_per_task": (_int_pos, 1, "a positive integer"),
         "job_name": (_str, None, "a job name"),
         "extra": (_table_of_str, {}, 'a table of sbatch options, e.g. {qos = "normal"}'),
+        "stop_margin": (parse_duration, 300, "seconds before the wall time at which a task is "
+                        "asked to stop cleanly (sbatch --signal=B:USR1@N)"),
+        "max_submit": (_int_pos, None, "the most array tasks submitted at once (site limit); "
+                       "the rest are left for dac-upload resubmit"),
     },
     "container": {
         "runtime": (_choice(RUNTIMES), "apptainer", " or ".join(RUNTIMES)),

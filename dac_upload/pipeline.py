@@ -75,12 +75,8 @@ def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
 
 
 def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | None = None,
-                progress: Progress | None = None, python: str | None = None,
-                max_tasks: int | None = None) -> PreparedRun:
-    """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
-
-    ``max_tasks`` (the cluster's MaxArraySize, when known) refuses a plan with more batches
-    than one array can hold before the run directory is created."""
+                progress: Progress | None = None, python: str | None = None) -> PreparedRun:
+    """Catalogue, name, batch and render a run; write its directory. Nothing is submitted."""
     if not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
@@ -97,8 +93,6 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         raise PlanError(errors)
 
     batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
-    if max_tasks is not None and len(batches) > max_tasks:
-        raise PlanError([_too_many_tasks(f"{job.path}: {len(batches)} batches", max_tasks)])
     run_id = new_run_id()
     job.runs_dir.mkdir(parents=True, exist_ok=True)
     layout = RunLayout(job.runs_dir / run_id)
@@ -157,6 +151,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
                  "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
         "runtime": {"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
         "slurm": {"array": array_opts, "collector": collect_opts},
+        "slurm_limits": {"max_submit": job.slurm.max_submit},
         "submissions": [],
     }
     atomic_write_json(layout.run_json, run)
@@ -165,52 +160,90 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
 
 @dataclass(frozen=True)
 class Submission:
-    array_job_id: str
+    attempt: int
+    arrays: list[dict[str, Any]]        # {"job_id", "offset", "task_ids"} per sbatch --array
     collector_job_id: str
-    task_ids: str
+    task_ids: str                        # the run's task indices this submission covers
+    left_over: str                       # indices held back by [slurm] max_submit ("" if none)
 
 
-def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str]) -> Submission:
-    """Submit a planned run: the array, then the collector (afterany) on it; record both.
+def chunk_indices(indices: list[int], max_array_size: int,
+                  max_chars: int = 4000) -> list[tuple[int, list[int]]]:
+    """Split task indices into parts one ``sbatch --array`` can take: local indices (index -
+    offset) below MaxArraySize, and the compressed list within sbatch's 4096 characters."""
+    parts: list[tuple[int, list[int]]] = []
+    for index in sorted(set(indices)):
+        if parts and index - parts[-1][0] < max_array_size:
+            parts[-1][1].append(index - parts[-1][0])
+        else:
+            parts.append((index, [0]))
+    fitted: list[tuple[int, list[int]]] = []
+    while parts:
+        offset, local = parts.pop(0)
+        if len(compress_indices(local)) <= max_chars or len(local) == 1:
+            fitted.append((offset, local))
+            continue
+        half = len(local) // 2
+        second = local[half:]
+        parts[:0] = [(offset, local[:half]), (offset + second[0], [i - second[0] for i in second])]
+    return fitted
+
+
+def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
+                 submit: Callable[..., str], max_submit: int | None = None) -> Submission:
+    """Submit these task indices of a planned run (as several arrays when MaxArraySize or the
+    --array length demand it, offsets passed to the script), then one collector depending
+    (afterany) on all of them. Each array is recorded in run.json as soon as it is queued.
 
     ``submit(options, body, run_dir, script_name) -> job id`` is slurm.submit in real use.
     """
     layout = RunLayout(run_dir)
     run = read_json(layout.run_json)
-    if run.get("submissions"):
-        first = run["submissions"][0]
-        raise PlanError([f"{run_dir}: already submitted as array job {first['array_job_id']};"
-                         " plan a new run (dac-upload submit JOB)"])
-    n = int(run["plan"]["tasks"])
-    if n > max_array_size:  # indices 0..n-1 must stay below MaxArraySize
-        raise PlanError([_too_many_tasks(f"{run_dir}: {n} batches", max_array_size)])
+    indices = sorted(set(indices))
+    left: list[int] = []
+    if max_submit is not None and len(indices) > max_submit:
+        indices, left = indices[:max_submit], indices[max_submit:]
+    attempt = len(run["submissions"]) + 1
     array_body = _body_of(layout.array_script)
     collect_body = _body_of(layout.collect_script)
-    array_id = submit(run["slurm"]["array"], array_body, layout.dir, layout.array_script.name)
-    # record the array at once: if the collector cannot be submitted, the run still knows it
-    sub = {"attempt": 1, "array_job_id": array_id, "collector_job_id": None,
-           "task_ids": run["plan"]["task_ids"],
-           "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    sub: dict[str, Any] = {"attempt": attempt, "arrays": [], "collector_job_id": None,
+                           "task_ids": compress_indices(indices),
+                           "left_over": compress_indices(left),
+                           "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run["submissions"].append(sub)
-    run["state"] = "submitted"
-    atomic_write_json(layout.run_json, run)
-    collect_opts = dict(run["slurm"]["collector"], dependency=f"afterany:{array_id}")
+    for n, (offset, local) in enumerate(chunk_indices(indices, max_array_size)):
+        local_ids = compress_indices(local)
+        opts = render.with_offset(run["slurm"]["array"], local_ids, offset)
+        script = "array.sh" if attempt == 1 and n == 0 else f"array.attempt{attempt}.{n}.sh"
+        job_id = submit(opts, array_body, layout.dir, script)
+        sub["arrays"].append({"job_id": job_id, "offset": offset, "task_ids": local_ids})
+        run["state"] = "submitted"
+        atomic_write_json(layout.run_json, run)  # the run knows every queued array at once
+    ids = [a["job_id"] for a in sub["arrays"]]
+    collect_opts = dict(run["slurm"]["collector"], dependency="afterany:" + ":".join(ids))
+    script = "collect.sh" if attempt == 1 else f"collect.attempt{attempt}.sh"
     try:
-        collector_id = submit(collect_opts, collect_body, layout.dir, layout.collect_script.name)
+        collector_id = submit(collect_opts, collect_body, layout.dir, script)
     except Exception as exc:
         raise CollectorNotSubmitted(
-            f"array job {array_id} was submitted but its collector was not ({exc}); when the "
-            f"array has finished run: dac-upload collect {layout.dir}") from exc
+            f"array job(s) {', '.join(ids)} were submitted but the collector was not ({exc}); "
+            f"when they have finished run: dac-upload collect {layout.dir}") from exc
     sub["collector_job_id"] = collector_id
-    run["slurm"]["collector"] = collect_opts
     atomic_write_json(layout.run_json, run)
-    return Submission(array_id, collector_id, run["plan"]["task_ids"])
+    return Submission(attempt, sub["arrays"], collector_id, sub["task_ids"], sub["left_over"])
 
 
-def _too_many_tasks(what: str, max_array_size: int) -> str:
-    return (f"{what} but this cluster's MaxArraySize allows at most {max_array_size} array "
-            f"task(s) (indices 0-{max_array_size - 1}); raise [batching] files_per_batch or "
-            "bytes_per_batch so there are fewer batches")
+def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str],
+               max_submit: int | None = None) -> Submission:
+    """First submission of a planned run: every task."""
+    run = read_json(RunLayout(run_dir).run_json)
+    if run.get("submissions"):
+        first = run["submissions"][0]
+        ids = ", ".join(a["job_id"] for a in first.get("arrays", []))
+        raise PlanError([f"{run_dir}: already submitted (array job {ids}); see dac-upload "
+                         f"status {run_dir}, or plan a new run (dac-upload submit JOB)"])
+    return submit_tasks(run_dir, list(range(int(run["plan"]["tasks"]))), max_array_size,
+                        submit, max_submit)
 
 
 def _body_of(script: Path) -> str:

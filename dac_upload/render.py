@@ -96,13 +96,23 @@ def _common_options(job: JobConfig) -> dict[str, Any]:
 
 def array_options(job: JobConfig, task_ids: str, max_running: int) -> dict[str, Any]:
     """sbatch options of the array; paths are relative to the run directory, where sbatch runs
-    (so a run directory with spaces never appears inside an ``#SBATCH`` line)."""
+    (so a run directory with spaces never appears inside an ``#SBATCH`` line). Logs are named
+    by array job and local index (see ``with_offset`` for arrays that do not start at 0)."""
     opts = {"job_name": job.slurm.job_name or f"dacu-{job.name}",
             "array": f"{task_ids}%{max_running}",
-            "output": "logs/task-%a.job%A.out",
-            "open_mode": "append"}
+            "output": "logs/job%A.index%a.out",
+            "open_mode": "append",
+            "signal": f"B:USR1@{job.slurm.stop_margin}"}
     opts.update(_common_options(job))
     return opts
+
+
+def with_offset(options: dict[str, Any], local_ids: str, offset: int) -> dict[str, Any]:
+    """The array options for one part of a run: local indices 0.. and the offset the script
+    adds to ``$SLURM_ARRAY_TASK_ID`` (a run may need several arrays: MaxArraySize)."""
+    throttle = str(options["array"]).rpartition("%")[2]
+    return dict(options, array=f"{local_ids}%{throttle}",
+                export=f"ALL,DAC_UPLOAD_TASK_OFFSET={offset}")
 
 
 def collector_options(job: JobConfig, array_job_id: str | None) -> dict[str, Any]:
@@ -145,7 +155,8 @@ def full_script(options: dict[str, Any], body: str) -> str:
 
 # set by dac-upload itself: letting [slurm] extra override them would break the run layout
 RESERVED_OPTIONS = ("array", "output", "error", "open_mode", "job_name", "dependency",
-                    "parsable", "wrap", "chdir", "wait", "test_only", "hold", "input")
+                    "parsable", "wrap", "chdir", "wait", "test_only", "hold", "input", "signal",
+                    "export")
 
 
 def sbatch_option_problems(job: JobConfig) -> list[str]:

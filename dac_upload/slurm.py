@@ -60,6 +60,37 @@ def parse_squeue_states(text: str) -> dict[str, str]:
     return out
 
 
+def parse_array_states(text: str) -> dict[tuple[str, int], str]:
+    """``squeue -r -o '%F %K %T'`` or ``sacct -P -X -o JobID,State`` (``12_3|COMPLETED``,
+    ``12_[4-7%2]|PENDING``) -> {(array job id, index): state}; other lines are ignored."""
+    out: dict[tuple[str, int], str] = {}
+    for line in text.splitlines():
+        if "|" in line:
+            job, _, state = line.partition("|")
+            array, sep, index = job.partition("_")
+        else:
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            array, index, state = parts[0], parts[1], parts[2]
+            sep = "_"
+        state = state.split()[0] if state.strip() else ""
+        if not sep or not array.isdigit() or not state:
+            continue
+        for i in _expand_indices(index.strip("[]").split("%")[0]):
+            out[(array, i)] = state
+    return out
+
+
+def _expand_indices(spec: str) -> list[int]:
+    result: list[int] = []
+    for part in spec.split(","):
+        lo, sep, hi = part.partition("-")
+        if lo.isdigit() and (not sep or hi.isdigit()):
+            result.extend(range(int(lo), int(hi or lo) + 1))
+    return result
+
+
 def last_error_line(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower()]
@@ -122,6 +153,30 @@ def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
     """States of the jobs (array tasks one by one) still known to slurmctld."""
     proc = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", "%i %T"])
     return parse_squeue_states(proc.stdout)
+
+
+def array_states(array_ids: Sequence[str]) -> dict[tuple[str, int], str]:
+    """Per-task states of these arrays: sacct when accounting is on (it remembers after the
+    jobs leave the queue), merged with squeue (current, but forgets after MinJobAge). Without
+    accounting, sacct exits 1 and squeue alone answers; a task neither knows is gone."""
+    states: dict[tuple[str, int], str] = {}
+    ids = ",".join(array_ids)
+    if not ids:
+        return states
+    with contextlib.suppress(SlurmError):  # accounting disabled or slurmdbd down
+        states.update(parse_array_states(_run(
+            ["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"]).stdout))
+    # squeue refuses the whole list if one id has been purged (MinJobAge): ask one by one
+    for array_id in array_ids:
+        try:
+            out = _run(["squeue", "-h", "-r", "-t", "all", "-j", array_id,
+                        "-o", "%F %K %T"]).stdout
+        except SlurmError as exc:
+            if "invalid job id" in str(exc).lower():
+                continue
+            raise
+        states.update(parse_array_states(out))
+    return states
 
 
 def wait_until_gone(job_id: str, timeout: float, poll: float = 1.0,

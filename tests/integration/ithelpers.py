@@ -106,12 +106,18 @@ def wait_for_jobs(job_ids: list[str], timeout: float = 600) -> None:
 
 
 def parse_submitted(stdout: str) -> tuple[str, str]:
-    """(array job id, collector job id) from `dac-upload submit` output."""
+    """(first array job id, collector job id) from `dac-upload submit`/`resubmit` output."""
+    arrays = parse_arrays(stdout)
     for line in stdout.splitlines():
-        if line.startswith("submitted array job"):
-            words = line.split()
-            return words[3], words[words.index("collector") + 2]
+        if line.startswith("submitted collector job"):
+            return arrays[0], line.split()[3]
     raise AssertionError(f"no submission line in:\n{stdout}")
+
+
+def parse_arrays(stdout: str) -> list[str]:
+    """Every array job id `dac-upload submit`/`resubmit` reports."""
+    return [line.split()[3].rstrip(":") for line in stdout.splitlines()
+            if line.startswith("submitted array job")]
 
 
 def run_dir_of(stdout: str) -> Path:

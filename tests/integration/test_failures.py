@@ -93,7 +93,7 @@ def test_unreadable_file_and_task_that_never_ran(workdir: Path) -> None:
         assert by_rel[entry["relpath"]]["status"] == "not_attempted"
         assert "wrote no result" in by_rel[entry["relpath"]]["error"]
     # the batch script exited with the worker's code; the collector says the run is incomplete
-    log0 = next((run_dir / "logs").glob("task-0.*.out")).read_text()
+    log0 = (run_dir / "logs" / f"job{array_id}.index0.out").read_text()
     assert "exit code 1" in log0
     again = dac_upload(["collect", str(run_dir)], cwd=workdir)
     assert again.returncode == 1
@@ -144,7 +144,7 @@ def test_sbatch_error_surfaces_slurms_own_message(workdir: Path) -> None:
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1, err
     assert "invalid partition name specified" in err[0].lower()
-    assert "dac-upload submit --run" in err[0]           # how to retry after fixing
+    assert "dac-upload resubmit" in err[0]                # how to retry after fixing
 
 
 def test_unknown_sbatch_option_is_a_plan_error(workdir: Path) -> None:

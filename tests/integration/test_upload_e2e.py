@@ -137,9 +137,9 @@ runtime = "none"
     skipped = (run_dir / "skipped.jsonl").read_text()
     assert "dirlink" in skipped
     # every task wrote its own log and exited 0
-    logs = sorted(p.name for p in (run_dir / "logs").glob("task-*.out"))
+    logs = sorted(p.name for p in (run_dir / "logs").glob(f"job{array_id}.index*.out"))
     assert len(logs) == n_tasks
-    assert all("exit code 0" in p.read_text() for p in (run_dir / "logs").glob("task-*.out"))
+    assert all("exit code 0" in p.read_text() for p in (run_dir / "logs").glob("job*.out"))
 
     # the same job again: nothing is uploaded twice, everything is already present
     again = dac_upload(["submit", str(job), "--wait", "--timeout", "600"], cwd=workdir)

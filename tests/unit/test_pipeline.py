@@ -18,8 +18,11 @@ from dac_upload.pipeline import (
     CollectorNotSubmitted,
     PlanError,
     _body_of,
+    chunk_indices,
+    compress_indices,
     prepare_run,
     submit_run,
+    submit_tasks,
 )
 from dac_upload.slurm import SlurmError
 
@@ -241,13 +244,16 @@ def test_submit_run_records_both_jobs(job: JobConfig) -> None:
     layout = prepare_run(job, preflight=None).layout
     fake = FakeSubmit("100", "101")
     sub = submit_run(layout.dir, max_array_size=1001, submit=fake)
-    assert (sub.array_job_id, sub.collector_job_id, sub.task_ids) == ("100", "101", "0-1")
+    assert (sub.collector_job_id, sub.task_ids, sub.attempt) == ("101", "0-1", 1)
+    assert sub.arrays == [{"job_id": "100", "offset": 0, "task_ids": "0-1"}]
 
     array_call, collect_call = fake.calls
     assert array_call["script_name"] == "array.sh"
     assert collect_call["script_name"] == "collect.sh"
     assert array_call["run_dir"] == collect_call["run_dir"] == layout.dir
     assert array_call["options"]["array"] == "0-1%4"
+    assert array_call["options"]["export"] == "ALL,DAC_UPLOAD_TASK_OFFSET=0"
+    assert array_call["options"]["signal"] == "B:USR1@300"
     assert collect_call["options"]["dependency"] == "afterany:100"
     assert array_call["body"] == _body_of(layout.array_script)
     assert collect_call["body"].startswith("# dac-upload ")
@@ -256,9 +262,9 @@ def test_submit_run_records_both_jobs(job: JobConfig) -> None:
     run = read_json(layout.run_json)
     assert run["state"] == "submitted"
     [s] = run["submissions"]
-    assert (s["array_job_id"], s["collector_job_id"], s["task_ids"]) == ("100", "101", "0-1")
+    assert (s["arrays"], s["collector_job_id"], s["task_ids"]) == (
+        [{"job_id": "100", "offset": 0, "task_ids": "0-1"}], "101", "0-1")
     assert s["submitted_at"].endswith("Z")
-    assert run["slurm"]["collector"]["dependency"] == "afterany:100"
 
 
 def test_second_submit_refused(job: JobConfig) -> None:
@@ -267,26 +273,29 @@ def test_second_submit_refused(job: JobConfig) -> None:
     again = FakeSubmit("200", "201")
     with pytest.raises(PlanError) as info:
         submit_run(layout.dir, 1001, again)
-    assert info.value.lines == [f"{layout.dir}: already submitted as array job 100; plan a new "
-                                "run (dac-upload submit JOB)"]
+    assert info.value.lines == [f"{layout.dir}: already submitted (array job 100); see "
+                                f"dac-upload status {layout.dir}, or plan a new run "
+                                "(dac-upload submit JOB)"]
     assert again.calls == []
     assert len(read_json(layout.run_json)["submissions"]) == 1
 
 
-def test_too_many_tasks_for_max_array_size(job: JobConfig) -> None:
+def test_more_tasks_than_max_array_size_become_several_arrays(job: JobConfig) -> None:
     layout = prepare_run(job, preflight=None).layout  # 2 tasks, indices 0-1
-    fake = FakeSubmit("100", "101")
-    with pytest.raises(PlanError) as info:
-        submit_run(layout.dir, max_array_size=1, submit=fake)
-    assert "2 batches" in info.value.lines[0]
-    assert fake.calls == []
-    assert read_json(layout.run_json)["state"] == "planned"
+    fake = FakeSubmit("100", "101", "102")
+    sub = submit_run(layout.dir, max_array_size=1, submit=fake)
+    assert sub.arrays == [{"job_id": "100", "offset": 0, "task_ids": "0"},
+                          {"job_id": "101", "offset": 1, "task_ids": "0"}]
+    _first, second, collector = fake.calls
+    assert second["options"]["export"] == "ALL,DAC_UPLOAD_TASK_OFFSET=1"
+    assert second["script_name"] == "array.attempt1.1.sh"
+    assert collector["options"]["dependency"] == "afterany:100:101"
 
 
-def test_max_array_size_equal_to_task_count_is_accepted(job: JobConfig) -> None:
+def test_max_array_size_equal_to_task_count_is_one_array(job: JobConfig) -> None:
     layout = prepare_run(job, preflight=None).layout  # 2 tasks, indices 0-1
     sub = submit_run(layout.dir, max_array_size=2, submit=FakeSubmit("100", "101"))
-    assert sub.array_job_id == "100"
+    assert [a["job_id"] for a in sub.arrays] == ["100"]
 
 
 def test_collector_failure_keeps_the_array_on_record(job: JobConfig) -> None:
@@ -295,16 +304,16 @@ def test_collector_failure_keeps_the_array_on_record(job: JobConfig) -> None:
     with pytest.raises(CollectorNotSubmitted) as info:
         submit_run(layout.dir, 1001, fake)
     assert str(info.value) == (
-        "array job 100 was submitted but its collector was not (sbatch collect.sh failed: "
-        f"sbatch: error: QOSMaxSubmit); when the array has finished run: dac-upload collect "
+        "array job(s) 100 were submitted but the collector was not (sbatch collect.sh failed: "
+        f"sbatch: error: QOSMaxSubmit); when they have finished run: dac-upload collect "
         f"{layout.dir}")
     assert len(fake.calls) == 2
     run = read_json(layout.run_json)
     assert run["state"] == "submitted"
     [s] = run["submissions"]
-    assert (s["array_job_id"], s["collector_job_id"]) == ("100", None)
+    assert (s["arrays"][0]["job_id"], s["collector_job_id"]) == ("100", None)
     # and the array is never submitted twice
-    with pytest.raises(PlanError, match="already submitted as array job 100"):
+    with pytest.raises(PlanError, match="already submitted"):
         submit_run(layout.dir, 1001, FakeSubmit("200", "201"))
 
 
@@ -315,14 +324,40 @@ def test_array_failure_records_nothing(job: JobConfig) -> None:
     run = read_json(layout.run_json)
     assert (run["state"], run["submissions"]) == ("planned", [])
     sub = submit_run(layout.dir, 1001, FakeSubmit("300", "301"))  # a retry can go ahead
-    assert sub.array_job_id == "300"
+    assert sub.arrays[0]["job_id"] == "300"
 
 
-def test_more_batches_than_max_tasks_is_refused_before_anything_is_written(
-        job: JobConfig) -> None:
-    with pytest.raises(PlanError) as info:
-        prepare_run(job, preflight=None, max_tasks=1)        # the job plans into 2 tasks
-    assert len(info.value.lines) == 1
-    assert "2 batches" in info.value.lines[0] and "at most 1 array task(s)" in info.value.lines[0]
-    assert _runs(job) == []
-    assert prepare_run(job, preflight=None, max_tasks=2).batches
+def test_resubmission_is_a_new_attempt_of_only_the_given_tasks(job: JobConfig) -> None:
+    layout = prepare_run(job, preflight=None).layout
+    submit_run(layout.dir, 1001, FakeSubmit("100", "101"))
+    fake = FakeSubmit("200", "201")
+    sub = submit_tasks(layout.dir, [1], 1001, fake)
+    assert (sub.attempt, sub.task_ids) == (2, "1")
+    assert sub.arrays == [{"job_id": "200", "offset": 1, "task_ids": "0"}]
+    assert [c["script_name"] for c in fake.calls] == ["array.attempt2.0.sh",
+                                                       "collect.attempt2.sh"]
+    assert len(read_json(layout.run_json)["submissions"]) == 2
+
+
+def test_max_submit_holds_tasks_back(job: JobConfig) -> None:
+    layout = prepare_run(job, preflight=None).layout
+    sub = submit_run(layout.dir, 1001, FakeSubmit("100", "101"), max_submit=1)
+    assert (sub.task_ids, sub.left_over) == ("0", "1")
+
+
+@pytest.mark.parametrize(("indices", "max_size", "expected"), [
+    ([0, 1, 2, 3, 4, 5, 6], 3, [(0, [0, 1, 2]), (3, [0, 1, 2]), (6, [0])]),
+    ([2, 7, 8], 5, [(2, [0]), (7, [0, 1])]),
+    ([4, 5, 6], 1001, [(4, [0, 1, 2])]),
+])
+def test_chunk_indices(indices: list[int], max_size: int,
+                       expected: list[tuple[int, list[int]]]) -> None:
+    assert chunk_indices(indices, max_size) == expected
+
+
+def test_chunk_indices_keeps_array_strings_short() -> None:
+    every_other = list(range(0, 4000, 2))          # "0,2,4,..." is ~9,000 characters
+    parts = chunk_indices(every_other, 100000, max_chars=4000)
+    assert len(parts) > 1
+    assert all(len(compress_indices(local)) <= 4000 for _, local in parts)
+    assert sorted(o + i for o, local in parts for i in local) == every_other

@@ -54,9 +54,10 @@ ARRAY_HEADER = """\
 #SBATCH --job-name            dacu-csd3
 #SBATCH --mem                 4G
 #SBATCH --open-mode           append
-#SBATCH --output              logs/task-%a.job%A.out
+#SBATCH --output              logs/job%A.index%a.out
 #SBATCH --partition           icelake
 #SBATCH --qos                 normal
+#SBATCH --signal              B:USR1@300
 #SBATCH --time                02:00:00
 
 """
@@ -82,10 +83,21 @@ ARRAY_NONE = ARRAY_HEADER + """\
 # One array task uploads one batch manifest: manifests/task-NNNNN.json -> results/task-NNNNN.jsonl
 set -uo pipefail
 RUN_DIR='/rds/project/x y/runs/R1'
+# a run larger than MaxArraySize is split into arrays whose indices start at 0: add the offset
 TASK="${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm array task (sbatch --array)}"
+TASK=$(( TASK + ${DAC_UPLOAD_TASK_OFFSET:-0} ))
+# Slurm's wall-time warning (sbatch --signal=B:USR1@N) reaches this shell: pass it on, so the
+# worker finishes its current file, records the rest as not attempted and exits cleanly.
+trap 'echo "dac-upload: wall time near, stopping"; kill -USR1 "${worker:-}" 2>/dev/null' USR1
+trap 'kill -TERM "${worker:-}" 2>/dev/null' TERM
 echo "dac-upload: run R1 task $TASK on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-/opt/venv/bin/python -m dac_upload worker --run "$RUN_DIR" --task "$TASK"
-rc=$?
+/opt/venv/bin/python -m dac_upload worker --run "$RUN_DIR" --task "$TASK" &
+worker=$!
+while true; do
+  wait "$worker"; rc=$?
+  if [ "$rc" -gt 128 ] && kill -0 "$worker" 2>/dev/null; then continue; fi  # a trap ran
+  break
+done
 echo "dac-upload: run R1 task $TASK exit code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 exit "$rc"
 """
@@ -95,7 +107,13 @@ ARRAY_APPTAINER = ARRAY_HEADER + """\
 # One array task uploads one batch manifest: manifests/task-NNNNN.json -> results/task-NNNNN.jsonl
 set -uo pipefail
 RUN_DIR='/rds/project/x y/runs/R1'
+# a run larger than MaxArraySize is split into arrays whose indices start at 0: add the offset
 TASK="${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm array task (sbatch --array)}"
+TASK=$(( TASK + ${DAC_UPLOAD_TASK_OFFSET:-0} ))
+# Slurm's wall-time warning (sbatch --signal=B:USR1@N) reaches this shell: pass it on, so the
+# worker finishes its current file, records the rest as not attempted and exits cleanly.
+trap 'echo "dac-upload: wall time near, stopping"; kill -USR1 "${worker:-}" 2>/dev/null' USR1
+trap 'kill -TERM "${worker:-}" 2>/dev/null' TERM
 echo "dac-upload: run R1 task $TASK on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 apptainer exec --cleanenv \\
   --bind '/rds/project/dp1 data:/rds/project/dp1 data:ro' \\
@@ -103,8 +121,13 @@ apptainer exec --cleanenv \\
   --bind /rds/cvmfs:/cvmfs:ro \\
   --env "SLURM_ARRAY_TASK_ID=$TASK" \\
   /rds/images/dac-upload.sif \\
-  dac-upload worker --run "$RUN_DIR" --task "$TASK"
-rc=$?
+  dac-upload worker --run "$RUN_DIR" --task "$TASK" &
+worker=$!
+while true; do
+  wait "$worker"; rc=$?
+  if [ "$rc" -gt 128 ] && kill -0 "$worker" 2>/dev/null; then continue; fi  # a trap ran
+  break
+done
 echo "dac-upload: run R1 task $TASK exit code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 exit "$rc"
 """
@@ -185,9 +208,18 @@ def test_context_has_no_binds_without_apptainer() -> None:
 def test_array_options() -> None:
     job = _job(NONE, job_name="dp1", cpus_per_task=4)
     assert render.array_options(job, "0-3,7", 2) == {
-        "job_name": "dp1", "array": "0-3,7%2", "output": "logs/task-%a.job%A.out",
-        "open_mode": "append", "time": "02:00:00", "mem": "4G", "cpus_per_task": 4,
-        "partition": "icelake", "account": "DIRAC-DP002-CPU", "qos": "normal"}
+        "job_name": "dp1", "array": "0-3,7%2", "output": "logs/job%A.index%a.out",
+        "open_mode": "append", "signal": "B:USR1@300", "time": "02:00:00", "mem": "4G",
+        "cpus_per_task": 4, "partition": "icelake", "account": "DIRAC-DP002-CPU",
+        "qos": "normal"}
+
+
+def test_with_offset_keeps_the_throttle() -> None:
+    opts = render.array_options(_job(NONE), "0-9", 3)
+    part = render.with_offset(opts, "0-4", 10)
+    assert part["array"] == "0-4%3"
+    assert part["export"] == "ALL,DAC_UPLOAD_TASK_OFFSET=10"
+    assert opts["array"] == "0-9%3"                      # the original is not changed
 
 
 def test_collector_options() -> None:

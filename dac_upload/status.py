@@ -1,0 +1,112 @@
+"""Pure: what each array task of a run has done, and which tasks a resubmission must run.
+
+The truth about "done" is the tasks' own result records and markers; the scheduler's view
+(``sched``: task index -> Slurm state, possibly empty) only says which tasks are still pending
+or running, or left the queue without a word.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .collect import merge_records
+from .worker import DONE_STATES, PERMANENT_CAUSES
+
+ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING",
+                 "SUSPENDED", "SIGNALING", "STAGE_OUT")
+
+# state -> what it means for the operator (docs/operations.md explains each)
+MEANING = {
+    "done": "every file uploaded or already present",
+    "failed": "finished; some files failed",
+    "running": "running now",
+    "pending": "waiting in the queue",
+    "died": "left the queue without finishing its result (killed, wall time, node failure)",
+    "not started": "never ran (not submitted, or cancelled while pending)",
+}
+
+
+@dataclass
+class TaskStatus:
+    task: int
+    state: str
+    files: int
+    files_done: int
+    bytes: int
+    bytes_done: int
+    slurm_state: str | None
+    causes: Counter = field(default_factory=Counter)
+    permanent_only: bool = False   # every file still to do failed for a reason a person fixes
+
+    @property
+    def complete(self) -> bool:
+        return self.files_done == self.files
+
+
+def task_status(task: int, manifest: dict[str, Any], records: list[dict[str, Any]],
+                marker: dict[str, Any] | None, slurm_state: str | None) -> TaskStatus:
+    merged = merge_records(records)
+    files = manifest["files"]
+    done = [f for f in files if merged.get(f["name"], {}).get("status") in DONE_STATES]
+    todo = [f for f in files if merged.get(f["name"], {}).get("status") not in DONE_STATES]
+    causes = Counter((merged.get(f["name"]) or {}).get("cause") or "no record" for f in todo)
+    permanent_only = bool(todo) and all(c in PERMANENT_CAUSES for c in causes)
+    if slurm_state in ACTIVE_STATES:
+        state = "running" if slurm_state != "PENDING" else "pending"
+    elif len(done) == len(files):
+        state = "done"
+    elif marker is not None and _marker_is_latest(marker, records):
+        state = "failed"
+    elif records or slurm_state:
+        state = "died"
+    else:
+        state = "not started"
+    return TaskStatus(task=task, state=state, files=len(files), files_done=len(done),
+                      bytes=sum(f["size"] for f in files),
+                      bytes_done=sum(f["size"] for f in done), slurm_state=slurm_state,
+                      causes=causes, permanent_only=permanent_only)
+
+
+def _marker_is_latest(marker: dict[str, Any], records: list[dict[str, Any]]) -> bool:
+    """A marker belongs to the last attempt that wrote records (else that attempt died)."""
+    last = max((int(r.get("attempt") or 0) for r in records), default=0)
+    return int(marker.get("attempt") or 0) >= last
+
+
+def tasks_to_retry(tasks: list[TaskStatus], retry_permanent: bool = False) -> list[int]:
+    """Tasks a resubmission runs: not done, not active, and with something worth retrying."""
+    return [t.task for t in tasks
+            if t.state in ("failed", "died", "not started")
+            and (retry_permanent or not t.permanent_only)]
+
+
+def next_command(tasks: list[TaskStatus], run_dir: str) -> str:
+    if any(t.state in ("pending", "running") for t in tasks):
+        return f"wait for the tasks, then: dac-upload status {run_dir}"
+    if tasks_to_retry(tasks):
+        return f"dac-upload resubmit {run_dir}"
+    if any(not t.complete for t in tasks):
+        return ("fix the files listed (see the causes), then: "
+                f"dac-upload resubmit {run_dir} --retry-permanent")
+    return f"nothing: the run is complete ({run_dir}/summary.json)"
+
+
+def format_table(tasks: list[TaskStatus]) -> str:
+    from .progress import human_bytes
+
+    lines = [f"{'task':>5}  {'state':<12} {'files':>15}  {'bytes':>21}  slurm / causes"]
+    for t in tasks:
+        causes = ", ".join(f"{c} {n}" for c, n in sorted(t.causes.items()))
+        lines.append(f"{t.task:>5}  {t.state:<12} {t.files_done:>7}/{t.files:<7}  "
+                     f"{human_bytes(t.bytes_done):>10}/{human_bytes(t.bytes):<10}  "
+                     f"{t.slurm_state or '-'}" + (f"  {causes}" if causes else ""))
+    return "\n".join(lines)
+
+
+def as_json(tasks: list[TaskStatus]) -> list[dict[str, Any]]:
+    return [{"task": t.task, "state": t.state, "files": t.files, "files_done": t.files_done,
+             "bytes": t.bytes, "bytes_done": t.bytes_done, "slurm_state": t.slurm_state,
+             "causes": dict(sorted(t.causes.items())), "permanent_only": t.permanent_only}
+            for t in tasks]
