@@ -180,7 +180,8 @@ def run_task(run_dir: Path, task: int,
         try:
             if rucio_factory is None:
                 from .rucio_io import RucioIO as rucio_factory
-            rio = rucio_factory(settings.account)
+            rio = _retrying(lambda: rucio_factory(settings.account), settings, stop,
+                            "connecting to Rucio")
             if settings.dataset and todo:
                 done = rio.ensure_dataset(settings.dataset, settings.rse, settings.lifetime)
                 _log(f"dataset {':'.join(settings.dataset)}: {done}"
@@ -260,6 +261,22 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _retrying(call: Callable[[], Any], s: Settings, stop: StopRequest, what: str) -> Any:
+    """``call()``, again after a pause while the Rucio server cannot be reached."""
+    from .rucio_io import RucioUnavailable
+
+    for i in range(s.retries + 1):
+        try:
+            return call()
+        except RucioUnavailable as exc:
+            if i == s.retries or stop.reason is not None:
+                raise
+            wait = min(s.retry_wait * 2 ** i, 300.0)
+            _log(f"retry {i + 1}/{s.retries} of {what} in {wait:.0f} s: {exc}")
+            stop.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _with_retries(rio: Any, s: Settings, entry: dict[str, Any],

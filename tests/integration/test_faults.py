@@ -185,6 +185,8 @@ def test_wall_time_warning_keeps_finished_files(workdir: Path, rucio_client: Any
                               text=True).stdout
     assert "TimeLimit=00:10:00" in scontrol
     wait_for_records(run_dir, 0, 3)
+    busy = dac_upload(["resubmit", str(run_dir)], cwd=workdir)   # politely refused
+    assert busy.returncode == 2 and "still pending or running" in busy.stderr
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array_id}_0"], check=True)
     wait_for_jobs([array_id, collector_id])
     log = (run_dir / "logs" / f"job{array_id}.index0.out").read_text()

@@ -92,3 +92,15 @@ def test_last_error_line_without_error_word() -> None:
     assert last_error_line("  \nsomething odd\nlast words  \n") == "last words"
     assert last_error_line("") == "(sbatch printed nothing)"
     assert last_error_line("\n\n") == "(sbatch printed nothing)"
+
+
+def test_parse_array_states_squeue_and_sacct() -> None:
+    from dac_upload.slurm import parse_array_states
+
+    squeue = "12 0 COMPLETED\n12 1 RUNNING\n12 2 PENDING\n13 N/A PENDING\ngarbage\n"
+    assert parse_array_states(squeue) == {("12", 0): "COMPLETED", ("12", 1): "RUNNING",
+                                          ("12", 2): "PENDING"}
+    sacct = "12_0|COMPLETED\n12_1|CANCELLED by 1000\n12_[2-4%2]|PENDING\n13|COMPLETED\n"
+    assert parse_array_states(sacct) == {("12", 0): "COMPLETED", ("12", 1): "CANCELLED",
+                                         ("12", 2): "PENDING", ("12", 3): "PENDING",
+                                         ("12", 4): "PENDING"}

@@ -483,3 +483,21 @@ def test_wall_time_signal_stops_after_the_current_file(run: tuple[RunLayout, Job
     marker = read_json(layout.done_marker(0))
     assert marker["stopped"] == "wall time near (SIGUSR1 from Slurm)"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL   # handler restored
+
+
+def test_server_unreachable_at_start_is_retried(run: tuple[RunLayout, JobConfig]) -> None:
+    from dac_upload.rucio_io import RucioUnavailable
+
+    layout, _ = run
+    _fast_retries(layout, 2)
+    fake = FakeRucio()
+    calls = []
+
+    def factory(account: str | None) -> FakeRucio:
+        calls.append(account)
+        if len(calls) < 3:
+            raise RucioUnavailable("cannot reach the Rucio server: ServerConnectionException")
+        return fake
+
+    assert run_task(layout.dir, 0, rucio_factory=factory) == 0
+    assert len(calls) == 3

@@ -1,0 +1,59 @@
+"""status: per-task state from records, markers and the scheduler; what resubmit retries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dac_upload.status import next_command, task_status, tasks_to_retry
+
+MANIFEST = {"files": [{"name": n, "size": s, "relpath": n} for n, s in
+                      (("a", 10), ("b", 20), ("c", 30))]}
+
+
+def rec(name: str, status: str, cause: str | None = None, attempt: int = 1) -> dict[str, Any]:
+    return {"name": name, "status": status, "cause": cause, "attempt": attempt}
+
+
+@pytest.mark.parametrize(("records", "marker", "slurm", "state"), [
+    ([], None, None, "not started"),
+    ([], None, "PENDING", "pending"),
+    ([rec("a", "uploaded")], None, "RUNNING", "running"),
+    ([rec("a", "uploaded"), rec("b", "already_present"), rec("c", "uploaded")],
+     {"attempt": 1}, None, "done"),
+    ([rec("a", "uploaded"), rec("b", "failed", "missing")], {"attempt": 1}, None, "failed"),
+    ([rec("a", "uploaded")], None, None, "died"),                  # killed: no marker
+    ([], None, "FAILED", "died"),                                  # died before any record
+    # attempt 2 was killed after attempt 1 wrote its marker: the marker is stale
+    ([rec("a", "failed", "rucio"), rec("a", "uploaded", None, 2)], {"attempt": 1}, None,
+     "died"),
+])
+def test_states(records: list[dict[str, Any]], marker: dict[str, Any] | None,
+                slurm: str | None, state: str) -> None:
+    assert task_status(0, MANIFEST, records, marker, slurm).state == state
+
+
+def test_counts_and_causes() -> None:
+    t = task_status(3, MANIFEST, [rec("a", "uploaded"), rec("b", "failed", "unreadable")],
+                    {"attempt": 1}, None)
+    assert (t.files, t.files_done, t.bytes, t.bytes_done) == (3, 1, 60, 10)
+    assert dict(t.causes) == {"unreadable": 1, "no record": 1}
+    assert not t.permanent_only                 # c has no record: worth a retry
+
+
+def test_permanent_failures_are_not_retried_unless_asked() -> None:
+    perm = task_status(0, MANIFEST, [rec("a", "uploaded"), rec("b", "failed", "missing"),
+                                     rec("c", "failed", "conflict")], {"attempt": 1}, None)
+    transient = task_status(1, MANIFEST, [rec("a", "failed", "transient")], {"attempt": 1},
+                            None)
+    done = task_status(2, MANIFEST, [rec(n, "uploaded") for n in "abc"], {"attempt": 1}, None)
+    running = task_status(3, MANIFEST, [], None, "RUNNING")
+    tasks = [perm, transient, done, running]
+    assert perm.permanent_only
+    assert tasks_to_retry(tasks) == [1]
+    assert tasks_to_retry(tasks, retry_permanent=True) == [0, 1]
+    assert next_command(tasks, "R").startswith("wait")
+    assert next_command([perm, transient, done], "R") == "dac-upload resubmit R"
+    assert "--retry-permanent" in next_command([perm, done], "R")
+    assert next_command([done], "R").startswith("nothing")
