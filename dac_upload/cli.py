@@ -235,8 +235,10 @@ def collect(run_dir: str) -> None:
     _report(Path(run_dir).resolve())
 
 
-def _run_status(run_dir: Path) -> tuple[Any, list[Any]]:
-    """(RunState, [TaskStatus]) from the run directory and the scheduler's view."""
+def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[Any]]:
+    """(RunState, [TaskStatus]) from the run directory and the scheduler's view. Without the
+    scheduler's view ``status`` still answers from the results; ``resubmit`` must not (it
+    could start a second copy of a task that is running)."""
     from . import slurm
     from .collect import read_run
     from .status import task_status
@@ -251,16 +253,31 @@ def _run_status(run_dir: Path) -> tuple[Any, list[Any]]:
     try:
         known = slurm.array_states([job_id for job_id, _ in arrays])
     except slurm.SlurmError as exc:
+        if need_scheduler:
+            _fail(f"cannot ask Slurm which tasks are still queued ({exc}); not resubmitting "
+                  "(a running task could be started twice); try again", EXIT_SERVICE)
         click.echo(f"warning: no scheduler view ({exc}); states come from results only",
                    err=True)
         known = {}
-    for job_id, offset in arrays:  # later submissions override earlier ones
-        for (array, index), st in known.items():
-            if array == job_id:
-                sched[offset + index] = st
+    logs: dict[int, str] = {}
+    for sub in state.run.get("submissions", []):  # later submissions override earlier ones
+        for a in sub.get("arrays", []):
+            for local in _indices(a["task_ids"]):
+                logs[a["offset"] + local] = f"logs/job{a['job_id']}.index{local}.out"
+            for (array, index), st in known.items():
+                if array == a["job_id"]:
+                    sched[a["offset"] + index] = st
     tasks = [task_status(t, state.manifests[t], state.results.get(t, []),
                          state.markers.get(t), sched.get(t)) for t in sorted(state.manifests)]
+    for t in tasks:
+        t.log = logs.get(t.task)
     return state, tasks
+
+
+def _indices(spec: str) -> list[int]:
+    from .slurm import expand_indices
+
+    return expand_indices(spec)
 
 
 @main.command()
@@ -294,6 +311,9 @@ def status(run_dir: str, as_json: bool) -> None:
     if causes:
         click.echo("not done, by cause: " + ", ".join(f"{c} {n}" for c, n in
                                                       sorted(causes.items())))
+    for t in tasks:
+        if t.state in ("failed", "died") and t.log:
+            click.echo(f"task {t.task} log: {target / t.log}")
     for problem in state.problems:
         click.echo(f"warning: {problem}")
     for s in sorted(by_state):
@@ -321,7 +341,7 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
 
     target = Path(run_dir).resolve()
     max_array = _max_array_size()
-    _, tasks = _run_status(target)
+    _, tasks = _run_status(target, need_scheduler=True)
     active = [t.task for t in tasks if t.state in ("pending", "running")]
     if active and not force:
         _fail(f"tasks {compress_indices(active)} of this run are still pending or running; "
@@ -332,7 +352,7 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
         if stuck:
             click.echo(f"nothing submitted: tasks {compress_indices(stuck)} have only files "
                        "that failed for a reason a person must fix (see dac-upload status); "
-                       "fix them, then: dac-upload resubmit --retry-permanent")
+                       f"fix them, then: dac-upload resubmit --retry-permanent {target}")
         else:
             click.echo("nothing to resubmit: every task is complete")
         return

@@ -51,7 +51,8 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                 why = ("the task wrote no result (it never ran, or died before this file): "
                        "see dac-upload status for its log") if task not in markers else \
                       "the task finished without a record for this file"
-                rec = {"status": NOT_ATTEMPTED, "error": why, "bytes": entry["size"],
+                rec = {"status": NOT_ATTEMPTED, "cause": "no result", "error": why,
+                       "bytes": entry["size"],
                        "adler32": None, "md5": None, "pfn": None, "guid": None,
                        "attempt": None}
             key = f"{scope}:{entry['name']}"
@@ -61,7 +62,7 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                 "pfn": rec.get("pfn"), "guid": rec.get("guid"),
                 "path": str(root / entry["relpath"]), "relpath": entry["relpath"],
                 "batch": task, "attempt": rec.get("attempt"), "status": rec["status"],
-                "error": rec.get("error"),
+                "cause": rec.get("cause"), "error": rec.get("error"),
             }
             counts["files"] += 1
             counts["bytes"] += entry["size"]

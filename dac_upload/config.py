@@ -141,6 +141,19 @@ def parse_size(value: Any) -> int:
     return int(exact)
 
 
+def slurm_time_seconds(value: str) -> int:
+    """Slurm's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> seconds."""
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, s = [*parts, 0, 0][:3]
+    elif len(parts) == 3:
+        h, m, s = parts
+    else:  # MM[:SS]
+        h, (m, s) = 0, [*parts, 0][:2]
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
 def parse_duration(value: Any) -> int:
     """``3600``, ``"30d"``, ``"12h"`` -> seconds."""
     if isinstance(value, bool):
@@ -376,6 +389,12 @@ def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]
     if job_name and not _JOB_NAME_RE.fullmatch(job_name):
         errors.append(f"{where}: [slurm] job_name = {job_name!r}: use letters, digits, '.', "
                       "'_' and '-'")
+    s = v["slurm"]
+    if s.get("time") and s.get("stop_margin"):
+        limit = slurm_time_seconds(s["time"])
+        if s["stop_margin"] >= limit or s["stop_margin"] > 65535:
+            errors.append(f"{where}: [slurm] stop_margin = {s['stop_margin']} s must be shorter "
+                          f"than time = {s['time']!r} ({limit} s) and at most 65535 s")
     r = v["rucio"]
     for key, check in (("scope", naming.scope_problem), ("account", naming.account_problem),
                        ("rse", naming.rse_problem)):

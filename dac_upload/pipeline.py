@@ -214,6 +214,8 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
     for n, (offset, local) in enumerate(chunk_indices(indices, max_array_size)):
         local_ids = compress_indices(local)
         opts = render.with_offset(run["slurm"]["array"], local_ids, offset)
+        if sub["arrays"]:  # one part after the other: max_running holds for the whole run
+            opts["dependency"] = f"afterany:{sub['arrays'][-1]['job_id']}"
         script = "array.sh" if attempt == 1 and n == 0 else f"array.attempt{attempt}.{n}.sh"
         job_id = submit(opts, array_body, layout.dir, script)
         sub["arrays"].append({"job_id": job_id, "offset": offset, "task_ids": local_ids})
@@ -229,6 +231,7 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
             f"array job(s) {', '.join(ids)} were submitted but the collector was not ({exc}); "
             f"when they have finished run: dac-upload collect {layout.dir}") from exc
     sub["collector_job_id"] = collector_id
+    sub["collector_dependency"] = collect_opts["dependency"]
     atomic_write_json(layout.run_json, run)
     return Submission(attempt, sub["arrays"], collector_id, sub["task_ids"], sub["left_over"])
 

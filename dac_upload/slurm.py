@@ -77,12 +77,13 @@ def parse_array_states(text: str) -> dict[tuple[str, int], str]:
         state = state.split()[0] if state.strip() else ""
         if not sep or not array.isdigit() or not state:
             continue
-        for i in _expand_indices(index.strip("[]").split("%")[0]):
+        for i in expand_indices(index.strip("[]").split("%")[0]):
             out[(array, i)] = state
     return out
 
 
-def _expand_indices(spec: str) -> list[int]:
+def expand_indices(spec: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7] (the inverse of plan.compress_indices)."""
     result: list[int] = []
     for part in spec.split(","):
         lo, sep, hi = part.partition("-")
@@ -166,6 +167,7 @@ def array_states(array_ids: Sequence[str]) -> dict[tuple[str, int], str]:
     with contextlib.suppress(SlurmError):  # accounting disabled or slurmdbd down
         states.update(parse_array_states(_run(
             ["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"]).stdout))
+    accounted = dict(states)
     # squeue refuses the whole list if one id has been purged (MinJobAge): ask one by one
     for array_id in array_ids:
         try:
@@ -174,6 +176,8 @@ def array_states(array_ids: Sequence[str]) -> dict[tuple[str, int], str]:
         except SlurmError as exc:
             if "invalid job id" in str(exc).lower():
                 continue
+            if accounted:  # squeue failed but sacct answered: use what it said
+                return accounted
             raise
         states.update(parse_array_states(out))
     return states

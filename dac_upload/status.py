@@ -17,6 +17,10 @@ from .worker import DONE_STATES, PERMANENT_CAUSES
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING",
                  "SUSPENDED", "SIGNALING", "STAGE_OUT")
 
+# final states of a task that started (a CANCELLED one without records may never have run)
+RAN_STATES = ("COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+              "PREEMPTED", "DEADLINE")
+
 # state -> what it means for the operator (docs/operations.md explains each)
 MEANING = {
     "done": "every file uploaded or already present",
@@ -39,6 +43,7 @@ class TaskStatus:
     slurm_state: str | None
     causes: Counter = field(default_factory=Counter)
     permanent_only: bool = False   # every file still to do failed for a reason a person fixes
+    log: str | None = None         # the Slurm output of its latest attempt, relative to the run
 
     @property
     def complete(self) -> bool:
@@ -59,7 +64,7 @@ def task_status(task: int, manifest: dict[str, Any], records: list[dict[str, Any
         state = "done"
     elif marker is not None and _marker_is_latest(marker, records):
         state = "failed"
-    elif records or slurm_state:
+    elif records or slurm_state in RAN_STATES:
         state = "died"
     else:
         state = "not started"
@@ -89,14 +94,15 @@ def next_command(tasks: list[TaskStatus], run_dir: str) -> str:
         return f"dac-upload resubmit {run_dir}"
     if any(not t.complete for t in tasks):
         return ("fix the files listed (see the causes), then: "
-                f"dac-upload resubmit {run_dir} --retry-permanent")
+                f"dac-upload resubmit --retry-permanent {run_dir}")
     return f"nothing: the run is complete ({run_dir}/summary.json)"
 
 
 def format_table(tasks: list[TaskStatus]) -> str:
     from .progress import human_bytes
 
-    lines = [f"{'task':>5}  {'state':<12} {'files':>15}  {'bytes':>21}  slurm / causes"]
+    lines = [f"{'task':>5}  {'state':<12} {'files done/all':<15}  {'bytes done/all':<21}  "
+             "slurm / causes"]
     for t in tasks:
         causes = ", ".join(f"{c} {n}" for c, n in sorted(t.causes.items()))
         lines.append(f"{t.task:>5}  {t.state:<12} {t.files_done:>7}/{t.files:<7}  "
@@ -108,5 +114,6 @@ def format_table(tasks: list[TaskStatus]) -> str:
 def as_json(tasks: list[TaskStatus]) -> list[dict[str, Any]]:
     return [{"task": t.task, "state": t.state, "files": t.files, "files_done": t.files_done,
              "bytes": t.bytes, "bytes_done": t.bytes_done, "slurm_state": t.slurm_state,
-             "causes": dict(sorted(t.causes.items())), "permanent_only": t.permanent_only}
+             "causes": dict(sorted(t.causes.items())), "permanent_only": t.permanent_only,
+             "log": t.log}
             for t in tasks]

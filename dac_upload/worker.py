@@ -183,7 +183,9 @@ def run_task(run_dir: Path, task: int,
             rio = _retrying(lambda: rucio_factory(settings.account), settings, stop,
                             "connecting to Rucio")
             if settings.dataset and todo:
-                done = rio.ensure_dataset(settings.dataset, settings.rse, settings.lifetime)
+                done = _retrying(lambda: rio.ensure_dataset(
+                    settings.dataset, settings.rse, settings.lifetime), settings, stop,
+                    "creating the dataset")
                 _log(f"dataset {':'.join(settings.dataset)}: {done}"
                      + (" (its rule is left as it is; lifetime not applied)"
                         if done == "exists" and settings.lifetime else ""))
@@ -201,6 +203,9 @@ def run_task(run_dir: Path, task: int,
                     aborted = str(exc) if _is_fatal(exc) else (
                         f"internal error {type(exc).__name__}: {exc}")
                     rec = _not_attempted(settings, entry, aborted, "aborted")
+                else:
+                    if rec.get("cause") == "transient":  # failed through every retry: the
+                        aborted = f"the Rucio server keeps failing: {rec['error']}"  # next too
             rec.update(task=task, attempt=attempt, finished_at=_now())
             out.append(rec)
             counts[rec["status"]] += 1

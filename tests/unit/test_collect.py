@@ -14,7 +14,7 @@ from dac_upload.files import atomic_write_json
 from dac_upload.plan import RunLayout
 
 FILE_FIELDS = {"scope", "name", "bytes", "adler32", "md5", "rse", "pfn", "guid", "path",
-               "relpath", "batch", "attempt", "status", "error"}
+               "relpath", "batch", "attempt", "status", "cause", "error"}
 
 
 def _run(tasks: int = 3) -> dict[str, Any]:

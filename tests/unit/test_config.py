@@ -461,3 +461,21 @@ def test_job_name_from_a_file_name_with_a_space_is_refused(tmp_path: Path) -> No
     assert "'my job'" in info.value.lines[0] and "[job] name" in info.value.lines[0]
     assert parse_job({**raw, "job": {"name": "my-job"}}, path=tmp_path / "my job.toml").name \
         == "my-job"
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("30", 1800), ("10:30", 630), ("02:00:00", 7200), ("1-00", 86400), ("1-02:30", 95400),
+    ("2-00:00:10", 172810)])
+def test_slurm_time_seconds(value: str, seconds: int) -> None:
+    from dac_upload.config import slurm_time_seconds
+
+    assert slurm_time_seconds(value) == seconds
+
+
+def test_stop_margin_must_fit_in_the_wall_time(tmp_path: Path) -> None:
+    raw = {"source": {"root": str(tmp_path)}, "rucio": {"scope": "s", "rse": "R"},
+           "container": {"runtime": "none"}, "slurm": {"time": "00:05:00", "stop_margin": 300}}
+    with pytest.raises(ConfigError) as info:
+        parse_job(raw, path=tmp_path / "j.toml")
+    assert "stop_margin = 300 s must be shorter than time = '00:05:00' (300 s)" in \
+        info.value.lines[0]

@@ -445,18 +445,22 @@ def test_transient_server_error_is_retried_then_succeeds(
     assert _records(layout)["b.fits"]["status"] == "uploaded"
 
 
-def test_transient_error_that_persists_fails_the_file_with_its_cause(
+def test_transient_error_that_persists_fails_the_file_and_stops_the_task(
         run: tuple[RunLayout, JobConfig]) -> None:
+    """A server that fails a request through every retry would fail the next files too:
+    the file fails (cause transient), the rest wait for resubmit instead of each costing the
+    whole retry budget."""
     from dac_upload.rucio_io import RucioTransient
 
     layout, _ = run
     _fast_retries(layout, 1)
     fake = FakeRucio()
     fake.upload_errors["b.fits"] = RucioTransient("upload failed: DatabaseException: locked")
-    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 1
-    rec = _records(layout)["b.fits"]
-    assert (rec["status"], rec["cause"]) == ("failed", "transient")
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 3
+    recs = _records(layout)
+    assert (recs["b.fits"]["status"], recs["b.fits"]["cause"]) == ("failed", "transient")
     assert [u["name"] for u in fake.uploads].count("b.fits") == 2
+    assert {recs[n]["cause"] for n in ("sub/c.fits", "sub/d.fits")} == {"aborted"}
 
 
 def test_wall_time_signal_stops_after_the_current_file(run: tuple[RunLayout, JobConfig]) -> None:
