@@ -14,6 +14,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .config import SourceConfig
 from .files import atomic_write_jsonl, read_jsonl
@@ -47,10 +48,12 @@ class Catalogue:
         return sum(e.size for e in self.entries)
 
 
-def walk(source: SourceConfig, progress: Progress | None = None) -> Catalogue:
+def walk(source: SourceConfig, progress: Progress | None = None,
+         keep: Callable[[str, int, float], bool] | None = None) -> Catalogue:
     """Catalogue every regular file below ``source.root`` matched by include and not by
     exclude. Problems (unreadable, dangling, not a regular file, bad encoding) are collected,
-    not raised, so the user sees all of them at once."""
+    not raised, so the user sees all of them at once. ``keep(relpath, size, mtime)`` (the
+    nightly ledger filter) drops files as they are found, so only those kept are held."""
     root = source.root
     cat = Catalogue(root=root, pattern_hits={p: 0 for p in source.include})
     include = [(p, glob_regex(p)) for p in source.include]
@@ -97,6 +100,8 @@ def walk(source: SourceConfig, progress: Progress | None = None) -> Catalogue:
             continue
         if not stat.S_ISREG(st.st_mode):
             cat.refused.append(Problem(rel, "not a regular file"))
+            continue
+        if keep is not None and not keep(rel, st.st_size, st.st_mtime):
             continue
         if not _readable(st, uid, groups) and not os.access(entry.path, os.R_OK):
             cat.refused.append(Problem(rel, "not readable by you; fix its permissions "

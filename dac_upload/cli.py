@@ -240,44 +240,19 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
     scheduler's view ``status`` still answers from the results; ``resubmit`` must not (it
     could start a second copy of a task that is running)."""
     from . import slurm
-    from .collect import read_run
-    from .status import task_status
+    from .runview import run_view
 
     try:
-        state = read_run(run_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
-    sched: dict[int, str] = {}
-    arrays = [(a["job_id"], a["offset"]) for s in state.run.get("submissions", [])
-              for a in s.get("arrays", [])]
-    try:
-        known = slurm.array_states([job_id for job_id, _ in arrays])
+        return run_view(run_dir)
     except slurm.SlurmError as exc:
         if need_scheduler:
             _fail(f"cannot ask Slurm which tasks are still queued ({exc}); not resubmitting "
                   "(a running task could be started twice); try again", EXIT_SERVICE)
         click.echo(f"warning: no scheduler view ({exc}); states come from results only",
                    err=True)
-        known = {}
-    logs: dict[int, str] = {}
-    for sub in state.run.get("submissions", []):  # later submissions override earlier ones
-        for a in sub.get("arrays", []):
-            for local in _indices(a["task_ids"]):
-                logs[a["offset"] + local] = f"logs/job{a['job_id']}.index{local}.out"
-            for (array, index), st in known.items():
-                if array == a["job_id"]:
-                    sched[a["offset"] + index] = st
-    tasks = [task_status(t, state.manifests[t], state.results.get(t, []),
-                         state.markers.get(t), sched.get(t)) for t in sorted(state.manifests)]
-    for t in tasks:
-        t.log = logs.get(t.task)
-    return state, tasks
-
-
-def _indices(spec: str) -> list[int]:
-    from .slurm import expand_indices
-
-    return expand_indices(spec)
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
+    return run_view(run_dir, scheduler=False)
 
 
 @main.command()
@@ -359,3 +334,36 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
     max_submit = _run_setting(target, "max_submit")
     _submitted(target, lambda: submit_tasks(target, retry, max_array, slurm.submit,
                                             max_submit), wait, timeout)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True, help="Print only problems (everything still goes to "
+              "the job's nightly.log).")
+@click.option("--wait", is_flag=True, help="Wait for tonight's run and exit 1 if files failed.")
+@click.option("--timeout", default=86400.0, show_default=True, help="Seconds to wait.")
+@click.option("--full", is_flag=True, help="Ignore the ledger: every matching file (Rucio "
+              "decides what is already there).")
+@click.option("--break-stale-lock", is_flag=True,
+              help="Remove a soft lock reported stale (only if no nightly of this job runs).")
+@click.option("--offline", is_flag=True, help="Skip the Rucio checks when planning.")
+def nightly(job_file: str, quiet: bool, wait: bool, timeout: float, full: bool,
+            break_stale_lock: bool, offline: bool) -> None:
+    """Incremental run for cron/scrontab: upload only files new or changed since the ledger,
+    never beside a run still going. Exit codes: 0 nothing to do or submitted, 1 (--wait)
+    files failed, 2 configuration, 3 submission failed, 10 locked, 11 previous run still
+    going, 12 credentials expire too soon, 13 files need a person."""
+    from .nightly import NightOptions, Reporter, run_night
+
+    try:
+        job = load_job(job_file)
+    except ConfigError as exc:
+        _fail(exc.lines, EXIT_USER)
+    job.job_dir.mkdir(parents=True, exist_ok=True)
+    say = Reporter(job.job_dir / "nightly.log", quiet)
+    if job.rucio.lifetime:
+        say(f"[rucio] lifetime = {job.rucio.lifetime} s: uploads become deletable",
+            problem=True)
+    opts = NightOptions(full=full, wait=wait, timeout=timeout,
+                        break_stale_lock=break_stale_lock, offline=offline)
+    sys.exit(run_night(job, opts, say, _rucio_preflight))

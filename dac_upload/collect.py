@@ -15,7 +15,14 @@ from typing import Any
 from . import __version__
 from .files import atomic_write_json, read_json, read_jsonl
 from .plan import RunLayout
-from .worker import ALREADY_PRESENT, DONE_STATES, FAILED, NOT_ATTEMPTED, UPLOADED
+from .worker import (
+    ALREADY_PRESENT,
+    DONE_STATES,
+    FAILED,
+    NOT_ATTEMPTED,
+    PERMANENT_CAUSES,
+    UPLOADED,
+)
 
 SCHEMA_VERSION = 1
 
@@ -152,4 +159,34 @@ def collect(run_dir: Path) -> dict[str, Any]:
     summary = build_summary(state.run, state.manifests, state.results, state.markers,
                             state.problems)
     atomic_write_json(RunLayout(run_dir).summary, summary)
+    if state.run.get("ledger"):
+        update_ledger(Path(state.run["ledger"]), state.run["run_id"], state.manifests, summary)
     return summary
+
+
+def ledger_rows(manifests: dict[int, dict[str, Any]],
+                summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the ledger learns from a run: done files, and failures only a person can fix
+    (so that a nightly run does not try them again while they are unchanged)."""
+    scope = summary["rucio"]["scope"]
+    rows = []
+    for manifest in manifests.values():
+        for entry in manifest["files"]:
+            f = summary["files"][f"{scope}:{entry['name']}"]
+            if f["status"] in DONE_STATES:
+                status = f["status"]
+            elif f["status"] == FAILED and f.get("cause") in PERMANENT_CAUSES:
+                status = f"failed:{f['cause']}"
+            else:
+                continue
+            rows.append({"relpath": entry["relpath"], "size": entry["size"],
+                         "mtime": entry["mtime"], "name": entry["name"], "status": status})
+    return rows
+
+
+def update_ledger(path: Path, run_id: str, manifests: dict[int, dict[str, Any]],
+                  summary: dict[str, Any]) -> int:
+    from .ledger import Ledger
+
+    with Ledger(path) as ledger:
+        return ledger.record(ledger_rows(manifests, summary), run_id)

@@ -119,6 +119,15 @@ class JobConfig:
     slurm: SlurmConfig
     container: ContainerConfig
 
+    @property
+    def job_dir(self) -> Path:
+        """Beside the runs: the ledger, the nightly lock and its log."""
+        return self.runs_dir.parent
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.job_dir / "ledger.sqlite"
+
 
 # ----------------------------------------------------------------------------- value parsers
 def parse_size(value: Any) -> int:

@@ -38,6 +38,10 @@ class PlanError(Exception):
         self.lines = lines
 
 
+class NothingToUpload(PlanError):
+    """Every matching file is already accounted for (nightly: not an error)."""
+
+
 class CollectorNotSubmitted(Exception):
     """The array is in the queue but its collector job is not: say so, with the way out."""
 
@@ -75,19 +79,25 @@ def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
 
 
 def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | None = None,
-                progress: Progress | None = None, python: str | None = None) -> PreparedRun:
-    """Catalogue, name, batch and render a run; write its directory. Nothing is submitted."""
+                progress: Progress | None = None, python: str | None = None,
+                keep: Callable[[str, int, float], bool] | None = None,
+                origin: str = "plan") -> PreparedRun:
+    """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
+    ``keep`` filters the walk (nightly: only files new or changed since the ledger)."""
     if not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
     errors = render.sbatch_option_problems(job)
-    cat = walk(job.source, progress)
+    cat = walk(job.source, progress, keep)
     errors += check_catalogue(job, cat)
     files, name_problems = name_files(cat.entries, job.naming)
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
-    if not errors and not files:
-        errors.append(f"{job.path}: nothing to upload under {job.source.root}")
-    if not errors and preflight is not None:
+    if errors:
+        raise PlanError(errors)
+    if not files:
+        raise NothingToUpload([f"{job.path}: nothing to upload under {job.source.root}"
+                               + (" that is new or changed" if keep else "")])
+    if preflight is not None:
         errors += preflight(job)
     if errors:
         raise PlanError(errors)
@@ -152,6 +162,8 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         "runtime": {"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
         "slurm": {"array": array_opts, "collector": collect_opts},
         "slurm_limits": {"max_submit": job.slurm.max_submit},
+        "ledger": str(job.ledger_path),
+        "origin": origin,
         "submissions": [],
     }
     atomic_write_json(layout.run_json, run)

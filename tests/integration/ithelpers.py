@@ -61,17 +61,24 @@ def _ids() -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-def as_user(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def user_env(**extra: str) -> dict[str, str]:
+    """A clean, user-like environment for dacuser."""
+    return {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
+            "USER": USER, "LANG": "C.UTF-8", **extra}
+
+
+def as_user(args: list[str], cwd: Path, timeout: float = 600,
+            **extra_env: str) -> subprocess.CompletedProcess:
     """Run a command as dacuser with a clean, user-like environment."""
-    env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
-           "USER": USER, "LANG": "C.UTF-8"}
+    env = user_env(**extra_env)
     runuser = shutil.which("runuser") or "/usr/sbin/runuser"
     return subprocess.run([runuser, "-u", USER, "--", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def dac_upload(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return as_user([str(VENV_BIN / "dac-upload"), *args], cwd, timeout)
+def dac_upload(args: list[str], cwd: Path, timeout: float = 600,
+               **extra_env: str) -> subprocess.CompletedProcess:
+    return as_user([str(VENV_BIN / "dac-upload"), *args], cwd, timeout, **extra_env)
 
 
 def write_job(workdir: Path, name: str, body: str) -> Path:

@@ -1,0 +1,104 @@
+"""The job's ledger: what earlier runs of a job did with each file (SQLite, stdlib).
+
+One row per source path: the size and mtime it had when a run finished with it, its Rucio
+name, and the outcome: ``uploaded`` / ``already_present`` (done), or a failure that needs a
+person (``failed:<cause>``, e.g. ``failed:conflict``). A nightly run skips a file whose size
+and mtime still match its row; any change makes it new again. Rows are looked up one
+directory at a time, so a scan of millions of files never holds the whole ledger in memory.
+
+The ledger is written only by ``collect`` (the collector job at the end of a run) and read by
+``nightly`` under the job's lock, never at the same time: SQLite's own locking, which some
+NFS/Lustre mounts do not honour, is not relied on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+DONE = ("uploaded", "already_present")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    dir     TEXT NOT NULL,
+    base    TEXT NOT NULL,
+    size    INTEGER NOT NULL,
+    mtime   REAL NOT NULL,
+    name    TEXT NOT NULL,
+    status  TEXT NOT NULL,
+    run_id  TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (dir, base)
+) WITHOUT ROWID;
+"""
+
+
+def split(relpath: str) -> tuple[str, str]:
+    d, _, b = relpath.rpartition("/")
+    return d, b
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.db = sqlite3.connect(str(self.path), timeout=60)
+        self.db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def directory(self, reldir: str) -> dict[str, tuple[int, float, str]]:
+        """{basename: (size, mtime, status)} of one directory ('' is the root)."""
+        rows = self.db.execute("SELECT base, size, mtime, status FROM files WHERE dir = ?",
+                               (reldir,))
+        return {base: (size, mtime, status) for base, size, mtime, status in rows}
+
+    def record(self, rows: Iterable[dict[str, Any]], run_id: str) -> int:
+        """Insert or replace rows {relpath, size, mtime, name, status}; return how many."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        data = [(*split(r["relpath"]), r["size"], r["mtime"], r["name"], r["status"], run_id,
+                 now) for r in rows]
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                data)
+        return len(data)
+
+    def needs_person(self) -> list[tuple[str, str]]:
+        """(relpath, status) of every file whose last outcome was a failure to fix by hand."""
+        rows = self.db.execute("SELECT dir, base, status FROM files WHERE status LIKE 'failed:%'"
+                               " ORDER BY dir, base")
+        return [(f"{d}/{b}" if d else b, s) for d, b, s in rows]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM files GROUP BY status"))
+
+
+class UnchangedFilter:
+    """``keep(relpath, size, mtime)`` for the catalogue walk: True for files the ledger does
+    not have with this size and mtime (new or changed). Holds one directory's rows at a time
+    (the walk visits a directory's files together)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._dir: str | None = None
+        self._rows: dict[str, tuple[int, float, str]] = {}
+        self.unchanged = 0
+
+    def __call__(self, relpath: str, size: int, mtime: float) -> bool:
+        d, b = split(relpath)
+        if d != self._dir:
+            self._dir, self._rows = d, self.ledger.directory(d)
+        row = self._rows.get(b)
+        if row is not None and row[0] == size and row[1] == mtime:
+            self.unchanged += 1
+            return False
+        return True

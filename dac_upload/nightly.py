@@ -1,0 +1,426 @@
+"""Nightly incremental runs: ledger + lock -> at most one new run of a job per night.
+
+Order of a night: take the job's lock (exit LOCKED if another night holds it); look at the
+previous run (exit STILL_GOING while its tasks are queued; resubmit its retryable failures,
+at most ``max_resubmits`` times per run, and stop there for tonight); check that the
+credentials outlive the job's time limit; catalogue only files new or changed since the
+ledger; submit a run for them (or nothing). Files the ledger marks as needing a person
+(conflicts, unreadable, ...) are reported every night, with exit NEEDS_PERSON, until fixed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from .config import JobConfig, slurm_time_seconds
+from .files import atomic_write_text
+
+# exit codes of `dac-upload nightly` (docs/operations.md)
+OK = 0                 # nothing to do, or a run (or resubmission) submitted
+FAILURES = 1           # --wait: the run finished with failed files
+CONFIG_ERROR = 2       # the job file or the source tree needs fixing
+SUBMIT_FAILED = 3      # Slurm or Rucio refused or could not be reached
+LOCKED = 10            # another nightly of this job holds the lock (or a stale lock, see text)
+STILL_GOING = 11       # the previous run still has tasks pending or running
+CREDENTIALS = 12       # the proxy would expire before the job's time limit
+NEEDS_PERSON = 13      # files that failed for a reason only a person can fix (see the log)
+
+_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
+
+
+class LockError(Exception):
+    """The job's lock is held, or stale: one line saying by whom and what to do."""
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    host: str
+    pid: int
+    started: float
+    mode: str
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        return f"pid {self.pid} on {self.host} since {when} ({self.mode} lock)"
+
+    def dead(self) -> bool:
+        """Provably gone: same host and no such process (another host cannot be checked)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def flock_works(directory: Path) -> bool:
+    """Whether flock(2) works on this file system (some Lustre/NFS mounts refuse it)."""
+    probe = directory / ".flock-probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except OSError as exc:
+        if exc.errno in _NO_FLOCK:
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+class JobLock:
+    """The job's lock: flock through filelock where the file system supports it (a dead
+    holder's lock is released by the kernel), else filelock's soft lock (a file that exists),
+    whose staleness we detect and report but never break unless told to."""
+
+    def __init__(self, job_dir: Path, mode: str = "auto", stale_after: float = 86400) -> None:
+        self.path = job_dir / "nightly.lock"
+        self.info_path = job_dir / "nightly.lock.json"
+        self.mode = ("flock" if flock_works(job_dir) else "soft") if mode == "auto" else mode
+        self.stale_after = stale_after
+        self.notes: list[str] = []
+        self._lock: filelock.BaseFileLock | None = None
+
+    def holder(self) -> LockInfo | None:
+        try:
+            return LockInfo(**json.loads(self.info_path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def acquire(self, break_stale: bool = False) -> None:
+        if self.mode == "soft":
+            self.notes.append("flock does not work on this file system: using a soft lock "
+                              f"({self.path}); see docs/operations.md (Lustre/NFS)")
+            self._check_stale_soft(break_stale)
+            lock: filelock.BaseFileLock = filelock.SoftFileLock(str(self.path), timeout=0)
+        else:
+            lock = filelock.UnixFileLock(str(self.path), timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            holder = self.holder()
+            raise LockError("another nightly run of this job holds its lock: "
+                            + (holder.describe() if holder else str(self.path))) from None
+        self._lock = lock
+        previous = self.holder()
+        if previous is not None and self.mode == "flock":
+            self.notes.append(f"the previous nightly ({previous.describe()}) ended without "
+                              "clearing its lock record; its flock was released by the system")
+        info = LockInfo(socket.gethostname(), os.getpid(), time.time(), self.mode)
+        atomic_write_text(self.info_path, json.dumps(info.__dict__) + "\n")
+
+    def _check_stale_soft(self, break_stale: bool) -> None:
+        if not self.path.exists():
+            return
+        holder = self.holder()
+        age = time.time() - (holder.started if holder else self.path.stat().st_mtime)
+        reason = ("its process is gone" if holder and holder.dead() else
+                  f"it is {age / 3600:.1f} h old" if age > self.stale_after else None)
+        who = holder.describe() if holder else f"unknown holder, file {self.path}"
+        if reason is None:
+            raise LockError(f"another nightly run of this job holds its lock: {who}")
+        if not break_stale:
+            raise LockError(f"stale lock ({reason}): {who}; if no nightly of this job is "
+                            "running, run again with --break-stale-lock")
+        self.notes.append(f"removed a stale lock ({reason}): {who}")
+        self.path.unlink()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self.info_path.unlink()
+            self._lock.release()
+            if self.mode == "soft":
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            self._lock = None
+
+
+@contextlib.contextmanager
+def job_lock(job: JobConfig, break_stale: bool = False, mode: str | None = None,
+             stale_after: float = 86400) -> Iterator[JobLock]:
+    job.job_dir.mkdir(parents=True, exist_ok=True)
+    lock = JobLock(job.job_dir, mode or os.environ.get("DAC_UPLOAD_LOCK", "auto"), stale_after)
+    lock.acquire(break_stale)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def latest_run(job: JobConfig) -> Path | None:
+    """The newest run directory of the job (run ids start with their UTC time)."""
+    if not job.runs_dir.is_dir():
+        return None
+    runs = sorted(p for p in job.runs_dir.iterdir() if (p / "run.json").is_file())
+    return runs[-1] if runs else None
+
+
+def proxy_seconds_left(proxy: Path) -> int | None:
+    """Seconds until the X.509 proxy expires, read with openssl; None if it cannot be read."""
+    try:
+        out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(proxy)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    value = out.strip().partition("=")[2]
+    try:
+        end = time.mktime(time.strptime(value, "%b %d %H:%M:%S %Y %Z")) - time.timezone
+    except ValueError:
+        return None
+    return int(end - time.time())
+
+
+def credentials_problem(job: JobConfig) -> str | None:
+    """One line if the job authenticates with an X.509 proxy that will not outlive the job's
+    time limit (plus the time the array may wait in the queue, which we cannot know)."""
+    cfg_path = job.rucio.config or (Path(os.environ["RUCIO_CONFIG"])
+                                    if os.environ.get("RUCIO_CONFIG") else None)
+    parser = configparser.ConfigParser()
+    if cfg_path is None or not parser.read(cfg_path):
+        return None
+    if parser.get("client", "auth_type", fallback="") != "x509_proxy":
+        return None
+    proxy = Path(os.environ.get("X509_USER_PROXY")
+                 or parser.get("client", "client_x509_proxy", fallback="")
+                 or f"/tmp/x509up_u{os.getuid()}")
+    left = proxy_seconds_left(proxy)
+    need = slurm_time_seconds(job.slurm.time)
+    if left is None:
+        return f"cannot read the X.509 proxy {proxy}: run voms-proxy-init"
+    if left < need:
+        return (f"the X.509 proxy {proxy} expires in {max(left, 0) / 3600:.1f} h, before the "
+                f"job's time limit of {need / 3600:.1f} h: renew it (voms-proxy-init "
+                "--valid ...) before tonight's run")
+    return None
+
+
+def describe_needs_person(rows: list[tuple[str, str]], limit: int = 10) -> list[str]:
+    lines = [f"needs a person: {rel} ({status.split(':', 1)[1]})" for rel, status in
+             rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"needs a person: ... and {len(rows) - limit} more (see the ledger)")
+    return lines
+
+
+def ledger_summary(path: Path) -> dict[str, Any]:
+    from .ledger import Ledger
+
+    if not path.exists():
+        return {}
+    with Ledger(path) as ledger:
+        return ledger.counts()
+
+
+class Reporter:
+    """Everything goes to the job's nightly.log; the terminal (or cron's mail) gets it too,
+    except with --quiet, when only problems are shown."""
+
+    def __init__(self, log_path: Path, quiet: bool) -> None:
+        self.log_path = log_path
+        self.quiet = quiet
+
+    def __call__(self, message: str, problem: bool = False) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"{stamp} {'PROBLEM ' if problem else ''}{message}\n")
+        if problem or not self.quiet:
+            import click
+
+            click.echo(("problem: " if problem else "") + message, err=problem)
+
+
+@dataclass(frozen=True)
+class NightOptions:
+    full: bool = False            # ignore the ledger: every matching file (Rucio decides)
+    wait: bool = False
+    timeout: float = 86400.0
+    break_stale_lock: bool = False
+    max_resubmits: int = 3        # per run: a permanently broken task cannot loop forever
+    offline: bool = False
+
+
+def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
+              preflight: Any = None) -> int:
+    """One night for one job; returns the exit code (see the constants above)."""
+    try:
+        with job_lock(job, opts.break_stale_lock) as lock:
+            for note in lock.notes:
+                say(note)
+            code = _night(job, opts, say, preflight)
+    except LockError as exc:
+        say(str(exc), problem=True)
+        return LOCKED
+    from .ledger import Ledger
+
+    if job.ledger_path.exists():
+        with Ledger(job.ledger_path) as ledger:
+            stuck = ledger.needs_person()
+        for line in describe_needs_person(stuck):
+            say(line, problem=True)
+        if stuck and code == OK:
+            return NEEDS_PERSON
+    return code
+
+
+def _night(job: JobConfig, opts: NightOptions, say: Reporter, preflight: Any) -> int:
+    from . import slurm
+    from .ledger import Ledger, UnchangedFilter
+    from .pipeline import (
+        CollectorNotSubmitted,
+        NothingToUpload,
+        PlanError,
+        prepare_run,
+        submit_run,
+    )
+
+    try:
+        max_array = slurm.max_array_size()
+    except slurm.SlurmError as exc:
+        say(str(exc), problem=True)
+        return SUBMIT_FAILED
+    previous = latest_run(job)
+    if previous is not None:
+        code = _previous_run(job, previous, opts, say, max_array)
+        if code is not None:
+            return code
+    problem = credentials_problem(job)
+    if problem:
+        say(problem, problem=True)
+        return CREDENTIALS
+    ledger = None if opts.full else Ledger(job.ledger_path)
+    keep = UnchangedFilter(ledger) if ledger else None
+    try:
+        prep = prepare_run(job, preflight=None if opts.offline else preflight, keep=keep,
+                           origin="nightly")
+    except NothingToUpload:
+        say(f"nothing new under {job.source.root}"
+            + (f" ({keep.unchanged:,} files unchanged since the ledger)" if keep else ""))
+        return OK
+    except PlanError as exc:
+        for line in exc.lines:
+            say(line, problem=True)
+        return CONFIG_ERROR
+    except Exception as exc:
+        if type(exc).__name__ != "RucioUnavailable":
+            raise
+        say(str(exc), problem=True)
+        return SUBMIT_FAILED
+    finally:
+        if ledger is not None:
+            ledger.close()
+    say(f"run {prep.run_id}: {prep.files:,} new or changed files "
+        + (f"({keep.unchanged:,} unchanged) " if keep else "") + f"in {len(prep.batches)} "
+        f"tasks: {prep.layout.dir}")
+    try:
+        sub = submit_run(prep.layout.dir, max_array, slurm.submit, job.slurm.max_submit)
+    except (slurm.SlurmError, PlanError, CollectorNotSubmitted) as exc:
+        say(f"submission failed: {exc}", problem=True)
+        return SUBMIT_FAILED
+    say(f"submitted array job(s) {', '.join(a['job_id'] for a in sub.arrays)} and collector "
+        f"{sub.collector_job_id}")
+    if not opts.wait:
+        return OK
+    return _wait(sub.collector_job_id, prep.layout.dir, opts, say)
+
+
+def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> int:
+    from . import slurm
+    from .files import read_json
+
+    try:
+        slurm.wait_until_gone(collector, opts.timeout, poll=2.0)
+    except slurm.SlurmError as exc:
+        say(str(exc), problem=True)
+        return SUBMIT_FAILED
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        say(f"the collector wrote no {summary_path}", problem=True)
+        return FAILURES
+    s = read_json(summary_path)
+    c = s["counts"]
+    say(f"{summary_path}: {c['uploaded']} uploaded, {c['already_present']} already present,"
+        f" {c['failed']} failed, {c['not_attempted']} not attempted",
+        problem=not s["complete"])
+    return OK if s["complete"] else FAILURES
+
+
+def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,
+                  max_array: int) -> int | None:
+    """Exit code if tonight ends with the previous run (still going, or resubmitted)."""
+    from . import slurm
+    from .collect import read_run
+    from .files import read_json
+    from .pipeline import compress_indices, submit_tasks
+    from .runview import run_view
+    from .status import tasks_to_retry
+
+    run = read_json(run_dir / "run.json")
+    if not run.get("submissions"):
+        return None  # planned but never submitted: not ours to judge
+    try:
+        _, tasks = run_view(run_dir)
+    except slurm.SlurmError as exc:
+        say(f"cannot ask Slurm about the previous run {run_dir.name}: {exc}", problem=True)
+        return SUBMIT_FAILED
+    active = [t.task for t in tasks if t.state in ("pending", "running")]
+    if active:
+        say(f"the previous run {run_dir.name} still has tasks {compress_indices(active)} "
+            "pending or running: not starting another tonight")
+        return STILL_GOING
+    retry = tasks_to_retry(tasks)
+    if not retry:
+        return None
+    attempts = len(run["submissions"])
+    if attempts > opts.max_resubmits:
+        _give_up(job, run_dir, read_run(run_dir), retry, say)
+        return None
+    sub = submit_tasks(run_dir, retry, max_array, slurm.submit, job.slurm.max_submit)
+    say(f"the previous run {run_dir.name} had unfinished tasks {compress_indices(retry)}: "
+        f"resubmitted (attempt {sub.attempt} of at most {opts.max_resubmits + 1}); new files "
+        "wait for the next night", problem=True)
+    if opts.wait:
+        return _wait(sub.collector_job_id, run_dir, opts, say)
+    return OK
+
+
+def _give_up(job: JobConfig, run_dir: Path, state: Any, tasks: list[int],
+             say: Reporter) -> None:
+    """After the last allowed resubmission: the files still not done go into the ledger as
+    needing a person, so the next runs do not pick them up again while unchanged."""
+    from .collect import merge_records
+    from .ledger import Ledger
+    from .worker import DONE_STATES
+
+    rows = []
+    for t in tasks:
+        merged = merge_records(state.results.get(t, []))
+        for entry in state.manifests[t]["files"]:
+            rec = merged.get(entry["name"])
+            if rec is None or rec.get("status") not in DONE_STATES:
+                rows.append({"relpath": entry["relpath"], "size": entry["size"],
+                             "mtime": entry["mtime"], "name": entry["name"],
+                             "status": "failed:gave-up"})
+    with Ledger(job.ledger_path) as ledger:
+        ledger.record(rows, state.run["run_id"])
+    say(f"gave up on {len(rows)} files of run {run_dir.name} after "
+        f"{len(state.run['submissions'])} attempts; they are retried when they change "
+        "(or after fixing: dac-upload resubmit --retry-permanent)", problem=True)
