@@ -10,6 +10,7 @@ ledger; submit a run for them (or nothing). Files the ledger marks as needing a 
 
 from __future__ import annotations
 
+import calendar
 import configparser
 import contextlib
 import errno
@@ -183,7 +184,7 @@ def proxy_seconds_left(proxy: Path) -> int | None:
         return None
     value = out.strip().partition("=")[2]
     try:
-        end = time.mktime(time.strptime(value, "%b %d %H:%M:%S %Y %Z")) - time.timezone
+        end = calendar.timegm(time.strptime(value, "%b %d %H:%M:%S %Y %Z"))  # always GMT
     except ValueError:
         return None
     return int(end - time.time())

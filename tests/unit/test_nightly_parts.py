@@ -1,0 +1,135 @@
+"""Nightly building blocks: the ledger, the unchanged-file filter, the soft lock's stale
+detection, the proxy lifetime check."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dac_upload.config import parse_job
+from dac_upload.ledger import Ledger, UnchangedFilter
+from dac_upload.nightly import JobLock, LockError, credentials_problem, proxy_seconds_left
+
+
+def test_ledger_rows_per_directory(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        n = ledger.record([
+            {"relpath": "a.fits", "size": 1, "mtime": 1.5, "name": "p/a.fits",
+             "status": "uploaded"},
+            {"relpath": "d/b.fits", "size": 2, "mtime": 2.5, "name": "p/d/b.fits",
+             "status": "failed:conflict"},
+            {"relpath": "d/c.fits", "size": 3, "mtime": 3.5, "name": "p/d/c.fits",
+             "status": "already_present"}], "R1")
+        assert n == 3
+        assert ledger.directory("") == {"a.fits": (1, 1.5, "uploaded")}
+        assert set(ledger.directory("d")) == {"b.fits", "c.fits"}
+        assert ledger.needs_person() == [("d/b.fits", "failed:conflict")]
+        # a later run's outcome replaces the row
+        ledger.record([{"relpath": "d/b.fits", "size": 9, "mtime": 9.0, "name": "p/d/b.fits",
+                        "status": "uploaded"}], "R2")
+        assert ledger.needs_person() == []
+        assert ledger.counts() == {"uploaded": 2, "already_present": 1}
+
+
+def test_unchanged_filter_keeps_new_and_changed_only(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        ledger.record([{"relpath": f"d{i % 3}/f{i}", "size": i, "mtime": float(i),
+                        "name": f"f{i}", "status": "uploaded"} for i in range(30)], "R1")
+        keep = UnchangedFilter(ledger)
+        kept = [rel for rel, size, mtime in [("d0/f0", 0, 0.0), ("d0/f3", 3, 3.0),
+                                             ("d0/new", 1, 1.0), ("d1/f1", 1, 99.0),
+                                             ("d1/f4", 5, 4.0), ("d2/f2", 2, 2.0)]
+                if keep(rel, size, mtime)]
+        assert kept == ["d0/new", "d1/f1", "d1/f4"]      # new, mtime changed, size changed
+        assert keep.unchanged == 3
+        assert len(keep._rows) == 10                       # only the current directory held
+
+
+def _write_stale(job_dir: Path, pid: int, age: float, host: str | None = None) -> None:
+    (job_dir / "nightly.lock").write_text("")
+    (job_dir / "nightly.lock.json").write_text(json.dumps(
+        {"host": host or socket.gethostname(), "pid": pid, "started": time.time() - age,
+         "mode": "soft"}))
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_soft_lock_reports_a_dead_holder_and_breaks_only_when_told(tmp_path: Path) -> None:
+    pid = _dead_pid()
+    _write_stale(tmp_path, pid, 60)
+    with pytest.raises(LockError, match=f"stale lock \\(its process is gone\\): pid {pid}"):
+        JobLock(tmp_path, "soft").acquire()
+    assert (tmp_path / "nightly.lock").exists()
+    lock = JobLock(tmp_path, "soft")
+    lock.acquire(break_stale=True)
+    assert any("removed a stale lock" in n for n in lock.notes)
+    assert json.loads((tmp_path / "nightly.lock.json").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "nightly.lock").exists()
+
+
+def test_soft_lock_of_a_live_holder_is_respected(tmp_path: Path) -> None:
+    _write_stale(tmp_path, os.getpid(), 60)                 # alive: this very process
+    with pytest.raises(LockError, match="holds its lock"):
+        JobLock(tmp_path, "soft").acquire(break_stale=True)
+
+
+def test_soft_lock_too_old_on_another_host_is_stale(tmp_path: Path) -> None:
+    _write_stale(tmp_path, 12345, 2 * 86400, host="login-other")
+    with pytest.raises(LockError, match=r"stale lock \(it is 48.0 h old\)"):
+        JobLock(tmp_path, "soft").acquire()
+
+
+def test_flock_mode_is_exclusive_across_processes(tmp_path: Path) -> None:
+    lock = JobLock(tmp_path, "flock")
+    lock.acquire()
+    code = ("import sys; from pathlib import Path; from dac_upload.nightly import JobLock, "
+            "LockError\ntry:\n    JobLock(Path(sys.argv[1]), 'flock').acquire()\n"
+            "except LockError as e:\n    print(e); sys.exit(10)\n")
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
+                           capture_output=True, text=True)
+    assert other.returncode == 10, other.stderr
+    assert f"pid {os.getpid()}" in other.stdout
+    lock.release()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Path:
+    """A certificate valid for one day (openssl), standing in for a proxy."""
+    cert = tmp_path / "x509up"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=test", "-keyout", str(tmp_path / "key"), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert
+
+
+def test_proxy_lifetime_against_the_time_limit(tmp_path: Path, proxy: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    left = proxy_seconds_left(proxy)
+    assert left is not None and 86000 < left <= 86400
+    cfg = tmp_path / "rucio.cfg"
+    cfg.write_text("[client]\nauth_type = x509_proxy\n")
+    monkeypatch.setenv("X509_USER_PROXY", str(proxy))
+
+    def job(time_limit: str):
+        return parse_job({"source": {"root": str(tmp_path)},
+                          "rucio": {"scope": "s", "rse": "R", "config": str(cfg)},
+                          "slurm": {"time": time_limit}, "container": {"runtime": "none"}},
+                         path=tmp_path / "j.toml")
+
+    assert credentials_problem(job("12:00:00")) is None
+    problem = credentials_problem(job("2-00:00:00"))
+    assert problem is not None and "expires in 24.0 h" in problem and "48.0 h" in problem
+    cfg.write_text("[client]\nauth_type = userpass\n")
+    assert credentials_problem(job("2-00:00:00")) is None   # no proxy involved
