@@ -372,7 +372,7 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
     from .files import read_json
     from .pipeline import compress_indices, submit_tasks
     from .runview import run_view
-    from .status import tasks_to_retry
+    from .status import ACTIVE_STATES, tasks_to_retry
 
     run = read_json(run_dir / "run.json")
     if not run.get("submissions"):
@@ -386,6 +386,11 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
     if active:
         say(f"the previous run {run_dir.name} still has tasks {compress_indices(active)} "
             "pending or running: not starting another tonight")
+        return STILL_GOING
+    collector = run["submissions"][-1].get("collector_job_id")
+    if collector and set(slurm.queue_states([collector]).values()) & set(ACTIVE_STATES):
+        say(f"the previous run {run_dir.name} is still being collected (job {collector}): "
+            "not starting another tonight")
         return STILL_GOING
     retry = tasks_to_retry(tasks)
     if not retry:

@@ -151,8 +151,14 @@ def max_array_size() -> int:
 
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """States of the jobs (array tasks one by one) still known to slurmctld."""
-    proc = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", "%i %T"])
+    """States of the jobs (array tasks one by one) still known to slurmctld; {} for jobs it
+    has already forgotten (MinJobAge)."""
+    try:
+        proc = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", "%i %T"])
+    except SlurmError as exc:
+        if "invalid job id" in str(exc).lower():
+            return {}
+        raise
     return parse_squeue_states(proc.stdout)
 
 
@@ -190,12 +196,7 @@ def wait_until_gone(job_id: str, timeout: float, poll: float = 1.0,
              "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            states = queue_states([job_id])
-        except SlurmError as exc:
-            if "Invalid job id" in str(exc):
-                return
-            raise
+        states = queue_states([job_id])
         if not states or all(s in final for s in states.values()):
             return
         if time.monotonic() > deadline:
