@@ -359,8 +359,8 @@ def nightly(job_file: str, quiet: bool, wait: bool, timeout: float, full: bool,
         job = load_job(job_file)
     except ConfigError as exc:
         _fail(exc.lines, EXIT_USER)
-    job.job_dir.mkdir(parents=True, exist_ok=True)
-    say = Reporter(job.job_dir / "nightly.log", quiet)
+    job.runs_dir.mkdir(parents=True, exist_ok=True)
+    say = Reporter(job.runs_dir / "nightly.log", quiet)
     if job.rucio.lifetime:
         say(f"[rucio] lifetime = {job.rucio.lifetime} s: uploads become deletable",
             problem=True)

@@ -6,6 +6,7 @@ once, before anything touches the file system, Slurm or Rucio (exit code 2 at th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -120,13 +121,16 @@ class JobConfig:
     container: ContainerConfig
 
     @property
-    def job_dir(self) -> Path:
-        """Beside the runs: the ledger, the nightly lock and its log."""
-        return self.runs_dir.parent
-
-    @property
     def ledger_path(self) -> Path:
-        return self.job_dir / "ledger.sqlite"
+        """One ledger per destination (scope, RSE, naming), in the runs folder beside the
+        runs: changing where or under which names files go starts from an empty ledger
+        (the worker then asks Rucio about every file)."""
+        import hashlib
+
+        target = json.dumps([self.rucio.scope, self.rucio.rse, self.naming.prefix,
+                             self.naming.replace_invalid])
+        digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+        return self.runs_dir / f"ledger.{self.rucio.scope}.{self.rucio.rse}.{digest}.sqlite"
 
 
 # ----------------------------------------------------------------------------- value parsers

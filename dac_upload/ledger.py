@@ -72,6 +72,11 @@ class Ledger:
                                 data)
         return len(data)
 
+    def forget(self, relpaths: Iterable[str]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM files WHERE dir = ? AND base = ?",
+                                [split(r) for r in relpaths])
+
     def needs_person(self) -> list[tuple[str, str]]:
         """(relpath, status) of every file whose last outcome was a failure to fix by hand."""
         rows = self.db.execute("SELECT dir, base, status FROM files WHERE status LIKE 'failed:%'"

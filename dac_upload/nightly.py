@@ -92,10 +92,10 @@ class JobLock:
     holder's lock is released by the kernel), else filelock's soft lock (a file that exists),
     whose staleness we detect and report but never break unless told to."""
 
-    def __init__(self, job_dir: Path, mode: str = "auto", stale_after: float = 86400) -> None:
-        self.path = job_dir / "nightly.lock"
-        self.info_path = job_dir / "nightly.lock.json"
-        self.mode = ("flock" if flock_works(job_dir) else "soft") if mode == "auto" else mode
+    def __init__(self, directory: Path, mode: str = "auto", stale_after: float = 86400) -> None:
+        self.path = directory / "nightly.lock"
+        self.info_path = directory / "nightly.lock.json"
+        self.mode = ("flock" if flock_works(directory) else "soft") if mode == "auto" else mode
         self.stale_after = stale_after
         self.notes: list[str] = []
         self._lock: filelock.BaseFileLock | None = None
@@ -158,8 +158,8 @@ class JobLock:
 @contextlib.contextmanager
 def job_lock(job: JobConfig, break_stale: bool = False, mode: str | None = None,
              stale_after: float = 86400) -> Iterator[JobLock]:
-    job.job_dir.mkdir(parents=True, exist_ok=True)
-    lock = JobLock(job.job_dir, mode or os.environ.get("DAC_UPLOAD_LOCK", "auto"), stale_after)
+    job.runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = JobLock(job.runs_dir, mode or os.environ.get("DAC_UPLOAD_LOCK", "auto"), stale_after)
     lock.acquire(break_stale)
     try:
         yield lock
@@ -168,11 +168,16 @@ def job_lock(job: JobConfig, break_stale: bool = False, mode: str | None = None,
 
 
 def latest_run(job: JobConfig) -> Path | None:
-    """The newest run directory of the job (run ids start with their UTC time)."""
+    """The newest run of the job that was submitted (run ids start with their UTC time; a
+    run only planned, never submitted, is nobody's previous run)."""
     if not job.runs_dir.is_dir():
         return None
-    runs = sorted(p for p in job.runs_dir.iterdir() if (p / "run.json").is_file())
-    return runs[-1] if runs else None
+    for run_dir in sorted((p for p in job.runs_dir.iterdir() if (p / "run.json").is_file()),
+                          reverse=True):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((run_dir / "run.json").read_text()).get("submissions"):
+                return run_dir
+    return None
 
 
 def proxy_seconds_left(proxy: Path) -> int | None:
@@ -261,28 +266,51 @@ class NightOptions:
 
 def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
               preflight: Any = None) -> int:
-    """One night for one job; returns the exit code (see the constants above)."""
+    """One night for one job; returns the exit code (see the constants above). The lock is
+    held while deciding and submitting, not while waiting (--wait): a later night then sees
+    the run going and exits STILL_GOING."""
+    lock_mode = os.environ.get("DAC_UPLOAD_LOCK", "auto")
+    if lock_mode not in ("auto", "flock", "soft"):
+        say(f"DAC_UPLOAD_LOCK={lock_mode!r}: use auto, flock or soft", problem=True)
+        return CONFIG_ERROR
     try:
-        with job_lock(job, opts.break_stale_lock) as lock:
+        with job_lock(job, opts.break_stale_lock, lock_mode) as lock:
             for note in lock.notes:
                 say(note)
-            code = _night(job, opts, say, preflight)
+            code, waiting = _night(job, opts, say, preflight)
+            stuck = _still_needing_a_person(job)
     except LockError as exc:
         say(str(exc), problem=True)
         return LOCKED
+    if waiting is not None:
+        code = _wait(*waiting, opts, say)
+        stuck = _still_needing_a_person(job)
+    for line in describe_needs_person(stuck):
+        say(line, problem=True)
+    return NEEDS_PERSON if stuck and code == OK else code
+
+
+def _still_needing_a_person(job: JobConfig) -> list[tuple[str, str]]:
+    """Ledger rows that need a person, after forgetting those whose file is gone or is no
+    longer selected by the job (deleting or excluding a file is a fix too)."""
     from .ledger import Ledger
+    from .naming import matches_any
 
-    if job.ledger_path.exists():
-        with Ledger(job.ledger_path) as ledger:
-            stuck = ledger.needs_person()
-        for line in describe_needs_person(stuck):
-            say(line, problem=True)
-        if stuck and code == OK:
-            return NEEDS_PERSON
-    return code
+    if not job.ledger_path.exists():
+        return []
+    with Ledger(job.ledger_path) as ledger:
+        rows = ledger.needs_person()
+        gone = [rel for rel, _ in rows
+                if not (job.source.root / rel).exists()
+                or not matches_any(rel, job.source.include)
+                or matches_any(rel, job.source.exclude)]
+        ledger.forget(gone)
+    return [row for row in rows if row[0] not in set(gone)]
 
 
-def _night(job: JobConfig, opts: NightOptions, say: Reporter, preflight: Any) -> int:
+def _night(job: JobConfig, opts: NightOptions, say: Reporter,
+           preflight: Any) -> tuple[int, tuple[str, Path] | None]:
+    """(exit code, (collector, run dir) to wait for with --wait)."""
     from . import slurm
     from .ledger import Ledger, UnchangedFilter
     from .pipeline import (
@@ -297,16 +325,21 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter, preflight: Any) ->
         max_array = slurm.max_array_size()
     except slurm.SlurmError as exc:
         say(str(exc), problem=True)
-        return SUBMIT_FAILED
-    previous = latest_run(job)
-    if previous is not None:
-        code = _previous_run(job, previous, opts, say, max_array)
-        if code is not None:
-            return code
-    problem = credentials_problem(job)
+        return SUBMIT_FAILED, None
+    problem = credentials_problem(job)   # before anything is submitted, resubmissions too
     if problem:
         say(problem, problem=True)
-        return CREDENTIALS
+        return CREDENTIALS, None
+    previous = latest_run(job)
+    if previous is not None:
+        try:
+            ended = _previous_run(job, previous, opts, say, max_array)
+        except slurm.SlurmError as exc:
+            say(f"cannot ask Slurm about the previous run {previous.name}: {exc}",
+                problem=True)
+            return SUBMIT_FAILED, None
+        if ended is not None:
+            return ended
     ledger = None if opts.full else Ledger(job.ledger_path)
     keep = UnchangedFilter(ledger) if ledger else None
     try:
@@ -315,16 +348,16 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter, preflight: Any) ->
     except NothingToUpload:
         say(f"nothing new under {job.source.root}"
             + (f" ({keep.unchanged:,} files unchanged since the ledger)" if keep else ""))
-        return OK
+        return OK, None
     except PlanError as exc:
         for line in exc.lines:
             say(line, problem=True)
-        return CONFIG_ERROR
+        return CONFIG_ERROR, None
     except Exception as exc:
         if type(exc).__name__ != "RucioUnavailable":
             raise
         say(str(exc), problem=True)
-        return SUBMIT_FAILED
+        return SUBMIT_FAILED, None
     finally:
         if ledger is not None:
             ledger.close()
@@ -335,12 +368,10 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter, preflight: Any) ->
         sub = submit_run(prep.layout.dir, max_array, slurm.submit, job.slurm.max_submit)
     except (slurm.SlurmError, PlanError, CollectorNotSubmitted) as exc:
         say(f"submission failed: {exc}", problem=True)
-        return SUBMIT_FAILED
+        return SUBMIT_FAILED, None
     say(f"submitted array job(s) {', '.join(a['job_id'] for a in sub.arrays)} and collector "
         f"{sub.collector_job_id}")
-    if not opts.wait:
-        return OK
-    return _wait(sub.collector_job_id, prep.layout.dir, opts, say)
+    return OK, ((sub.collector_job_id, prep.layout.dir) if opts.wait else None)
 
 
 def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> int:
@@ -365,47 +396,44 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
 
 
 def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,
-                  max_array: int) -> int | None:
-    """Exit code if tonight ends with the previous run (still going, or resubmitted)."""
+                  max_array: int) -> tuple[int, tuple[str, Path] | None] | None:
+    """(exit code, what to wait for) if tonight ends with the previous run (still going, or
+    resubmitted); None if tonight goes on to new files. Raises SlurmError without the
+    scheduler's view (a running task must not be started twice)."""
     from . import slurm
-    from .collect import read_run
     from .files import read_json
     from .pipeline import compress_indices, submit_tasks
     from .runview import run_view
     from .status import ACTIVE_STATES, tasks_to_retry
 
     run = read_json(run_dir / "run.json")
-    if not run.get("submissions"):
-        return None  # planned but never submitted: not ours to judge
-    try:
-        _, tasks = run_view(run_dir)
-    except slurm.SlurmError as exc:
-        say(f"cannot ask Slurm about the previous run {run_dir.name}: {exc}", problem=True)
-        return SUBMIT_FAILED
+    state, tasks = run_view(run_dir)
     active = [t.task for t in tasks if t.state in ("pending", "running")]
     if active:
         say(f"the previous run {run_dir.name} still has tasks {compress_indices(active)} "
             "pending or running: not starting another tonight")
-        return STILL_GOING
+        return STILL_GOING, None
     collector = run["submissions"][-1].get("collector_job_id")
     if collector and set(slurm.queue_states([collector]).values()) & set(ACTIVE_STATES):
         say(f"the previous run {run_dir.name} is still being collected (job {collector}): "
             "not starting another tonight")
-        return STILL_GOING
+        return STILL_GOING, None
     retry = tasks_to_retry(tasks)
+    # a task that has run 1 + max_resubmits times is given up; one held back by max_submit
+    # (never ran) is not counted
+    ran = {t: max((int(r.get("attempt") or 0) for r in state.results.get(t, [])), default=0)
+           for t in retry}
+    give_up = [t for t in retry if ran[t] > opts.max_resubmits]
+    if give_up:
+        _give_up(job, run_dir, state, give_up, say)
+    retry = [t for t in retry if t not in give_up]
     if not retry:
-        return None
-    attempts = len(run["submissions"])
-    if attempts > opts.max_resubmits:
-        _give_up(job, run_dir, read_run(run_dir), retry, say)
         return None
     sub = submit_tasks(run_dir, retry, max_array, slurm.submit, job.slurm.max_submit)
     say(f"the previous run {run_dir.name} had unfinished tasks {compress_indices(retry)}: "
-        f"resubmitted (attempt {sub.attempt} of at most {opts.max_resubmits + 1}); new files "
-        "wait for the next night", problem=True)
-    if opts.wait:
-        return _wait(sub.collector_job_id, run_dir, opts, say)
-    return OK
+        f"resubmitted (attempt {sub.attempt}; a task is given up after "
+        f"{opts.max_resubmits + 1} runs); new files wait for the next night", problem=True)
+    return OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
 
 
 def _give_up(job: JobConfig, run_dir: Path, state: Any, tasks: list[int],
@@ -414,19 +442,21 @@ def _give_up(job: JobConfig, run_dir: Path, state: Any, tasks: list[int],
     needing a person, so the next runs do not pick them up again while unchanged."""
     from .collect import merge_records
     from .ledger import Ledger
-    from .worker import DONE_STATES
+    from .worker import DONE_STATES, PERMANENT_CAUSES
 
     rows = []
     for t in tasks:
         merged = merge_records(state.results.get(t, []))
         for entry in state.manifests[t]["files"]:
             rec = merged.get(entry["name"])
-            if rec is None or rec.get("status") not in DONE_STATES:
-                rows.append({"relpath": entry["relpath"], "size": entry["size"],
-                             "mtime": entry["mtime"], "name": entry["name"],
-                             "status": "failed:gave-up"})
+            if rec is not None and (rec.get("status") in DONE_STATES
+                                    or rec.get("cause") in PERMANENT_CAUSES):
+                continue  # done, or already in the ledger with its own cause
+            rows.append({"relpath": entry["relpath"], "size": entry["size"],
+                         "mtime": entry["mtime"], "name": entry["name"],
+                         "status": "failed:gave-up"})
     with Ledger(job.ledger_path) as ledger:
         ledger.record(rows, state.run["run_id"])
-    say(f"gave up on {len(rows)} files of run {run_dir.name} after "
-        f"{len(state.run['submissions'])} attempts; they are retried when they change "
-        "(or after fixing: dac-upload resubmit --retry-permanent)", problem=True)
+    say(f"gave up on {len(rows)} files of tasks {tasks} of run {run_dir.name}: they are "
+        "retried when they change (or after fixing: dac-upload resubmit --retry-permanent)",
+        problem=True)

@@ -66,9 +66,9 @@ def script_context(job: JobConfig, run_id: str, run_dir: Path, python: str) -> S
     binds: list[str] = []
     if job.container.runtime == "apptainer":
         root = str(job.source.root)
-        # the job's folder holds the run and the ledger the collector updates
-        binds = [f"{root}:{root}:ro", str(job.job_dir)]
-        if not Path(run_dir).is_relative_to(job.job_dir):
+        # the runs folder holds the run and the ledger the collector updates
+        binds = [f"{root}:{root}:ro", str(job.runs_dir)]
+        if not Path(run_dir).is_relative_to(job.runs_dir):
             binds.append(str(run_dir))
         if job.rucio.config:
             binds.append(f"{job.rucio.config}:{job.rucio.config}:ro")

@@ -55,7 +55,7 @@ def add_files(root: Path, names: list[str]) -> None:
 
 def runs(workdir: Path) -> list[Path]:
     d = workdir / "jobs" / "night" / "runs"
-    return sorted(d.iterdir()) if d.exists() else []
+    return sorted(p for p in d.iterdir() if (p / "run.json").exists()) if d.exists() else []
 
 
 def uploaded_relpaths(run_dir: Path) -> set[str]:
@@ -87,7 +87,7 @@ def test_three_nights_upload_only_what_is_new(workdir: Path) -> None:
     assert night3.returncode == 0, night3.stdout + night3.stderr
     assert night3.stdout == "" and night3.stderr == ""          # quiet: nothing to say
     assert len(runs(workdir)) == 2
-    log = (workdir / "jobs" / "night" / "nightly.log").read_text()
+    log = (workdir / "jobs" / "night" / "runs" / "nightly.log").read_text()
     assert "nothing new" in log and "13 files unchanged since the ledger" in log
 
 
@@ -111,7 +111,7 @@ def test_stale_soft_lock_is_reported_not_broken(workdir: Path) -> None:
     add_files(workdir / "src", ["b/img0.fits"])
     chown_user(workdir)
     job = nightly_job(workdir, unique_prefix())
-    job_dir = workdir / "jobs" / "night"
+    job_dir = workdir / "jobs" / "night" / "runs"     # the lock lives beside the runs
     job_dir.mkdir(parents=True, exist_ok=True)
     dead = subprocess.Popen(["true"])
     dead.wait()                                               # a pid that no longer exists
@@ -160,3 +160,36 @@ def test_changed_file_is_a_conflict_and_the_nights_say_so(workdir: Path,
     assert night3.returncode == 13, night3.stdout + night3.stderr      # needs a person
     assert "needs a person: c/img1.fits (conflict)" in night3.stderr
     assert len(runs(workdir)) == 2                                       # nothing new
+
+
+def test_previous_run_with_failures_is_resubmitted_first(workdir: Path) -> None:
+    src = workdir / "src"
+    add_files(src, [f"d/img{i}.fits" for i in range(8)])
+    chown_user(workdir)
+    job = nightly_job(workdir, unique_prefix())
+    night1 = dac_upload(["nightly", str(job)], cwd=workdir)
+    assert night1.returncode == 0, night1.stdout + night1.stderr
+    run_dir = runs(workdir)[-1]
+    # one task's worker dies before it writes anything useful (as a node failure would)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if subprocess.run(["pkill", "-KILL", "-f", f"worker --run {run_dir} --task 1$"]
+                          ).returncode == 0:
+            break
+        time.sleep(0.02)
+    subprocess.run(["bash", "-c", f"while squeue -h -j $(python3 -c \"import json;"
+                    f"print(json.load(open('{run_dir}/run.json'))['submissions'][0]"
+                    "['collector_job_id'])\") | grep -q .; do sleep 0.5; done"], timeout=300)
+    add_files(src, ["d/late.fits"])
+    chown_user(workdir)
+
+    night2 = dac_upload(["nightly", str(job), "--wait"], cwd=workdir)
+    assert night2.returncode == 0, night2.stdout + night2.stderr
+    assert "had unfinished tasks 1: resubmitted" in night2.stderr       # reported
+    assert len(runs(workdir)) == 1                                        # no new run yet
+    assert json.loads((run_dir / "summary.json").read_text())["complete"] is True
+
+    night3 = dac_upload(["nightly", str(job), "--wait"], cwd=workdir)
+    assert night3.returncode == 0, night3.stdout + night3.stderr
+    assert "1 new or changed files (8 unchanged)" in night3.stdout        # the late file
+    assert len(runs(workdir)) == 2

@@ -133,3 +133,44 @@ def test_proxy_lifetime_against_the_time_limit(tmp_path: Path, proxy: Path,
     assert problem is not None and "expires in 24.0 h" in problem and "48.0 h" in problem
     cfg.write_text("[client]\nauth_type = userpass\n")
     assert credentials_problem(job("2-00:00:00")) is None   # no proxy involved
+
+
+def _job(tmp_path: Path, **rucio: str):
+    return parse_job({"source": {"root": str(tmp_path / "src"), "include": ["**/*.fits"]},
+                      "rucio": {"scope": "s", "rse": "R", **rucio},
+                      "container": {"runtime": "none"}}, path=tmp_path / "j.toml")
+
+
+def test_one_ledger_per_destination(tmp_path: Path) -> None:
+    a, b = _job(tmp_path), _job(tmp_path, rse="OTHER")
+    assert a.ledger_path.parent == a.runs_dir
+    assert a.ledger_path.name.startswith("ledger.s.R.") and a.ledger_path != b.ledger_path
+    assert a.ledger_path == _job(tmp_path).ledger_path
+
+
+def test_latest_run_skips_runs_never_submitted(tmp_path: Path) -> None:
+    from dac_upload.nightly import latest_run
+
+    job = _job(tmp_path)
+    for run_id, subs in (("20261101T000000Z-a", [{"arrays": []}]),
+                         ("20261102T000000Z-b", [])):
+        (job.runs_dir / run_id).mkdir(parents=True)
+        (job.runs_dir / run_id / "run.json").write_text(json.dumps({"submissions": subs}))
+    assert latest_run(job).name == "20261101T000000Z-a"
+
+
+def test_fixed_by_deleting_or_excluding_is_forgotten(tmp_path: Path) -> None:
+    from dac_upload.nightly import _still_needing_a_person
+
+    job = _job(tmp_path)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "kept.fits").write_bytes(b"x")
+    (tmp_path / "src" / "now.txt").write_bytes(b"x")
+    job.runs_dir.mkdir(parents=True)
+    with Ledger(job.ledger_path) as ledger:
+        ledger.record([{"relpath": rel, "size": 1, "mtime": 1.0, "name": rel,
+                        "status": "failed:conflict"}
+                       for rel in ("kept.fits", "gone.fits", "now.txt")], "R1")
+    assert _still_needing_a_person(job) == [("kept.fits", "failed:conflict")]
+    with Ledger(job.ledger_path) as ledger:
+        assert ledger.needs_person() == [("kept.fits", "failed:conflict")]

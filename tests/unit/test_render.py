@@ -117,7 +117,7 @@ trap 'kill -TERM "${worker:-}" 2>/dev/null' TERM
 echo "dac-upload: run R1 task $TASK on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 apptainer exec --cleanenv \\
   --bind '/rds/project/dp1 data:/rds/project/dp1 data:ro' \\
-  --bind /home/u/jobs/csd3 \\
+  --bind /home/u/jobs/csd3/runs \\
   --bind '/rds/project/x y/runs/R1' \\
   --bind /rds/cvmfs:/cvmfs:ro \\
   --env "SLURM_ARRAY_TASK_ID=$TASK" \\
@@ -153,7 +153,7 @@ RUN_DIR='/rds/project/x y/runs/R1'
 echo "dac-upload: collecting run R1 on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 apptainer exec --cleanenv \\
   --bind '/rds/project/dp1 data:/rds/project/dp1 data:ro' \\
-  --bind /home/u/jobs/csd3 \\
+  --bind /home/u/jobs/csd3/runs \\
   --bind '/rds/project/x y/runs/R1' \\
   --bind /rds/cvmfs:/cvmfs:ro \\
   /rds/images/dac-upload.sif \\
@@ -194,7 +194,7 @@ def test_rucio_config_exported_and_bound() -> None:
            "container": APPTAINER}
     job = parse_job(raw, path=Path("/home/u/jobs/j.toml"))
     ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3")
-    assert ctx.binds == ("/data:/data:ro", "/home/u/jobs/j", str(RUN_DIR),
+    assert ctx.binds == ("/data:/data:ro", "/home/u/jobs/j/runs", str(RUN_DIR),
                          "/etc/my rucio.cfg:/etc/my rucio.cfg:ro", "/rds/cvmfs:/cvmfs:ro")
     body = render.render_body("array.sh.j2", ctx)
     assert "\nexport RUCIO_CONFIG='/etc/my rucio.cfg'\n" in body
@@ -297,8 +297,8 @@ def test_extra_may_not_override_what_dac_upload_sets(tmp_path: Path) -> None:
 
 
 def test_run_inside_the_job_folder_is_bound_once() -> None:
-    """The job's folder (runs and the ledger the collector updates) covers the run."""
+    """The runs folder (the runs and the ledger the collector updates) covers the run."""
     job = _job(APPTAINER)
     ctx = render.script_context(job, "R1", job.runs_dir / "R1", "/usr/bin/python3")
     assert ctx.binds == ("/rds/project/dp1 data:/rds/project/dp1 data:ro",
-                         "/home/u/jobs/csd3", "/rds/cvmfs:/cvmfs:ro")
+                         "/home/u/jobs/csd3/runs", "/rds/cvmfs:/cvmfs:ro")
