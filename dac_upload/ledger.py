@@ -6,9 +6,10 @@ person (``failed:<cause>``, e.g. ``failed:conflict``). A nightly run skips a fil
 and mtime still match its row; any change makes it new again. Rows are looked up one
 directory at a time, so a scan of millions of files never holds the whole ledger in memory.
 
-The ledger is written only by ``collect`` (the collector job at the end of a run) and read by
-``nightly`` under the job's lock, never at the same time: SQLite's own locking, which some
-NFS/Lustre mounts do not honour, is not relied on.
+The ledger is written by ``collect`` (the collector job at the end of a run) and by
+``nightly`` under the job's lock (giving up on files, forgetting fixed ones), never at the
+same time: nightly does nothing while a run of the job is queued, so SQLite's own locking,
+which some NFS/Lustre mounts do not honour, is not relied on.
 """
 
 from __future__ import annotations

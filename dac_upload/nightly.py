@@ -1,10 +1,11 @@
 """Nightly incremental runs: ledger + lock -> at most one new run of a job per night.
 
-Order of a night: take the job's lock (exit LOCKED if another night holds it); look at the
-previous run (exit STILL_GOING while its tasks are queued; resubmit its retryable failures,
-at most ``max_resubmits`` times per run, and stop there for tonight); check that the
-credentials outlive the job's time limit; catalogue only files new or changed since the
-ledger; submit a run for them (or nothing). Files the ledger marks as needing a person
+Order of a night: take the job's lock (exit LOCKED if another night holds it); check that
+the credentials outlive the job's time limit (CREDENTIALS); look at the newest submitted run
+(exit STILL_GOING while its tasks or collector are queued; resubmit its retryable tasks and
+stop there for tonight, giving up on a task once it has run 1 + ``max_resubmits`` times);
+catalogue only files new or changed since the ledger; submit a run for them (or nothing);
+release the lock, then wait with --wait. Files the ledger marks as needing a person
 (conflicts, unreadable, ...) are reported every night, with exit NEEDS_PERSON, until fixed.
 """
 
@@ -260,7 +261,7 @@ class NightOptions:
     wait: bool = False
     timeout: float = 86400.0
     break_stale_lock: bool = False
-    max_resubmits: int = 3        # per run: a permanently broken task cannot loop forever
+    max_resubmits: int = 3        # per task: a permanently broken task cannot loop forever
     offline: bool = False
 
 
@@ -284,13 +285,13 @@ def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
         return LOCKED
     if waiting is not None:
         code = _wait(*waiting, opts, say)
-        stuck = _still_needing_a_person(job)
+        stuck = _still_needing_a_person(job, forget=False)  # no lock held: read only
     for line in describe_needs_person(stuck):
         say(line, problem=True)
     return NEEDS_PERSON if stuck and code == OK else code
 
 
-def _still_needing_a_person(job: JobConfig) -> list[tuple[str, str]]:
+def _still_needing_a_person(job: JobConfig, forget: bool = True) -> list[tuple[str, str]]:
     """Ledger rows that need a person, after forgetting those whose file is gone or is no
     longer selected by the job (deleting or excluding a file is a fix too)."""
     from .ledger import Ledger
@@ -304,7 +305,8 @@ def _still_needing_a_person(job: JobConfig) -> list[tuple[str, str]]:
                 if not (job.source.root / rel).exists()
                 or not matches_any(rel, job.source.include)
                 or matches_any(rel, job.source.exclude)]
-        ledger.forget(gone)
+        if forget:
+            ledger.forget(gone)
     return [row for row in rows if row[0] not in set(gone)]
 
 
@@ -402,7 +404,7 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
     scheduler's view (a running task must not be started twice)."""
     from . import slurm
     from .files import read_json
-    from .pipeline import compress_indices, submit_tasks
+    from .pipeline import CollectorNotSubmitted, compress_indices, submit_tasks
     from .runview import run_view
     from .status import ACTIVE_STATES, tasks_to_retry
 
@@ -429,7 +431,12 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
     retry = [t for t in retry if t not in give_up]
     if not retry:
         return None
-    sub = submit_tasks(run_dir, retry, max_array, slurm.submit, job.slurm.max_submit)
+    try:
+        sub = submit_tasks(run_dir, retry, max_array, slurm.submit, job.slurm.max_submit)
+    except (slurm.SlurmError, CollectorNotSubmitted) as exc:
+        say(f"resubmitting tasks {compress_indices(retry)} of the previous run "
+            f"{run_dir.name} failed: {exc}", problem=True)
+        return SUBMIT_FAILED, None
     say(f"the previous run {run_dir.name} had unfinished tasks {compress_indices(retry)}: "
         f"resubmitted (attempt {sub.attempt}; a task is given up after "
         f"{opts.max_resubmits + 1} runs); new files wait for the next night", problem=True)

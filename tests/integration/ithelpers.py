@@ -136,3 +136,31 @@ def run_dir_of(stdout: str) -> Path:
 
 def load_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def job_toml(prefix: str, *, include: str = "**/*", scope: str = SCOPE, rse: str = RSE,
+             files_per_batch: int = 4, max_running: int = 2, rucio: str = "",
+             slurm: str = "") -> str:
+    """A job file for the tests: ../src into the test Rucio under ``prefix``, runtime none;
+    ``rucio`` and ``slurm`` add lines to those sections."""
+    return f"""
+[source]
+root = "../src"
+include = ["{include}"]
+[rucio]
+scope = "{scope}"
+rse = "{rse}"
+config = "../rucio.cfg"
+{rucio}
+[naming]
+prefix = "{prefix}"
+[batching]
+files_per_batch = {files_per_batch}
+max_running = {max_running}
+[slurm]
+time = "00:10:00"
+mem = "1G"
+{slurm}
+[container]
+runtime = "none"
+"""

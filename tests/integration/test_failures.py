@@ -8,10 +8,9 @@ import subprocess
 from pathlib import Path
 
 from ithelpers import (
-    RSE,
-    SCOPE,
     chown_user,
     dac_upload,
+    job_toml,
     load_summary,
     parse_submitted,
     run_dir_of,
@@ -22,29 +21,7 @@ from ithelpers import (
 
 
 def job_text(prefix: str, **over: str) -> str:
-    values = {"root": "../src", "scope": SCOPE, "rse": RSE, "files_per_batch": "4",
-              "max_running": "1", "extra": ""}
-    values.update(over)
-    return f"""
-[source]
-root = "{values['root']}"
-include = ["**/*.dat"]
-[rucio]
-scope = "{values['scope']}"
-rse = "{values['rse']}"
-config = "../rucio.cfg"
-[naming]
-prefix = "{prefix}"
-[batching]
-files_per_batch = {values['files_per_batch']}
-max_running = {values['max_running']}
-[slurm]
-time = "00:10:00"
-mem = "1G"
-{values['extra']}
-[container]
-runtime = "none"
-"""
+    return job_toml(prefix, include="**/*.dat", max_running=1, **over)
 
 
 def make_files(root: Path, n: int) -> list[Path]:
@@ -138,7 +115,7 @@ def test_sbatch_error_surfaces_slurms_own_message(workdir: Path) -> None:
     make_files(workdir / "src", 2)
     chown_user(workdir)
     job = write_job(workdir, "part", job_text(unique_prefix(),
-                                              extra='partition = "nosuchpartition"'))
+                                              slurm='partition = "nosuchpartition"'))
     proc = dac_upload(["submit", str(job)], cwd=workdir)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()
@@ -151,7 +128,7 @@ def test_unknown_sbatch_option_is_a_plan_error(workdir: Path) -> None:
     make_files(workdir / "src", 2)
     chown_user(workdir)
     job = write_job(workdir, "opt", job_text(unique_prefix(),
-                                             extra='extra = { no_such_option = "1" }'))
+                                             slurm='extra = { no_such_option = "1" }'))
     proc = dac_upload(["plan", str(job), "--offline"], cwd=workdir)
     assert proc.returncode == 2
     assert "no_such_option" in proc.stderr

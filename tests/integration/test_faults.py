@@ -18,6 +18,7 @@ from ithelpers import (
     adler32_of,
     chown_user,
     dac_upload,
+    job_toml,
     load_summary,
     parse_arrays,
     parse_submitted,
@@ -42,25 +43,8 @@ def make_files(root: Path, n: int, size: int = 20_000) -> dict[str, Path]:
 
 def job_file(workdir: Path, name: str, prefix: str, files_per_batch: int, max_running: int,
              extra: str = "") -> Path:
-    return write_job(workdir, name, f"""
-[source]
-root = "../src"
-[rucio]
-scope = "{SCOPE}"
-rse = "{RSE}"
-config = "../rucio.cfg"
-{extra}
-[naming]
-prefix = "{prefix}"
-[batching]
-files_per_batch = {files_per_batch}
-max_running = {max_running}
-[slurm]
-time = "00:10:00"
-mem = "1G"
-[container]
-runtime = "none"
-""")
+    return write_job(workdir, name, job_toml(prefix, files_per_batch=files_per_batch,
+                                             max_running=max_running, rucio=extra))
 
 
 def status_json(run_dir: Path, workdir: Path) -> dict[str, Any]:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from ithelpers import (
-    RSE,
     SCOPE,
     USER,
     VENV_BIN,
     chown_user,
     dac_upload,
+    job_toml,
     unique_prefix,
     user_env,
     write_job,
@@ -26,24 +26,7 @@ from ithelpers import (
 
 
 def nightly_job(workdir: Path, prefix: str) -> Path:
-    return write_job(workdir, "night", f"""
-[source]
-root = "../src"
-include = ["**/*.fits"]
-[rucio]
-scope = "{SCOPE}"
-rse = "{RSE}"
-config = "../rucio.cfg"
-[naming]
-prefix = "{prefix}"
-[batching]
-files_per_batch = 4
-max_running = 4
-[slurm]
-time = "00:10:00"
-[container]
-runtime = "none"
-""")
+    return write_job(workdir, "night", job_toml(prefix, include="**/*.fits", max_running=4))
 
 
 def add_files(root: Path, names: list[str]) -> None:
