@@ -8,9 +8,11 @@ not be reached.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,8 +138,22 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
     else:
         target = Path(run_dir).resolve()
     max_submit = _run_setting(target, "max_submit")
-    _submitted(target, lambda: submit_run(target, max_array, slurm.submit, max_submit), wait,
-               timeout)
+    with _locked_run(target):
+        sub = _submission(target, lambda: submit_run(target, max_array, slurm.submit,
+                                                     max_submit))
+    _after_submit(target, sub, wait, timeout)
+
+
+@contextlib.contextmanager
+def _locked_run(run_dir: Path) -> Iterator[None]:
+    """The run's submission lock: a person and the nightly never submit the same tasks."""
+    from .locks import LockError, run_submission_lock
+
+    try:
+        with run_submission_lock(run_dir):
+            yield
+    except LockError as exc:
+        _fail(f"{exc}; try again when it has finished", EXIT_USER)
 
 
 def _max_array_size() -> int:
@@ -154,16 +170,20 @@ def _max_array_size() -> int:
 def _run_setting(run_dir: Path, key: str) -> int | None:
     from .files import read_json
 
-    return read_json(run_dir / "run.json").get("slurm_limits", {}).get(key)
+    try:
+        return read_json(run_dir / "run.json").get("slurm_limits", {}).get(key)
+    except (OSError, ValueError) as exc:
+        _fail(f"{run_dir} is not a planned run ({exc}); plan one with dac-upload plan JOB",
+              EXIT_USER)
+    raise AssertionError("unreachable")
 
 
-def _submitted(target: Path, do_submit: Callable[[], Submission], wait: bool,
-               timeout: float) -> None:
-    """Run a submission, report it, optionally wait for its collector."""
+def _submission(target: Path, do_submit: Callable[[], Submission]) -> Submission:
+    """Run a submission; every way it can fail becomes one line and an exit code."""
     from . import slurm
 
     try:
-        sub = do_submit()
+        return do_submit()
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
     except CollectorNotSubmitted as exc:
@@ -171,6 +191,13 @@ def _submitted(target: Path, do_submit: Callable[[], Submission], wait: bool,
     except slurm.SlurmError as exc:
         _fail(f"{exc} (fix [slurm] in the job file and submit the job again, or if the cause "
               f"has passed: dac-upload resubmit {target})", EXIT_SERVICE)
+    raise AssertionError("unreachable")
+
+
+def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> None:
+    """Report a submission, optionally wait for its collector (no lock held)."""
+    from . import slurm
+
     for array in sub.arrays:
         click.echo(f"submitted array job {array['job_id']}: tasks {array['task_ids']}"
                    + (f" (+{array['offset']})" if array["offset"] else ""))
@@ -215,11 +242,14 @@ def _report(run_dir: Path) -> None:
               help="The run directory.")
 @click.option("--task", type=int, envvar="SLURM_ARRAY_TASK_ID", required=True,
               help="Array index to process (default: $SLURM_ARRAY_TASK_ID).")
-def worker(run_dir: str, task: int) -> None:
+@click.option("--retry-permanent", is_flag=True,
+              help="Also retry files whose last failure needed a person (set by "
+                   "dac-upload resubmit --retry-permanent).")
+def worker(run_dir: str, task: int, retry_permanent: bool) -> None:
     """Upload the files of one batch manifest (what each array task runs)."""
     from .worker import run_task
 
-    sys.exit(run_task(Path(run_dir).resolve(), task))
+    sys.exit(run_task(Path(run_dir).resolve(), task, retry_permanent=retry_permanent))
 
 
 @main.command()
@@ -302,7 +332,8 @@ def status(run_dir: str, as_json: bool) -> None:
               help="Submit even though tasks of the run are still pending or running.")
 @click.option("--retry-permanent", is_flag=True,
               help="Also retry files that failed for a reason a person must fix (missing, "
-                   "unreadable, changed, conflict), once you have fixed it.")
+                   "unreadable, conflict), once you have fixed it. A file that changed after "
+                   "planning needs a new run (dac-upload submit JOB).")
 @click.option("--wait", is_flag=True, help="Wait for the new collector and report.")
 @click.option("--timeout", default=86400.0, show_default=True,
               help="Seconds to wait with --wait.")
@@ -316,24 +347,27 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
 
     target = Path(run_dir).resolve()
     max_array = _max_array_size()
-    _, tasks = _run_status(target, need_scheduler=True)
-    active = [t.task for t in tasks if t.state in ("pending", "running")]
-    if active and not force:
-        _fail(f"tasks {compress_indices(active)} of this run are still pending or running; "
-              "wait for them (dac-upload status), or use --force", EXIT_USER)
-    retry = [t for t in tasks_to_retry(tasks, retry_permanent) if t not in active]
-    if not retry:
-        stuck = [t.task for t in tasks if not t.complete and t.permanent_only]
-        if stuck:
-            click.echo(f"nothing submitted: tasks {compress_indices(stuck)} have only files "
-                       "that failed for a reason a person must fix (see dac-upload status); "
-                       f"fix them, then: dac-upload resubmit --retry-permanent {target}")
-        else:
-            click.echo("nothing to resubmit: every task is complete")
-        return
     max_submit = _run_setting(target, "max_submit")
-    _submitted(target, lambda: submit_tasks(target, retry, max_array, slurm.submit,
-                                            max_submit), wait, timeout)
+    with _locked_run(target):
+        _, tasks = _run_status(target, need_scheduler=True)
+        active = [t.task for t in tasks if t.state in ("pending", "running")]
+        if active and not force:
+            _fail(f"tasks {compress_indices(active)} of this run are still pending or "
+                  "running; wait for them (dac-upload status), or use --force", EXIT_USER)
+        retry = tasks_to_retry(tasks, retry_permanent)
+        if not retry:
+            stuck = [t.task for t in tasks if not t.complete and t.permanent_only]
+            if stuck:
+                click.echo(f"nothing submitted: tasks {compress_indices(stuck)} have only "
+                           "files that failed for a reason a person must fix (see dac-upload "
+                           "status); fix them, then: dac-upload resubmit --retry-permanent "
+                           f"{target}")
+            else:
+                click.echo("nothing to resubmit: every task is complete")
+            return
+        sub = _submission(target, lambda: submit_tasks(
+            target, retry, max_array, slurm.submit, max_submit, retry_permanent))
+    _after_submit(target, sub, wait, timeout)
 
 
 @main.command()

@@ -14,22 +14,18 @@ from __future__ import annotations
 import calendar
 import configparser
 import contextlib
-import errno
-import fcntl
 import json
 import os
-import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
-
 from .config import JobConfig, slurm_time_seconds
-from .files import atomic_write_text
+from .locks import JobLock, LockError
 
 # exit codes of `dac-upload nightly` (docs/operations.md)
 OK = 0                 # nothing to do, or a run (or resubmission) submitted
@@ -41,126 +37,12 @@ STILL_GOING = 11       # the previous run still has tasks pending or running
 CREDENTIALS = 12       # the proxy would expire before the job's time limit
 NEEDS_PERSON = 13      # files that failed for a reason only a person can fix (see the log)
 
-_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
-
-
-class LockError(Exception):
-    """The job's lock is held, or stale: one line saying by whom and what to do."""
-
-
-@dataclass(frozen=True)
-class LockInfo:
-    host: str
-    pid: int
-    started: float
-    mode: str
-
-    def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
-        return f"pid {self.pid} on {self.host} since {when} ({self.mode} lock)"
-
-    def dead(self) -> bool:
-        """Provably gone: same host and no such process (another host cannot be checked)."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-
-def flock_works(directory: Path) -> bool:
-    """Whether flock(2) works on this file system (some Lustre/NFS mounts refuse it)."""
-    probe = directory / ".flock-probe"
-    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    except OSError as exc:
-        if exc.errno in _NO_FLOCK:
-            return False
-        raise
-    finally:
-        os.close(fd)
-
-
-class JobLock:
-    """The job's lock: flock through filelock where the file system supports it (a dead
-    holder's lock is released by the kernel), else filelock's soft lock (a file that exists),
-    whose staleness we detect and report but never break unless told to."""
-
-    def __init__(self, directory: Path, mode: str = "auto", stale_after: float = 86400) -> None:
-        self.path = directory / "nightly.lock"
-        self.info_path = directory / "nightly.lock.json"
-        self.mode = ("flock" if flock_works(directory) else "soft") if mode == "auto" else mode
-        self.stale_after = stale_after
-        self.notes: list[str] = []
-        self._lock: filelock.BaseFileLock | None = None
-
-    def holder(self) -> LockInfo | None:
-        try:
-            return LockInfo(**json.loads(self.info_path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def acquire(self, break_stale: bool = False) -> None:
-        if self.mode == "soft":
-            self.notes.append("flock does not work on this file system: using a soft lock "
-                              f"({self.path}); see docs/operations.md (Lustre/NFS)")
-            self._check_stale_soft(break_stale)
-            lock: filelock.BaseFileLock = filelock.SoftFileLock(str(self.path), timeout=0)
-        else:
-            lock = filelock.UnixFileLock(str(self.path), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            holder = self.holder()
-            raise LockError("another nightly run of this job holds its lock: "
-                            + (holder.describe() if holder else str(self.path))) from None
-        self._lock = lock
-        previous = self.holder()
-        if previous is not None and self.mode == "flock":
-            self.notes.append(f"the previous nightly ({previous.describe()}) ended without "
-                              "clearing its lock record; its flock was released by the system")
-        info = LockInfo(socket.gethostname(), os.getpid(), time.time(), self.mode)
-        atomic_write_text(self.info_path, json.dumps(info.__dict__) + "\n")
-
-    def _check_stale_soft(self, break_stale: bool) -> None:
-        if not self.path.exists():
-            return
-        holder = self.holder()
-        age = time.time() - (holder.started if holder else self.path.stat().st_mtime)
-        reason = ("its process is gone" if holder and holder.dead() else
-                  f"it is {age / 3600:.1f} h old" if age > self.stale_after else None)
-        who = holder.describe() if holder else f"unknown holder, file {self.path}"
-        if reason is None:
-            raise LockError(f"another nightly run of this job holds its lock: {who}")
-        if not break_stale:
-            raise LockError(f"stale lock ({reason}): {who}; if no nightly of this job is "
-                            "running, run again with --break-stale-lock")
-        self.notes.append(f"removed a stale lock ({reason}): {who}")
-        self.path.unlink()
-
-    def release(self) -> None:
-        if self._lock is not None:
-            with contextlib.suppress(OSError):
-                self.info_path.unlink()
-            self._lock.release()
-            if self.mode == "soft":
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
-            self._lock = None
-
-
 @contextlib.contextmanager
 def job_lock(job: JobConfig, break_stale: bool = False, mode: str | None = None,
              stale_after: float = 86400) -> Iterator[JobLock]:
     job.runs_dir.mkdir(parents=True, exist_ok=True)
-    lock = JobLock(job.runs_dir, mode or os.environ.get("DAC_UPLOAD_LOCK", "auto"), stale_after)
+    lock = JobLock(job.runs_dir, mode or os.environ.get("DAC_UPLOAD_LOCK", "auto"), stale_after,
+                   name="nightly")
     lock.acquire(break_stale)
     try:
         yield lock
@@ -206,8 +88,11 @@ def credentials_problem(job: JobConfig) -> str | None:
         return None
     if parser.get("client", "auth_type", fallback="") != "x509_proxy":
         return None
-    proxy = Path(os.environ.get("X509_USER_PROXY")
-                 or parser.get("client", "client_x509_proxy", fallback="")
+    configured = os.path.expandvars(os.path.expanduser(
+        parser.get("client", "client_x509_proxy", fallback="")))
+    if "$" in configured:  # e.g. $X509_USER_PROXY, which cron does not set
+        configured = ""
+    proxy = Path(os.environ.get("X509_USER_PROXY") or configured
                  or f"/tmp/x509up_u{os.getuid()}")
     left = proxy_seconds_left(proxy)
     need = slurm_time_seconds(job.slurm.time)
@@ -226,15 +111,6 @@ def describe_needs_person(rows: list[tuple[str, str]], limit: int = 10) -> list[
     if len(rows) > limit:
         lines.append(f"needs a person: ... and {len(rows) - limit} more (see the ledger)")
     return lines
-
-
-def ledger_summary(path: Path) -> dict[str, Any]:
-    from .ledger import Ledger
-
-    if not path.exists():
-        return {}
-    with Ledger(path) as ledger:
-        return ledger.counts()
 
 
 class Reporter:
@@ -403,13 +279,12 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
     resubmitted); None if tonight goes on to new files. Raises SlurmError without the
     scheduler's view (a running task must not be started twice)."""
     from . import slurm
-    from .files import read_json
     from .pipeline import CollectorNotSubmitted, compress_indices, submit_tasks
     from .runview import run_view
     from .status import ACTIVE_STATES, tasks_to_retry
 
-    run = read_json(run_dir / "run.json")
     state, tasks = run_view(run_dir)
+    run = state.run
     active = [t.task for t in tasks if t.state in ("pending", "running")]
     if active:
         say(f"the previous run {run_dir.name} still has tasks {compress_indices(active)} "
@@ -421,10 +296,12 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
             "not starting another tonight")
         return STILL_GOING, None
     retry = tasks_to_retry(tasks)
-    # a task that has run 1 + max_resubmits times is given up; one held back by max_submit
-    # (never ran) is not counted
-    ran = {t: max((int(r.get("attempt") or 0) for r in state.results.get(t, [])), default=0)
-           for t in retry}
+    # a task submitted 1 + max_resubmits times is given up (counted from run.json, so a task
+    # that dies before writing a record counts too); one held back by max_submit is not
+    submitted: Counter = Counter(
+        a["offset"] + i for s in state.run["submissions"] for a in s.get("arrays", [])
+        for i in slurm.expand_indices(a["task_ids"]))
+    ran = {t: submitted[t] for t in retry}
     give_up = [t for t in retry if ran[t] > opts.max_resubmits]
     if give_up:
         _give_up(job, run_dir, state, give_up, say)

@@ -121,7 +121,8 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
             "files": [{"relpath": f.relpath, "name": f.name, "size": f.size, "mtime": f.mtime}
                       for f in batch.files]}, pretty=False)
 
-    ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable)
+    ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
+                                os.environ.get("RUCIO_CONFIG"))
     array_body = render.render_body("array.sh.j2", ctx)
     collect_body = render.render_body("collect.sh.j2", ctx)
     task_ids = compress_indices([b.index for b in batches])
@@ -202,7 +203,8 @@ def chunk_indices(indices: list[int], max_array_size: int,
 
 
 def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
-                 submit: Callable[..., str], max_submit: int | None = None) -> Submission:
+                 submit: Callable[..., str], max_submit: int | None = None,
+                 retry_permanent: bool = False) -> Submission:
     """Submit these task indices of a planned run (as several arrays when MaxArraySize or the
     --array length demand it, offsets passed to the script), then one collector depending
     (afterany) on all of them. Each array is recorded in run.json as soon as it is queued.
@@ -225,19 +227,19 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
     run["submissions"].append(sub)
     for n, (offset, local) in enumerate(chunk_indices(indices, max_array_size)):
         local_ids = compress_indices(local)
-        opts = render.with_offset(run["slurm"]["array"], local_ids, offset)
+        opts = render.with_offset(run["slurm"]["array"], local_ids, offset, retry_permanent)
         if sub["arrays"]:  # one part after the other: max_running holds for the whole run
             opts["dependency"] = f"afterany:{sub['arrays'][-1]['job_id']}"
-        script = "array.sh" if attempt == 1 and n == 0 else f"array.attempt{attempt}.{n}.sh"
-        job_id = submit(opts, array_body, layout.dir, script)
+        # simple-slurm (re)writes the file it submits: never the planned array.sh
+        job_id = submit(opts, array_body, layout.dir, f"array.submit{attempt}.{n}.sh")
         sub["arrays"].append({"job_id": job_id, "offset": offset, "task_ids": local_ids})
         run["state"] = "submitted"
         atomic_write_json(layout.run_json, run)  # the run knows every queued array at once
     ids = [a["job_id"] for a in sub["arrays"]]
     collect_opts = dict(run["slurm"]["collector"], dependency="afterany:" + ":".join(ids))
-    script = "collect.sh" if attempt == 1 else f"collect.attempt{attempt}.sh"
     try:
-        collector_id = submit(collect_opts, collect_body, layout.dir, script)
+        collector_id = submit(collect_opts, collect_body, layout.dir,
+                              f"collect.submit{attempt}.sh")
     except Exception as exc:
         raise CollectorNotSubmitted(
             f"array job(s) {', '.join(ids)} were submitted but the collector was not ({exc}); "

@@ -62,7 +62,11 @@ class ScriptContext:
     version: str = __version__
 
 
-def script_context(job: JobConfig, run_id: str, run_dir: Path, python: str) -> ScriptContext:
+def script_context(job: JobConfig, run_id: str, run_dir: Path, python: str,
+                   rucio_config: str | None = None) -> ScriptContext:
+    """``rucio_config``: the RUCIO_CONFIG the planning side used when the job file names none
+    (frozen into the script: cron and ``apptainer --cleanenv`` would lose it)."""
+    config = str(job.rucio.config) if job.rucio.config else rucio_config
     binds: list[str] = []
     if job.container.runtime == "apptainer":
         root = str(job.source.root)
@@ -70,15 +74,15 @@ def script_context(job: JobConfig, run_id: str, run_dir: Path, python: str) -> S
         binds = [f"{root}:{root}:ro", str(job.runs_dir)]
         if not Path(run_dir).is_relative_to(job.runs_dir):
             binds.append(str(run_dir))
-        if job.rucio.config:
-            binds.append(f"{job.rucio.config}:{job.rucio.config}:ro")
+        if config:
+            binds.append(f"{config}:{config}:ro")
         binds.extend(job.container.binds)
     return ScriptContext(
         job=job.name, run_id=run_id, run_dir=str(run_dir), runtime=job.container.runtime,
         python=job.container.python or python,
         image=str(job.container.image) if job.container.image else None,
         binds=tuple(binds),
-        rucio_config=str(job.rucio.config) if job.rucio.config else None,
+        rucio_config=config,
     )
 
 
@@ -105,17 +109,21 @@ def array_options(job: JobConfig, task_ids: str, max_running: int) -> dict[str, 
             "array": f"{task_ids}%{max_running}",
             "output": "logs/job%A.index%a.out",
             "open_mode": "append",
-            "signal": f"B:USR1@{job.slurm.stop_margin}"}
+            "signal": f"B:USR1@{job.slurm.stop_margin}",
+            "export": "ALL,DAC_UPLOAD_TASK_OFFSET=0"}
     opts.update(_common_options(job))
     return opts
 
 
-def with_offset(options: dict[str, Any], local_ids: str, offset: int) -> dict[str, Any]:
+def with_offset(options: dict[str, Any], local_ids: str, offset: int,
+                retry_permanent: bool = False) -> dict[str, Any]:
     """The array options for one part of a run: local indices 0.. and the offset the script
     adds to ``$SLURM_ARRAY_TASK_ID`` (a run may need several arrays: MaxArraySize)."""
     throttle = str(options["array"]).rpartition("%")[2]
-    return dict(options, array=f"{local_ids}%{throttle}",
-                export=f"ALL,DAC_UPLOAD_TASK_OFFSET={offset}")
+    export = f"ALL,DAC_UPLOAD_TASK_OFFSET={offset}"
+    if retry_permanent:
+        export += ",DAC_UPLOAD_RETRY_PERMANENT=1"
+    return dict(options, array=f"{local_ids}%{throttle}", export=export)
 
 
 def collector_options(job: JobConfig, array_job_id: str | None) -> dict[str, Any]:

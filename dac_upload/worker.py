@@ -143,6 +143,17 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
     return rec
 
 
+def permanent_failures(path: Path) -> set[str]:
+    """Names whose latest record is a failure only a person can fix."""
+    if not path.exists():
+        return set()
+    latest: dict[str, dict[str, Any]] = {}
+    for r in read_jsonl(path):
+        latest[r["name"]] = r
+    return {n for n, r in latest.items()
+            if r.get("status") == FAILED and r.get("cause") in PERMANENT_CAUSES}
+
+
 def finished_names(path: Path) -> set[str]:
     """Names an earlier attempt of this task already uploaded or found present."""
     if not path.exists():
@@ -151,7 +162,8 @@ def finished_names(path: Path) -> set[str]:
 
 
 def run_task(run_dir: Path, task: int,
-             rucio_factory: Callable[[str | None], Any] | None = None) -> int:
+             rucio_factory: Callable[[str | None], Any] | None = None,
+             retry_permanent: bool = False) -> int:
     """Process one manifest; return the task's exit code (0 only if every file is done)."""
     layout = RunLayout(run_dir)
     try:
@@ -167,9 +179,13 @@ def run_task(run_dir: Path, task: int,
     layout.results.mkdir(exist_ok=True)
     result_path = layout.result(task)
     done_before = finished_names(result_path)
-    todo = [e for e in manifest["files"] if e["name"] not in done_before]
+    # a file whose last failure needs a person is left alone until they say it is fixed
+    held = set() if retry_permanent else permanent_failures(result_path)
+    todo = [e for e in manifest["files"]
+            if e["name"] not in done_before and e["name"] not in held]
     _log(f"task {task}: {len(manifest['files'])} files in manifest, {len(done_before)} done "
-         f"before, {len(todo)} to do; scope {settings.scope}, RSE {settings.rse}")
+         f"before, {len(held)} waiting for a person, {len(todo)} to do; scope "
+         f"{settings.scope}, RSE {settings.rse}")
 
     counts = {UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0, NOT_ATTEMPTED: 0}
     nbytes = 0
@@ -215,12 +231,13 @@ def run_task(run_dir: Path, task: int,
                  + (f"  ({rec['error']})" if rec["error"] else ""))
     elapsed = max(time.monotonic() - t0, 1e-9)
     code = (EXIT_ABORTED if aborted else EXIT_STOPPED if stop.reason and counts[NOT_ATTEMPTED]
-            else EXIT_FILES_FAILED if counts[FAILED] else EXIT_OK)
+            else EXIT_FILES_FAILED if counts[FAILED] or held else EXIT_OK)
     marker = {"task": task, "attempt": attempt, "host": socket.gethostname(),
               "started_at": started, "finished_at": _now(), "exit_code": code,
               "files": len(manifest["files"]), "done_before": len(done_before),
               "uploaded": counts[UPLOADED], "already_present": counts[ALREADY_PRESENT],
               "failed": counts[FAILED], "not_attempted": counts[NOT_ATTEMPTED],
+              "waiting_for_a_person": len(held),
               "bytes_uploaded": nbytes,
               "aborted": aborted, "stopped": stop.reason,
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

@@ -15,7 +15,8 @@ import pytest
 
 from dac_upload.config import parse_job
 from dac_upload.ledger import Ledger, UnchangedFilter
-from dac_upload.nightly import JobLock, LockError, credentials_problem, proxy_seconds_left
+from dac_upload.locks import JobLock, LockError
+from dac_upload.nightly import credentials_problem, proxy_seconds_left
 
 
 def test_ledger_rows_per_directory(tmp_path: Path) -> None:
@@ -94,7 +95,7 @@ def test_soft_lock_too_old_on_another_host_is_stale(tmp_path: Path) -> None:
 def test_flock_mode_is_exclusive_across_processes(tmp_path: Path) -> None:
     lock = JobLock(tmp_path, "flock")
     lock.acquire()
-    code = ("import sys; from pathlib import Path; from dac_upload.nightly import JobLock, "
+    code = ("import sys; from pathlib import Path; from dac_upload.locks import JobLock, "
             "LockError\ntry:\n    JobLock(Path(sys.argv[1]), 'flock').acquire()\n"
             "except LockError as e:\n    print(e); sys.exit(10)\n")
     other = subprocess.run([sys.executable, "-c", code, str(tmp_path)],

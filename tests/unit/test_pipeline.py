@@ -248,8 +248,8 @@ def test_submit_run_records_both_jobs(job: JobConfig) -> None:
     assert sub.arrays == [{"job_id": "100", "offset": 0, "task_ids": "0-1"}]
 
     array_call, collect_call = fake.calls
-    assert array_call["script_name"] == "array.sh"
-    assert collect_call["script_name"] == "collect.sh"
+    assert array_call["script_name"] == "array.submit1.0.sh"   # never the planned array.sh
+    assert collect_call["script_name"] == "collect.submit1.sh"
     assert array_call["run_dir"] == collect_call["run_dir"] == layout.dir
     assert array_call["options"]["array"] == "0-1%4"
     assert array_call["options"]["export"] == "ALL,DAC_UPLOAD_TASK_OFFSET=0"
@@ -288,7 +288,7 @@ def test_more_tasks_than_max_array_size_become_several_arrays(job: JobConfig) ->
                           {"job_id": "101", "offset": 1, "task_ids": "0"}]
     _first, second, collector = fake.calls
     assert second["options"]["export"] == "ALL,DAC_UPLOAD_TASK_OFFSET=1"
-    assert second["script_name"] == "array.attempt1.1.sh"
+    assert second["script_name"] == "array.submit1.1.sh"
     assert collector["options"]["dependency"] == "afterany:100:101"
 
 
@@ -334,8 +334,8 @@ def test_resubmission_is_a_new_attempt_of_only_the_given_tasks(job: JobConfig) -
     sub = submit_tasks(layout.dir, [1], 1001, fake)
     assert (sub.attempt, sub.task_ids) == (2, "1")
     assert sub.arrays == [{"job_id": "200", "offset": 1, "task_ids": "0"}]
-    assert [c["script_name"] for c in fake.calls] == ["array.attempt2.0.sh",
-                                                       "collect.attempt2.sh"]
+    assert [c["script_name"] for c in fake.calls] == ["array.submit2.0.sh",
+                                                       "collect.submit2.sh"]
     assert len(read_json(layout.run_json)["submissions"]) == 2
 
 

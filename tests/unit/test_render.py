@@ -51,6 +51,7 @@ ARRAY_HEADER = """\
 #SBATCH --account             DIRAC-DP002-CPU
 #SBATCH --array               0-9%3
 #SBATCH --cpus-per-task       1
+#SBATCH --export              ALL,DAC_UPLOAD_TASK_OFFSET=0
 #SBATCH --job-name            dacu-csd3
 #SBATCH --mem                 4G
 #SBATCH --open-mode           append
@@ -91,7 +92,8 @@ TASK=$(( TASK + ${DAC_UPLOAD_TASK_OFFSET:-0} ))
 trap 'echo "dac-upload: wall time near, stopping"; kill -USR1 "${worker:-}" 2>/dev/null' USR1
 trap 'kill -TERM "${worker:-}" 2>/dev/null' TERM
 echo "dac-upload: run R1 task $TASK on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-/opt/venv/bin/python -m dac_upload worker --run "$RUN_DIR" --task "$TASK" &
+/opt/venv/bin/python -m dac_upload worker --run "$RUN_DIR" --task "$TASK" \\
+  ${DAC_UPLOAD_RETRY_PERMANENT:+--retry-permanent} &
 worker=$!
 while true; do
   wait "$worker"; rc=$?
@@ -121,8 +123,10 @@ apptainer exec --cleanenv \\
   --bind '/rds/project/x y/runs/R1' \\
   --bind /rds/cvmfs:/cvmfs:ro \\
   --env "SLURM_ARRAY_TASK_ID=$TASK" \\
+  --env "SLURM_JOB_ID=${SLURM_JOB_ID:-}" \\
   /rds/images/dac-upload.sif \\
-  dac-upload worker --run "$RUN_DIR" --task "$TASK" &
+  dac-upload worker --run "$RUN_DIR" --task "$TASK" \\
+  ${DAC_UPLOAD_RETRY_PERMANENT:+--retry-permanent} &
 worker=$!
 while true; do
   wait "$worker"; rc=$?
@@ -211,7 +215,8 @@ def test_array_options() -> None:
     job = _job(NONE, job_name="dp1", cpus_per_task=4)
     assert render.array_options(job, "0-3,7", 2) == {
         "job_name": "dp1", "array": "0-3,7%2", "output": "logs/job%A.index%a.out",
-        "open_mode": "append", "signal": "B:USR1@300", "time": "02:00:00", "mem": "4G",
+        "open_mode": "append", "signal": "B:USR1@300",
+        "export": "ALL,DAC_UPLOAD_TASK_OFFSET=0", "time": "02:00:00", "mem": "4G",
         "cpus_per_task": 4, "partition": "icelake", "account": "DIRAC-DP002-CPU",
         "qos": "normal"}
 

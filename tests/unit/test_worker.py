@@ -505,3 +505,20 @@ def test_server_unreachable_at_start_is_retried(run: tuple[RunLayout, JobConfig]
 
     assert run_task(layout.dir, 0, rucio_factory=factory) == 0
     assert len(calls) == 3
+
+
+def test_files_needing_a_person_wait_unless_told(run: tuple[RunLayout, JobConfig]) -> None:
+    """A resubmitted task leaves a conflicting file alone; --retry-permanent tries it."""
+    layout, _ = run
+    fake = FakeRucio()
+    fake.add_existing("b.fits", b"something else")
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 1
+    fake.uploads.clear()
+    fake.dids.pop("b.fits")                                 # the person removed the old one
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 1   # still not complete
+    assert fake.uploads == []                                # held: nothing tried
+    assert read_json(layout.done_marker(0))["waiting_for_a_person"] == 1
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory, retry_permanent=True) == 0
+    assert [u["name"] for u in fake.uploads] == ["b.fits"]
+    last = [r for r in read_jsonl(layout.result(0)) if r["name"] == "b.fits"][-1]
+    assert last["status"] == "uploaded"
