@@ -76,9 +76,7 @@ def walk(source: SourceConfig, progress: Progress | None = None,
             if selected(rel):
                 cat.refused.append(Problem(_printable(rel), "the file name is not valid UTF-8"))
             continue
-        is_link = entry.is_symlink()
-        if is_link and _is_dir(entry):
-            continue  # reported by _scan
+        is_link = entry.is_symlink()  # directory symlinks never get here (_scan skips them)
         if not selected(rel):
             continue
         if is_link:

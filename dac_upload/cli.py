@@ -79,7 +79,8 @@ def _plan(job: JobConfig, offline: bool) -> PreparedRun:
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
     except Exception as exc:
-        if type(exc).__name__ != "RucioUnavailable":
+        from .rucio_io import RucioUnavailable  # imported only now: planning offline needs
+        if not isinstance(exc, RucioUnavailable):  # no rucio import at all
             raise
         _fail(f"{exc} (or plan without the Rucio checks: --offline)", EXIT_SERVICE)
     raise AssertionError("unreachable")
@@ -256,13 +257,22 @@ def worker(run_dir: str, task: int, retry_permanent: bool) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 def collect(run_dir: str) -> None:
     """Merge the task results of RUN_DIR into summary.json (what the collector job runs)."""
-    from .collect import collect as do_collect
+    import sqlite3
 
+    from .collect import collect as do_collect
+    from .collect import update_run_ledger
+
+    target = Path(run_dir).resolve()
     try:
-        do_collect(Path(run_dir).resolve())
+        do_collect(target)
     except (OSError, ValueError, KeyError) as exc:
         _fail(f"cannot collect {run_dir}: {exc}", EXIT_USER)
-    _report(Path(run_dir).resolve())
+    try:  # summary.json is written; the ledger only saves a later nightly some work
+        update_run_ledger(target)
+    except (sqlite3.Error, OSError) as exc:
+        click.echo(f"warning: the job's ledger was not updated ({exc}); the next nightly "
+                   "will re-check these files with Rucio", err=True)
+    _report(target)
 
 
 def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[Any]]:
@@ -282,7 +292,11 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
                    err=True)
     except (OSError, ValueError, KeyError) as exc:
         _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
-    return run_view(run_dir, scheduler=False)
+    try:
+        return run_view(run_dir, scheduler=False)
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
+    raise AssertionError("unreachable")
 
 
 @main.command()

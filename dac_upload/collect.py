@@ -159,9 +159,17 @@ def collect(run_dir: Path) -> dict[str, Any]:
     summary = build_summary(state.run, state.manifests, state.results, state.markers,
                             state.problems)
     atomic_write_json(RunLayout(run_dir).summary, summary)
-    if state.run.get("ledger"):
-        update_ledger(Path(state.run["ledger"]), state.run["run_id"], state.manifests, summary)
     return summary
+
+
+def update_run_ledger(run_dir: Path) -> int:
+    """Record a collected run in its job's ledger (a no-op for runs without one)."""
+    state = read_run(run_dir)
+    if not state.run.get("ledger"):
+        return 0
+    summary = read_json(RunLayout(run_dir).summary)
+    return update_ledger(Path(state.run["ledger"]), state.run["run_id"], state.manifests,
+                         summary)
 
 
 def ledger_rows(manifests: dict[int, dict[str, Any]],

@@ -186,7 +186,8 @@ _Check = Callable[[Any], Any]
 
 
 def _str(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
+    """A one-line string: a newline would end an #SBATCH line early and start a command."""
+    if not isinstance(v, str) or not v.strip() or "\n" in v or "\r" in v:
         raise ValueError
     return v
 
@@ -232,7 +233,7 @@ def _table_of_str(v: Any) -> dict[str, str]:
     for key, val in v.items():
         if isinstance(val, bool):
             out[key] = "" if val else None
-        elif isinstance(val, (str, int)):
+        elif isinstance(val, (str, int)) and "\n" not in str(val) and "\r" not in str(val):
             out[key] = str(val)
         else:
             raise ValueError
@@ -240,7 +241,7 @@ def _table_of_str(v: Any) -> dict[str, str]:
 
 
 def _any_str(v: Any) -> str:
-    if not isinstance(v, str):
+    if not isinstance(v, str) or "\n" in v or "\r" in v:
         raise ValueError
     return v
 
@@ -416,8 +417,10 @@ def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]
             if problem:
                 errors.append(f"{where}: [rucio] {key} = {r[key]!r}: {problem}")
     if r.get("dataset"):
-        ds_scope, _, ds_name = r["dataset"].rpartition(":")
-        problem = naming.name_problem(ds_name) or (naming.scope_problem(ds_scope) if ds_scope
+        ds_scope, sep, ds_name = r["dataset"].partition(":")   # as RucioConfig.dataset_did
+        if not sep:
+            ds_scope, ds_name = "", ds_scope
+        problem = naming.name_problem(ds_name) or (naming.scope_problem(ds_scope) if sep
                                                     else None)
         if problem:
             errors.append(f"{where}: [rucio] dataset = {r['dataset']!r}: {problem}")

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # honoured like open() would: group-writable sites stay so
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` atomically (same-directory temp file, fsync, rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -26,7 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,11 +43,11 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+def atomic_write_text(path: Path, text: str, mode: int = 0o666) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644, pretty: bool = True) -> None:
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o666, pretty: bool = True) -> None:
     """Key-sorted JSON so that re-running a step gives a byte-identical file. ``pretty=False``
     for machine-read files: only then does json use its C encoder (10x faster)."""
     text = json.dumps(obj, indent=1 if pretty else None, sort_keys=True,

@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-DONE = ("uploaded", "already_present")
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     dir     TEXT NOT NULL,

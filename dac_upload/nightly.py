@@ -209,15 +209,22 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
         say(problem, problem=True)
         return CREDENTIALS, None
     previous = latest_run(job)
-    if previous is not None:
-        try:
-            ended = _previous_run(job, previous, opts, say, max_array)
-        except slurm.SlurmError as exc:
-            say(f"cannot ask Slurm about the previous run {previous.name}: {exc}",
-                problem=True)
-            return SUBMIT_FAILED, None
-        if ended is not None:
-            return ended
+    try:
+        going = _older_run_going(job, previous)
+        if going is not None:
+            say(f"the earlier run {going.name} still has tasks queued: not starting another "
+                "tonight")
+            return STILL_GOING, None
+        ended = _previous_run(job, previous, opts, say, max_array) if previous else None
+    except slurm.SlurmError as exc:
+        say(f"cannot ask Slurm about the job's runs: {exc}", problem=True)
+        return SUBMIT_FAILED, None
+    except (OSError, ValueError, KeyError) as exc:
+        say(f"cannot read the previous run {previous}: {exc}; move it aside if it is damaged",
+            problem=True)
+        return CONFIG_ERROR, None
+    if ended is not None:
+        return ended
     ledger = None if opts.full else Ledger(job.ledger_path)
     keep = UnchangedFilter(ledger) if ledger else None
     try:
@@ -232,7 +239,9 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
             say(line, problem=True)
         return CONFIG_ERROR, None
     except Exception as exc:
-        if type(exc).__name__ != "RucioUnavailable":
+        from .rucio_io import RucioUnavailable
+
+        if not isinstance(exc, RucioUnavailable):
             raise
         say(str(exc), problem=True)
         return SUBMIT_FAILED, None
@@ -271,6 +280,27 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
         f" {c['failed']} failed, {c['not_attempted']} not attempted",
         problem=not s["complete"])
     return OK if s["complete"] else FAILURES
+
+
+def _older_run_going(job: JobConfig, latest: Path | None) -> Path | None:
+    """An older run (not the latest submitted one) that still has tasks queued: a run can
+    be planned before another and submitted after it, or be resubmitted by hand."""
+    from .runview import run_view
+
+    for run_dir in sorted(job.runs_dir.iterdir()) if job.runs_dir.is_dir() else []:
+        if run_dir == latest or not (run_dir / "run.json").is_file():
+            continue
+        summary = run_dir / "summary.json"
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(summary.read_text()).get("complete"):
+                continue  # complete runs never go again by themselves
+        with contextlib.suppress(OSError, ValueError):
+            if not json.loads((run_dir / "run.json").read_text()).get("submissions"):
+                continue
+        _, tasks = run_view(run_dir)
+        if any(t.state in ("pending", "running") for t in tasks):
+            return run_dir
+    return None
 
 
 def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,

@@ -129,9 +129,9 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
     array_opts = render.array_options(job, task_ids, job.batching.max_running)
     collect_opts = render.collector_options(job, None)
     # what plan shows is what submit writes: simple-slurm's header + our body
-    atomic_write_text(layout.array_script, render.full_script(array_opts, array_body), 0o755)
+    atomic_write_text(layout.array_script, render.full_script(array_opts, array_body), 0o777)
     atomic_write_text(layout.collect_script, render.full_script(collect_opts, collect_body),
-                      0o755)
+                      0o777)
 
     total = sum(f.size for f in files)
     sizes = [b.bytes for b in batches]

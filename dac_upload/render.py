@@ -168,6 +168,8 @@ def full_script(options: dict[str, Any], body: str) -> str:
 RESERVED_OPTIONS = ("array", "output", "error", "open_mode", "job_name", "dependency",
                     "parsable", "wrap", "chdir", "wait", "test_only", "hold", "input", "signal",
                     "export")
+# these have keys of their own in [slurm]: set them there
+OWN_KEYS = ("time", "mem", "cpus_per_task", "partition", "account")
 
 
 def sbatch_option_problems(job: JobConfig) -> list[str]:
@@ -177,6 +179,10 @@ def sbatch_option_problems(job: JobConfig) -> list[str]:
     if owned:
         return [f"{job.path}: [slurm] extra sets {', '.join(owned)}, which dac-upload sets "
                 "itself; remove it (job names go in [slurm] job_name)"]
+    own = sorted(set(job.slurm.extra) & set(OWN_KEYS))
+    if own:
+        return [f"{job.path}: [slurm] extra sets {', '.join(own)}: use the [slurm] key(s) "
+                "of that name instead"]
     try:
         make_slurm(_common_options(job))
     except ValueError as exc:

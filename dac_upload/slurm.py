@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,26 +19,12 @@ from typing import Any, Callable
 
 from .render import SHELL, make_slurm
 
-_SUBMITTED_RE = re.compile(r"Submitted batch job (\d+)")
-
 
 class SlurmError(Exception):
     """A Slurm command failed; the message is one line with Slurm's own words."""
 
 
 # ----------------------------------------------------------------------------- pure parsers
-def parse_sbatch_output(stdout: str) -> str:
-    """Job id from sbatch's stdout, plain ('Submitted batch job 42') or --parsable ('42;cl')."""
-    m = _SUBMITTED_RE.search(stdout)
-    if m:
-        return m.group(1)
-    first = stdout.strip().splitlines()[0] if stdout.strip() else ""
-    job_id = first.split(";")[0]
-    if job_id.isdigit():
-        return job_id
-    raise SlurmError(f"cannot read a job id from sbatch output {stdout.strip()!r}")
-
-
 def parse_scontrol_config(text: str) -> dict[str, str]:
     """``scontrol show config`` -> {key: value}."""
     out: dict[str, str] = {}

@@ -479,3 +479,26 @@ def test_stop_margin_must_fit_in_the_wall_time(tmp_path: Path) -> None:
         parse_job(raw, path=tmp_path / "j.toml")
     assert "stop_margin = 300 s must be shorter than time = '00:05:00' (300 s)" in \
         info.value.lines[0]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("slurm", "mem", "2G\nrm -rf ~"), ("slurm", "partition", "icelake\r"),
+    ("slurm", "extra", {"qos": "normal\necho hi"}), ("naming", "prefix", "a\nb/")])
+def test_values_with_line_breaks_are_refused(tmp_path: Path, section: str, key: str,
+                                             value: object) -> None:
+    """A line break would end an #SBATCH line early and start a shell command."""
+    raw: dict[str, dict[str, object]] = {
+        "source": {"root": str(tmp_path)}, "rucio": {"scope": "s", "rse": "R"},
+        "container": {"runtime": "none"}}
+    raw.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError) as info:
+        parse_job(raw, path=tmp_path / "j.toml")
+    assert f"[{section}] {key}" in info.value.lines[0]
+
+
+def test_dataset_needs_a_scope_before_the_colon(tmp_path: Path) -> None:
+    raw = {"source": {"root": str(tmp_path)}, "rucio": {"scope": "s", "rse": "R",
+                                                        "dataset": ":name"},
+           "container": {"runtime": "none"}}
+    with pytest.raises(ConfigError, match=r"\[rucio\] dataset = ':name'"):
+        parse_job(raw, path=tmp_path / "j.toml")

@@ -134,3 +134,21 @@ def test_read_checksums_small_chunks_agree(tmp_path: Path) -> None:
 def test_read_checksums_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_checksums(tmp_path / "missing")
+
+
+def test_atomic_writes_honour_the_umask(tmp_path: Path) -> None:
+    """Like open(): a site with umask 007 keeps group-writable run files, 022 does not."""
+    import dac_upload.files as files
+
+    old = files._UMASK
+    try:
+        files._UMASK = 0o007
+        files.atomic_write_text(tmp_path / "a", "x")
+        files._UMASK = 0o022
+        files.atomic_write_text(tmp_path / "b", "x")
+        files.atomic_write_text(tmp_path / "c", "x", mode=0o600)
+    finally:
+        files._UMASK = old
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o660
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o600

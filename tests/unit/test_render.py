@@ -307,3 +307,10 @@ def test_run_inside_the_job_folder_is_bound_once() -> None:
     ctx = render.script_context(job, "R1", job.runs_dir / "R1", "/usr/bin/python3")
     assert ctx.binds == ("/rds/project/dp1 data:/rds/project/dp1 data:ro",
                          "/home/u/jobs/csd3/runs", "/rds/cvmfs:/cvmfs:ro")
+
+
+def test_extra_may_not_shadow_keys_of_its_own(tmp_path: Path) -> None:
+    raw = {"source": {"root": str(tmp_path)}, "rucio": {"scope": "s", "rse": "R"},
+           "container": {"runtime": "none"}, "slurm": {"extra": {"time": "01:00:00"}}}
+    lines = render.sbatch_option_problems(parse_job(raw, path=tmp_path / "j.toml"))
+    assert lines and "extra sets time: use the [slurm] key(s)" in lines[0]

@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 from dac_upload.slurm import (
-    SlurmError,
     last_error_line,
-    parse_sbatch_output,
     parse_scontrol_config,
     parse_squeue_states,
 )
-
-
-@pytest.mark.parametrize(("stdout", "job_id"), [
-    ("Submitted batch job 42\n", "42"),
-    ("Submitted batch job 42 on cluster csd3\n", "42"),
-    ("sbatch: warning: something\nSubmitted batch job 1234567\n", "1234567"),
-    ("42\n", "42"),
-    ("42;cluster\n", "42"),
-    ("  42;csd3  \n", "42"),
-])
-def test_parse_sbatch_output(stdout: str, job_id: str) -> None:
-    assert parse_sbatch_output(stdout) == job_id
-
-
-@pytest.mark.parametrize("stdout", ["", "\n", "garbage\n", "Submitted batch job\n", "x42;c",
-                                    "-1\n"])
-def test_parse_sbatch_output_garbage(stdout: str) -> None:
-    with pytest.raises(SlurmError, match="cannot read a job id from sbatch output"):
-        parse_sbatch_output(stdout)
-
 
 SCONTROL = """\
 Configuration data as of 2024-05-01T10:00:00
