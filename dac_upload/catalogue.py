@@ -42,6 +42,8 @@ class Catalogue:
     refused: list[Problem] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
     pattern_hits: dict[str, int] = field(default_factory=dict)
+    # directories outside the root that followed file symlinks point into (Apptainer binds)
+    outside_targets: set[str] = field(default_factory=set)
 
     @property
     def total_bytes(self) -> int:
@@ -58,6 +60,7 @@ def walk(source: SourceConfig, progress: Progress | None = None,
     cat = Catalogue(root=root, pattern_hits={p: 0 for p in source.include})
     include = [(p, glob_regex(p)) for p in source.include]
     exclude = [glob_regex(p) for p in source.exclude]
+    root_real = os.path.realpath(root)
     uid = os.geteuid()
     groups = set(os.getgroups()) | {os.getegid()}
     nbytes = 0
@@ -105,6 +108,10 @@ def walk(source: SourceConfig, progress: Progress | None = None,
             cat.refused.append(Problem(rel, "not readable by you; fix its permissions "
                                        "(chmod u+r or g+r) or exclude it"))
             continue
+        if is_link:
+            target_dir = os.path.dirname(os.path.realpath(entry.path))
+            if not _inside(target_dir, root_real):
+                cat.outside_targets.add(target_dir)
         cat.entries.append(Entry(rel, st.st_size, st.st_mtime))
         nbytes += st.st_size
         if progress is not None:
@@ -137,6 +144,10 @@ def _scan(root: Path, exclude: tuple[str, ...],
             else:
                 yield child, entry
         stack.extend(reversed(subdirs))
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

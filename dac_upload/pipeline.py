@@ -69,6 +69,7 @@ def _problem_lines(where: str, problems: list[Any], what: str) -> list[str]:
 
 def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
     errors = _problem_lines(str(job.source.root), cat.refused, "refused files")
+    errors += unbound_link_targets(job, cat)
     for pattern, hits in cat.pattern_hits.items():
         # hits count the first include pattern a file matched: look again before complaining
         if hits == 0 and not any(glob_regex(pattern).fullmatch(e.relpath)
@@ -76,6 +77,23 @@ def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
             errors.append(f"{job.path}: [source] include pattern {pattern!r} matches no file "
                           f"under {job.source.root}; fix the pattern or the root")
     return errors
+
+
+def unbound_link_targets(job: JobConfig, cat: Catalogue) -> list[str]:
+    """With Apptainer, only bound directories exist inside the container: a followed file
+    symlink whose target is elsewhere would fail there as missing. One line naming them."""
+    if job.container.runtime != "apptainer" or not cat.outside_targets:
+        return []
+    sources = [os.path.realpath(b.split(":", 1)[0]) for b in job.container.binds]
+    unbound = sorted(d for d in cat.outside_targets
+                     if not any(d == s or d.startswith(s.rstrip("/") + "/") for s in sources))
+    if not unbound:
+        return []
+    shown = ", ".join(unbound[:3]) + (f" and {len(unbound) - 3} more" if len(unbound) > 3
+                                      else "")
+    return [f"{job.path}: file symlinks under the source root point into {shown}, which the "
+            f"container will not see; add them to [container] binds (e.g. "
+            f"\"{unbound[0]}:{unbound[0]}:ro\"), or set [source] symlinks = \"skip\""]
 
 
 def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | None = None,

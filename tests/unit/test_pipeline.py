@@ -361,3 +361,26 @@ def test_chunk_indices_keeps_array_strings_short() -> None:
     assert len(parts) > 1
     assert all(len(compress_indices(local)) <= 4000 for _, local in parts)
     assert sorted(o + i for o, local in parts for i in local) == every_other
+
+
+def test_apptainer_needs_binds_for_symlink_targets(tmp_path: Path) -> None:
+    """A Butler datastore made with -t symlink: the targets must be bound into Apptainer."""
+    from dac_upload.config import parse_job
+
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    (raw_dir / "r.fits").write_bytes(b"raw")
+    src = tmp_path / "repo"
+    src.mkdir()
+    (src / "r.fits").symlink_to(raw_dir / "r.fits")
+
+    def job(binds: list[str]) -> JobConfig:
+        return parse_job({"source": {"root": str(src)}, "rucio": {"scope": "s", "rse": "R"},
+                          "container": {"runtime": "apptainer", "image": "/x.sif",
+                                        "binds": binds}}, path=tmp_path / "j.toml")
+
+    with pytest.raises(PlanError) as info:
+        prepare_run(job([]), preflight=None)
+    assert f"point into {raw_dir}" in info.value.lines[0]
+    assert f'"{raw_dir}:{raw_dir}:ro"' in info.value.lines[0]
+    assert prepare_run(job([f"{tmp_path}:{tmp_path}:ro"]), preflight=None).files == 1
