@@ -207,7 +207,8 @@ def _int_nonneg(v: Any) -> int:
 def _str_list(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
-    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+    if not isinstance(v, list) or not all(isinstance(x, str) and x and "\n" not in x
+                                          and "\r" not in x for x in v):
         raise ValueError
     return tuple(v)
 

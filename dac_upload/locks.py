@@ -57,7 +57,7 @@ class LockInfo:
 def flock_works(directory: Path) -> bool:
     """Whether flock(2) works on this file system (some Lustre/NFS mounts refuse it)."""
     probe = directory / ".flock-probe"
-    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -124,8 +124,10 @@ class JobLock:
         if reason is None:
             raise LockError(f"another {self.what} holds its lock: {who}")
         if not break_stale:
+            fix = ("run again with --break-stale-lock" if self.path.name == "nightly.lock"
+                   else f"remove {self.path} and {self.info_path.name}")
             raise LockError(f"stale lock ({reason}): {who}; if no {self.what} is running, "
-                            "run again with --break-stale-lock")
+                            f"{fix}")
         self.notes.append(f"removed a stale lock ({reason}): {who}")
         self.path.unlink()
 
@@ -146,7 +148,8 @@ class JobLock:
 def run_submission_lock(run_dir: Path) -> Iterator[JobLock]:
     """Held while a run's state is judged and its tasks submitted: two resubmissions of the
     same run (a person and the nightly) must not both submit the same tasks."""
-    lock = JobLock(run_dir, os.environ.get("DAC_UPLOAD_LOCK", "auto"), 3600, name="submit")
+    mode = os.environ.get("DAC_UPLOAD_LOCK", "auto")
+    lock = JobLock(run_dir, mode if mode in ("flock", "soft") else "auto", 3600, name="submit")
     lock.acquire()
     try:
         yield lock

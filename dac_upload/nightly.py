@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import JobConfig, slurm_time_seconds
-from .locks import JobLock, LockError
+from .locks import JobLock, LockError, run_submission_lock
 
 # exit codes of `dac-upload nightly` (docs/operations.md)
 OK = 0                 # nothing to do, or a run (or resubmission) submitted
@@ -220,7 +220,7 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
         say(f"cannot ask Slurm about the job's runs: {exc}", problem=True)
         return SUBMIT_FAILED, None
     except (OSError, ValueError, KeyError) as exc:
-        say(f"cannot read the previous run {previous}: {exc}; move it aside if it is damaged",
+        say(f"cannot read a run of this job ({exc}); move it aside if it is damaged",
             problem=True)
         return CONFIG_ERROR, None
     if ended is not None:
@@ -297,7 +297,10 @@ def _older_run_going(job: JobConfig, latest: Path | None) -> Path | None:
         with contextlib.suppress(OSError, ValueError):
             if not json.loads((run_dir / "run.json").read_text()).get("submissions"):
                 continue
-        _, tasks = run_view(run_dir)
+        try:
+            _, tasks = run_view(run_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            raise OSError(f"{run_dir}: {exc}") from exc  # name the damaged run
         if any(t.state in ("pending", "running") for t in tasks):
             return run_dir
     return None
@@ -308,6 +311,17 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
     """(exit code, what to wait for) if tonight ends with the previous run (still going, or
     resubmitted); None if tonight goes on to new files. Raises SlurmError without the
     scheduler's view (a running task must not be started twice)."""
+    try:
+        with run_submission_lock(run_dir):  # nobody resubmits this run while we judge it
+            return _judge_previous_run(job, run_dir, opts, say, max_array)
+    except LockError as exc:
+        say(f"the previous run {run_dir.name} is being submitted by someone else ({exc}): "
+            "not starting another tonight")
+        return STILL_GOING, None
+
+
+def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,
+                        max_array: int) -> tuple[int, tuple[str, Path] | None] | None:
     from . import slurm
     from .pipeline import CollectorNotSubmitted, compress_indices, submit_tasks
     from .runview import run_view
