@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -58,6 +59,11 @@ def atomic_write_json(path: Path, obj: Any, mode: int = 0o666, pretty: bool = Tr
 def atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def utc_now() -> str:
+    """The one timestamp format of run.json, records, markers, the ledger and logs."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def read_json(path: Path) -> Any:

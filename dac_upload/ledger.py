@@ -15,10 +15,11 @@ which some NFS/Lustre mounts do not honour, is not relied on.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from .files import utc_now
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -63,7 +64,7 @@ class Ledger:
 
     def record(self, rows: Iterable[dict[str, Any]], run_id: str) -> int:
         """Insert or replace rows {relpath, size, mtime, name, status}; return how many."""
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = utc_now()
         data = [(*split(r["relpath"]), r["size"], r["mtime"], r["name"], r["status"], run_id,
                  now) for r in rows]
         with self.db:

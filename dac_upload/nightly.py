@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import JobConfig, slurm_time_seconds
+from .files import utc_now
 from .locks import JobLock, LockError, run_submission_lock
 
 # exit codes of `dac-upload nightly` (docs/operations.md)
@@ -122,7 +123,7 @@ class Reporter:
         self.quiet = quiet
 
     def __call__(self, message: str, problem: bool = False) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        stamp = utc_now()
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"{stamp} {'PROBLEM ' if problem else ''}{message}\n")
         if problem or not self.quiet:

@@ -22,7 +22,13 @@ from typing import Any, Callable
 from . import __version__, render
 from .catalogue import Catalogue, walk, write_catalogue
 from .config import JobConfig
-from .files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
+from .files import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_json,
+    utc_now,
+)
 from .naming import glob_regex
 from .plan import Batch, RunLayout, compress_indices, make_batches, name_files
 from .progress import Progress
@@ -158,7 +164,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         "tool": {"name": "dac-upload", "version": __version__},
         "run_id": run_id,
         "state": "planned",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc_now(),
         "created_by": {"user": getpass.getuser(), "host": socket.gethostname(),
                        "pid": os.getpid()},
         "job": {"name": job.name, "file": str(job.path), "copy": layout.job_copy.name,
@@ -241,7 +247,7 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
     sub: dict[str, Any] = {"attempt": attempt, "arrays": [], "collector_job_id": None,
                            "task_ids": compress_indices(indices),
                            "left_over": compress_indices(left),
-                           "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "submitted_at": utc_now()}
     run["submissions"].append(sub)
     for n, (offset, local) in enumerate(chunk_indices(indices, max_array_size)):
         local_ids = compress_indices(local)

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .files import JsonlAppender, atomic_write_json, read_checksums, read_json, read_jsonl
+from .files import (
+    JsonlAppender,
+    atomic_write_json,
+    read_checksums,
+    read_json,
+    read_jsonl,
+    utc_now,
+)
 from .plan import RunLayout
 from .progress import human_bytes
 
@@ -69,12 +76,8 @@ def existing_verdict(size: int, adler32: str, did_bytes: int | None,
     return "conflict"
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _log(msg: str) -> None:
-    print(f"{_now()} {msg}", flush=True)
+    print(f"{utc_now()} {msg}", flush=True)
 
 
 def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +178,7 @@ def run_task(run_dir: Path, task: int,
         return EXIT_BAD_INPUT
     settings = Settings.from_run(run)
     attempt = _previous_attempt(layout.done_marker(task), layout.result(task)) + 1
-    started = _now()
+    started = utc_now()
     layout.results.mkdir(exist_ok=True)
     result_path = layout.result(task)
     done_before = finished_names(result_path)
@@ -222,7 +225,7 @@ def run_task(run_dir: Path, task: int,
                 else:
                     if rec.get("cause") == "transient":  # failed through every retry: the
                         aborted = f"the Rucio server keeps failing: {rec['error']}"  # next too
-            rec.update(task=task, attempt=attempt, finished_at=_now())
+            rec.update(task=task, attempt=attempt, finished_at=utc_now())
             out.append(rec)
             counts[rec["status"]] += 1
             if rec["status"] == UPLOADED:
@@ -233,7 +236,7 @@ def run_task(run_dir: Path, task: int,
     code = (EXIT_ABORTED if aborted else EXIT_STOPPED if stop.reason and counts[NOT_ATTEMPTED]
             else EXIT_FILES_FAILED if counts[FAILED] or held else EXIT_OK)
     marker = {"task": task, "attempt": attempt, "host": socket.gethostname(),
-              "started_at": started, "finished_at": _now(), "exit_code": code,
+              "started_at": started, "finished_at": utc_now(), "exit_code": code,
               "files": len(manifest["files"]), "done_before": len(done_before),
               "uploaded": counts[UPLOADED], "already_present": counts[ALREADY_PRESENT],
               "failed": counts[FAILED], "not_attempted": counts[NOT_ATTEMPTED],
