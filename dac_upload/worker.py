@@ -298,10 +298,16 @@ def _retrying(call: Callable[[], Any], s: Settings, stop: StopRequest, what: str
         except RucioUnavailable as exc:
             if i == s.retries or stop.reason is not None:
                 raise
-            wait = min(s.retry_wait * 2 ** i, 300.0)
-            _log(f"retry {i + 1}/{s.retries} of {what} in {wait:.0f} s: {exc}")
-            stop.sleep(wait)
+            _pause(s, stop, i, what, str(exc))
     raise AssertionError("unreachable")
+
+
+def _pause(s: Settings, stop: StopRequest, i: int, what: str, why: str) -> None:
+    """The back-off before retry i+1: retry_wait doubling, at most 5 minutes; a stop signal
+    cuts it short."""
+    wait = min(s.retry_wait * 2 ** i, 300.0)
+    _log(f"retry {i + 1}/{s.retries} of {what} in {wait:.0f} s: {why}")
+    stop.sleep(wait)
 
 
 def _with_retries(rio: Any, s: Settings, entry: dict[str, Any],
@@ -323,9 +329,7 @@ def _with_retries(rio: Any, s: Settings, entry: dict[str, Any],
             if rec.get("cause") != "transient" or last:
                 return rec
             why = rec["error"]
-        wait = min(s.retry_wait * 2 ** i, 300.0)
-        _log(f"retry {i + 1}/{s.retries} of {s.scope}:{entry['name']} in {wait:.0f} s: {why}")
-        stop.sleep(wait)
+        _pause(s, stop, i, f"{s.scope}:{entry['name']}", why)
     raise AssertionError("unreachable")
 
 
