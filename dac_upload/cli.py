@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
-from .config import ConfigError, JobConfig, load_job
+from . import __version__, credentials
+from .config import ConfigError, JobConfig, load_job, slurm_time_seconds
+from .credentials import Credentials
 from .pipeline import (
     CollectorNotSubmitted,
     PlanError,
@@ -55,17 +55,19 @@ def _load(job_file: str) -> JobConfig:
     return job
 
 
-def _rucio_preflight(job: JobConfig) -> list[str]:
-    """Problems Rucio reports for this job; an unreachable server raises RucioUnavailable."""
-    if job.rucio.config:
-        os.environ["RUCIO_CONFIG"] = str(job.rucio.config)
-    from .rucio_io import RucioFatal, RucioIO, RucioUnavailable
+def _rucio_preflight(job: JobConfig, creds: Credentials) -> list[str]:
+    """Problems with the credential files, then what Rucio reports for this job (a real
+    login, not a cached token); an unreachable server raises RucioUnavailable."""
+    problems = credentials.local_problems(creds)
+    if problems:
+        return problems
+    from .rucio_io import RucioFatal, RucioUnavailable, fresh_session
 
     logging.getLogger("baseclient").setLevel(logging.CRITICAL)  # we report in one line
     ds = job.rucio.dataset_did
     try:
-        return RucioIO(job.rucio.account).preflight(job.rucio.scope, job.rucio.rse,
-                                                    ds[0] if ds else None)
+        with fresh_session(creds) as rio:
+            return rio.preflight(job.rucio.scope, job.rucio.rse, ds[0] if ds else None)
     except RucioUnavailable:
         raise
     except RucioFatal as exc:
@@ -93,8 +95,22 @@ def _describe(prep: PreparedRun) -> None:
                f"{human_bytes(max(sizes))})" + (f", {prep.skipped} skipped (see skipped.jsonl)"
                                                  if prep.skipped else ""))
     click.echo(f"run directory: {prep.layout.dir}")
+    for line in _credential_warnings(prep):
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"array script:  {prep.layout.array_script}")
     click.echo(f"collector:     {prep.layout.collect_script}")
+
+
+def _credential_warnings(prep: PreparedRun) -> list[str]:
+    """The proxy (or token) expiring before the array can finish, a proxy only this node
+    can see: worth a line, not a refusal (the array may start at once, the node may be it)."""
+    creds = Credentials.from_record(prep.run["credentials"])
+    waves = -(-len(prep.batches) // max(1, int(prep.run["plan"]["max_running"])))
+    task_time = str(prep.run["slurm"]["array"]["time"])
+    need = slurm_time_seconds(task_time) * waves
+    expiry = credentials.expiry_warning(
+        creds, need, f"the array can finish once it starts ({waves} wave(s) of {task_time})")
+    return credentials.local_warnings(creds) + ([expiry] if expiry else [])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,6 +22,10 @@ else:  # pragma: no cover - Python < 3.11 (CSD3 login nodes)
     import tomli as tomllib
 
 RUNTIMES = ("none", "apptainer")
+AUTH_TYPES = ("x509_proxy", "userpass", "token", "x509")
+# [rucio] keys that belong to one auth_type
+_USED_BY = {"proxy": "x509_proxy", "certificate": "x509", "key": "x509",
+            "username": "userpass", "password_file": "userpass", "token_file": "token"}
 SYMLINK_POLICIES = ("follow", "skip", "refuse")
 _SLURM_TIME_RE = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+")
 _JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
@@ -61,6 +65,17 @@ class RucioConfig:
     config: Path | None
     retries: int = 4
     retry_wait: int = 5
+    # connection and identity; None = from the user's rucio.cfg / environment (credentials.py)
+    host: str | None = None
+    auth_host: str | None = None
+    auth_type: str | None = None
+    ca_dir: Path | None = None
+    proxy: Path | None = None
+    certificate: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
 
     @property
     def dataset_did(self) -> tuple[str, str] | None:
@@ -227,6 +242,12 @@ def _slurm_time(v: Any) -> str:
     return v
 
 
+def _url(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+        raise ValueError
+    return v.rstrip("/")
+
+
 def _table_of_str(v: Any) -> dict[str, str]:
     if not isinstance(v, dict):
         raise ValueError
@@ -269,6 +290,16 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
         "retries": (_int_nonneg, 4, "how often a file is tried again when the server is "
                     "unreachable or fails (0 or more)"),
         "retry_wait": (parse_duration, 5, "seconds before the first retry (doubling after)"),
+        "host": (_url, None, 'the server URL, e.g. "https://rucio.example.org:443"'),
+        "auth_host": (_url, None, 'the authentication server URL (default: host)'),
+        "auth_type": (_choice(AUTH_TYPES), None, " or ".join(AUTH_TYPES)),
+        "ca_dir": (_str, None, 'the CA directory, e.g. "/etc/grid-security/certificates"'),
+        "proxy": (_str, None, 'the X.509 proxy file on a shared file system'),
+        "certificate": (_str, None, "the X.509 certificate (auth_type x509)"),
+        "key": (_str, None, "the X.509 private key (auth_type x509), mode 600"),
+        "username": (_str, None, "the Rucio user name (auth_type userpass)"),
+        "password_file": (_str, None, "a file holding only the password, mode 600"),
+        "token_file": (_str, None, "the file your token agent keeps fresh (auth_type token)"),
     },
     "naming": {
         "prefix": (_any_str, "", 'a string such as "dp1/"'),
@@ -367,7 +398,11 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
     runs_dir = Path(os.path.abspath(runs_dir if runs_dir.is_absolute() else base / runs_dir))
     root = Path(v["source"]["root"]).expanduser()
     root = Path(os.path.abspath(root if root.is_absolute() else base / root))
-    rucio_cfg = v["rucio"]["config"]
+    r = v["rucio"]
+
+    def rpath(key: str) -> Path | None:
+        return _abs(Path(r[key]).expanduser(), base) if r[key] else None
+
     image = v["container"]["image"]
     return JobConfig(
         name=name,
@@ -376,11 +411,14 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
         runs_dir=runs_dir,
         source=SourceConfig(root=root, include=v["source"]["include"],
                             exclude=v["source"]["exclude"], symlinks=v["source"]["symlinks"]),
-        rucio=RucioConfig(scope=v["rucio"]["scope"], rse=v["rucio"]["rse"],
-                          account=v["rucio"]["account"], dataset=v["rucio"]["dataset"],
-                          lifetime=v["rucio"]["lifetime"],
-                          config=_abs(Path(rucio_cfg).expanduser(), base) if rucio_cfg else None,
-                          retries=v["rucio"]["retries"], retry_wait=v["rucio"]["retry_wait"]),
+        rucio=RucioConfig(scope=r["scope"], rse=r["rse"], account=r["account"],
+                          dataset=r["dataset"], lifetime=r["lifetime"], config=rpath("config"),
+                          retries=r["retries"], retry_wait=r["retry_wait"], host=r["host"],
+                          auth_host=r["auth_host"], auth_type=r["auth_type"],
+                          ca_dir=rpath("ca_dir"), proxy=rpath("proxy"),
+                          certificate=rpath("certificate"), key=rpath("key"),
+                          username=r["username"], password_file=rpath("password_file"),
+                          token_file=rpath("token_file")),
         naming=NamingConfig(prefix=v["naming"]["prefix"],
                             replace_invalid=v["naming"]["replace_invalid"]),
         batching=BatchingConfig(files_per_batch=v["batching"]["files_per_batch"],
@@ -425,6 +463,11 @@ def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]
                                                     else None)
         if problem:
             errors.append(f"{where}: [rucio] dataset = {r['dataset']!r}: {problem}")
+    if r.get("auth_type"):
+        for key, kind in _USED_BY.items():
+            if r.get(key) and r["auth_type"] != kind:
+                errors.append(f"{where}: [rucio] {key} is used only with auth_type = "
+                              f"\"{kind}\", not \"{r['auth_type']}\": remove one of them")
     rep = v["naming"].get("replace_invalid")
     if rep is not None and naming.name_problem("a" + rep) is not None:
         errors.append(f"{where}: [naming] replace_invalid = {rep!r} is itself not allowed in "

@@ -11,13 +11,9 @@ release the lock, then wait with --wait. Files the ledger marks as needing a per
 
 from __future__ import annotations
 
-import calendar
-import configparser
 import contextlib
 import json
 import os
-import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +31,7 @@ CONFIG_ERROR = 2       # the job file or the source tree needs fixing
 SUBMIT_FAILED = 3      # Slurm or Rucio refused or could not be reached
 LOCKED = 10            # another nightly of this job holds the lock (or a stale lock, see text)
 STILL_GOING = 11       # the previous run still has tasks pending or running
-CREDENTIALS = 12       # the proxy would expire before the job's time limit
+CREDENTIALS = 12       # credentials missing, open to others, or expiring before the time limit
 NEEDS_PERSON = 13      # files that failed for a reason only a person can fix (see the log)
 
 @contextlib.contextmanager
@@ -64,46 +60,21 @@ def latest_run(job: JobConfig) -> Path | None:
     return None
 
 
-def proxy_seconds_left(proxy: Path) -> int | None:
-    """Seconds until the X.509 proxy expires, read with openssl; None if it cannot be read."""
-    try:
-        out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(proxy)],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    value = out.strip().partition("=")[2]
-    try:
-        end = calendar.timegm(time.strptime(value, "%b %d %H:%M:%S %Y %Z"))  # always GMT
-    except ValueError:
-        return None
-    return int(end - time.time())
-
-
 def credentials_problem(job: JobConfig) -> str | None:
-    """One line if the job authenticates with an X.509 proxy that will not outlive the job's
-    time limit (plus the time the array may wait in the queue, which we cannot know)."""
-    cfg_path = job.rucio.config or (Path(os.environ["RUCIO_CONFIG"])
-                                    if os.environ.get("RUCIO_CONFIG") else None)
-    parser = configparser.ConfigParser()
-    if cfg_path is None or not parser.read(cfg_path):
-        return None
-    if parser.get("client", "auth_type", fallback="") != "x509_proxy":
-        return None
-    configured = os.path.expandvars(os.path.expanduser(
-        parser.get("client", "client_x509_proxy", fallback="")))
-    if "$" in configured:  # e.g. $X509_USER_PROXY, which cron does not set
-        configured = ""
-    proxy = Path(os.environ.get("X509_USER_PROXY") or configured
-                 or f"/tmp/x509up_u{os.getuid()}")
-    left = proxy_seconds_left(proxy)
-    need = slurm_time_seconds(job.slurm.time)
-    if left is None:
-        return f"cannot read the X.509 proxy {proxy}: run voms-proxy-init"
-    if left < need:
-        return (f"the X.509 proxy {proxy} expires in {max(left, 0) / 3600:.1f} h, before the "
-                f"job's time limit of {need / 3600:.1f} h: renew it (voms-proxy-init "
-                "--valid ...) before tonight's run")
-    return None
+    """One line if the job's credentials are unusable (missing, readable by others, expired)
+    or will not outlive the job's time limit (plus the time the array may wait in the
+    queue, which we cannot know): a night that would fail anyway is not started."""
+    from .credentials import CredentialsError, expiry_warning, local_problems, resolve
+
+    try:
+        creds = resolve(job.rucio, os.environ, os.getuid(), str(job.path))
+    except CredentialsError as exc:
+        return exc.lines[0]
+    problems = local_problems(creds)
+    if problems:
+        return problems[0]
+    return expiry_warning(creds, slurm_time_seconds(job.slurm.time),
+                          f"the job's time limit of {job.slurm.time}")
 
 
 def describe_needs_person(rows: list[tuple[str, str]], limit: int = 10) -> list[str]:

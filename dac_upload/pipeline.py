@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, render
+from . import __version__, credentials, render
 from .catalogue import Catalogue, walk, write_catalogue
 from .config import JobConfig
+from .credentials import CLIENT_CONFIG_NAME, Credentials, CredentialsError
 from .files import (
     atomic_write_json,
     atomic_write_jsonl,
@@ -60,6 +61,7 @@ class PreparedRun:
     bytes: int
     batches: list[Batch]
     skipped: int
+    run: dict[str, Any]          # what run.json holds
 
 
 def new_run_id() -> str:
@@ -102,16 +104,30 @@ def unbound_link_targets(job: JobConfig, cat: Catalogue) -> list[str]:
             f"\"{unbound[0]}:{unbound[0]}:ro\"), or set [source] symlinks = \"skip\""]
 
 
-def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | None = None,
+def resolve_credentials(job: JobConfig) -> Credentials:
+    """The job's Rucio identity, from the job file, the user's rucio.cfg and this shell."""
+    try:
+        return credentials.resolve(job.rucio, os.environ, os.getuid(), str(job.path))
+    except CredentialsError as exc:
+        raise PlanError(exc.lines) from None
+
+
+Preflight = Callable[[JobConfig, Credentials], list[str]]
+
+
+def prepare_run(job: JobConfig, preflight: Preflight | None = None,
                 progress: Progress | None = None, python: str | None = None,
                 keep: Callable[[str, int, float], bool] | None = None,
                 origin: str = "plan") -> PreparedRun:
     """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
-    ``keep`` filters the walk (nightly: only files new or changed since the ledger)."""
+    ``keep`` filters the walk (nightly: only files new or changed since the ledger);
+    ``preflight`` checks the credentials and the server (not with --offline)."""
     if not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
+    creds = resolve_credentials(job)
     errors = render.sbatch_option_problems(job)
+    errors += render.bind_problems(job, job.runs_dir / "RUN", creds)
     cat = walk(job.source, progress, keep)
     errors += check_catalogue(job, cat)
     files, name_problems = name_files(cat.entries, job.naming)
@@ -122,7 +138,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         raise NothingToUpload([f"{job.path}: nothing to upload under {job.source.root}"
                                + (" that is new or changed" if keep else "")])
     if preflight is not None:
-        errors += preflight(job)
+        errors += preflight(job, creds)
     if errors:
         raise PlanError(errors)
 
@@ -135,6 +151,9 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         sub.mkdir()
 
     atomic_write_text(layout.job_copy, job.text)
+    credentials.write_client_config(
+        layout.dir / CLIENT_CONFIG_NAME,
+        credentials.client_config_text(creds, credentials.load_base(creds.base_config)))
     write_catalogue(layout.catalogue, cat.entries)
     atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
                                         for p in cat.skipped))
@@ -146,7 +165,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
                       for f in batch.files]}, pretty=False)
 
     ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
-                                os.environ.get("RUCIO_CONFIG"))
+                                creds)
     array_body = render.render_body("array.sh.j2", ctx)
     collect_body = render.render_body("collect.sh.j2", ctx)
     task_ids = compress_indices([b.index for b in batches])
@@ -184,6 +203,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
                  "bytes_per_batch": job.batching.bytes_per_batch,
                  "max_running": job.batching.max_running,
                  "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
+        "credentials": {**creds.record(), "client_config": CLIENT_CONFIG_NAME},
         "runtime": {"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
         "slurm": {"array": array_opts, "collector": collect_opts},
         "slurm_limits": {"max_submit": job.slurm.max_submit},
@@ -192,7 +212,7 @@ def prepare_run(job: JobConfig, preflight: Callable[[JobConfig], list[str]] | No
         "submissions": [],
     }
     atomic_write_json(layout.run_json, run)
-    return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped))
+    return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run)
 
 
 @dataclass(frozen=True)

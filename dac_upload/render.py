@@ -20,6 +20,7 @@ from simple_slurm import Slurm
 
 from . import __version__
 from .config import JobConfig
+from .credentials import CLIENT_CONFIG_NAME, Credentials
 
 SHELL = "/bin/bash"
 ARRAY_DEPENDENCY_PLACEHOLDER = "ARRAY_JOB_ID"
@@ -49,7 +50,8 @@ def _environment() -> jinja2.Environment:
 
 @dataclass(frozen=True)
 class ScriptContext:
-    """Everything the templates may use; nothing secret ever goes in here."""
+    """Everything the templates may use; nothing secret ever goes in here (credentials are
+    paths: the files are bound and read inside the task, never copied into a script)."""
 
     job: str
     run_id: str
@@ -57,33 +59,55 @@ class ScriptContext:
     runtime: str
     python: str
     image: str | None
-    binds: tuple[str, ...]
-    rucio_config: str | None
+    binds: tuple[str, ...]              # the array task's container binds
+    collect_binds: tuple[str, ...]      # the collector's (run and ledger; no credentials)
+    environment: tuple[tuple[str, str], ...]   # what the worker gets besides the task id
     version: str = __version__
 
 
+def _ro(path: str) -> str:
+    return f"{path}:{path}:ro"
+
+
 def script_context(job: JobConfig, run_id: str, run_dir: Path, python: str,
-                   rucio_config: str | None = None) -> ScriptContext:
-    """``rucio_config``: the RUCIO_CONFIG the planning side used when the job file names none
-    (frozen into the script: cron and ``apptainer --cleanenv`` would lose it)."""
-    config = str(job.rucio.config) if job.rucio.config else rucio_config
+                   creds: Credentials | None = None) -> ScriptContext:
+    """The worker sees the run's own rucio.cfg (``credentials.CLIENT_CONFIG_NAME`` in the
+    run directory) and the credential variables, frozen here: cron and ``apptainer
+    --cleanenv`` would lose the planning shell's environment."""
+    env: dict[str, str] = {"RUCIO_CONFIG": str(Path(run_dir) / CLIENT_CONFIG_NAME)}
+    env.update(creds.environment() if creds else {})
     binds: list[str] = []
+    collect_binds: list[str] = []
     if job.container.runtime == "apptainer":
         root = str(job.source.root)
-        # the runs folder holds the run and the ledger the collector updates
-        binds = [f"{root}:{root}:ro", str(job.runs_dir)]
-        if not Path(run_dir).is_relative_to(job.runs_dir):
-            binds.append(str(run_dir))
-        if config:
-            binds.append(f"{config}:{config}:ro")
+        binds = [_ro(root), str(run_dir)]
+        for path in creds.bind_paths() if creds else []:
+            if _ro(str(path)) not in binds:
+                binds.append(_ro(str(path)))
         binds.extend(job.container.binds)
+        # the collector writes summary.json and updates the ledger beside the runs
+        collect_binds = [str(job.runs_dir)]
+        if not Path(run_dir).is_relative_to(job.runs_dir):
+            collect_binds.append(str(run_dir))
+        collect_binds.extend(job.container.binds)
     return ScriptContext(
         job=job.name, run_id=run_id, run_dir=str(run_dir), runtime=job.container.runtime,
         python=job.container.python or python,
         image=str(job.container.image) if job.container.image else None,
-        binds=tuple(binds),
-        rucio_config=config,
+        binds=tuple(binds), collect_binds=tuple(collect_binds),
+        environment=tuple(env.items()),
     )
+
+
+def bind_problems(job: JobConfig, run_dir: Path, creds: Credentials | None) -> list[str]:
+    """Apptainer splits a bind list on ',' and a bind on ':': a path holding either cannot
+    be bound. One line per such path, before anything is written."""
+    if job.container.runtime != "apptainer":
+        return []
+    paths = [job.source.root, run_dir, job.runs_dir, *(creds.bind_paths() if creds else [])]
+    return [f"{job.path}: {str(p)!r} contains ',' or ':', which Apptainer cannot bind; "
+            "rename or move it (or use runtime = \"none\")"
+            for p in dict.fromkeys(paths) if "," in str(p) or ":" in str(p)]
 
 
 def render_body(template: str, ctx: ScriptContext) -> str:

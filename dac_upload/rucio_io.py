@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import rucio.version
 from rucio.client import Client
 from rucio.client.uploadclient import UploadClient
 from rucio.common import config as rucio_config
 from rucio.common import exception as rexc
+
+from .credentials import RUCIO_AUTH_TYPE, Credentials, read_password
 
 _LOG = logging.getLogger("dac_upload.rucio")
 
@@ -91,6 +94,16 @@ def _translate(exc: BaseException, what: str) -> Exception:
     return RucioFileError(f"{what}: {_describe(exc)}")
 
 
+def _client_creds(creds: Credentials) -> dict[str, Any]:
+    if creds.auth_type == "userpass":
+        return {"username": creds.username, "password": read_password(creds)}
+    if creds.auth_type == "x509_proxy":
+        return {"client_proxy": str(creds.proxy)}
+    if creds.auth_type == "x509":
+        return {"client_cert": str(creds.certificate), "client_key": str(creds.key)}
+    return {}   # token: Rucio finds it through BEARER_TOKEN_FILE (use_client_config)
+
+
 class _Capture(logging.Handler):
     """Keep what UploadClient logs: it swallows transfer errors and only logs them."""
 
@@ -133,12 +146,52 @@ def _stat_retries(retries: int | None) -> Iterator[None]:
             cfg.set("client", "protocol_stat_retries", old)
 
 
+def client_version() -> str:
+    return rucio.version.version_string()
+
+
+def use_client_config(path: Path, creds: Credentials) -> None:
+    """Point this process's Rucio at ``path`` and the credential variables (one job per
+    process: the worker, or plan/doctor on the login node)."""
+    os.environ["RUCIO_CONFIG"] = str(path)
+    os.environ.update(creds.environment())
+    if creds.auth_type == "token":
+        os.environ.pop("BEARER_TOKEN", None)   # Rucio would prefer it to BEARER_TOKEN_FILE
+    rucio_config.clean_cached_config()
+
+
+@contextlib.contextmanager
+def fresh_session(creds: Credentials) -> Iterator[RucioIO]:
+    """A session that really logs in (a private, empty token cache), for checks: a cached
+    token would hide a wrong password or a revoked identity. Uses the same generated
+    configuration as the run's tasks, written to a private temporary directory."""
+    from .credentials import client_config_text, load_base, write_client_config
+
+    with tempfile.TemporaryDirectory(prefix="dac-upload-check-") as tmp:
+        cfg = Path(tmp) / "rucio.cfg"
+        write_client_config(cfg, client_config_text(creds, load_base(creds.base_config),
+                                                    token_cache=Path(tmp) / "token"))
+        use_client_config(cfg, creds)
+        yield RucioIO(creds=creds)
+
+
 class RucioIO:
     """A Rucio session for one process: one authenticated client, reused for every call."""
 
-    def __init__(self, account: str | None = None) -> None:
+    def __init__(self, account: str | None = None, creds: Credentials | None = None) -> None:
+        """Without ``creds``: whatever RUCIO_CONFIG says (old runs). With them: the server,
+        account and identity they name; the password is read from its file only here."""
         try:
-            self.client = Client(account=account)
+            if creds is None:
+                self.client = Client(account=account)
+            else:
+                self.client = Client(rucio_host=creds.host, auth_host=creds.auth_host,
+                                     account=creds.account,
+                                     ca_cert=str(creds.ca_cert) if creds.ca_cert else None,
+                                     auth_type=RUCIO_AUTH_TYPE[creds.auth_type],
+                                     creds=_client_creds(creds))
+        except OSError as exc:
+            raise RucioFatal(f"cannot read the Rucio credentials: {exc}") from None
         except Exception as exc:  # the client raises many types while configuring itself
             if _unreachable(exc):
                 raise RucioUnavailable(f"cannot reach the Rucio server: {_describe(exc)}; "
@@ -146,6 +199,16 @@ class RucioIO:
             raise RucioFatal(f"cannot start a Rucio client: {_describe(exc)}; check "
                              "RUCIO_CONFIG / rucio.cfg and your credentials") from None
         self._uploader: UploadClient | None = None
+
+    @classmethod
+    def for_run(cls, run_dir: Path, run: dict[str, Any]) -> RucioIO:
+        """The session an array task of this run uses (its rucio.cfg and credentials)."""
+        rec = run.get("credentials")
+        if not rec:
+            return cls(run.get("rucio", {}).get("account"))
+        creds = Credentials.from_record(rec)
+        use_client_config(run_dir / rec.get("client_config", "rucio.cfg"), creds)
+        return cls(creds=creds)
 
     @property
     def host(self) -> str:

@@ -198,7 +198,10 @@ def run_task(run_dir: Path, task: int,
         rio = None
         try:
             if rucio_factory is None:
-                from .rucio_io import RucioIO as rucio_factory
+                from .rucio_io import RucioIO
+
+                def rucio_factory(_account: str | None) -> Any:
+                    return RucioIO.for_run(layout.dir, run)
             rio = _retrying(lambda: rucio_factory(settings.account), settings, stop,
                             "connecting to Rucio")
             if settings.dataset and todo:

@@ -12,6 +12,15 @@ from unit_helpers import job_text, write_job, write_tree
 from dac_upload.config import JobConfig, load_job
 
 
+@pytest.fixture(autouse=True)
+def _no_rucio_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests see no Rucio configuration or credentials of the machine they run on."""
+    for name in ("RUCIO_CONFIG", "RUCIO_HOME", "RUCIO_ACCOUNT", "RUCIO_AUTH_TYPE",
+                 "X509_USER_PROXY", "X509_CERT_DIR", "X509_USER_CERT", "X509_USER_KEY",
+                 "BEARER_TOKEN", "BEARER_TOKEN_FILE", "VIRTUAL_ENV", "CONDA_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def make_job(tmp_path: Path) -> Callable[..., JobConfig]:
     """``make_job(files, source='include = [...]', ...)``: the tree ``tmp_path/data`` holding

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from dac_upload.config import parse_job
+from dac_upload.credentials import proxy_seconds_left
 from dac_upload.ledger import Ledger, UnchangedFilter
 from dac_upload.locks import JobLock, LockError
-from dac_upload.nightly import credentials_problem, proxy_seconds_left
+from dac_upload.nightly import credentials_problem
 
 
 def test_ledger_rows_per_directory(tmp_path: Path) -> None:
@@ -112,6 +113,7 @@ def proxy(tmp_path: Path) -> Path:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=test", "-keyout", str(tmp_path / "key"), "-out", str(cert)],
                    check=True, capture_output=True)
+    cert.chmod(0o600)
     return cert
 
 
@@ -120,7 +122,7 @@ def test_proxy_lifetime_against_the_time_limit(tmp_path: Path, proxy: Path,
     left = proxy_seconds_left(proxy)
     assert left is not None and 86000 < left <= 86400
     cfg = tmp_path / "rucio.cfg"
-    cfg.write_text("[client]\nauth_type = x509_proxy\n")
+    cfg.write_text("[client]\nrucio_host = http://r\nauth_type = x509_proxy\n")
     monkeypatch.setenv("X509_USER_PROXY", str(proxy))
 
     def job(time_limit: str):
@@ -132,7 +134,13 @@ def test_proxy_lifetime_against_the_time_limit(tmp_path: Path, proxy: Path,
     assert credentials_problem(job("12:00:00")) is None
     problem = credentials_problem(job("2-00:00:00"))
     assert problem is not None and "expires in 24.0 h" in problem and "48.0 h" in problem
-    cfg.write_text("[client]\nauth_type = userpass\n")
+    proxy.chmod(0o644)
+    problem = credentials_problem(job("12:00:00"))
+    assert problem == (f"X.509 proxy {proxy} can be read by others (mode 644): run "
+                       f"'chmod 600 {proxy}'")
+    cfg.write_text("[client]\nrucio_host = http://r\nauth_type = userpass\nusername = u\n"
+                   "password = p\n")
+    cfg.chmod(0o600)
     assert credentials_problem(job("2-00:00:00")) is None   # no proxy involved
 
 

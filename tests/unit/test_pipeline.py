@@ -13,6 +13,7 @@ import pytest
 from dac_upload import render
 from dac_upload.catalogue import read_catalogue
 from dac_upload.config import JobConfig
+from dac_upload.credentials import Credentials
 from dac_upload.files import read_json, read_jsonl
 from dac_upload.pipeline import (
     CollectorNotSubmitted,
@@ -82,6 +83,12 @@ def test_prepare_run_writes_the_run_directory(job: JobConfig) -> None:
     assert run["runtime"]["python"] == "/usr/bin/python3"  # the job's own python wins
     assert run["slurm"]["array"]["array"] == "0-1%4"
     assert run["slurm"]["collector"]["dependency"] == "afterany:ARRAY_JOB_ID"
+    # the tasks' own Rucio configuration: private, no secret, named in run.json
+    client_cfg = layout.dir / "rucio.cfg"
+    assert stat.S_IMODE(client_cfg.stat().st_mode) == 0o600
+    assert "rucio_host = http://rucio.invalid\n" in client_cfg.read_text()
+    assert run["credentials"]["client_config"] == "rucio.cfg"
+    assert run["credentials"]["auth_type"] == "x509_proxy"
 
     assert [e.relpath for e in read_catalogue(layout.catalogue)] == FITS
     assert list(read_jsonl(layout.skipped)) == []
@@ -208,8 +215,9 @@ def test_nothing_to_upload(make_job: Callable[..., JobConfig]) -> None:
 def test_preflight_problem_creates_nothing(job: JobConfig) -> None:
     seen: list[JobConfig] = []
 
-    def preflight(j: JobConfig) -> list[str]:
+    def preflight(j: JobConfig, creds: Credentials) -> list[str]:
         seen.append(j)
+        assert creds.host == "http://rucio.invalid"
         return ["Rucio scope 'user.test' does not exist; ask your Rucio admins"]
 
     with pytest.raises(PlanError) as info:
@@ -223,12 +231,12 @@ def test_preflight_not_called_when_files_already_fail(make_job: Callable[..., Jo
     job = make_job({"a b.fits": b"1"})
     called: list[JobConfig] = []
     with pytest.raises(PlanError):
-        prepare_run(job, preflight=lambda j: called.append(j) or [])
+        prepare_run(job, preflight=lambda j, c: called.append(j) or [])
     assert called == []
 
 
 def test_preflight_ok(job: JobConfig) -> None:
-    prep = prepare_run(job, preflight=lambda j: [])
+    prep = prepare_run(job, preflight=lambda j, c: [])
     assert _runs(job) == [prep.run_id]
 
 
@@ -375,7 +383,8 @@ def test_apptainer_needs_binds_for_symlink_targets(tmp_path: Path) -> None:
     (src / "r.fits").symlink_to(raw_dir / "r.fits")
 
     def job(binds: list[str]) -> JobConfig:
-        return parse_job({"source": {"root": str(src)}, "rucio": {"scope": "s", "rse": "R"},
+        return parse_job({"source": {"root": str(src)},
+                          "rucio": {"scope": "s", "rse": "R", "host": "http://r"},
                           "container": {"runtime": "apptainer", "image": "/x.sif",
                                         "binds": binds}}, path=tmp_path / "j.toml")
 

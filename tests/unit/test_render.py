@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dac_upload import __version__, render
+from dac_upload import __version__, credentials, render
 from dac_upload.config import JobConfig, parse_job
 
 RUN_DIR = Path("/rds/project/x y/runs/R1")
@@ -16,7 +16,10 @@ RUN_DIR = Path("/rds/project/x y/runs/R1")
 def _job(container: dict[str, Any], **slurm: Any) -> JobConfig:
     raw = {
         "source": {"root": "/rds/project/dp1 data"},
-        "rucio": {"scope": "user.jbloggs", "rse": "CSD3_DISK"},
+        "rucio": {"scope": "user.jbloggs", "rse": "RAL_ECHO", "account": "jbloggs",
+                  "host": "https://rucio.example.ac.uk",
+                  "ca_dir": "/cvmfs/grid.cern.ch/etc/grid-security/certificates",
+                  "proxy": "/home/u/grid proxy/x509up_u1234"},
         "slurm": {"partition": "icelake", "account": "DIRAC-DP002-CPU", "time": "02:00:00",
                   "mem": "4G", "extra": {"qos": "normal"}, **slurm},
         "container": container,
@@ -26,17 +29,21 @@ def _job(container: dict[str, Any], **slurm: Any) -> JobConfig:
 
 NONE = {"runtime": "none", "python": "/opt/venv/bin/python"}
 APPTAINER = {"runtime": "apptainer", "image": "/rds/images/dac-upload.sif",
-             "binds": ["/rds/cvmfs:/cvmfs:ro"]}
+             "binds": ["/rds/project/calib:/calib:ro"]}
+
+
+def _creds(job: JobConfig) -> credentials.Credentials:
+    return credentials.resolve(job.rucio, {}, 1234, str(job.path))
 
 
 def _array(job: JobConfig) -> str:
-    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3")
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3", _creds(job))
     body = render.render_body("array.sh.j2", ctx)
     return render.full_script(render.array_options(job, "0-9", 3), body)
 
 
 def _collector(job: JobConfig) -> str:
-    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3")
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3", _creds(job))
     body = render.render_body("collect.sh.j2", ctx)
     return render.full_script(render.collector_options(job, "12345"), body)
 
@@ -87,6 +94,10 @@ RUN_DIR='/rds/project/x y/runs/R1'
 # a run larger than MaxArraySize is split into arrays whose indices start at 0: add the offset
 TASK="${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm array task (sbatch --array)}"
 TASK=$(( TASK + ${DAC_UPLOAD_TASK_OFFSET:-0} ))
+# the run's own Rucio client configuration and credential paths (no secret is written here)
+export RUCIO_CONFIG='/rds/project/x y/runs/R1/rucio.cfg'
+export X509_USER_PROXY='/home/u/grid proxy/x509up_u1234'
+export X509_CERT_DIR=/cvmfs/grid.cern.ch/etc/grid-security/certificates
 # Slurm's wall-time warning (sbatch --signal=B:USR1@N) reaches this shell: pass it on, so the
 # worker finishes its current file, records the rest as not attempted and exits cleanly.
 trap 'echo "dac-upload: wall time near, stopping"; kill -USR1 "${worker:-}" 2>/dev/null' USR1
@@ -112,18 +123,27 @@ RUN_DIR='/rds/project/x y/runs/R1'
 # a run larger than MaxArraySize is split into arrays whose indices start at 0: add the offset
 TASK="${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm array task (sbatch --array)}"
 TASK=$(( TASK + ${DAC_UPLOAD_TASK_OFFSET:-0} ))
+# the run's own Rucio client configuration and credential paths (no secret is written here)
+export RUCIO_CONFIG='/rds/project/x y/runs/R1/rucio.cfg'
+export X509_USER_PROXY='/home/u/grid proxy/x509up_u1234'
+export X509_CERT_DIR=/cvmfs/grid.cern.ch/etc/grid-security/certificates
 # Slurm's wall-time warning (sbatch --signal=B:USR1@N) reaches this shell: pass it on, so the
 # worker finishes its current file, records the rest as not attempted and exits cleanly.
 trap 'echo "dac-upload: wall time near, stopping"; kill -USR1 "${worker:-}" 2>/dev/null' USR1
 trap 'kill -TERM "${worker:-}" 2>/dev/null' TERM
 echo "dac-upload: run R1 task $TASK on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-apptainer exec --cleanenv \\
+# --cleanenv --contain: the worker sees only these binds and these variables
+apptainer exec --cleanenv --contain \\
   --bind '/rds/project/dp1 data:/rds/project/dp1 data:ro' \\
-  --bind /home/u/jobs/csd3/runs \\
   --bind '/rds/project/x y/runs/R1' \\
-  --bind /rds/cvmfs:/cvmfs:ro \\
+  --bind /cvmfs/grid.cern.ch/etc/grid-security/certificates:/cvmfs/grid.cern.ch/etc/grid-security/certificates:ro \\
+  --bind '/home/u/grid proxy/x509up_u1234:/home/u/grid proxy/x509up_u1234:ro' \\
+  --bind /rds/project/calib:/calib:ro \\
   --env "SLURM_ARRAY_TASK_ID=$TASK" \\
   --env "SLURM_JOB_ID=${SLURM_JOB_ID:-}" \\
+  --env 'RUCIO_CONFIG=/rds/project/x y/runs/R1/rucio.cfg' \\
+  --env 'X509_USER_PROXY=/home/u/grid proxy/x509up_u1234' \\
+  --env X509_CERT_DIR=/cvmfs/grid.cern.ch/etc/grid-security/certificates \\
   /rds/images/dac-upload.sif \\
   dac-upload worker --run "$RUN_DIR" --task "$TASK" \\
   ${DAC_UPLOAD_RETRY_PERMANENT:+--retry-permanent} &
@@ -155,11 +175,10 @@ COLLECT_APPTAINER = COLLECT_HEADER + """\
 set -uo pipefail
 RUN_DIR='/rds/project/x y/runs/R1'
 echo "dac-upload: collecting run R1 on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-apptainer exec --cleanenv \\
-  --bind '/rds/project/dp1 data:/rds/project/dp1 data:ro' \\
+apptainer exec --cleanenv --contain \\
   --bind /home/u/jobs/csd3/runs \\
   --bind '/rds/project/x y/runs/R1' \\
-  --bind /rds/cvmfs:/cvmfs:ro \\
+  --bind /rds/project/calib:/calib:ro \\
   /rds/images/dac-upload.sif \\
   dac-upload collect "$RUN_DIR"
 rc=$?
@@ -192,18 +211,50 @@ def test_python_argument_used_when_the_job_names_none() -> None:
     assert "\n'/usr/bin/python3 x' -m dac_upload worker --run \"$RUN_DIR\"" in body
 
 
-def test_rucio_config_exported_and_bound() -> None:
-    raw = {"source": {"root": "/data"}, "rucio": {"scope": "s", "rse": "R",
-                                                   "config": "/etc/my rucio.cfg"},
+def test_userpass_binds_the_password_file_and_never_writes_the_password(
+        tmp_path: Path) -> None:
+    secret = tmp_path / "rucio pw"
+    secret.write_text("s3cret-Pa55\n")
+    raw = {"source": {"root": "/data"},
+           "rucio": {"scope": "s", "rse": "R", "host": "http://127.0.0.1:18080",
+                     "auth_type": "userpass", "username": "jb", "password_file": str(secret)},
            "container": APPTAINER}
     job = parse_job(raw, path=Path("/home/u/jobs/j.toml"))
-    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3")
-    assert ctx.binds == ("/data:/data:ro", "/home/u/jobs/j/runs", str(RUN_DIR),
-                         "/etc/my rucio.cfg:/etc/my rucio.cfg:ro", "/rds/cvmfs:/cvmfs:ro")
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3", _creds(job))
+    assert ctx.binds == ("/data:/data:ro", str(RUN_DIR), f"{secret}:{secret}:ro",
+                         "/rds/project/calib:/calib:ro")
+    assert dict(ctx.environment) == {"RUCIO_CONFIG": f"{RUN_DIR}/rucio.cfg"}
     body = render.render_body("array.sh.j2", ctx)
-    assert "\nexport RUCIO_CONFIG='/etc/my rucio.cfg'\n" in body
-    assert "\n  --env RUCIO_CONFIG='/etc/my rucio.cfg' \\\n" in body
-    assert "\n  --bind '/etc/my rucio.cfg:/etc/my rucio.cfg:ro' \\\n" in body
+    assert f"\n  --bind '{secret}:{secret}:ro' \\\n" in body
+    assert "s3cret" not in body and "s3cret" not in repr(ctx)
+
+
+def test_token_file_is_passed_as_bearer_token_file() -> None:
+    raw = {"source": {"root": "/data"},
+           "rucio": {"scope": "s", "rse": "R", "host": "http://r", "auth_type": "token",
+                     "token_file": "/home/u/.config/token"},
+           "container": APPTAINER}
+    job = parse_job(raw, path=Path("/home/u/jobs/j.toml"))
+    ctx = render.script_context(job, "R1", RUN_DIR, "/usr/bin/python3", _creds(job))
+    assert dict(ctx.environment)["BEARER_TOKEN_FILE"] == "/home/u/.config/token"
+    body = render.render_body("array.sh.j2", ctx)
+    assert "\n  --env BEARER_TOKEN_FILE=/home/u/.config/token \\\n" in body
+    assert "\n  --bind /home/u/.config/token:/home/u/.config/token:ro \\\n" in body
+
+
+def test_paths_apptainer_cannot_bind_are_plan_errors() -> None:
+    raw = {"source": {"root": "/data/a,b"},
+           "rucio": {"scope": "s", "rse": "R", "host": "http://r", "proxy": "/p:x/proxy"},
+           "container": APPTAINER}
+    job = parse_job(raw, path=Path("/home/u/jobs/j.toml"))
+    lines = render.bind_problems(job, job.runs_dir / "R1", _creds(job))
+    assert lines == [
+        "/home/u/jobs/j.toml: '/data/a,b' contains ',' or ':', which Apptainer cannot bind; "
+        "rename or move it (or use runtime = \"none\")",
+        "/home/u/jobs/j.toml: '/p:x/proxy' contains ',' or ':', which Apptainer cannot bind; "
+        "rename or move it (or use runtime = \"none\")"]
+    none = parse_job({**raw, "container": NONE}, path=Path("/home/u/jobs/j.toml"))
+    assert render.bind_problems(none, none.runs_dir / "R1", _creds(none)) == []
 
 
 def test_context_has_no_binds_without_apptainer() -> None:
@@ -302,11 +353,13 @@ def test_extra_may_not_override_what_dac_upload_sets(tmp_path: Path) -> None:
 
 
 def test_run_inside_the_job_folder_is_bound_once() -> None:
-    """The runs folder (the runs and the ledger the collector updates) covers the run."""
+    """The collector binds the runs folder (the runs and the ledger it updates), which
+    covers the run; the array task binds only its run."""
     job = _job(APPTAINER)
-    ctx = render.script_context(job, "R1", job.runs_dir / "R1", "/usr/bin/python3")
-    assert ctx.binds == ("/rds/project/dp1 data:/rds/project/dp1 data:ro",
-                         "/home/u/jobs/csd3/runs", "/rds/cvmfs:/cvmfs:ro")
+    ctx = render.script_context(job, "R1", job.runs_dir / "R1", "/usr/bin/python3", _creds(job))
+    assert ctx.collect_binds == ("/home/u/jobs/csd3/runs", "/rds/project/calib:/calib:ro")
+    assert "/home/u/jobs/csd3/runs/R1" in ctx.binds
+    assert "/home/u/jobs/csd3/runs" not in ctx.binds
 
 
 def test_extra_may_not_shadow_keys_of_its_own(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 BASE_SECTIONS = {
     "job": "",
     "source": 'root = "data"',
-    "rucio": 'scope = "user.test"\nrse = "TEST_RSE"',
+    "rucio": 'scope = "user.test"\nrse = "TEST_RSE"\nhost = "http://rucio.invalid"',
     "naming": "",
     "batching": "",
     "slurm": "",

@@ -1,0 +1,217 @@
+"""credentials: where the tasks' identity comes from, what is refused, what is written."""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dac_upload import credentials
+from dac_upload.config import ConfigError, RucioConfig, parse_job
+from dac_upload.credentials import Credentials, CredentialsError
+
+
+def _rucio(tmp_path: Path, **keys: Any) -> RucioConfig:
+    raw = {"source": {"root": str(tmp_path)},
+           "rucio": {"scope": "s", "rse": "R", **keys}, "container": {"runtime": "none"}}
+    return parse_job(raw, path=tmp_path / "j.toml").rucio
+
+
+def _resolve(tmp_path: Path, env: dict[str, str] | None = None, **keys: Any) -> Credentials:
+    return credentials.resolve(_rucio(tmp_path, **keys), env or {}, 1234, "j.toml")
+
+
+def _cfg(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "rucio.cfg"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_job_file_wins_over_rucio_cfg_which_wins_over_the_environment(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "[client]\nrucio_host = https://from-cfg\nauth_type = x509_proxy\n"
+                         "account = cfgacct\nca_cert = /cfg/ca\nclient_x509_proxy = /cfg/px\n")
+    env = {"X509_USER_PROXY": "/env/px", "RUCIO_ACCOUNT": "envacct"}
+    c = _resolve(tmp_path, env, config=str(cfg))
+    assert (c.host, c.auth_host, c.account) == ("https://from-cfg", "https://from-cfg", "envacct")
+    assert (c.proxy, c.ca_cert, c.base_config) == (Path("/cfg/px"), Path("/cfg/ca"), cfg)
+    c = _resolve(tmp_path, env, config=str(cfg), host="https://job", account="jobacct",
+                 proxy="/job/px", ca_dir="/job/ca")
+    assert (c.host, c.account, c.proxy, c.ca_cert) == ("https://job", "jobacct",
+                                                      Path("/job/px"), Path("/job/ca"))
+
+
+def test_x509_proxy_defaults_to_the_grid_default_path(tmp_path: Path) -> None:
+    c = _resolve(tmp_path, host="http://r")
+    assert c.auth_type == "x509_proxy" and c.proxy == Path("/tmp/x509up_u1234")
+    assert _resolve(tmp_path, {"X509_USER_PROXY": "/shared/px"}, host="http://r").proxy \
+        == Path("/shared/px")
+    assert c.environment() == {"X509_USER_PROXY": "/tmp/x509up_u1234"}
+
+
+def test_rucio_config_env_is_the_default_base(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "[client]\nrucio_host = http://env-cfg\nauth_type = token\n")
+    c = _resolve(tmp_path, {"RUCIO_CONFIG": str(cfg), "BEARER_TOKEN_FILE": "/run/bt"})
+    assert (c.host, c.auth_type, c.token_file) == ("http://env-cfg", "token", Path("/run/bt"))
+    assert c.environment() == {"BEARER_TOKEN_FILE": "/run/bt"}
+
+
+def test_password_in_the_users_rucio_cfg_is_read_from_there_never_copied(
+        tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "[client]\nrucio_host = http://r\nauth_type = userpass\n"
+                         "username = jb\npassword = pa%%ss\naccount = jb\n"
+                         "[policy]\nschema = generic\n")
+    c = _resolve(tmp_path, config=str(cfg))
+    assert (c.password_file, c.password_in_config, c.username) == (cfg, True, "jb")
+    assert credentials.read_password(c) == "pa%ss"       # as Rucio reads it (interpolated)
+    text = credentials.client_config_text(c, credentials.load_base(cfg))
+    assert "pa%" not in text and "password" not in text.split("\n", 2)[2]
+    parsed = configparser.ConfigParser(interpolation=None)
+    parsed.read_string(text)
+    assert dict(parsed["client"]) == {"rucio_host": "http://r", "auth_type": "userpass",
+                                      "account": "jb", "auth_host": "http://r",
+                                      "username": "jb"}
+    assert parsed["policy"]["schema"] == "generic"       # the rest is kept as written
+
+
+def test_password_file_is_read_up_to_the_first_newline(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("with space \nsecond line\n")
+    c = _resolve(tmp_path, host="http://r", auth_type="userpass", username="u",
+                 password_file=str(pw))
+    assert credentials.read_password(c) == "with space "
+    assert c.record()["password_file"] == str(pw) and "with space" not in json.dumps(c.record())
+
+
+def test_resolution_problems_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(CredentialsError) as info:
+        _resolve(tmp_path, auth_type="userpass")
+    assert info.value.lines == [
+        'j.toml: no Rucio server: set [rucio] host = "https://..." (or config = a rucio.cfg '
+        "with rucio_host)",
+        "j.toml: auth_type userpass needs [rucio] username",
+        "j.toml: auth_type userpass needs [rucio] password_file = a file holding only the "
+        "password, readable by you alone (chmod 600)"]
+    with pytest.raises(CredentialsError) as info:
+        _resolve(tmp_path, host="http://r", auth_type="token")
+    assert "needs [rucio] token_file" in info.value.lines[0]
+    cfg = _cfg(tmp_path, "[client]\nrucio_host = http://r\nauth_type = ssh\n")
+    with pytest.raises(CredentialsError) as info:
+        _resolve(tmp_path, config=str(cfg))
+    assert "auth_type 'ssh'" in info.value.lines[0] and "cannot run unattended" in \
+        info.value.lines[0]
+    with pytest.raises(CredentialsError) as info:
+        _resolve(tmp_path, config=str(tmp_path / "nope.cfg"))
+    assert "does not exist" in info.value.lines[0]
+
+
+def test_https_needs_a_ca_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(credentials, "DEFAULT_CA_DIR", tmp_path / "no-such-dir")
+    with pytest.raises(CredentialsError) as info:
+        _resolve(tmp_path, host="https://rucio.example")
+    assert "uses https but no CA directory was found: set [rucio] ca_dir" in \
+        info.value.lines[0]
+    assert _resolve(tmp_path, {"X509_CERT_DIR": "/cvmfs/ca"},
+                    host="https://rucio.example").ca_cert == Path("/cvmfs/ca")
+
+
+def test_keys_of_another_auth_type_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _rucio(tmp_path, auth_type="x509_proxy", password_file="pw")
+    assert info.value.lines == [
+        f"{tmp_path / 'j.toml'}: [rucio] password_file is used only with auth_type = "
+        "\"userpass\", not \"x509_proxy\": remove one of them"]
+    with pytest.raises(ConfigError) as info:
+        _rucio(tmp_path, host="rucio.example.org")
+    assert "[rucio] host = 'rucio.example.org' is not valid" in info.value.lines[0]
+
+
+def test_files_others_can_read_are_refused_with_the_chmod(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("x\n")
+    pw.chmod(0o640)
+    c = _resolve(tmp_path, host="http://r", auth_type="userpass", username="u",
+                 password_file=str(pw))
+    assert credentials.local_problems(c) == [
+        f"password file {pw} can be read by others (mode 640): run 'chmod 600 {pw}'"]
+    pw.chmod(0o600)
+    assert credentials.local_problems(c) == []
+    pw.unlink()
+    assert credentials.local_problems(c)[0].startswith(f"password file {pw} not found: "
+                                                       "create it: install -m 600")
+
+
+def test_missing_proxy_and_ca_directory(tmp_path: Path) -> None:
+    c = _resolve(tmp_path, host="http://r", proxy=str(tmp_path / "px"),
+                 ca_dir=str(tmp_path / "ca"))
+    assert credentials.local_problems(c) == [
+        f"CA directory {tmp_path / 'ca'} does not exist: set [rucio] ca_dir to your site's "
+        "(e.g. /etc/grid-security/certificates or "
+        "/cvmfs/grid.cern.ch/etc/grid-security/certificates)",
+        f"X.509 proxy {tmp_path / 'px'} not found: create it with voms-proxy-init --out "
+        f"{tmp_path / 'px'} (or set [rucio] proxy)"]
+
+
+def _jwt(exp: float) -> str:
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'none'})}.{part({'exp': int(exp), 'sub': 'u'})}.sig"
+
+
+def test_token_lifetime_from_a_jwt(tmp_path: Path) -> None:
+    token = tmp_path / "bt"
+    token.write_text(_jwt(time.time() - 10) + "\n")
+    token.chmod(0o600)
+    c = _resolve(tmp_path, host="http://r", auth_type="token", token_file=str(token))
+    assert credentials.local_problems(c) == [
+        f"the token in {token} has expired: renew it (your token agent, e.g. oidc-token or "
+        "htgettoken, writes that file)"]
+    token.write_text(_jwt(time.time() + 3600))
+    assert credentials.local_problems(c) == []
+    warning = credentials.expiry_warning(c, 7200, "the array")
+    assert warning is not None and warning.startswith(f"the token {token} expires in 1.0 h, "
+                                                      "before the array (2.0 h)")
+    token.write_text("an-opaque-rucio-token")
+    assert credentials.token_seconds_left(token) is None
+    assert credentials.expiry_warning(c, 7200, "the array") is None
+
+
+def test_proxy_expiry_warning_names_the_renewal(tmp_path: Path) -> None:
+    proxy = tmp_path / "x509up"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=test", "-keyout", str(tmp_path / "key"), "-out", str(proxy)],
+                   check=True, capture_output=True)
+    proxy.chmod(0o600)
+    c = _resolve(tmp_path, host="http://r", proxy=str(proxy))
+    assert credentials.local_problems(c) == []
+    assert credentials.expiry_warning(c, 12 * 3600, "the array") is None
+    warning = credentials.expiry_warning(c, 2 * 86400, "the array can finish")
+    assert warning == (f"the X.509 proxy {proxy} expires in 24.0 h, before the array can "
+                       "finish (48.0 h): tasks running after that will fail to authenticate; "
+                       f"renew it with voms-proxy-init --valid 60:00 --out {proxy}")
+    tmp_proxy = _resolve(tmp_path, host="http://r", proxy="/tmp/x509up_u1")
+    assert "local to each node" in credentials.local_warnings(tmp_proxy)[0]
+
+
+def test_generated_config_is_0600_and_points_the_token_cache_when_asked(
+        tmp_path: Path) -> None:
+    c = _resolve(tmp_path, host="http://r", proxy="/shared/px", account="jb")
+    path = tmp_path / "run" / "rucio.cfg"
+    path.parent.mkdir()
+    text = credentials.client_config_text(c, configparser.ConfigParser(),
+                                          token_cache=tmp_path / "tok")
+    credentials.write_client_config(path, text)
+    assert path.stat().st_mode & 0o777 == 0o600
+    parsed = configparser.ConfigParser(interpolation=None)
+    parsed.read(path)
+    assert dict(parsed["client"]) == {
+        "rucio_host": "http://r", "auth_host": "http://r", "auth_type": "x509_proxy",
+        "account": "jb", "client_x509_proxy": "/shared/px",
+        "auth_token_file_path": str(tmp_path / "tok")}
+    assert Credentials.from_record(c.record()) == c
