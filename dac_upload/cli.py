@@ -431,3 +431,28 @@ def nightly(job_file: str, quiet: bool, wait: bool, timeout: float, full: bool,
     opts = NightOptions(full=full, wait=wait, timeout=timeout,
                         break_stale_lock=break_stale_lock, offline=offline)
     sys.exit(run_night(job, opts, say, _rucio_preflight))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--probe", is_flag=True, help="Also upload one small file of our own to the RSE "
+              "and read it back (left there with a 1 h rule; nothing is deleted).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines.")
+def doctor(job_file: str, probe: bool, as_json: bool) -> None:
+    """Check everything a run of JOB_FILE needs, one line each with the fix: the job file,
+    Slurm (partition, account, time), the container or Python, the credentials, the Rucio
+    server, scope, RSE and quota. Exit 1 if any check fails."""
+    import json
+
+    from .doctor import diagnose, failed
+
+    checks = diagnose(job_file, probe=probe)
+    if as_json:
+        click.echo(json.dumps({"job_file": job_file, "ok": not failed(checks),
+                               "checks": [c.as_dict() for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            click.echo(check.line())
+        click.echo("all checks passed" if not failed(checks) else
+                   f"{sum(c.status == 'FAIL' for c in checks)} check(s) failed")
+    sys.exit(EXIT_FAILURES if failed(checks) else 0)

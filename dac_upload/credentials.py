@@ -239,39 +239,55 @@ def too_open(mode: int) -> bool:
 def local_problems(creds: Credentials, now: float | None = None) -> list[str]:
     """What is wrong with the credential files on this machine, one line each with the fix:
     missing files, files others can read, an expired proxy or token."""
-    problems: list[str] = []
-    if creds.ca_cert is not None and not creds.ca_cert.exists():
-        problems.append(f"CA directory {creds.ca_cert} does not exist: set [rucio] ca_dir to "
-                        "your site's (e.g. /etc/grid-security/certificates or "
-                        "/cvmfs/grid.cern.ch/etc/grid-security/certificates)")
+    problems = [ca_problem(creds)]
     if creds.certificate is not None and not creds.certificate.is_file():
         problems.append(f"X.509 certificate {creds.certificate} not found: set [rucio] "
                         "certificate")
     for what, path in creds.secret_files():
-        try:
-            st = path.stat()
-        except OSError:
-            problems.append(_missing(what, path))
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{what} {path} is not a regular file")
-        elif too_open(st.st_mode):
-            problems.append(f"{what} {path} can be read by others (mode "
-                            f"{stat.S_IMODE(st.st_mode):03o}): run 'chmod 600 {path}'")
-    if creds.proxy is not None and creds.proxy.is_file():
-        left = proxy_seconds_left(creds.proxy, now)
+        problems.append(secret_file_problem(what, path)
+                        or lifetime_problem(creds, what, path, now))
+    return [p for p in problems if p]
+
+
+def ca_problem(creds: Credentials) -> str | None:
+    if creds.ca_cert is not None and not creds.ca_cert.exists():
+        return (f"CA directory {creds.ca_cert} does not exist: set [rucio] ca_dir to your "
+                "site's (e.g. /etc/grid-security/certificates or "
+                "/cvmfs/grid.cern.ch/etc/grid-security/certificates)")
+    return None
+
+
+def secret_file_problem(what: str, path: Path) -> str | None:
+    """Missing, not a file, or readable by others (refused, with the chmod)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return _missing(what, path)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{what} {path} is not a regular file"
+    if too_open(st.st_mode):
+        return (f"{what} {path} can be read by others (mode {stat.S_IMODE(st.st_mode):03o}): "
+                f"run 'chmod 600 {path}'")
+    return None
+
+
+def lifetime_problem(creds: Credentials, what: str, path: Path,
+                     now: float | None = None) -> str | None:
+    """An expired (or unreadable) proxy, an expired JWT."""
+    if what == "X.509 proxy":
+        left = proxy_seconds_left(path, now)
         if left is None:
-            problems.append(f"cannot read the X.509 proxy {creds.proxy} (openssl): renew it "
-                            f"with voms-proxy-init --out {creds.proxy}")
-        elif left <= 0:
-            problems.append(f"the X.509 proxy {creds.proxy} has expired: renew it with "
-                            f"voms-proxy-init --valid 96:00 --out {creds.proxy}")
-    if creds.token_file is not None and creds.token_file.is_file():
-        left = token_seconds_left(creds.token_file, now)
+            return (f"cannot read the X.509 proxy {path} (openssl): renew it with "
+                    f"voms-proxy-init --out {path}")
+        if left <= 0:
+            return (f"the X.509 proxy {path} has expired: renew it with voms-proxy-init "
+                    f"--valid 96:00 --out {path}")
+    if what == "token file":
+        left = token_seconds_left(path, now)
         if left is not None and left <= 0:
-            problems.append(f"the token in {creds.token_file} has expired: renew it (your "
-                            "token agent, e.g. oidc-token or htgettoken, writes that file)")
-    return problems
+            return (f"the token in {path} has expired: renew it (your token agent, e.g. "
+                    "oidc-token or htgettoken, writes that file)")
+    return None
 
 
 def _missing(what: str, path: Path) -> str:
@@ -384,11 +400,16 @@ def write_client_config(path: Path, text: str) -> None:
 
 
 def read_password(creds: Credentials) -> str:
-    """The password, read when the worker connects (never copied anywhere)."""
+    """The password, read when the worker connects (never copied anywhere). A file that
+    cannot be read raises CredentialsError naming it (never its content)."""
     assert creds.password_file is not None
-    if creds.password_in_config:
-        parser = configparser.ConfigParser()   # as Rucio reads it (with interpolation)
-        parser.read(creds.password_file, encoding="utf-8")
-        return parser.get("client", "password")
-    with open(creds.password_file, encoding="utf-8") as handle:
-        return handle.readline().rstrip("\r\n")
+    try:
+        with open(creds.password_file, encoding="utf-8") as handle:
+            if not creds.password_in_config:
+                return handle.readline().rstrip("\r\n")
+            parser = configparser.ConfigParser()   # as Rucio reads it (with interpolation)
+            parser.read_file(handle)
+            return parser.get("client", "password")
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise CredentialsError([f"cannot read the password from {creds.password_file}: "
+                                f"{type(exc).__name__}"]) from None

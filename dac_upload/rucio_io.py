@@ -22,7 +22,7 @@ from rucio.client.uploadclient import UploadClient
 from rucio.common import config as rucio_config
 from rucio.common import exception as rexc
 
-from .credentials import RUCIO_AUTH_TYPE, Credentials, read_password
+from .credentials import RUCIO_AUTH_TYPE, Credentials, CredentialsError, read_password
 
 _LOG = logging.getLogger("dac_upload.rucio")
 
@@ -151,13 +151,38 @@ def client_version() -> str:
 
 
 def use_client_config(path: Path, creds: Credentials) -> None:
-    """Point this process's Rucio at ``path`` and the credential variables (one job per
-    process: the worker, or plan/doctor on the login node)."""
+    """Point this process's Rucio at ``path`` and the credentials (one job per process: the
+    worker, or plan/doctor on the login node).
+
+    Rucio makes clients of its own inside UploadClient (rsemgr's RSEClient()), which read
+    the password from the configuration only: it is put into Rucio's configuration in this
+    process's memory, never into a file."""
     os.environ["RUCIO_CONFIG"] = str(path)
     os.environ.update(creds.environment())
     if creds.auth_type == "token":
         os.environ.pop("BEARER_TOKEN", None)   # Rucio would prefer it to BEARER_TOKEN_FILE
     rucio_config.clean_cached_config()
+    if creds.auth_type == "userpass":
+        try:
+            password = read_password(creds)
+        except CredentialsError as exc:
+            raise RucioFatal(str(exc)) from None
+        cfg = rucio_config.get_config()
+        if not cfg.has_section("client"):
+            cfg.add_section("client")
+        cfg.set("client", "password", password.replace("%", "%%"))  # read back interpolated
+
+
+def ping(creds: Credentials) -> str:
+    """The server's version from /ping (no login); RucioUnavailable if it does not answer."""
+    verify: Any = str(creds.ca_cert) if creds.ca_cert else True
+    try:
+        reply = requests.get(f"{creds.host}/ping", timeout=30, verify=verify)
+        reply.raise_for_status()
+        return str(reply.json().get("version", "?"))
+    except (requests.RequestException, ValueError) as exc:
+        raise RucioUnavailable(f"cannot reach the Rucio server {creds.host}: "
+                               f"{_describe(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -190,8 +215,8 @@ class RucioIO:
                                      ca_cert=str(creds.ca_cert) if creds.ca_cert else None,
                                      auth_type=RUCIO_AUTH_TYPE[creds.auth_type],
                                      creds=_client_creds(creds))
-        except OSError as exc:
-            raise RucioFatal(f"cannot read the Rucio credentials: {exc}") from None
+        except CredentialsError as exc:
+            raise RucioFatal(str(exc)) from None
         except Exception as exc:  # the client raises many types while configuring itself
             if _unreachable(exc):
                 raise RucioUnavailable(f"cannot reach the Rucio server: {_describe(exc)}; "
@@ -231,42 +256,61 @@ class RucioIO:
             raise
 
     def _preflight(self, scope: str, rse: str, dataset_scope: str | None) -> list[str]:
-        problems: list[str] = []
+        return [detail for _, ok, detail in self.checks(scope, rse, dataset_scope) if not ok]
+
+    def checks(self, scope: str, rse: str, dataset_scope: str | None = None
+               ) -> list[tuple[str, bool, str]]:
+        """(what, ok, one line) for: who we are, the scope(s), the RSE, writing to it, our
+        quota on it. A failure says the fix; later checks that cannot run are left out."""
+        out: list[tuple[str, bool, str]] = []
         try:
             who = self.client.whoami()
         except Exception as exc:
             if _unreachable(exc):
                 raise
-            return [f"Rucio at {self.host} refused us: {_describe(exc)}; check the "
-                    "credentials in your rucio.cfg (proxy, password or token)"]
+            return [("identity", False, f"Rucio at {self.host} refused us: {_describe(exc)}; "
+                     "check the credentials (proxy, password or token) and [rucio] account")]
         account = (who or {}).get("account", self.account)
+        out.append(("identity", True, f"authenticated to {self.host} as account {account!r}"))
         try:
             scopes = set(self.client.list_scopes())
         except Exception as exc:
             if _unreachable(exc):
                 raise
-            return [f"cannot list Rucio scopes: {_describe(exc)}"]
+            return [*out, ("scope", False, f"cannot list Rucio scopes: {_describe(exc)}")]
         for key, value in (("scope", scope), ("dataset", dataset_scope)):
-            if value and value not in scopes and (key == "scope" or value != scope):
-                problems.append(f"Rucio scope {value!r} ([rucio] {key}) does not exist; ask "
-                                "your Rucio admins to create it, or use one of yours "
-                                f"(e.g. user.{account})")
+            if not value or (key == "dataset" and value == scope):
+                continue
+            if value in scopes:
+                out.append(("scope", True, f"scope {value!r} exists"))
+            else:
+                out.append(("scope", False, f"Rucio scope {value!r} ([rucio] {key}) does not "
+                            "exist; ask your Rucio admins to create it, or use one of yours "
+                            f"(e.g. user.{account})"))
         try:
             info = self.client.get_rse(rse)
         except rexc.RSENotFound:
-            return [*problems, f"RSE {rse!r} does not exist; check [rucio] rse "
-                    "('rucio list-rses' lists them)"]
+            return [*out, ("RSE", False, f"RSE {rse!r} does not exist; check [rucio] rse "
+                           "('rucio list-rses' lists them)")]
         except Exception as exc:
             if _unreachable(exc):
                 raise
-            return [*problems, f"cannot look up RSE {rse!r}: {_describe(exc)}"]
+            return [*out, ("RSE", False, f"cannot look up RSE {rse!r}: {_describe(exc)}")]
+        schemes = sorted({str(p.get("scheme")) for p in info.get("protocols") or []})
+        out.append(("RSE", True, f"RSE {rse!r} exists (protocols: "
+                    f"{', '.join(schemes) or 'none'})"))
         if info.get("availability_write") is False:
-            problems.append(f"RSE {rse!r} is blocked for writing; try later or ask its admins")
-        if not self._has_quota(account, rse):
-            problems.append(f"account {account!r} has no quota on {rse!r} (uploads would fail "
-                            "with InsufficientAccountLimit); ask the Rucio admins for one "
-                            "('rucio-admin account set-limits')")
-        return problems
+            out.append(("RSE write", False, f"RSE {rse!r} is blocked for writing; try later "
+                        "or ask its admins"))
+        else:
+            out.append(("RSE write", True, f"RSE {rse!r} accepts writes"))
+        if self._has_quota(account, rse):
+            out.append(("quota", True, f"account {account!r} may write to {rse!r}"))
+        else:
+            out.append(("quota", False, f"account {account!r} has no quota on {rse!r} "
+                        "(uploads would fail with InsufficientAccountLimit); ask the Rucio "
+                        "admins for one ('rucio-admin account set-limits')"))
+        return out
 
     def _has_quota(self, account: str, rse: str) -> bool:
         """A local limit on the RSE, or any global (RSE-expression) limit we cannot evaluate
@@ -400,6 +444,20 @@ class RucioIO:
             raise _translate(exc, "upload failed") from None
         finally:
             Path(summary_path).unlink(missing_ok=True)
+
+    def download(self, scope: str, name: str, rse: str, directory: Path) -> Path:
+        """Read a file back from ``rse`` into ``directory`` (doctor --probe); its path."""
+        from rucio.client.downloadclient import DownloadClient
+
+        logger = logging.getLogger("dac_upload.rucio.download")
+        logger.propagate = False
+        try:
+            DownloadClient(client=self.client, logger=logger.log, tracing=False).download_dids(
+                [{"did": f"{scope}:{name}", "rse": rse, "base_dir": str(directory),
+                  "no_subdir": True}])
+        except Exception as exc:
+            raise _translate(exc, f"reading {scope}:{name} back from {rse}") from None
+        return directory / Path(name).name
 
     def _upload_client(self, logger: logging.Logger) -> UploadClient:
         if self._uploader is None:

@@ -130,6 +130,25 @@ def scontrol_config() -> dict[str, str]:
     return parse_scontrol_config(_run(["scontrol", "show", "config"]).stdout)
 
 
+def option_args(options: dict[str, Any]) -> list[str]:
+    """{"cpus_per_task": 1, "exclusive": ""} -> ["--cpus-per-task=1", "--exclusive"]."""
+    return [f"--{k.replace('_', '-')}" + (f"={v}" if str(v) != "" else "")
+            for k, v in options.items()]
+
+
+def sbatch_test_only(options: dict[str, Any]) -> str:
+    """What ``sbatch --test-only`` says of a job with these options (partition, account,
+    time, memory as the array asks them): its "Job N to start at ..." line. Refusals raise
+    SlurmError with sbatch's own words. Nothing is queued."""
+    proc = _run(["sbatch", "--test-only", *option_args(options), "--wrap", "true"])
+    lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    return lines[-1] if lines else "accepted"
+
+
+def slurm_version() -> str:
+    return _run(["sbatch", "--version"]).stdout.strip()
+
+
 def max_array_size() -> int:
     value = scontrol_config().get("MaxArraySize", "1001")
     return int(value) if value.isdigit() else 1001

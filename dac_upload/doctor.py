@@ -1,0 +1,262 @@
+"""``dac-upload doctor JOB``: everything a first upload needs, checked one line at a time.
+
+Each check says OK, WARN, FAIL or SKIP, what it saw and, when it is not OK, the fix. The
+checks run in the order a new user would fix things (job file, Slurm, container, credentials,
+Rucio) and a check that cannot mean anything after an earlier failure is skipped with the
+reason. ``--probe`` adds a real one-file round trip through the RSE. Slurm is asked through
+slurm.py and Rucio through rucio_io.py, like everywhere else.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__, credentials, render
+from .config import ConfigError, JobConfig, load_job, slurm_time_seconds
+from .credentials import Credentials, CredentialsError
+
+OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+PROBE_LIFETIME = 3600   # the probe file's rule: Rucio's reaper removes it after an hour
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return (f"{self.status:<4} {self.name}: {self.detail}"
+                + (f"; fix: {self.fix}" if self.fix else ""))
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+Run = Callable[[list[str]], subprocess.CompletedProcess]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+
+
+def diagnose(job_file: str, probe: bool = False, run: Run = _run) -> list[Check]:
+    """Every check, in order; ``run`` runs the container commands (replaceable in tests)."""
+    checks: list[Check] = []
+    try:
+        job = load_job(job_file)
+    except ConfigError as exc:
+        checks += [Check("job file", FAIL, line) for line in exc.lines]
+        return checks
+    checks.append(Check("job file", OK, f"{job.path} is valid (runtime {job.container.runtime}"
+                        f", scope {job.rucio.scope}, RSE {job.rucio.rse})"))
+    if job.rucio.lifetime:
+        checks.append(Check("lifetime", WARN, f"[rucio] lifetime = {job.rucio.lifetime} s: "
+                            "the uploaded data becomes deletable "
+                            f"{job.rucio.lifetime / 86400:.1f} days after upload",
+                            "remove 'lifetime' to keep the data"))
+    checks.append(_source_check(job))
+    checks += _slurm_checks(job)
+    checks += _runtime_checks(job, run)
+    try:
+        creds = credentials.resolve(job.rucio, os.environ, os.getuid(), str(job.path))
+    except CredentialsError as exc:
+        checks += [Check("credentials", FAIL, line) for line in exc.lines]
+        checks.append(Check("rucio", SKIP, "the credentials above must be fixed first"))
+        return checks
+    local = _credential_checks(job, creds)
+    checks += local
+    if any(c.status == FAIL for c in local):
+        checks.append(Check("rucio", SKIP, "the credential files above must be fixed first"))
+        return checks
+    checks += _rucio_checks(job, creds, probe)
+    return checks
+
+
+def failed(checks: list[Check]) -> bool:
+    return any(c.status == FAIL for c in checks)
+
+
+# ----------------------------------------------------------------------------- checks
+def _source_check(job: JobConfig) -> Check:
+    root = job.source.root
+    if not root.is_dir():
+        return Check("source", FAIL, f"{root} is not a directory", "fix [source] root")
+    if not os.access(root, os.R_OK | os.X_OK):
+        return Check("source", FAIL, f"{root} cannot be read by you",
+                     "ask its owner for read access, or run as a member of its group")
+    return Check("source", OK, f"{root} is readable")
+
+
+def _slurm_checks(job: JobConfig) -> list[Check]:
+    from . import slurm
+
+    missing = [t for t in ("sbatch", "scontrol", "squeue") if shutil.which(t) is None]
+    if missing:
+        return [Check("slurm", FAIL, f"{', '.join(missing)} not found on PATH",
+                      "run doctor on a login node of the cluster (or 'module load slurm')")]
+    out = []
+    try:
+        out.append(Check("slurm", OK, f"{slurm.slurm_version()}, MaxArraySize "
+                         f"{slurm.max_array_size()}"))
+    except slurm.SlurmError as exc:
+        return [Check("slurm", FAIL, str(exc), "is slurmctld up? try 'sinfo'")]
+    options = render.array_options(job, "0", 1)
+    asked = {k: options[k] for k in ("partition", "account", "time", "mem") if k in options}
+    shown = ", ".join(f"{k} {v}" for k, v in asked.items())
+    test = {k: v for k, v in options.items()
+            if k not in ("array", "output", "open_mode", "signal", "export", "job_name")}
+    try:
+        said = slurm.sbatch_test_only(test)
+        out.append(Check("sbatch", OK, f"sbatch --test-only accepts {shown} ({said})"))
+    except slurm.SlurmError as exc:
+        out.append(Check("sbatch", FAIL, f"sbatch refuses {shown}: {exc}",
+                         "fix [slurm] partition / account / time / mem ('sinfo -s' lists "
+                         "partitions, 'sacctmgr show assoc user=$USER' your accounts)"))
+    return out
+
+
+def _runtime_checks(job: JobConfig, run: Run) -> list[Check]:
+    """The worker's own dac-upload: the container's, or the Python of runtime none."""
+    if job.container.runtime == "none":
+        import sys
+
+        python = job.container.python or sys.executable
+        cmd = [python, "-c", "import dac_upload; print(dac_upload.__version__)"]
+        what, fix = f"runtime none: {python}", f"pip install dac-upload into {python}'s env"
+    else:
+        tool = shutil.which("apptainer") or shutil.which("singularity")
+        if tool is None:
+            return [Check("apptainer", FAIL, "apptainer (or singularity) not found on PATH",
+                          "'module load apptainer', or set [container] runtime = \"none\"")]
+        image = job.container.image
+        assert image is not None  # config requires it with runtime apptainer
+        if not os.access(image, os.R_OK):
+            return [Check("apptainer", OK, tool),
+                    Check("image", FAIL, f"{image} is missing or unreadable",
+                          "build it: apptainer build dac-upload.sif apptainer/dac-upload.def")]
+        cmd = [tool, "exec", "--cleanenv", str(image), "dac-upload", "--version"]
+        what, fix = f"image {image}", ("rebuild it from this checkout: apptainer build "
+                                       f"{image} apptainer/dac-upload.def")
+    try:
+        proc = run(cmd)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [Check("worker", FAIL, f"{what}: cannot run it ({exc})", fix)]
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return [Check("worker", FAIL, f"{what}: dac-upload does not start ({last})", fix)]
+    version = proc.stdout.strip().split()[-1] if proc.stdout.strip() else "?"
+    if version != __version__:
+        return [Check("worker", WARN, f"{what} has dac-upload {version}, this host "
+                      f"{__version__}", fix)]
+    return [Check("worker", OK, f"{what} has dac-upload {version}, same as this host")]
+
+
+def _credential_checks(job: JobConfig, creds: Credentials) -> list[Check]:
+    out = [Check("credentials", OK, creds.describe())]
+    if creds.ca_cert is None:
+        out.append(Check("CA directory", SKIP, "none needed: the server is not https"))
+    elif problem := credentials.ca_problem(creds):
+        out.append(Check("CA directory", FAIL, problem))
+    else:
+        n = sum(1 for _ in creds.ca_cert.glob("*.0")) if creds.ca_cert.is_dir() else 1
+        out.append(Check("CA directory", OK, f"{creds.ca_cert} ({n} CA certificate(s))"))
+    for what, path in creds.secret_files():
+        problem = credentials.secret_file_problem(what, path)
+        if problem:
+            out.append(Check(what, FAIL, problem))
+            continue
+        left_problem = credentials.lifetime_problem(creds, what, path)
+        if left_problem:
+            out.append(Check(what, FAIL, left_problem))
+            continue
+        detail = f"{path} is readable by you alone"
+        left = (credentials.proxy_seconds_left(path) if what == "X.509 proxy" else
+                credentials.token_seconds_left(path) if what == "token file" else None)
+        need = slurm_time_seconds(job.slurm.time)
+        if left is not None:
+            detail += f", valid for {left / 3600:.1f} h more"
+        status, fix = OK, ""
+        if left is not None and left < need:
+            status = WARN
+            fix = (f"renew it (voms-proxy-init --valid 96:00 --out {path}) before submitting"
+                   if what == "X.509 proxy" else "make sure your token agent refreshes it")
+            detail += f", less than one task's time limit ({job.slurm.time})"
+        out.append(Check(what, status, detail, fix))
+    out += [Check("credentials", WARN, w) for w in credentials.local_warnings(creds)]
+    return out
+
+
+def _rucio_checks(job: JobConfig, creds: Credentials, probe: bool) -> list[Check]:
+    import logging
+
+    from .rucio_io import RucioFatal, RucioUnavailable, fresh_session, ping
+
+    logging.getLogger("baseclient").setLevel(logging.CRITICAL)
+    try:
+        version = ping(creds)
+    except RucioUnavailable as exc:
+        return [Check("rucio server", FAIL, str(exc), "check [rucio] host; is the server up?")]
+    out = [Check("rucio server", OK, f"{creds.host} answers (Rucio {version})")]
+    ds = job.rucio.dataset_did
+    try:
+        with fresh_session(creds) as rio:
+            results = rio.checks(job.rucio.scope, job.rucio.rse, ds[0] if ds else None)
+            out += [Check(name, OK if ok else FAIL, detail) for name, ok, detail in results]
+            if not probe:
+                out.append(Check("probe", SKIP, "add --probe for a one-file round trip "
+                                 "through the RSE"))
+            elif any(not ok for _, ok, _ in results):
+                out.append(Check("probe", SKIP, "the Rucio checks above must pass first"))
+            else:
+                out.append(_probe(job, rio))
+    except RucioUnavailable as exc:
+        out.append(Check("rucio", FAIL, str(exc), "try again later"))
+    except RucioFatal as exc:
+        out.append(Check("identity", FAIL, str(exc)))
+    return out
+
+
+def _probe(job: JobConfig, rio: Any) -> Check:
+    """Upload one small file of our own, check its replica and read it back. It is left on
+    the RSE with a rule of PROBE_LIFETIME (Rucio's reaper removes it); nothing else is
+    touched, nothing is deleted."""
+    from .rucio_io import RucioFatal, RucioFileError
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = (f"{job.naming.prefix}dac-upload-probe/{getpass.getuser()}-{stamp}-"
+            f"{uuid.uuid4().hex[:8]}")
+    payload = (f"dac-upload doctor probe {stamp} {uuid.uuid4()}\n".encode() * 32)[:1024]
+    did = f"{job.rucio.scope}:{name}"
+    with tempfile.TemporaryDirectory(prefix="dac-upload-probe-") as tmp:
+        src = Path(tmp) / "probe.dat"
+        src.write_bytes(payload)
+        try:
+            rio.upload(src, job.rucio.scope, name, job.rucio.rse, None, PROBE_LIFETIME)
+            rep = rio.replica(job.rucio.scope, name, job.rucio.rse)
+            adler = f"{zlib.adler32(payload) & 0xFFFFFFFF:08x}"
+            if rep is None or rep.state != "AVAILABLE" or rep.adler32 != adler:
+                return Check("probe", FAIL, f"uploaded {did} but its replica on "
+                             f"{job.rucio.rse} is {rep}", "ask the RSE's admins")
+            back = rio.download(job.rucio.scope, name, job.rucio.rse, Path(tmp) / "back")
+            same = back.read_bytes() == payload
+        except (RucioFatal, RucioFileError) as exc:
+            return Check("probe", FAIL, f"round trip of {did} through {job.rucio.rse} "
+                         f"failed: {exc}", "see the line above; ask the RSE's admins")
+    if not same:
+        return Check("probe", FAIL, f"{did} read back from {job.rucio.rse} differs",
+                     "ask the RSE's admins")
+    return Check("probe", OK, f"uploaded {did} (1 KiB) to {job.rucio.rse} at {rep.pfn}, "
+                 "replica AVAILABLE, adler32 matches, read back identical; left there with "
+                 f"a {PROBE_LIFETIME // 3600} h rule (Rucio's reaper removes it)")
