@@ -217,6 +217,10 @@ class RucioIO:
                                      creds=_client_creds(creds))
         except CredentialsError as exc:
             raise RucioFatal(str(exc)) from None
+        except rexc.CannotAuthenticate as exc:
+            host = creds.host if creds else "the server"
+            raise RucioFatal(f"Rucio at {host} refused the credentials ({_describe(exc)}); "
+                             "check the password, proxy or token and [rucio] account") from None
         except Exception as exc:  # the client raises many types while configuring itself
             if _unreachable(exc):
                 raise RucioUnavailable(f"cannot reach the Rucio server: {_describe(exc)}; "
@@ -451,13 +455,15 @@ class RucioIO:
 
         logger = logging.getLogger("dac_upload.rucio.download")
         logger.propagate = False
+        logger.handlers = [logging.NullHandler()]   # the caller reports in one line
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)  # Rucio keeps the '/'s
         try:
             DownloadClient(client=self.client, logger=logger.log, tracing=False).download_dids(
                 [{"did": f"{scope}:{name}", "rse": rse, "base_dir": str(directory),
                   "no_subdir": True}])
         except Exception as exc:
             raise _translate(exc, f"reading {scope}:{name} back from {rse}") from None
-        return directory / Path(name).name
+        return directory / name
 
     def _upload_client(self, logger: logging.Logger) -> UploadClient:
         if self._uploader is None:

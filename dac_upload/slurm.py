@@ -140,7 +140,15 @@ def sbatch_test_only(options: dict[str, Any]) -> str:
     """What ``sbatch --test-only`` says of a job with these options (partition, account,
     time, memory as the array asks them): its "Job N to start at ..." line. Refusals raise
     SlurmError with sbatch's own words. Nothing is queued."""
-    proc = _run(["sbatch", "--test-only", *option_args(options), "--wrap", "true"])
+    args = ["sbatch", "--test-only", *option_args(options), "--wrap", "true"]
+    _require("sbatch")
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        raise SlurmError("sbatch --test-only did not answer within 60 s: is slurmctld up? "
+                         "(try 'sinfo')") from None
+    if proc.returncode != 0:
+        raise SlurmError(last_error_line(proc.stderr))
     lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
     return lines[-1] if lines else "accepted"
 

@@ -1,0 +1,193 @@
+"""dac-upload doctor against the real Slurm and Rucio: a good job is all OK, and each kind of
+mistake gives its own FAIL line (and exit 1)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from ithelpers import RSE, RUCIO_URL, SCOPE, VENV_BIN, chown_user, dac_upload, write_job
+
+PASSWORD = "secret"   # the test server's ddmlab password (tests/services/start-rucio.sh)
+
+
+def _job(workdir: Path, rucio: str = "", slurm: str = "", container: str = "") -> Path:
+    (workdir / "src").mkdir(exist_ok=True)
+    (workdir / "src" / "a.dat").write_bytes(b"doctor")
+    pw = workdir / "rucio.password"
+    if not pw.exists():
+        pw.write_text(PASSWORD + "\n")
+        pw.chmod(0o600)
+    body = f"""
+[source]
+root = "../src"
+[rucio]
+host = "{RUCIO_URL}"
+auth_type = "userpass"
+username = "ddmlab"
+password_file = "../rucio.password"
+account = "root"
+scope = "{SCOPE}"
+rse = "{RSE}"
+{rucio}
+[slurm]
+time = "00:10:00"
+mem = "1G"
+{slurm}
+[container]
+runtime = "none"
+{container}
+"""
+    return write_job(workdir, "doc", body)
+
+
+def _doctor(workdir: Path, job: Path, *args: str, **env: str) -> tuple[int, list[str]]:
+    proc = dac_upload(["doctor", str(job), *args], cwd=workdir, **env)
+    return proc.returncode, proc.stdout.splitlines()
+
+
+def _fails(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("FAIL")]
+
+
+def test_good_job_is_all_ok_and_probe_round_trips(workdir: Path,
+                                                  rucio_client: Any) -> None:
+    job = _job(workdir)
+    code, lines = _doctor(workdir, job, "--probe")
+    assert code == 0, "\n".join(lines)
+    assert lines[-1] == "all checks passed"
+    names = [line.split(":")[0] for line in lines[:-1]]
+    assert names == ["OK   job file", "OK   source", "OK   slurm", "OK   sbatch", "OK   worker",
+                     "OK   credentials", "SKIP CA directory", "OK   password file",
+                     "OK   rucio server", "OK   identity", "OK   scope", "OK   RSE",
+                     "OK   RSE write", "OK   quota", "OK   probe"]
+    probe = lines[-2]
+    assert "replica AVAILABLE, adler32 matches, read back identical" in probe
+    did = probe.split("uploaded ", 1)[1].split(" ", 1)[0]
+    scope, name = did.split(":", 1)
+    assert name.startswith("dac-upload-probe/dacuser-")
+    rules = list(rucio_client.list_did_rules(scope, name))   # what it says it left
+    assert [r["rse_expression"] for r in rules] == [RSE] and rules[0]["expires_at"]
+    assert PASSWORD not in "\n".join(lines)
+
+    proc = dac_upload(["doctor", str(job), "--json"], cwd=workdir)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["ok"] is True
+    assert {c["status"] for c in doc["checks"]} == {"OK", "SKIP"}
+
+
+def _no_quota_rse(client: Any) -> str:
+    rse = "NOQUOTA_" + uuid.uuid4().hex[:6].upper()
+    client.add_rse(rse)
+    return rse
+
+
+def _blocked_rse(client: Any) -> str:
+    rse = "BLOCKED_" + uuid.uuid4().hex[:6].upper()
+    client.add_rse(rse)
+    client.set_local_account_limit("root", rse, -1)
+    client.update_rse(rse, {"availability_write": False})
+    return rse
+
+
+MISTAKES: list[tuple[str, dict[str, str], Callable[[Path, Any], dict[str, str]] | None, str]] = [
+    ("unknown key", {"rucio": "scopes = 'x'"}, None,
+     "FAIL job file: {job}: [rucio] unknown key 'scopes'; did you mean 'scope'?"),
+    ("bad partition", {"slurm": 'partition = "nosuch"'}, None,
+     "FAIL sbatch: sbatch refuses partition nosuch, time 00:10:00, mem 1G: sbatch: error: "
+     "invalid partition specified: nosuch; fix: fix [slurm] partition"),
+    ("password file open to others", {}, lambda w, c: (w / "rucio.password").chmod(0o644),
+     "FAIL password file: password file {w}/rucio.password can be read by others "
+     "(mode 644): run 'chmod 600 {w}/rucio.password'"),
+    ("password file missing", {}, lambda w, c: (w / "rucio.password").unlink(),
+     "FAIL password file: password file {w}/rucio.password not found: create it"),
+    ("wrong password", {}, lambda w, c: (w / "rucio.password").write_text("wrong\n"),
+     "FAIL identity: Rucio at http://127.0.0.1:18080 refused the credentials "
+     "(CannotAuthenticate: "),
+    ("unknown scope", {}, None,
+     "FAIL scope: Rucio scope 'nosuch.scope' ([rucio] scope) does not exist"),
+    ("unknown RSE", {}, None, "FAIL RSE: RSE 'NOSUCH_RSE' does not exist; check [rucio] rse"),
+    ("no quota", {}, None, "FAIL quota: account 'root' has no quota on"),
+    ("write blocked", {}, None, "FAIL RSE write: RSE"),
+    ("server down", {}, None,
+     "FAIL rucio server: cannot reach the Rucio server http://127.0.0.1:9: "),
+    ("missing CA directory", {"rucio": 'ca_dir = "/nonexistent/certificates"'}, None,
+     "FAIL CA directory: CA directory /nonexistent/certificates does not exist"),
+    ("no apptainer", {"container": ""}, None,
+     "FAIL apptainer: apptainer (or singularity) not found on PATH"),
+    ("no slurm", {}, None, "FAIL slurm: sbatch, scontrol, squeue not found on PATH"),
+]
+
+
+@pytest.mark.parametrize(("what", "edits", "breakage", "expected"), MISTAKES,
+                         ids=[m[0] for m in MISTAKES])
+def test_each_mistake_is_its_own_fail_line(workdir: Path, rucio_client: Any, what: str,
+                                           edits: dict[str, str],
+                                           breakage: Callable[..., Any] | None,
+                                           expected: str) -> None:
+    env: dict[str, str] = {}
+    job = _job(workdir, edits.get("rucio", ""), edits.get("slurm", ""),
+               edits.get("container", ""))
+    text = job.read_text()
+    if what == "unknown scope":
+        text = text.replace(f'scope = "{SCOPE}"', 'scope = "nosuch.scope"')
+    elif what == "unknown RSE":
+        text = text.replace(f'rse = "{RSE}"', 'rse = "NOSUCH_RSE"')
+    elif what == "no quota":
+        text = text.replace(f'rse = "{RSE}"', f'rse = "{_no_quota_rse(rucio_client)}"')
+    elif what == "write blocked":
+        text = text.replace(f'rse = "{RSE}"', f'rse = "{_blocked_rse(rucio_client)}"')
+    elif what == "server down":
+        text = text.replace(RUCIO_URL, "http://127.0.0.1:9")
+    elif what == "no apptainer":
+        text = text.replace('runtime = "none"', 'runtime = "apptainer"\nimage = "/x.sif"')
+    elif what == "no slurm":
+        env["PATH"] = f"{VENV_BIN}"
+    job.write_text(text)
+    if breakage is not None:
+        breakage(workdir, rucio_client)
+    chown_user(workdir)
+    code, lines = _doctor(workdir, job, **env)
+    assert code == 1, "\n".join(lines)
+    want = expected.format(job=job, w=workdir)
+    fails = _fails(lines)
+    assert len(fails) == 1, "\n".join(lines)
+    assert fails[0].startswith(want), f"{fails[0]!r} does not start with {want!r}"
+    assert "; fix: " in fails[0] or "run 'chmod" in fails[0] or ": set " in fails[0] \
+        or "ask " in fails[0] or "check " in fails[0] or "create it" in fails[0] \
+        or "did you mean" in fails[0]
+    assert lines[-1] == "1 check(s) failed"
+    assert PASSWORD not in "\n".join(lines)
+
+
+def test_token_auth_with_a_rucio_token(workdir: Path) -> None:
+    """auth_type token: the token file (as a token agent keeps it) is all the tasks need."""
+    token = workdir / "token.txt"
+    token.write_text(_rucio_token() + "\n")
+    token.chmod(0o600)
+    job = _job(workdir)
+    text = job.read_text().replace('auth_type = "userpass"\nusername = "ddmlab"\n'
+                                   'password_file = "../rucio.password"\n',
+                                   'auth_type = "token"\ntoken_file = "../token.txt"\n')
+    job.write_text(text)
+    chown_user(workdir)
+    code, lines = _doctor(workdir, job)
+    assert code == 0, "\n".join(lines)
+    assert f"OK   token file: {token} is readable by you alone" in lines
+    assert "OK   identity: authenticated to http://127.0.0.1:18080 as account 'root'" in lines
+
+
+def _rucio_token() -> str:
+    out = subprocess.run(["curl", "-sS", "-D", "-", "-o", "/dev/null",
+                          "-H", "X-Rucio-Account: root", "-H", "X-Rucio-Username: ddmlab",
+                          "-H", f"X-Rucio-Password: {PASSWORD}",
+                          f"{RUCIO_URL}/auth/userpass"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.lower().startswith("x-rucio-auth-token:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no token in {out}")
