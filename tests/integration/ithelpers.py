@@ -164,3 +164,27 @@ mem = "1G"
 [container]
 runtime = "none"
 """
+
+
+def make_files(root: Path, n: int, size: int = 20_000) -> dict[str, Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i in range(n):
+        p = root / f"f{i:03d}.dat"
+        p.write_bytes(i.to_bytes(2, "big") * (size // 2 + i))
+        out[p.name] = p
+    return out
+
+
+def rucio_token(password: str = "secret") -> str:
+    """A Rucio token for root, fetched the way a token agent would (curl, no client)."""
+
+    out = subprocess.run(["curl", "-sS", "-D", "-", "-o", "/dev/null",
+                          "-H", "X-Rucio-Account: root", "-H", "X-Rucio-Username: ddmlab",
+                          "-H", f"X-Rucio-Password: {password}",
+                          f"{RUCIO_URL}/auth/userpass"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.lower().startswith("x-rucio-auth-token:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no token in {out}")

@@ -4,13 +4,21 @@ mistake gives its own FAIL line (and exit 1)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from ithelpers import RSE, RUCIO_URL, SCOPE, VENV_BIN, chown_user, dac_upload, write_job
+from ithelpers import (
+    RSE,
+    RUCIO_URL,
+    SCOPE,
+    VENV_BIN,
+    chown_user,
+    dac_upload,
+    rucio_token,
+    write_job,
+)
 
 PASSWORD = "secret"   # the test server's ddmlab password (tests/services/start-rucio.sh)
 
@@ -167,7 +175,7 @@ def test_each_mistake_is_its_own_fail_line(workdir: Path, rucio_client: Any, wha
 def test_token_auth_with_a_rucio_token(workdir: Path) -> None:
     """auth_type token: the token file (as a token agent keeps it) is all the tasks need."""
     token = workdir / "token.txt"
-    token.write_text(_rucio_token() + "\n")
+    token.write_text(rucio_token() + "\n")
     token.chmod(0o600)
     job = _job(workdir)
     text = job.read_text().replace('auth_type = "userpass"\nusername = "ddmlab"\n'
@@ -180,14 +188,3 @@ def test_token_auth_with_a_rucio_token(workdir: Path) -> None:
     assert f"OK   token file: {token} is readable by you alone" in lines
     assert "OK   identity: authenticated to http://127.0.0.1:18080 as account 'root'" in lines
 
-
-def _rucio_token() -> str:
-    out = subprocess.run(["curl", "-sS", "-D", "-", "-o", "/dev/null",
-                          "-H", "X-Rucio-Account: root", "-H", "X-Rucio-Username: ddmlab",
-                          "-H", f"X-Rucio-Password: {PASSWORD}",
-                          f"{RUCIO_URL}/auth/userpass"],
-                         capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        if line.lower().startswith("x-rucio-auth-token:"):
-            return line.split(":", 1)[1].strip()
-    raise AssertionError(f"no token in {out}")

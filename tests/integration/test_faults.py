@@ -20,6 +20,7 @@ from ithelpers import (
     dac_upload,
     job_toml,
     load_summary,
+    make_files,
     parse_arrays,
     parse_submitted,
     run_dir_of,
@@ -29,16 +30,6 @@ from ithelpers import (
 )
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
-
-
-def make_files(root: Path, n: int, size: int = 20_000) -> dict[str, Path]:
-    root.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for i in range(n):
-        p = root / f"f{i:03d}.dat"
-        p.write_bytes(i.to_bytes(2, "big") * (size // 2 + i))
-        out[p.name] = p
-    return out
 
 
 def job_file(workdir: Path, name: str, prefix: str, files_per_batch: int, max_running: int,
