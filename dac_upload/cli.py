@@ -95,6 +95,8 @@ def _describe(prep: PreparedRun) -> None:
                f"{human_bytes(max(sizes))})" + (f", {prep.skipped} skipped (see skipped.jsonl)"
                                                  if prep.skipped else ""))
     click.echo(f"run directory: {prep.layout.dir}")
+    click.echo("credentials:   "
+               + Credentials.from_record(prep.run["credentials"]).describe())
     for line in _credential_warnings(prep):
         click.echo(f"warning: {line}", err=True)
     click.echo(f"array script:  {prep.layout.array_script}")
@@ -154,6 +156,7 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
         target = prep.layout.dir
     else:
         target = Path(run_dir).resolve()
+        _check_run_credentials(target)
     max_submit = _run_setting(target, "max_submit")
     with _locked_run(target):
         sub = _submission(target, lambda: submit_run(target, max_array, slurm.submit,
@@ -171,6 +174,25 @@ def _locked_run(run_dir: Path) -> Iterator[None]:
             yield
     except LockError as exc:
         _fail(f"{exc}; try again when it has finished", EXIT_USER)
+
+
+def _check_run_credentials(run_dir: Path) -> None:
+    """The credentials a planned run's tasks will use, checked again before Slurm gets tasks
+    that could only fail (an expired proxy, a password file opened to others since)."""
+    from .files import read_json
+
+    try:
+        record = read_json(run_dir / "run.json").get("credentials")
+    except (OSError, ValueError):
+        return   # _run_setting reports an unreadable run
+    if not record:
+        return
+    creds = Credentials.from_record(record)
+    problems = credentials.local_problems(creds)
+    if problems:
+        _fail(problems, EXIT_USER)
+    for line in credentials.local_warnings(creds):
+        click.echo(f"warning: {line}", err=True)
 
 
 def _max_array_size() -> int:
@@ -378,6 +400,7 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
     target = Path(run_dir).resolve()
     max_array = _max_array_size()
     max_submit = _run_setting(target, "max_submit")
+    _check_run_credentials(target)
     with _locked_run(target):
         _, tasks = _run_status(target, need_scheduler=True)
         active = [t.task for t in tasks if t.state in ("pending", "running")]

@@ -99,3 +99,44 @@ runtime = "none"
     written = [p for p in _every_file(runs, job.parent) if needle.encode() in p.read_bytes()]
     assert written == []
     assert not any(needle in out for out in outputs)
+
+
+def test_planned_run_is_not_submitted_with_credentials_opened_since(workdir: Path) -> None:
+    (workdir / "pw").write_text("secret\n")
+    (workdir / "pw").chmod(0o600)
+    make_files(workdir / "src", 2)
+    job = write_job(workdir, "opened", f"""
+[source]
+root = "../src"
+[rucio]
+host = "{RUCIO_URL}"
+account = "root"
+auth_type = "userpass"
+username = "ddmlab"
+password_file = "../pw"
+scope = "{SCOPE}"
+rse = "{RSE}"
+[naming]
+prefix = "{unique_prefix()}"
+[slurm]
+time = "00:10:00"
+[container]
+runtime = "none"
+""")
+    planned = dac_upload(["plan", str(job)], cwd=workdir)
+    assert planned.returncode == 0, planned.stderr
+    assert "credentials:   http://127.0.0.1:18080 as account root with user 'ddmlab', " \
+           f"password from {workdir / 'pw'}" in planned.stdout
+    run_dir = run_dir_of(planned.stdout)
+    (workdir / "pw").chmod(0o644)
+    for args in (["submit", "--run", str(run_dir)], ["resubmit", str(run_dir)]):
+        proc = dac_upload(args, cwd=workdir)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr == (f"error: password file {workdir / 'pw'} can be read by others "
+                               f"(mode 644): run 'chmod 600 {workdir / 'pw'}'\n")
+    assert not (run_dir / "array.submit1.0.sh").exists()      # nothing reached Slurm
+    (workdir / "pw").chmod(0o600)
+    proc = dac_upload(["submit", "--run", str(run_dir), "--wait", "--timeout", "300"],
+                      cwd=workdir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert load_summary(run_dir)["complete"] is True
