@@ -173,6 +173,33 @@ def test_example_job_loads() -> None:
     assert render.sbatch_option_problems(job) == []
 
 
+def test_csd3_example_renders_a_contained_apptainer_task() -> None:
+    """jobs/csd3-example.toml as a new user copies it: proxy on a shared file system, the CA
+    directory and the proxy bound read-only, only the worker's variables passed."""
+    from dac_upload import credentials
+
+    example = REPO / "jobs" / "csd3-example.toml"
+    job = load_job(example)
+    assert job.rucio.lifetime is None and job.rucio.auth_type == "x509_proxy"
+    assert job.rucio.proxy == Path.home() / ".globus" / "x509up_dac"
+    creds = credentials.resolve(job.rucio, {}, 1000, str(example))
+    assert credentials.local_warnings(creds) == []      # not in /tmp
+    run_dir = job.runs_dir / "R1"
+    ctx = render.script_context(job, "R1", run_dir, "/usr/bin/python3", creds)
+    proxy, ca = str(job.rucio.proxy), "/etc/grid-security/certificates"
+    assert ctx.binds == (f"{job.source.root}:{job.source.root}:ro", str(run_dir),
+                         f"{ca}:{ca}:ro", f"{proxy}:{proxy}:ro")
+    body = render.render_body("array.sh.j2", ctx)
+    script = render.full_script(render.array_options(job, "0-99", 8), body)
+    for line in ("#SBATCH --partition           icelake", "#SBATCH --time                12:00:00",
+                 "#SBATCH --array               0-99%8", "#SBATCH --signal              B:USR1@600",
+                 "apptainer exec --cleanenv --contain \\",
+                 f"  --env X509_USER_PROXY={proxy} \\", f"  --env X509_CERT_DIR={ca} \\",
+                 f"  --env RUCIO_CONFIG={run_dir}/rucio.cfg \\"):
+        assert line in script.splitlines(), line
+    assert render.sbatch_option_problems(job) == []
+
+
 # ----------------------------------------------------------------------------- problems
 def test_every_problem_reported_at_once_one_line_each(tmp_path: Path) -> None:
     path, lines = _errors(tmp_path, """\
