@@ -16,13 +16,10 @@ DEMO_FILES=${DEMO_FILES:-240}
 
 bash "$HERE/services/up.sh"
 
-# a fresh demo area owned by the demo user, with its own Rucio client config and token
+# a fresh demo area owned by the demo user; the test server's password in a file only it reads
 RUN_TAG=$(date -u +%Y%m%dT%H%M%S)
-mkdir -p "$DEMO_DIR"
-sed "s|auth_token_file_path = .*|auth_token_file_path = $DEMO_DIR/token/auth_token|" \
-  "$CI_DIR/rucio/etc/client.cfg" > "$DEMO_DIR/rucio.cfg"
-mkdir -p "$DEMO_DIR/token" "$DEMO_DIR/jobs"
-chmod 600 "$DEMO_DIR/rucio.cfg"
+mkdir -p "$DEMO_DIR/jobs"
+( umask 077; printf 'secret\n' > "$DEMO_DIR/rucio.password" )
 "$CI_DIR/venv/bin/python" - "$DEMO_DIR/data/$RUN_TAG" "$DEMO_FILES" <<'PY'
 import os, random, sys
 root, n = sys.argv[1], int(sys.argv[2])
@@ -41,9 +38,13 @@ root = "../data/$RUN_TAG"
 include = ["**/*.fits"]
 
 [rucio]
+host = "http://127.0.0.1:18080"     # the local test server (tests/services/start-rucio.sh)
+account = "root"
+auth_type = "userpass"
+username = "ddmlab"
+password_file = "../rucio.password"
 scope = "test"
 rse = "LOCAL_DISK"
-config = "../rucio.cfg"
 
 [naming]
 prefix = "demo/$RUN_TAG/"
@@ -62,6 +63,9 @@ TOML
 chown -R dacuser: "$DEMO_DIR"
 
 cd "$DEMO_DIR"
+echo "+ dac-upload doctor jobs/demo.toml    (as dacuser)"
+runuser -u dacuser -- env HOME=/home/dacuser PATH="$CI_DIR/venv/bin:/usr/bin:/bin" \
+  dac-upload doctor jobs/demo.toml
 echo "+ dac-upload submit jobs/demo.toml --wait    (as dacuser)"
 runuser -u dacuser -- env HOME=/home/dacuser PATH="$CI_DIR/venv/bin:/usr/bin:/bin" \
   dac-upload submit jobs/demo.toml --wait --timeout 1800
