@@ -19,6 +19,7 @@ import configparser
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -73,9 +74,12 @@ class Credentials:
         return [(what, p) for what, p in out if p is not None]
 
     def bind_paths(self) -> list[Path]:
-        """Host paths the worker reads inside a container (bound read-only, same path)."""
+        """Host paths the worker reads inside a container (bound read-only, same path). A
+        token agent replaces its file by renaming a new one over it, which a bound file would
+        not show: the token file's directory is bound instead."""
+        token_dir = self.token_file.parent if self.token_file else None
         paths = [self.ca_cert, self.proxy, self.certificate, self.key, self.password_file,
-                 self.token_file]
+                 token_dir]
         return [p for p in paths if p is not None]
 
     def environment(self) -> dict[str, str]:
@@ -87,6 +91,8 @@ class Credentials:
             env["X509_CERT_DIR"] = str(self.ca_cert)
         if self.token_file:
             env["BEARER_TOKEN_FILE"] = str(self.token_file)
+        if self.certificate and self.key:   # for storage protocols that take them (gfal)
+            env["X509_USER_CERT"], env["X509_USER_KEY"] = str(self.certificate), str(self.key)
         return env
 
     def record(self) -> dict[str, Any]:
@@ -145,10 +151,15 @@ def _path(value: str | None, env: Mapping[str, str]) -> Path | None:
     return Path(os.path.abspath(expanded))
 
 
+_VAR_RE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
 def _expandvars(value: str, env: Mapping[str, str]) -> str:
-    for name in sorted(env, key=len, reverse=True):
-        value = value.replace("${" + name + "}", env[name]).replace("$" + name, env[name])
-    return value
+    """os.path.expandvars with ``env`` instead of os.environ: unknown names stay as they are."""
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        return env.get(name, m.group(0))
+    return _VAR_RE.sub(one, value)
 
 
 def resolve(rucio: RucioConfig, env: Mapping[str, str], uid: int, where: str) -> Credentials:
@@ -177,7 +188,8 @@ def resolve(rucio: RucioConfig, env: Mapping[str, str], uid: int, where: str) ->
     if not host:
         errors.append(f"{where}: no Rucio server: set [rucio] host = \"https://...\" (or "
                       "config = a rucio.cfg with rucio_host)")
-    auth_host = rucio.auth_host or cfg("auth_host") or host
+    # a server named in the job file is not paired with another one's auth host
+    auth_host = rucio.auth_host or (rucio.host if rucio.host else cfg("auth_host")) or host
     account = rucio.account or env.get("RUCIO_ACCOUNT") or cfg("account")
 
     if rucio.ca_dir is not None:
@@ -258,16 +270,22 @@ def ca_problem(creds: Credentials) -> str | None:
 
 
 def secret_file_problem(what: str, path: Path) -> str | None:
-    """Missing, not a file, or readable by others (refused, with the chmod)."""
+    """Missing, not a file, not yours, unreadable, or readable by others (refused, with the
+    chmod). A private key must be 600 or 400 exactly, as Rucio demands."""
     try:
         st = path.stat()
     except OSError:
         return _missing(what, path)
+    mode = stat.S_IMODE(st.st_mode)
     if not stat.S_ISREG(st.st_mode):
         return f"{what} {path} is not a regular file"
-    if too_open(st.st_mode):
-        return (f"{what} {path} can be read by others (mode {stat.S_IMODE(st.st_mode):03o}): "
-                f"run 'chmod 600 {path}'")
+    if st.st_uid != os.getuid():
+        return (f"{what} {path} belongs to another user (uid {st.st_uid}): use a copy of your "
+                "own, mode 600")
+    if too_open(st.st_mode) or (what == "private key" and mode not in (0o600, 0o400)):
+        return f"{what} {path} can be read by others (mode {mode:03o}): run 'chmod 600 {path}'"
+    if not os.access(path, os.R_OK):
+        return f"{what} {path} cannot be read by you (mode {mode:03o}): run 'chmod 600 {path}'"
     return None
 
 
@@ -362,21 +380,31 @@ def _hours(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+_NO_DEFAULTS = "dac-upload: no default section"   # read [DEFAULT] as a section of its own
+
+
 def client_config_text(creds: Credentials, base: configparser.ConfigParser,
                        token_cache: Path | None = None) -> str:
-    """The rucio.cfg the tasks use: the user's own, minus secrets, with our [client] keys.
-    ``token_cache`` points Rucio's token cache elsewhere (a check that must really log in)."""
-    out = configparser.ConfigParser(interpolation=None)
-    for section in base.sections():
+    """The rucio.cfg the tasks use: the user's own, minus secrets (in every section,
+    [DEFAULT] included) and minus [logging] (Rucio's DEBUG level prints request headers),
+    with our [client] keys. ``token_cache`` points Rucio's token cache elsewhere (a check
+    that must really log in)."""
+    raw = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULTS)
+    buf = io.StringIO()
+    base.write(buf)                     # what load_base read, [DEFAULT] included
+    raw.read_string(buf.getvalue())
+    out = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULTS)
+    for section in raw.sections():
+        if section == "logging":
+            continue
         out.add_section(section)
-        for key, value in base.items(section, raw=True):
-            if section == "client" and key in SECRET_KEYS:
-                continue
-            out.set(section, key, value)
+        for key, value in raw.items(section, raw=True):
+            if key not in SECRET_KEYS:
+                out.set(section, key, value)
     if not out.has_section("client"):
         out.add_section("client")
-    for key in ("password", "client_x509_proxy", "client_cert", "client_key", "username",
-                "ca_cert"):
+    for key in ("client_x509_proxy", "client_cert", "client_key", "username", "ca_cert",
+                "account", "auth_host", "rucio_host", "auth_type"):
         out.remove_option("client", key)
     values = {"rucio_host": creds.host, "auth_host": creds.auth_host,
               "auth_type": RUCIO_AUTH_TYPE[creds.auth_type], "account": creds.account,
@@ -385,13 +413,13 @@ def client_config_text(creds: Credentials, base: configparser.ConfigParser,
               "username": creds.username,
               "auth_token_file_path": token_cache}
     for key, value in values.items():
-        if value is not None:
-            out.set("client", key, str(value))
-    buf = io.StringIO()
-    buf.write("# Written by dac-upload for this run; it holds no secret (the password, token "
-              "or proxy is\n# read from its own file when the worker connects).\n")
-    out.write(buf)
-    return buf.getvalue()
+        if value is not None:   # Rucio reads with interpolation: a '%' is written as '%%'
+            out.set("client", key, str(value).replace("%", "%%"))
+    text = io.StringIO()
+    text.write("# Written by dac-upload for this run; it holds no secret (the password, token "
+               "or proxy is\n# read from its own file when the worker connects).\n")
+    out.write(text)
+    return text.getvalue()
 
 
 def write_client_config(path: Path, text: str) -> None:

@@ -170,8 +170,15 @@ def _credential_checks(job: JobConfig, creds: Credentials) -> list[Check]:
     elif problem := credentials.ca_problem(creds):
         out.append(Check("CA directory", FAIL, problem))
     else:
-        n = sum(1 for _ in creds.ca_cert.glob("*.0")) if creds.ca_cert.is_dir() else 1
-        out.append(Check("CA directory", OK, f"{creds.ca_cert} ({n} CA certificate(s))"))
+        n = (sum(1 for _ in creds.ca_cert.glob("*.0")) if creds.ca_cert.is_dir() else 1)
+        out.append(Check("CA directory", OK, f"{creds.ca_cert} ({n} hashed CA certificates)")
+                   if n else
+                   Check("CA directory", WARN, f"{creds.ca_cert} holds no hashed CA "
+                         "certificate (*.0): https checks will fail",
+                         "point [rucio] ca_dir at the IGTF CA directory"))
+    if creds.certificate is not None and not creds.certificate.is_file():
+        out.append(Check("X.509 certificate", FAIL, f"{creds.certificate} not found",
+                         "set [rucio] certificate"))
     for what, path in creds.secret_files():
         problem = credentials.secret_file_problem(what, path)
         if problem:
@@ -225,6 +232,9 @@ def _rucio_checks(job: JobConfig, creds: Credentials, probe: bool) -> list[Check
         out.append(Check("rucio", FAIL, str(exc), "try again later"))
     except RucioFatal as exc:
         out.append(Check("identity", FAIL, str(exc)))
+    except Exception as exc:   # anything else Rucio raises: a line, not a traceback
+        out.append(Check("rucio", FAIL, f"unexpected {type(exc).__name__}: {exc}",
+                         "report it with this line"))
     return out
 
 
@@ -251,7 +261,7 @@ def _probe(job: JobConfig, rio: Any) -> Check:
                              f"{job.rucio.rse} is {rep}", "ask the RSE's admins")
             back = rio.download(job.rucio.scope, name, job.rucio.rse, Path(tmp) / "back")
             same = back.read_bytes() == payload
-        except (RucioFatal, RucioFileError) as exc:
+        except (RucioFatal, RucioFileError, OSError) as exc:
             return Check("probe", FAIL, f"round trip of {did} through {job.rucio.rse} "
                          f"failed: {exc}", "see the line above; ask the RSE's admins")
     if not same:

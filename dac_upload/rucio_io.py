@@ -31,6 +31,7 @@ _FATAL = (
     rexc.CannotAuthenticate, rexc.ServerConnectionException, rexc.InvalidRSEExpression,
     rexc.RSENotFound, rexc.ScopeNotFound, rexc.AccessDenied, rexc.RSEWriteBlocked,
     rexc.InsufficientAccountLimit, rexc.ConfigNotFound, rexc.MissingClientParameter,
+    EOFError,   # a Rucio client that wanted to prompt (interactive login) in a batch job
 )
 
 
@@ -150,18 +151,44 @@ def client_version() -> str:
     return rucio.version.version_string()
 
 
+# Variables a Rucio client reads before its configuration: clients Rucio makes itself
+# (rsemgr's RSEClient()) would take them from an inherited environment (sbatch --export=ALL)
+# over the run's own choices.
+_OVERRIDING_ENV = ("RUCIO_ACCOUNT", "RUCIO_AUTH_TYPE", "RUCIO_CLIENT_PROXY", "RUCIO_CLIENT_CERT",
+                   "RUCIO_CLIENT_KEY", "X509_CERT_DIR", "X509_USER_PROXY", "X509_USER_CERT",
+                   "X509_USER_KEY", "BEARER_TOKEN", "BEARER_TOKEN_FILE")
+
+
+class _Redact(logging.Filter):
+    """Rucio logs request headers at DEBUG, the password header included: never let it out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "X-Rucio-Password" in text or "x-rucio-password" in text.lower():
+            record.msg, record.args = "(a request header with a password was not logged)", ()
+        return True
+
+
 def use_client_config(path: Path, creds: Credentials) -> None:
     """Point this process's Rucio at ``path`` and the credentials (one job per process: the
     worker, or plan/doctor on the login node).
 
     Rucio makes clients of its own inside UploadClient (rsemgr's RSEClient()), which read
     the password from the configuration only: it is put into Rucio's configuration in this
-    process's memory, never into a file."""
+    process's memory, never into a file. They also read RUCIO_ACCOUNT and friends before the
+    configuration: those are set to the run's values or removed."""
+    for name in _OVERRIDING_ENV:
+        os.environ.pop(name, None)
     os.environ["RUCIO_CONFIG"] = str(path)
+    os.environ["RUCIO_AUTH_TYPE"] = RUCIO_AUTH_TYPE[creds.auth_type]
+    if creds.account:
+        os.environ["RUCIO_ACCOUNT"] = creds.account
     os.environ.update(creds.environment())
-    if creds.auth_type == "token":
-        os.environ.pop("BEARER_TOKEN", None)   # Rucio would prefer it to BEARER_TOKEN_FILE
     rucio_config.clean_cached_config()
+    client_log = logging.getLogger("baseclient")
+    client_log.setLevel(max(client_log.level, logging.INFO))
+    if not any(isinstance(f, _Redact) for f in client_log.filters):
+        client_log.addFilter(_Redact())
     if creds.auth_type == "userpass":
         try:
             password = read_password(creds)
@@ -171,6 +198,23 @@ def use_client_config(path: Path, creds: Credentials) -> None:
         if not cfg.has_section("client"):
             cfg.add_section("client")
         cfg.set("client", "password", password.replace("%", "%%"))  # read back interpolated
+
+
+class _TokenFileClient(Client):
+    """auth_type token: the token lives in BEARER_TOKEN_FILE, which the user's token agent
+    renews. On a 401 Rucio would start an interactive OIDC login (it waits on input()); read
+    the file again instead, and never prompt."""
+
+    def _BaseClient__get_token_oidc(self) -> bool:  # replaces BaseClient.__get_token_oidc
+        try:
+            with open(os.environ["BEARER_TOKEN_FILE"], encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except (KeyError, OSError):
+            return False
+        if not token or token == self.auth_token:
+            return False            # -> CannotAuthenticate: the token agent has not renewed it
+        self.auth_token = token
+        return True
 
 
 def ping(creds: Credentials) -> str:
@@ -189,15 +233,22 @@ def ping(creds: Credentials) -> str:
 def fresh_session(creds: Credentials) -> Iterator[RucioIO]:
     """A session that really logs in (a private, empty token cache), for checks: a cached
     token would hide a wrong password or a revoked identity. Uses the same generated
-    configuration as the run's tasks, written to a private temporary directory."""
+    configuration as the run's tasks, written to a private temporary directory. The
+    process's environment is given back as it was afterwards."""
     from .credentials import client_config_text, load_base, write_client_config
 
-    with tempfile.TemporaryDirectory(prefix="dac-upload-check-") as tmp:
-        cfg = Path(tmp) / "rucio.cfg"
-        write_client_config(cfg, client_config_text(creds, load_base(creds.base_config),
-                                                    token_cache=Path(tmp) / "token"))
-        use_client_config(cfg, creds)
-        yield RucioIO(creds=creds)
+    saved = dict(os.environ)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dac-upload-check-") as tmp:
+            cfg = Path(tmp) / "rucio.cfg"
+            write_client_config(cfg, client_config_text(creds, load_base(creds.base_config),
+                                                        token_cache=Path(tmp) / "token"))
+            use_client_config(cfg, creds)
+            yield RucioIO(creds=creds)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        rucio_config.clean_cached_config()
 
 
 class RucioIO:
@@ -210,7 +261,8 @@ class RucioIO:
             if creds is None:
                 self.client = Client(account=account)
             else:
-                self.client = Client(rucio_host=creds.host, auth_host=creds.auth_host,
+                kind = _TokenFileClient if creds.auth_type == "token" else Client
+                self.client = kind(rucio_host=creds.host, auth_host=creds.auth_host,
                                      account=creds.account,
                                      ca_cert=str(creds.ca_cert) if creds.ca_cert else None,
                                      auth_type=RUCIO_AUTH_TYPE[creds.auth_type],
@@ -265,7 +317,18 @@ class RucioIO:
     def checks(self, scope: str, rse: str, dataset_scope: str | None = None
                ) -> list[tuple[str, bool, str]]:
         """(what, ok, one line) for: who we are, the scope(s), the RSE, writing to it, our
-        quota on it. A failure says the fix; later checks that cannot run are left out."""
+        quota on it. A failure says the fix; later checks that cannot run are left out. A
+        server that stops answering raises RucioUnavailable."""
+        try:
+            return self._checks(scope, rse, dataset_scope)
+        except Exception as exc:
+            if _unreachable(exc):
+                raise RucioUnavailable(f"cannot reach the Rucio server {self.host}: "
+                                       f"{_describe(exc)}; try later") from None
+            raise
+
+    def _checks(self, scope: str, rse: str, dataset_scope: str | None
+                ) -> list[tuple[str, bool, str]]:
         out: list[tuple[str, bool, str]] = []
         try:
             who = self.client.whoami()
@@ -426,6 +489,8 @@ class RucioIO:
         logger.setLevel(logging.INFO)
         logger.handlers = [capture]
         uploader = self._upload_client(logger)
+        token = self.client.auth_token or ""   # a renewed JWT reaches the storage layer too
+        uploader.auth_token = token if len(token.split(".")) == 3 else None
         item: dict[str, Any] = {"path": str(path), "rse": rse, "did_scope": scope,
                                 "did_name": name, "register_after_upload": True}
         if dataset:

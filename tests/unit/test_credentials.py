@@ -215,3 +215,60 @@ def test_generated_config_is_0600_and_points_the_token_cache_when_asked(
         "account": "jb", "client_x509_proxy": "/shared/px",
         "auth_token_file_path": str(tmp_path / "tok")}
     assert Credentials.from_record(c.record()) == c
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_no_secret_from_default_section_and_no_logging_section(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "[DEFAULT]\npassword = hunter2\nsite = cam\n"
+                         "[client]\nrucio_host = http://r\nauth_type = userpass\nusername = u\n"
+                         "[logging]\nforceloglevelDEBUG = 1\n[upload]\npreferred_impl = x\n")
+    c = _resolve(tmp_path, config=str(cfg))
+    text = credentials.client_config_text(c, credentials.load_base(cfg))
+    assert "hunter2" not in text and "[logging]" not in text and "forceloglevel" not in text
+    parsed = configparser.ConfigParser()             # as Rucio reads it
+    parsed.read_string(text)
+    assert parsed["upload"]["preferred_impl"] == "x" and parsed["upload"]["site"] == "cam"
+
+
+def test_percent_in_a_path_survives_rucios_interpolation(tmp_path: Path) -> None:
+    c = _resolve(tmp_path, host="http://r", proxy="/shared/100%/px")
+    parsed = configparser.ConfigParser()             # BasicInterpolation, like Rucio
+    parsed.read_string(credentials.client_config_text(c, configparser.ConfigParser()))
+    assert parsed["client"]["client_x509_proxy"] == "/shared/100%/px"
+
+
+def test_variables_expand_by_whole_name_only(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "[client]\nrucio_host = http://r\nclient_x509_proxy = $HOMEDIR/px\n")
+    c = _resolve(tmp_path, {"HOME": "/home/u", "X509_USER_PROXY": "/env/px"}, config=str(cfg))
+    assert c.proxy == Path("/env/px")      # $HOMEDIR is not $HOME + "DIR": left unresolved
+    cfg.write_text("[client]\nrucio_host = http://r\nclient_x509_proxy = ${HOME}/px\n")
+    assert _resolve(tmp_path, {"HOME": "/home/u"}, config=str(cfg)).proxy == Path("/home/u/px")
+
+
+def test_job_host_is_not_paired_with_another_servers_auth_host(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "[client]\nrucio_host = https://prod\nauth_host = https://prod-auth\n"
+                         "ca_cert = /ca\n")
+    assert _resolve(tmp_path, config=str(cfg)).auth_host == "https://prod-auth"
+    assert _resolve(tmp_path, config=str(cfg), host="https://test").auth_host == "https://test"
+
+
+def test_private_key_needs_600_or_400_and_secrets_must_be_yours(tmp_path: Path) -> None:
+    import os
+
+    key = tmp_path / "userkey.pem"
+    key.write_text("k")
+    key.chmod(0o700)
+    assert credentials.secret_file_problem("private key", key) == (
+        f"private key {key} can be read by others (mode 700): run 'chmod 600 {key}'")
+    key.chmod(0o400)
+    assert credentials.secret_file_problem("private key", key) is None
+    if os.getuid() == 0:      # only root can give a file away
+        os.chown(key, 65534, 65534)
+        assert "belongs to another user (uid 65534)" in \
+            credentials.secret_file_problem("private key", key)
+
+
+def test_x509_certificate_and_key_reach_the_storage_layer(tmp_path: Path) -> None:
+    c = _resolve(tmp_path, host="http://r", auth_type="x509", certificate="/g/c.pem",
+                 key="/g/k.pem")
+    assert c.environment() == {"X509_USER_CERT": "/g/c.pem", "X509_USER_KEY": "/g/k.pem"}

@@ -239,7 +239,8 @@ def test_token_file_is_passed_as_bearer_token_file() -> None:
     assert dict(ctx.environment)["BEARER_TOKEN_FILE"] == "/home/u/.config/token"
     body = render.render_body("array.sh.j2", ctx)
     assert "\n  --env BEARER_TOKEN_FILE=/home/u/.config/token \\\n" in body
-    assert "\n  --bind /home/u/.config/token:/home/u/.config/token:ro \\\n" in body
+    # a token agent renames its new file over the old one: bind the directory, not the file
+    assert "\n  --bind /home/u/.config:/home/u/.config:ro \\\n" in body
 
 
 def test_paths_apptainer_cannot_bind_are_plan_errors() -> None:

@@ -1,0 +1,77 @@
+"""rucio_io's process set-up for a run's credentials (no server needed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from dac_upload import credentials
+from dac_upload.config import parse_job
+from dac_upload.rucio_io import _TokenFileClient, use_client_config
+
+
+def _creds(tmp_path: Path, **keys: str) -> credentials.Credentials:
+    raw = {"source": {"root": str(tmp_path)},
+           "rucio": {"scope": "s", "rse": "R", "host": "http://r", **keys},
+           "container": {"runtime": "none"}}
+    job = parse_job(raw, path=tmp_path / "j.toml")
+    return credentials.resolve(job.rucio, {}, 1234, "j.toml")
+
+
+def test_inherited_variables_cannot_override_the_runs_choices(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("RUCIO_ACCOUNT", "someone"), ("RUCIO_AUTH_TYPE", "ssh"),
+                        ("RUCIO_CLIENT_PROXY", "/x"), ("BEARER_TOKEN", "t"),
+                        ("X509_CERT_DIR", "/other")):
+        monkeypatch.setenv(name, value)
+    pw = tmp_path / "pw"
+    pw.write_text("p%w\n")
+    c = _creds(tmp_path, account="jb", auth_type="userpass", username="u",
+               password_file=str(pw))
+    cfg = tmp_path / "rucio.cfg"
+    credentials.write_client_config(cfg, credentials.client_config_text(
+        c, credentials.load_base(None)))
+    use_client_config(cfg, c)
+    assert os.environ["RUCIO_ACCOUNT"] == "jb" and os.environ["RUCIO_AUTH_TYPE"] == "userpass"
+    assert os.environ["RUCIO_CONFIG"] == str(cfg)
+    for name in ("RUCIO_CLIENT_PROXY", "BEARER_TOKEN", "X509_CERT_DIR"):
+        assert name not in os.environ
+    from rucio.common.config import config_get
+
+    assert config_get("client", "password") == "p%w"        # in memory, interpolation-safe
+    assert "p%w" not in cfg.read_text()
+
+
+def test_password_header_is_never_logged(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    c = _creds(tmp_path, auth_type="userpass", username="u", password_file=str(pw))
+    cfg = tmp_path / "rucio.cfg"
+    credentials.write_client_config(cfg, credentials.client_config_text(
+        c, credentials.load_base(None)))
+    use_client_config(cfg, c)
+    log = logging.getLogger("baseclient")
+    handler = logging.StreamHandler()
+    log.addHandler(handler)
+    monkeypatch.setattr(log, "level", logging.DEBUG)
+    try:
+        log.debug("HTTP header:  X-Rucio-Password: s3cret")
+    finally:
+        log.removeHandler(handler)
+    assert "s3cret" not in capsys.readouterr().err
+
+
+def test_token_client_rereads_the_file_and_never_prompts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = tmp_path / "bt"
+    token.write_text("old\n")
+    monkeypatch.setenv("BEARER_TOKEN_FILE", str(token))
+    client = object.__new__(_TokenFileClient)       # no server: only the renewal logic
+    client.auth_token = "old"
+    assert client._BaseClient__get_token_oidc() is False    # not renewed: CannotAuthenticate
+    token.write_text("new\n")
+    assert client._BaseClient__get_token_oidc() is True and client.auth_token == "new"
