@@ -47,5 +47,7 @@ def workdir(services: None, request: pytest.FixtureRequest) -> Path:
 def rucio_client(services: None) -> Any:
     os.environ["RUCIO_CONFIG"] = str(RUCIO_CFG)
     from rucio.client import Client
+    from rucio.common.config import clean_cached_config
 
+    clean_cached_config()   # a configuration read earlier in this process must not stay
     return Client()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,20 @@ import pytest
 from dac_upload import credentials
 from dac_upload.config import parse_job
 from dac_upload.rucio_io import _TokenFileClient, use_client_config
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state() -> Iterator[None]:
+    """use_client_config changes this process's environment and Rucio's cached
+    configuration: give both back, so later tests (the integration layer's admin client
+    among them) do not see this test's server."""
+    from rucio.common.config import clean_cached_config
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    clean_cached_config()
 
 
 def _creds(tmp_path: Path, **keys: str) -> credentials.Credentials:
