@@ -62,6 +62,8 @@ def flock_works(directory: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return True
+    except BlockingIOError:
+        return True          # another process is probing right now: flock works
     except OSError as exc:
         if exc.errno in _NO_FLOCK:
             return False

@@ -106,6 +106,20 @@ def test_flock_mode_is_exclusive_across_processes(tmp_path: Path) -> None:
     lock.release()
 
 
+def test_flock_probe_held_by_another_process_still_means_flock_works(tmp_path: Path) -> None:
+    """Two nightlies started together probe at once: the loser must not crash (seen in CI)."""
+    import fcntl
+
+    from dac_upload.locks import flock_works
+
+    fd = os.open(tmp_path / ".flock-probe", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)          # another open file description holds it
+    try:
+        assert flock_works(tmp_path) is True
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def proxy(tmp_path: Path) -> Path:
     """A certificate valid for one day (openssl), standing in for a proxy."""
