@@ -22,6 +22,8 @@ else:  # pragma: no cover - Python < 3.11 (CSD3 login nodes)
     import tomli as tomllib
 
 RUNTIMES = ("none", "apptainer")
+UPLOAD_MODES = ("bulk", "stock")
+RENAME_MODES = ("auto", "never", "always")
 AUTH_TYPES = ("x509_proxy", "userpass", "token", "x509")
 # [rucio] keys that belong to one auth_type
 _USED_BY = {"proxy": "x509_proxy", "certificate": "x509", "key": "x509",
@@ -89,6 +91,14 @@ class RucioConfig:
 
 
 @dataclass(frozen=True)
+class UploadConfig:
+    mode: str = "bulk"
+    chunk_size: int = 500
+    transfers: int = 4
+    rename: str = "auto"
+
+
+@dataclass(frozen=True)
 class NamingConfig:
     prefix: str
     replace_invalid: str | None
@@ -134,6 +144,7 @@ class JobConfig:
     batching: BatchingConfig
     slurm: SlurmConfig
     container: ContainerConfig
+    upload: UploadConfig = field(default_factory=UploadConfig)
 
     @property
     def ledger_path(self) -> Path:
@@ -301,6 +312,14 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
         "password_file": (_str, None, "a file holding only the password, mode 600"),
         "token_file": (_str, None, "the file your token agent keeps fresh (auth_type token)"),
     },
+    "upload": {
+        "mode": (_choice(UPLOAD_MODES), "bulk", '"bulk" (fast: bulk requests, concurrent copies) '
+                 'or "stock" (Rucio\'s UploadClient, file by file)'),
+        "chunk_size": (_int_pos, 500, "files per bulk request to Rucio (a positive integer)"),
+        "transfers": (_int_pos, 4, "concurrent copies per array task (a positive integer)"),
+        "rename": (_choice(RENAME_MODES), "auto", '"auto" (as the RSE\'s protocol says), '
+                   '"never" (write the final name: Echo) or "always"'),
+    },
     "naming": {
         "prefix": (_any_str, "", 'a string such as "dp1/"'),
         "replace_invalid": (_any_str, None, 'a replacement string such as "_"'),
@@ -425,6 +444,7 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
                                 bytes_per_batch=v["batching"]["bytes_per_batch"],
                                 max_running=v["batching"]["max_running"]),
         slurm=SlurmConfig(**v["slurm"]),
+        upload=UploadConfig(**v["upload"]),
         container=ContainerConfig(runtime=v["container"]["runtime"],
                                   image=_abs(Path(image).expanduser(), base) if image else None,
                                   binds=v["container"]["binds"], python=v["container"]["python"]),

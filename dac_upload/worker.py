@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -57,15 +58,22 @@ class Settings:
     root: Path
     retries: int = 4
     retry_wait: float = 5.0
+    mode: str = "stock"          # [upload]: "bulk" or "stock" (runs planned before: stock)
+    chunk_size: int = 500
+    transfers: int = 4
+    rename: str = "auto"
 
     @classmethod
     def from_run(cls, run: dict[str, Any]) -> Settings:
         r = run["rucio"]
+        u = run.get("upload") or {}
         ds = r.get("dataset_did")
         return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"),
                    dataset=(ds[0], ds[1]) if ds else None, lifetime=r.get("lifetime"),
                    root=Path(run["source"]["root"]), retries=int(r.get("retries", 4)),
-                   retry_wait=float(r.get("retry_wait", 5)))
+                   retry_wait=float(r.get("retry_wait", 5)), mode=u.get("mode", "stock"),
+                   chunk_size=int(u.get("chunk_size", 500)),
+                   transfers=int(u.get("transfers", 4)), rename=u.get("rename", "auto"))
 
 
 def existing_verdict(size: int, adler32: str, did_bytes: int | None,
@@ -80,10 +88,10 @@ def _log(msg: str) -> None:
     print(f"{utc_now()} {msg}", flush=True)
 
 
-def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
-    """Upload one manifest entry; return its result record (never raises RucioFileError)."""
-    from .rucio_io import RucioFileError, RucioTransient
-
+def local_record(s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry's record after looking at the file itself: unchanged since the catalogue,
+    then adler32 and md5 in one read (status None: ready for Rucio), or a failure (changed,
+    missing, unreadable)."""
     path = s.root / entry["relpath"]
     rec: dict[str, Any] = {"relpath": entry["relpath"], "path": str(path), "scope": s.scope,
                            "name": entry["name"], "rse": s.rse, "bytes": entry["size"],
@@ -105,7 +113,20 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
     except OSError as exc:
         rec.update(cause="unreadable", error=f"unreadable: {exc.strerror or exc}")
         return rec
-    rec.update(bytes=size, adler32=adler32, md5=md5)
+    rec.update(bytes=size, adler32=adler32, md5=md5, status=None)
+    return rec
+
+
+def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
+    """Upload one manifest entry with Rucio's stock UploadClient ([upload] mode = "stock");
+    return its result record (never raises RucioFileError)."""
+    from .rucio_io import RucioFileError, RucioTransient
+
+    rec = local_record(s, entry)
+    if rec["status"] is not None:
+        return rec
+    rec["status"] = FAILED
+    path, size, adler32 = s.root / entry["relpath"], rec["bytes"], rec["adler32"]
     try:
         did = rio.did(s.scope, entry["name"])
         if did is not None:
@@ -202,10 +223,10 @@ def run_task(run_dir: Path, task: int,
 
                 def rucio_factory(_account: str | None) -> Any:
                     return RucioIO.for_run(layout.dir, run)
-            rio = _retrying(lambda: rucio_factory(settings.account), settings, stop,
+            rio = retrying(lambda: rucio_factory(settings.account), settings, stop,
                             "connecting to Rucio")
             if settings.dataset and todo:
-                done = _retrying(lambda: rio.ensure_dataset(
+                done = retrying(lambda: rio.ensure_dataset(
                     settings.dataset, settings.rse, settings.lifetime), settings, stop,
                     "creating the dataset")
                 _log(f"dataset {':'.join(settings.dataset)}: {done}"
@@ -213,28 +234,20 @@ def run_task(run_dir: Path, task: int,
                         if done == "exists" and settings.lifetime else ""))
         except Exception as exc:
             aborted = str(exc)
-        for entry in todo:
-            if aborted:
-                rec = _not_attempted(settings, entry, aborted, "aborted")
-            elif stop.reason:
-                rec = _not_attempted(settings, entry, stop.reason, "stopped")
-            else:
-                try:
-                    rec = _with_retries(rio, settings, entry, stop)
-                except Exception as exc:  # RucioFatal, or a bug: stop, say why once
-                    aborted = str(exc) if _is_fatal(exc) else (
-                        f"internal error {type(exc).__name__}: {exc}")
-                    rec = _not_attempted(settings, entry, aborted, "aborted")
-                else:
-                    if rec.get("cause") == "transient":  # failed through every retry: the
-                        aborted = f"the Rucio server keeps failing: {rec['error']}"  # next too
+        state = {"aborted": aborted}
+        records = (_stock_records(rio, settings, todo, stop, state)
+                   if settings.mode == "stock" or rio is None else
+                   _bulk(rio, settings, todo, stop, state))
+        for rec in records:
             rec.update(task=task, attempt=attempt, finished_at=utc_now())
             out.append(rec)
             counts[rec["status"]] += 1
             if rec["status"] == UPLOADED:
                 nbytes += rec["bytes"] or 0
             _log(f"{rec['status']:<15} {settings.scope}:{rec['name']}"
-                 + (f"  ({rec['error']})" if rec["error"] else ""))
+                 + (f"  ({rec['error']})" if rec["error"] else "")
+                 + (f"  ({rec.pop('note')})" if rec.get("note") else ""))
+    aborted = state["aborted"]
     elapsed = max(time.monotonic() - t0, 1e-9)
     code = (EXIT_ABORTED if aborted else EXIT_STOPPED if stop.reason and counts[NOT_ATTEMPTED]
             else EXIT_FILES_FAILED if counts[FAILED] or held else EXIT_OK)
@@ -257,6 +270,38 @@ def run_task(run_dir: Path, task: int,
          + (f"; aborted: {aborted}" if aborted else "")
          + (f"; stopped: {stop.reason}" if stop.reason else "") + f"; exit {code}")
     return code
+
+
+def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,
+                   state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """[upload] mode = "stock": file by file through Rucio's UploadClient."""
+    for entry in todo:
+        if state["aborted"]:
+            yield not_attempted(s, entry, state["aborted"], "aborted")
+        elif stop.reason:
+            yield not_attempted(s, entry, stop.reason, "stopped")
+        else:
+            try:
+                rec = _with_retries(rio, s, entry, stop)
+            except Exception as exc:  # RucioFatal, or a bug: stop, say why once
+                state["aborted"] = str(exc) if _is_fatal(exc) else (
+                    f"internal error {type(exc).__name__}: {exc}")
+                rec = not_attempted(s, entry, state["aborted"], "aborted")
+            else:
+                if rec.get("cause") == "transient":  # failed through every retry: the
+                    state["aborted"] = f"the Rucio server keeps failing: {rec['error']}"
+            yield rec
+
+
+def _bulk(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,
+          state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """[upload] mode = "bulk": chunks, bulk requests, concurrent copies (bulk.py)."""
+    from .bulk import bulk_records
+
+    def abort(reason: str) -> None:
+        state["aborted"] = reason
+
+    yield from bulk_records(rio, s, todo, stop, abort, lambda: state["aborted"])
 
 
 class StopRequest:
@@ -291,15 +336,22 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _retrying(call: Callable[[], Any], s: Settings, stop: StopRequest, what: str) -> Any:
-    """``call()``, again after a pause while the Rucio server cannot be reached."""
-    from .rucio_io import RucioUnavailable
+def retrying(call: Callable[[], Any], s: Settings, stop: StopRequest, what: str,
+             transient_too: bool = False) -> Any:
+    """``call()``, again after a pause while the Rucio server cannot be reached (and, with
+    ``transient_too``, while it fails the request: a bulk request stands for many files).
+    After the last try a failing server aborts the task."""
+    from .rucio_io import RucioTransient, RucioUnavailable
 
+    kinds = (RucioUnavailable, RucioTransient) if transient_too else (RucioUnavailable,)
     for i in range(s.retries + 1):
         try:
             return call()
-        except RucioUnavailable as exc:
+        except kinds as exc:
             if i == s.retries or stop.reason is not None:
+                if isinstance(exc, RucioTransient):
+                    from .rucio_io import RucioFatal
+                    raise RucioFatal(f"the Rucio server keeps failing: {exc}") from None
                 raise
             _pause(s, stop, i, what, str(exc))
     raise AssertionError("unreachable")
@@ -336,7 +388,7 @@ def _with_retries(rio: Any, s: Settings, entry: dict[str, Any],
     raise AssertionError("unreachable")
 
 
-def _not_attempted(s: Settings, entry: dict[str, Any], reason: str,
+def not_attempted(s: Settings, entry: dict[str, Any], reason: str,
                    cause: str) -> dict[str, Any]:
     return {"relpath": entry["relpath"], "path": str(s.root / entry["relpath"]),
             "scope": s.scope, "name": entry["name"], "rse": s.rse, "bytes": entry["size"],

@@ -1,4 +1,5 @@
-"""worker.run_task with a fake Rucio: statuses, checksums, abort, resume, markers."""
+"""worker.run_task with a fake Rucio: statuses, checksums, abort, resume, markers. These
+tests drive the stock path ([upload] mode = "stock"); test_bulk.py drives the bulk path."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dac_upload.worker import existing_verdict, run_task
 
 CONTENT = {"a.fits": b"alpha", "b.fits": b"bravo-bravo", "sub/c.fits": b"", "sub/d.fits": b"d"}
 SCOPE, RSE = "user.test", "TEST_RSE"
+STOCK = 'mode = "stock"'
 
 
 def _adler(data: bytes) -> str:
@@ -93,7 +95,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def run(make_job: Callable[..., JobConfig]) -> tuple[RunLayout, JobConfig]:
-    job = make_job(CONTENT, rucio='dataset = "ds1"\nlifetime = "1d"')
+    job = make_job(CONTENT, rucio='dataset = "ds1"\nlifetime = "1d"', upload=STOCK)
     prep = prepare_run(job, preflight=None, python="/usr/bin/python3")
     assert len(prep.batches) == 1
     return prep.layout, job
@@ -374,7 +376,7 @@ def test_run_json_needs_only_what_the_worker_reads(tmp_path: Path) -> None:
 def test_already_present_file_is_attached_to_the_dataset(make_job: Callable[..., JobConfig],
                                                          ) -> None:
     """A file uploaded by an earlier run outside the dataset still ends up in it."""
-    job = make_job(CONTENT, rucio='dataset = "ds1"')
+    job = make_job(CONTENT, rucio='dataset = "ds1"', upload=STOCK)
     layout = prepare_run(job, preflight=None).layout
     fake = FakeRucio()
     fake.add_existing("a.fits", CONTENT["a.fits"])
@@ -385,7 +387,7 @@ def test_already_present_file_is_attached_to_the_dataset(make_job: Callable[...,
 
 def test_existing_did_elsewhere_gets_a_rule_here(make_job: Callable[..., JobConfig]) -> None:
     """Rucio's upload makes no rule for a DID that existed: the worker adds one on our RSE."""
-    layout = prepare_run(make_job(CONTENT), preflight=None).layout
+    layout = prepare_run(make_job(CONTENT, upload=STOCK), preflight=None).layout
     fake = FakeRucio()
     fake.add_existing("a.fits", CONTENT["a.fits"], state="UNAVAILABLE")
     assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0

@@ -13,6 +13,7 @@ BASE_SECTIONS = {
     "source": 'root = "data"',
     "rucio": 'scope = "user.test"\nrse = "TEST_RSE"\nhost = "http://rucio.invalid"',
     "naming": "",
+    "upload": "",
     "batching": "",
     "slurm": "",
     "container": 'runtime = "none"\npython = "/usr/bin/python3"',
