@@ -140,9 +140,9 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
 
 def job_toml(prefix: str, *, include: str = "**/*", scope: str = SCOPE, rse: str = RSE,
              files_per_batch: int = 4, max_running: int = 2, rucio: str = "",
-             slurm: str = "") -> str:
+             slurm: str = "", upload: str = "") -> str:
     """A job file for the tests: ../src into the test Rucio under ``prefix``, runtime none;
-    ``rucio`` and ``slurm`` add lines to those sections."""
+    ``rucio``, ``slurm`` and ``upload`` add lines to those sections."""
     return f"""
 [source]
 root = "../src"
@@ -154,6 +154,8 @@ config = "../rucio.cfg"
 {rucio}
 [naming]
 prefix = "{prefix}"
+[upload]
+{upload}
 [batching]
 files_per_batch = {files_per_batch}
 max_running = {max_running}

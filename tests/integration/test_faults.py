@@ -32,10 +32,17 @@ from ithelpers import (
 SERVICES = Path(__file__).resolve().parents[1] / "services"
 
 
+# The faults that must strike while a task is uploading (a kill, the server stopping, the
+# wall-time signal) use the stock path: at ~6 files/s it is slow enough to be caught mid-run.
+# The bulk path's own crash test is in test_bulk_upload.py.
+STOCK = 'mode = "stock"'
+
+
 def job_file(workdir: Path, name: str, prefix: str, files_per_batch: int, max_running: int,
-             extra: str = "") -> Path:
+             extra: str = "", upload: str = "") -> Path:
     return write_job(workdir, name, job_toml(prefix, files_per_batch=files_per_batch,
-                                             max_running=max_running, rucio=extra))
+                                             max_running=max_running, rucio=extra,
+                                             upload=upload))
 
 
 def status_json(run_dir: Path, workdir: Path) -> dict[str, Any]:
@@ -79,7 +86,8 @@ def test_killed_task_is_finished_by_resubmit(workdir: Path, rucio_client: Any) -
     files = make_files(workdir / "src", 40)
     chown_user(workdir)
     prefix = unique_prefix()
-    proc = dac_upload(["submit", str(job_file(workdir, "kill", prefix, 10, 4))], cwd=workdir)
+    proc = dac_upload(["submit", str(job_file(workdir, "kill", prefix, 10, 4, upload=STOCK))],
+                      cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     array_id, collector_id = parse_submitted(proc.stdout)
     run_dir = run_dir_of(proc.stdout)
@@ -114,7 +122,8 @@ def test_rucio_server_down_and_back(workdir: Path, rucio_client: Any) -> None:
     files = make_files(workdir / "src", 30)
     chown_user(workdir)
     prefix = unique_prefix()
-    job = job_file(workdir, "down", prefix, 10, 3, extra="retries = 1\nretry_wait = 1")
+    job = job_file(workdir, "down", prefix, 10, 3, extra="retries = 1\nretry_wait = 1",
+                   upload=STOCK)
     proc = dac_upload(["submit", str(job)], cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     array_id, collector_id = parse_submitted(proc.stdout)
@@ -152,7 +161,8 @@ def test_wall_time_warning_keeps_finished_files(workdir: Path, rucio_client: Any
     files = make_files(workdir / "src", 40, size=2_000)
     chown_user(workdir)
     prefix = unique_prefix()
-    proc = dac_upload(["submit", str(job_file(workdir, "wall", prefix, 40, 1))], cwd=workdir)
+    proc = dac_upload(["submit", str(job_file(workdir, "wall", prefix, 40, 1, upload=STOCK))],
+                      cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     array_id, collector_id = parse_submitted(proc.stdout)
     run_dir = run_dir_of(proc.stdout)

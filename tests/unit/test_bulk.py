@@ -1,0 +1,231 @@
+"""The bulk upload path (bulk.py through worker.run_task) with a fake Rucio and a fake RSE:
+which requests are made per chunk, what each file ends as, and failures at every step."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from dac_upload.config import JobConfig
+from dac_upload.files import read_json, read_jsonl
+from dac_upload.pipeline import prepare_run
+from dac_upload.plan import RunLayout
+from dac_upload.rucio_io import (
+    DidInfo,
+    ReplicaInfo,
+    RucioFatal,
+    RucioFileError,
+    RucioTransient,
+)
+from dac_upload.worker import run_task
+
+CONTENT = {f"f{i}.dat": bytes([i]) * (10 + i) for i in range(5)}
+SCOPE, RSE = "user.test", "TEST_RSE"
+
+
+def _adler(data: bytes) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+class FakeStorage:
+    def __init__(self, rio: FakeBulk) -> None:
+        self.rio = rio
+        self.puts: list[str] = []
+
+    def put(self, path: Path, scope: str, name: str, size: int, adler32: str
+            ) -> tuple[str, str]:
+        if name in self.rio.put_errors:
+            raise self.rio.put_errors[name]
+        self.puts.append(name)
+        self.rio.on_disk[name] = Path(path).read_bytes()
+        return f"file:///rse/{name}", self.rio.put_how.get(name, "copied")
+
+
+class FakeBulk:
+    """The RucioIO methods the bulk path uses, kept in dictionaries; every call recorded."""
+
+    host, account = "https://rucio.test", "tester"
+
+    def __init__(self) -> None:
+        self.dids: dict[str, DidInfo] = {}
+        self.replicas: dict[str, ReplicaInfo] = {}
+        self.rules: set[str] = set()
+        self.calls: list[tuple[str, int]] = []
+        self.on_disk: dict[str, bytes] = {}
+        self.put_errors: dict[str, Exception] = {}
+        self.put_how: dict[str, str] = {}
+        self.fail: dict[str, list[Exception]] = {}     # method -> exceptions to raise first
+        self.attached: list[str] = []
+        self.ensured: list[str] = []
+        self.storage_obj = FakeStorage(self)
+        self.corrupt_after_register: set[str] = set()
+
+    def factory(self, account: str | None) -> FakeBulk:
+        return self
+
+    def _maybe_fail(self, method: str) -> None:
+        if self.fail.get(method):
+            raise self.fail[method].pop(0)
+
+    def add_existing(self, name: str, data: bytes, replica: bool = True) -> None:
+        self.dids[name] = DidInfo(len(data), _adler(data), hashlib.md5(data).hexdigest(),
+                                  f"g-{name}")
+        if replica:
+            self.replicas[name] = ReplicaInfo("AVAILABLE", f"file:///rse/{name}", len(data),
+                                              _adler(data))
+
+    def storage(self, rse: str, rename: str) -> FakeStorage:
+        self.calls.append(("storage", 1))
+        return self.storage_obj
+
+    def dids_bulk(self, scope: str, names: list[str]) -> dict[str, DidInfo]:
+        self.calls.append(("dids_bulk", len(names)))
+        self._maybe_fail("dids_bulk")
+        return {n: self.dids[n] for n in names if n in self.dids}
+
+    def replicas_bulk(self, scope: str, names: list[str], rse: str) -> dict[str, ReplicaInfo]:
+        self.calls.append(("replicas_bulk", len(names)))
+        return {n: self.replicas[n] for n in names if n in self.replicas}
+
+    def add_replicas(self, rse: str, scope: str, files: list[dict[str, Any]]) -> None:
+        self.calls.append(("add_replicas", len(files)))
+        self._maybe_fail("add_replicas")
+        for f in files:
+            assert f["guid"] or f["name"] in self.dids
+            if f["name"] not in self.dids:
+                self.dids[f["name"]] = DidInfo(f["bytes"], f["adler32"], f["md5"], f["guid"])
+            adler = "00000000" if f["name"] in self.corrupt_after_register else f["adler32"]
+            self.replicas[f["name"]] = ReplicaInfo("AVAILABLE", f["pfn"], f["bytes"], adler)
+
+    def add_rules(self, scope: str, names: list[str], rse: str, lifetime: int | None) -> bool:
+        self.calls.append(("add_rules", len(names)))
+        if any(n in self.rules for n in names):
+            return False
+        self.rules.update(names)
+        return True
+
+    def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None) -> bool:
+        self.ensured.append(name)
+        self.rules.add(name)
+        return True
+
+    def attach_bulk(self, dataset: tuple[str, str], scope: str, names: list[str]) -> bool:
+        self.calls.append(("attach_bulk", len(names)))
+        self.attached.extend(names)
+        return True
+
+    def ensure_dataset(self, dataset: tuple[str, str], rse: str, lifetime: int | None) -> str:
+        return "created"
+
+
+@pytest.fixture
+def job(make_job: Callable[..., JobConfig]) -> Callable[..., RunLayout]:
+    def make(upload: str = "chunk_size = 2", rucio: str = "") -> RunLayout:
+        j = make_job(CONTENT, upload=upload, rucio=rucio)
+        return prepare_run(j, preflight=None).layout
+    return make
+
+
+def _recs(layout: RunLayout) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in read_jsonl(layout.result(0))}
+
+
+def test_new_files_cost_four_requests_per_chunk(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job(), FakeBulk()
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    recs = _recs(layout)
+    assert {r["status"] for r in recs.values()} == {"uploaded"}
+    for name, data in CONTENT.items():
+        r = recs[name]
+        assert (r["bytes"], r["adler32"], r["md5"]) == (len(data), _adler(data),
+                                                        hashlib.md5(data).hexdigest())
+        assert r["pfn"] == f"file:///rse/{name}" and len(r["guid"]) == 32
+        assert rio.on_disk[name] == data and name in rio.rules
+    # 5 files in chunks of 2: 3 chunks x (lookup, register, read back, rules)
+    assert [c for c, _ in rio.calls] == ["storage"] + ["dids_bulk", "add_replicas",
+                                                       "replicas_bulk", "add_rules"] * 3
+    assert [n for c, n in rio.calls if c == "add_replicas"] == [2, 2, 1]
+    assert read_json(layout.done_marker(0))["uploaded"] == 5
+
+
+def test_present_conflict_and_name_without_replica(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    rio.add_existing("f0.dat", CONTENT["f0.dat"])                 # same, with replica
+    rio.rules.add("f0.dat")
+    rio.add_existing("f1.dat", b"other content")                  # conflict
+    rio.add_existing("f2.dat", CONTENT["f2.dat"], replica=False)  # name exists elsewhere
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
+    recs = _recs(layout)
+    assert recs["f0.dat"]["status"] == "already_present"
+    assert recs["f0.dat"]["guid"] == "g-f0.dat"
+    assert recs["f1.dat"]["cause"] == "conflict" and "f1.dat" not in rio.on_disk
+    assert recs["f2.dat"]["status"] == "uploaded" and recs["f2.dat"]["guid"] == "g-f2.dat"
+    assert sorted(rio.storage_obj.puts) == ["f2.dat", "f3.dat", "f4.dat"]
+    # new names: one bulk rule; the older ones: bulk refused (f0 has one) -> file by file
+    assert ("add_rules", 2) in rio.calls and sorted(rio.ensured) == ["f0.dat", "f2.dat"]
+
+
+def test_dataset_attaches_instead_of_rules(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job("chunk_size = 10", rucio='dataset = "ds"'), FakeBulk()
+    rio.add_existing("f0.dat", CONTENT["f0.dat"])
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    assert sorted(rio.attached) == sorted(CONTENT) and not rio.rules
+    assert ("attach_bulk", 5) in rio.calls
+
+
+def test_copy_failures_fail_only_their_file(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job(), FakeBulk()
+    rio.put_errors["f1.dat"] = RucioFileError("the copy at x does not match the file")
+    rio.put_errors["f3.dat"] = RucioFileError("copying to TEST_RSE: RSEAccessDenied")
+    rio.put_how["f4.dat"] = "found"
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
+    recs = _recs(layout)
+    assert (recs["f1.dat"]["cause"], recs["f3.dat"]["cause"]) == ("verify", "rucio")
+    assert "f1.dat" not in rio.dids and "f3.dat" not in rio.dids   # never registered
+    assert [recs[n]["status"] for n in ("f0.dat", "f2.dat", "f4.dat")] == ["uploaded"] * 3
+
+
+def test_replica_read_back_must_match(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job(), FakeBulk()
+    rio.corrupt_after_register.add("f2.dat")
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
+    rec = _recs(layout)["f2.dat"]
+    assert rec["cause"] == "verify" and "checksum mismatch after registration" in rec["error"]
+    assert "f2.dat" not in rio.rules
+
+
+def test_server_failing_then_back_is_retried(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job('chunk_size = 10'), FakeBulk()
+    rio.fail["add_replicas"] = [RucioTransient("HTTP 500")]
+    layout_run = read_json(layout.run_json)
+    layout_run["rucio"]["retry_wait"] = 0
+    from dac_upload.files import atomic_write_json
+    atomic_write_json(layout.run_json, layout_run)
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    assert [c for c, _ in rio.calls].count("add_replicas") == 2
+
+
+def test_fatal_error_aborts_the_task(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job(), FakeBulk()
+    rio.fail["dids_bulk"] = [RucioFatal("CannotAuthenticate: no")]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 3
+    recs = _recs(layout)
+    assert {r["status"] for r in recs.values()} == {"not_attempted"}
+    assert {r["cause"] for r in recs.values()} == {"aborted"}
+    assert not rio.on_disk
+    assert read_json(layout.done_marker(0))["aborted"] == "CannotAuthenticate: no"
+
+
+def test_resubmission_registers_what_a_crash_left_on_the_rse(
+        job: Callable[..., RunLayout]) -> None:
+    """A first attempt died after its copies (no records); the next finds the copies (the
+    fake RSE says 'found') and registers them once."""
+    layout, rio = job('chunk_size = 10'), FakeBulk()
+    rio.put_how = {n: "found" for n in CONTENT}
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    assert [n for c, n in rio.calls if c == "add_replicas"] == [5]
+    assert {r["status"] for r in _recs(layout).values()} == {"uploaded"}
