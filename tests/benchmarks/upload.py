@@ -1,0 +1,299 @@
+"""Benchmark: the bulk worker against Rucio's stock client and against `cp`, side by side in one
+run, on the local test services (tests/services/: SQLite Rucio, one gunicorn worker, POSIX
+RSE). Run as root with the services up (it acts as the unprivileged user 'dacuser'):
+
+    $DAC_CI_DIR/venv/bin/python tests/benchmarks/upload.py           # docs/performance.md
+    $DAC_CI_DIR/venv/bin/python tests/benchmarks/upload.py --small   # proves it works (CI)
+
+1. small files: --files files of 1 KiB-1 MiB (fixed seed). The same set twice, under other
+   names: `rucio upload --rse RSE --scope test --register-after-upload FILE...` (the stock
+   CLI, one process) versus `dac-upload worker --run RUN --task 0` (one array task holding
+   every file, run directly: planning and Slurm are not timed). files/s and the ratio.
+2. requests per file: lines the Rucio server's access log gained during each of the two.
+3. large files: --big-files files of --big-size: `cp FILES RSE_DIR/...; sync` versus the
+   worker (checksums, copy, destination check, registration) `; sync`. MB/s and the ratio.
+4. planning at scale: a synthetic tree of --plan-files empty files, `find ROOT -type f
+   -printf '%s %T@ %p\\n'` versus `dac-upload plan JOB --offline`; seconds, the ratio, and
+   the plan's peak RSS (os.wait4).
+
+Each figure is printed with the command that produced it. Data is generated under --dir
+(default /tmp/dac-upload-bench) and removed at the end, except the plan tree (kept for the
+next run: delete it to rebuild). Files uploaded into the test Rucio stay there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+CI_DIR = Path(os.environ.get("DAC_CI_DIR", "/tmp/dac-upload-ci"))
+VENV_BIN = CI_DIR / "venv" / "bin"
+RUCIO_CLI = CI_DIR / "rucio" / "cli" / "bin" / "rucio"
+CLIENT_CFG = CI_DIR / "rucio" / "etc" / "client.cfg"
+ACCESS_LOG = CI_DIR / "rucio" / "log" / "access.log"
+RSE_DIR = CI_DIR / "rucio" / "rse"
+RSE, SCOPE, USER = "LOCAL_DISK", "test", "dacuser"
+URL = "http://127.0.0.1:18080"
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+
+
+def as_user(args: list[str], cwd: Path, **env: str) -> tuple[float,
+                                                              subprocess.CompletedProcess]:
+    """Run as dacuser with a clean environment; (wall seconds, result)."""
+    full_env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
+                "USER": USER, "LANG": "C.UTF-8", **env}
+    t0 = time.monotonic()
+    proc = subprocess.run([RUNUSER, "-u", USER, "--", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, check=False)
+    return time.monotonic() - t0, proc
+
+
+def chown(path: Path) -> None:
+    subprocess.run(["chown", "-R", f"{USER}:{USER}", str(path)], check=True)
+
+
+def log_lines() -> int:
+    with open(ACCESS_LOG, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def write_set(root: Path, sizes: list[int], tag: str, seed: int) -> list[Path]:
+    """The same bytes for the same seed: identical sets under different names."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, size in enumerate(sizes):
+        p = root / f"{tag}-{i:05d}.dat"
+        p.write_bytes(rng.randbytes(size))
+        out.append(p)
+    return out
+
+
+def job_text(root: Path, prefix: str, files_per_batch: int, transfers: int) -> str:
+    return f"""
+[source]
+root = "{root}"
+[rucio]
+host = "{URL}"
+account = "root"
+auth_type = "userpass"
+username = "ddmlab"
+password_file = "../pw"
+scope = "{SCOPE}"
+rse = "{RSE}"
+[naming]
+prefix = "{prefix}"
+[upload]
+mode = "bulk"
+chunk_size = 500
+transfers = {transfers}
+[batching]
+files_per_batch = {files_per_batch}
+[slurm]
+time = "02:00:00"
+[container]
+runtime = "none"
+"""
+
+
+def plan_worker(base: Path, name: str, root: Path, n: int, transfers: int
+                ) -> tuple[float, int, Path, list[str]]:
+    """Plan a one-task run of ``root`` and time `dac-upload worker` on it;
+    (seconds, access-log lines, run dir, worker command)."""
+    job = base / "jobs" / f"{name}.toml"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(job_text(root, f"bench/{uuid.uuid4().hex[:8]}/", n, transfers))
+    chown(base)
+    _, planned = as_user([str(VENV_BIN / "dac-upload"), "plan", str(job)], base)
+    if planned.returncode != 0:
+        sys.exit(f"plan failed: {planned.stderr}")
+    run_dir = Path(next(line.split(":", 1)[1].strip() for line in planned.stdout.splitlines()
+                        if line.startswith("run directory:")))
+    cmd = [str(VENV_BIN / "dac-upload"), "worker", "--run", str(run_dir), "--task", "0"]
+    before = log_lines()
+    seconds, done = as_user(cmd, base)
+    requests = log_lines() - before
+    records = [json.loads(line) for line in
+               (run_dir / "results" / "task-00000.jsonl").read_text().splitlines()]
+    uploaded = sum(r["status"] == "uploaded" for r in records)
+    if done.returncode != 0 or uploaded != n:
+        sys.exit(f"worker: exit {done.returncode}, {uploaded}/{n} uploaded:\n{done.stdout[-2000:]}")
+    return seconds, requests, run_dir, cmd
+
+
+def small_files(base: Path, n: int) -> None:
+    rng = random.Random(42)
+    sizes = [rng.randint(1024, 1024 * 1024) for _ in range(n)]
+    total = sum(sizes)
+    tag = uuid.uuid4().hex[:8]
+    stock_files = write_set(base / "stock", sizes, f"s{tag}", 7)
+    write_set(base / "bulk", sizes, f"b{tag}", 7)
+    cfg = base / "rucio.cfg"
+    cfg.write_text(CLIENT_CFG.read_text().replace(str(CI_DIR / "rucio" / "token"),
+                                                  str(base / "token")))
+    (base / "token").mkdir(exist_ok=True)
+    chown(base)
+    cfg.chmod(0o600)
+    print(f"\n1. {n} files of 1 KiB-1 MiB ({total / 1e6:.1f} MB), one process each, "
+          "identical content under other names")
+    cli = [str(RUCIO_CLI), "upload", "--rse", RSE, "--scope", SCOPE,
+           "--register-after-upload", *map(str, stock_files)]
+    before = log_lines()
+    stock_s, proc = as_user(cli, base, RUCIO_CONFIG=str(cfg))
+    stock_requests = log_lines() - before
+    from rucio.client import Client  # the admin client: did the CLI really upload them all?
+    os.environ["RUCIO_CONFIG"] = str(CLIENT_CFG)
+    found = len(list(Client().list_dids(SCOPE, {"name": f"s{tag}-*"}, did_type="file")))
+    if found != n:
+        sys.exit(f"rucio upload registered {found}/{n} files (exit {proc.returncode}):\n"
+                 f"{proc.stderr[-2000:]}")
+    bulk_s, bulk_requests, _, cmd = plan_worker(base, "small", base / "bulk", n, 4)
+    print(f"   stock : {stock_s:7.2f} s  {n / stock_s:8.1f} files/s   "
+          f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files>")
+    print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   $ {' '.join(cmd[1:3])} "
+          "RUN --task 0   ([upload] transfers = 4, chunk_size = 500)")
+    print(f"   ratio : {stock_s / bulk_s:.1f}x the files/s of the stock client (target >= 20x)")
+    print(f"\n2. server requests per file (lines added to {ACCESS_LOG.name} meanwhile)")
+    print(f"   stock : {stock_requests / n:.3f} per file ({stock_requests} requests)")
+    print(f"   bulk  : {bulk_requests / n:.3f} per file ({bulk_requests} requests; "
+          "target <= 0.05)")
+    shutil.rmtree(base / "stock")
+    shutil.rmtree(base / "bulk")
+
+
+def large_files(base: Path, k: int, size: int) -> None:
+    block = random.Random(3).randbytes(64 * 1024 * 1024)
+    src = base / "big"
+    src.mkdir(parents=True, exist_ok=True)
+    for i in range(k):
+        with open(src / f"big-{i}.dat", "wb") as fh:
+            left = size
+            while left > 0:
+                fh.write(block[:min(left, len(block))] if i == 0 else
+                         bytes([i]) + block[1:min(left, len(block))])
+                left -= len(block)
+    chown(base)
+    total = k * size
+    print(f"\n3. {k} files of {size / 2**30:.2f} GiB ({total / 1e6:.0f} MB) onto the RSE's disk "
+          f"({RSE_DIR}), each followed by sync")
+    dest = RSE_DIR / f"bench-cp-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    chown(dest)
+    subprocess.run(["sync"], check=True)
+    cp_s, proc = as_user(["sh", "-c", f'cp "$@" {dest}/ && sync', "cp",
+                             *[str(p) for p in sorted(src.iterdir())]], base)
+    if proc.returncode != 0:
+        sys.exit(f"cp failed: {proc.stderr}")
+    shutil.rmtree(dest)
+    subprocess.run(["sync"], check=True)
+    bulk_s, _, _, cmd = plan_worker(base, "big", src, k, 4)
+    sync_t0 = time.monotonic()
+    subprocess.run(["sync"], check=True)
+    bulk_s += time.monotonic() - sync_t0
+    print(f"   cp    : {cp_s:7.2f} s  {total / cp_s / 1e6:8.1f} MB/s   $ cp FILES {RSE_DIR}/"
+          "bench-cp/ && sync")
+    print(f"   bulk  : {bulk_s:7.2f} s  {total / bulk_s / 1e6:8.1f} MB/s   $ {' '.join(cmd[1:3])} "
+          "RUN --task 0 && sync   (adler32+md5 in one read, copy, destination adler32)")
+    print(f"   ratio : {cp_s / bulk_s:.2f} of cp's MB/s (target >= 0.8)")
+    shutil.rmtree(src)
+
+
+def build_tree(root: Path, files: int) -> None:
+    marker = root.parent / f"tree-built-{files}"
+    if marker.exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    per_dir = 1000
+    for d in range(-(-files // per_dir)):
+        sub = root / f"visit{d:05d}"
+        sub.mkdir(parents=True)
+        for i in range(min(per_dir, files - d * per_dir)):
+            os.close(os.open(sub / f"calexp_{i:05d}.fits", os.O_CREAT | os.O_WRONLY, 0o644))
+    chown(root)
+    marker.touch()
+
+
+def planning(base: Path, files: int) -> None:
+    tree_base = base.parent / f"{base.name}-plantree"
+    root = tree_base / "tree"
+    t0 = time.monotonic()
+    build_tree(root, files)
+    print(f"\n4. planning a synthetic tree of {files:,} empty files in {-(-files // 1000)} "
+          f"directories (built in {time.monotonic() - t0:.0f} s; page cache warm)")
+    find = ["find", str(root), "-type", "f", "-printf", r"%s %T@ %p\n"]
+    subprocess.run(find, stdout=subprocess.DEVNULL, check=True)          # warm-up
+    t0 = time.monotonic()
+    subprocess.run(find, stdout=subprocess.DEVNULL, check=True)
+    find_s = time.monotonic() - t0
+    job = tree_base / "plan.toml"
+    job.write_text(f"""
+[source]
+root = "tree"
+[rucio]
+host = "{URL}"
+scope = "{SCOPE}"
+rse = "{RSE}"
+[batching]
+files_per_batch = 1000
+[container]
+runtime = "none"
+""")
+    chown(tree_base)
+    cmd = [str(VENV_BIN / "dac-upload"), "plan", str(job), "--offline"]
+    wrapped = ["/usr/bin/time", "-f", "%M", *cmd]
+    plan_s, proc = as_user(wrapped, tree_base)
+    if proc.returncode != 0:
+        sys.exit(f"plan failed: {proc.stderr[-2000:]}")
+    rss_mb = int(proc.stderr.strip().splitlines()[-1]) / 1024
+    shutil.rmtree(tree_base / "plan", ignore_errors=True)     # the run directories
+    print(f"   find  : {find_s:7.2f} s   $ find ROOT -type f -printf '%s %T@ %p\\n' > /dev/null")
+    print(f"   plan  : {plan_s:7.2f} s   peak RSS {rss_mb:.0f} MB   $ dac-upload plan JOB "
+          "--offline   (catalogue, names, 1000-file batches, manifests, scripts)")
+    print(f"   ratio : {plan_s / find_s:.2f}x the time of find (target <= 1.5x, "
+          "peak RSS <= 500 MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="a few files only (CI)")
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--big-files", type=int, default=4)
+    ap.add_argument("--big-size", type=int, default=2**30)
+    ap.add_argument("--plan-files", type=int, default=1_000_000)
+    ap.add_argument("--skip", action="append", default=[],
+                    choices=["small", "large", "plan"], help="leave a part out")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-bench"))
+    args = ap.parse_args()
+    if args.small:
+        args.files, args.big_files, args.big_size, args.plan_files = 30, 2, 8 * 2**20, 3000
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark acts as dacuser through runuser")
+    base = args.dir
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    (base / "pw").write_text("secret\n")
+    chown(base)
+    (base / "pw").chmod(0o600)
+    version = subprocess.run([str(VENV_BIN / "dac-upload"), "--version"], capture_output=True,
+                             text=True).stdout.strip()
+    print(f"{version}; Rucio server {URL} (SQLite, one gunicorn worker), RSE {RSE} (POSIX); "
+          f"{os.cpu_count()} CPUs")
+    if "small" not in args.skip:
+        small_files(base, args.files)
+    if "large" not in args.skip:
+        large_files(base, args.big_files, args.big_size)
+    if "plan" not in args.skip:
+        planning(base, args.plan_files)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
