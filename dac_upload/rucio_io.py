@@ -40,6 +40,12 @@ _TRANSIENT = (rexc.DatabaseException, rexc.ServiceUnavailable,
               rexc.ResourceTemporaryUnavailable)
 
 
+# Rucio makes the rules of one request one by one in one transaction. On the SQLite test
+# server a request of 500 made 365 rules in 2 s, then each further one waited 5 s for a lock
+# (its own config read, once the transaction had spilled to disk): at most 100 per request.
+RULES_PER_REQUEST = 100
+
+
 class RucioFatal(Exception):
     """The account, server, scope or RSE is unusable: no further file can succeed."""
 
@@ -467,18 +473,21 @@ class RucioIO:
             raise _translate(exc, f"registering {len(files)} replicas on {rse}") from None
 
     def add_rules(self, scope: str, names: list[str], rse: str, lifetime: int | None) -> bool:
-        """One rule per DID on ``rse``, all in one request; False (nothing made) if any of
-        them already has one, so the caller can go file by file."""
-        if not names:
-            return True
-        try:
-            self.client.add_replication_rule([{"scope": scope, "name": n} for n in names], 1,
-                                             rse, lifetime=lifetime, account=self.account)
-        except rexc.DuplicateRule:
-            return False
-        except Exception as exc:
-            raise _translate(exc, f"adding rules for {len(names)} files on {rse}") from None
-        return True
+        """One rule per DID on ``rse``, RULES_PER_REQUEST DIDs per request; False if one of
+        a request's DIDs already has a rule (that request made none), so the caller can go
+        file by file."""
+        made_all = True
+        for i in range(0, len(names), RULES_PER_REQUEST):
+            part = names[i:i + RULES_PER_REQUEST]
+            try:
+                self.client.add_replication_rule([{"scope": scope, "name": n} for n in part],
+                                                 1, rse, lifetime=lifetime,
+                                                 account=self.account)
+            except rexc.DuplicateRule:
+                made_all = False
+            except Exception as exc:
+                raise _translate(exc, f"adding rules for {len(part)} files on {rse}") from None
+        return made_all
 
     def attach_bulk(self, dataset: tuple[str, str], scope: str, names: list[str]) -> bool:
         """Attach the files to the dataset in one request; False (nothing attached) if one
