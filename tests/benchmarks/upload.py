@@ -77,7 +77,8 @@ def write_set(root: Path, sizes: list[int], tag: str, seed: int) -> list[Path]:
     return out
 
 
-def job_text(root: Path, prefix: str, files_per_batch: int, transfers: int) -> str:
+def job_text(root: Path, prefix: str, files_per_batch: int, transfers: int,
+             dataset: str = "") -> str:
     return f"""
 [source]
 root = "{root}"
@@ -89,6 +90,7 @@ username = "ddmlab"
 password_file = "../pw"
 scope = "{SCOPE}"
 rse = "{RSE}"
+{f'dataset = "{dataset}"' if dataset else ""}
 [naming]
 prefix = "{prefix}"
 [upload]
@@ -104,13 +106,13 @@ runtime = "none"
 """
 
 
-def plan_worker(base: Path, name: str, root: Path, n: int, transfers: int
-                ) -> tuple[float, int, Path, list[str]]:
+def plan_worker(base: Path, name: str, root: Path, n: int, transfers: int,
+                dataset: str = "") -> tuple[float, int, Path, list[str]]:
     """Plan a one-task run of ``root`` and time `dac-upload worker` on it;
     (seconds, access-log lines, run dir, worker command)."""
     job = base / "jobs" / f"{name}.toml"
     job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_text(job_text(root, f"bench/{uuid.uuid4().hex[:8]}/", n, transfers))
+    job.write_text(job_text(root, f"bench/{uuid.uuid4().hex[:8]}/", n, transfers, dataset))
     chown(base)
     _, planned = as_user([str(VENV_BIN / "dac-upload"), "plan", str(job)], base)
     if planned.returncode != 0:
@@ -136,6 +138,7 @@ def small_files(base: Path, n: int) -> None:
     tag = uuid.uuid4().hex[:8]
     stock_files = write_set(base / "stock", sizes, f"s{tag}", 7)
     write_set(base / "bulk", sizes, f"b{tag}", 7)
+    write_set(base / "bulkds", sizes, f"d{tag}", 7)
     cfg = base / "rucio.cfg"
     cfg.write_text(CLIENT_CFG.read_text().replace(str(CI_DIR / "rucio" / "token"),
                                                   str(base / "token")))
@@ -156,17 +159,22 @@ def small_files(base: Path, n: int) -> None:
         sys.exit(f"rucio upload registered {found}/{n} files (exit {proc.returncode}):\n"
                  f"{proc.stderr[-2000:]}")
     bulk_s, bulk_requests, _, cmd = plan_worker(base, "small", base / "bulk", n, 4)
+    ds_s, ds_requests, _, _ = plan_worker(base, "smallds", base / "bulkds", n, 4,
+                                          dataset=f"bench_{tag}")
     print(f"   stock : {stock_s:7.2f} s  {n / stock_s:8.1f} files/s   "
           f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files>")
     print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   $ {' '.join(cmd[1:3])} "
           "RUN --task 0   ([upload] transfers = 4, chunk_size = 500)")
     print(f"   ratio : {stock_s / bulk_s:.1f}x the files/s of the stock client (target >= 20x)")
+    print(f"   bulk into a dataset (one rule, on the dataset): {ds_s:.2f} s  {n / ds_s:.1f} "
+          f"files/s = {stock_s / ds_s:.1f}x the stock client ([rucio] dataset set)")
     print(f"\n2. server requests per file (lines added to {ACCESS_LOG.name} meanwhile)")
     print(f"   stock : {stock_requests / n:.3f} per file ({stock_requests} requests)")
     print(f"   bulk  : {bulk_requests / n:.3f} per file ({bulk_requests} requests; "
           "target <= 0.05)")
-    shutil.rmtree(base / "stock")
-    shutil.rmtree(base / "bulk")
+    print(f"   bulk into a dataset: {ds_requests / n:.3f} per file ({ds_requests} requests)")
+    for d in ("stock", "bulk", "bulkds"):
+        shutil.rmtree(base / d)
 
 
 def large_files(base: Path, k: int, size: int) -> None:

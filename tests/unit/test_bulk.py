@@ -62,7 +62,6 @@ class FakeBulk:
         self.attached: list[str] = []
         self.ensured: list[str] = []
         self.storage_obj = FakeStorage(self)
-        self.corrupt_after_register: set[str] = set()
 
     def factory(self, account: str | None) -> FakeBulk:
         return self
@@ -98,8 +97,8 @@ class FakeBulk:
             assert f["guid"] or f["name"] in self.dids
             if f["name"] not in self.dids:
                 self.dids[f["name"]] = DidInfo(f["bytes"], f["adler32"], f["md5"], f["guid"])
-            adler = "00000000" if f["name"] in self.corrupt_after_register else f["adler32"]
-            self.replicas[f["name"]] = ReplicaInfo("AVAILABLE", f["pfn"], f["bytes"], adler)
+            self.replicas[f["name"]] = ReplicaInfo("AVAILABLE", f["pfn"], f["bytes"],
+                                                   f["adler32"])
 
     def add_rules(self, scope: str, names: list[str], rse: str, lifetime: int | None) -> bool:
         self.calls.append(("add_rules", len(names)))
@@ -134,7 +133,7 @@ def _recs(layout: RunLayout) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in read_jsonl(layout.result(0))}
 
 
-def test_new_files_cost_four_requests_per_chunk(job: Callable[..., RunLayout]) -> None:
+def test_new_files_cost_three_requests_per_chunk(job: Callable[..., RunLayout]) -> None:
     layout, rio = job(), FakeBulk()
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
     recs = _recs(layout)
@@ -145,9 +144,9 @@ def test_new_files_cost_four_requests_per_chunk(job: Callable[..., RunLayout]) -
                                                         hashlib.md5(data).hexdigest())
         assert r["pfn"] == f"file:///rse/{name}" and len(r["guid"]) == 32
         assert rio.on_disk[name] == data and name in rio.rules
-    # 5 files in chunks of 2: 3 chunks x (lookup, register, read back, rules)
+    # 5 files in chunks of 2: 3 chunks x (lookup, register, rules)
     assert [c for c, _ in rio.calls] == ["storage"] + ["dids_bulk", "add_replicas",
-                                                       "replicas_bulk", "add_rules"] * 3
+                                                       "add_rules"] * 3
     assert [n for c, n in rio.calls if c == "add_replicas"] == [2, 2, 1]
     assert read_json(layout.done_marker(0))["uploaded"] == 5
 
@@ -187,15 +186,6 @@ def test_copy_failures_fail_only_their_file(job: Callable[..., RunLayout]) -> No
     assert (recs["f1.dat"]["cause"], recs["f3.dat"]["cause"]) == ("verify", "rucio")
     assert "f1.dat" not in rio.dids and "f3.dat" not in rio.dids   # never registered
     assert [recs[n]["status"] for n in ("f0.dat", "f2.dat", "f4.dat")] == ["uploaded"] * 3
-
-
-def test_replica_read_back_must_match(job: Callable[..., RunLayout]) -> None:
-    layout, rio = job(), FakeBulk()
-    rio.corrupt_after_register.add("f2.dat")
-    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
-    rec = _recs(layout)["f2.dat"]
-    assert rec["cause"] == "verify" and "checksum mismatch after registration" in rec["error"]
-    assert "f2.dat" not in rio.rules
 
 
 def test_server_failing_then_back_is_retried(job: Callable[..., RunLayout]) -> None:
