@@ -1,0 +1,24 @@
+"""tests/benchmarks/upload.py --small runs end to end on the test services: it proves the
+script works; the figures themselves are not judged here (docs/performance.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from ithelpers import CI_DIR
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "upload.py"
+
+
+def test_upload_benchmark_small(workdir: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--dir",
+                           str(CI_DIR / "tests" / f"bench-{workdir.name}")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for part in ("1. 30 files", "2. server requests per file", "3. 2 files", "4. planning"):
+        assert part in out, out
+    assert out.count("   ratio : ") == 3
+    assert "$ rucio upload --rse LOCAL_DISK" in out and "$ cp FILES" in out
