@@ -219,3 +219,32 @@ def test_resubmission_registers_what_a_crash_left_on_the_rse(
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
     assert [n for c, n in rio.calls if c == "add_replicas"] == [5]
     assert {r["status"] for r in _recs(layout).values()} == {"uploaded"}
+
+
+def test_stop_signal_during_copies_registers_what_was_copied(
+        job: Callable[..., RunLayout]) -> None:
+    """Slurm's wall-time warning arrives while the chunk is copying: the copies done are
+    registered and protected, the rest recorded not_attempted (stopped), exit 4."""
+    import os
+    import signal
+
+    layout, rio = job('chunk_size = 10\ntransfers = 1'), FakeBulk()
+    real_put = rio.storage_obj.put
+
+    def put_then_warn(path: Path, scope: str, name: str, size: int, adler32: str
+                      ) -> tuple[str, str]:
+        out = real_put(path, scope, name, size, adler32)
+        if len(rio.storage_obj.puts) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    rio.storage_obj.put = put_then_warn  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 4
+    recs = _recs(layout)
+    done = sorted(n for n, r in recs.items() if r["status"] == "uploaded")
+    # the signal reaches the main thread a moment later: a copy in flight may finish
+    assert done == sorted(rio.storage_obj.puts) and 2 <= len(done) <= 3
+    assert all(n in rio.rules and n in rio.dids for n in done)
+    rest = [r for r in recs.values() if r["status"] != "uploaded"]
+    assert len(rest) == 5 - len(done) and {r["cause"] for r in rest} == {"stopped"}
+    assert read_json(layout.done_marker(0))["stopped"]

@@ -181,6 +181,7 @@ def test_csd3_example_renders_a_contained_apptainer_task() -> None:
     example = REPO / "jobs" / "csd3-example.toml"
     job = load_job(example)
     assert job.rucio.lifetime is None and job.rucio.auth_type == "x509_proxy"
+    assert (job.upload.mode, job.upload.rename) == ("bulk", "never")   # Echo cannot rename
     assert job.rucio.proxy == Path.home() / ".globus" / "x509up_dac"
     creds = credentials.resolve(job.rucio, {}, 1000, str(example))
     assert credentials.local_warnings(creds) == []      # not in /tmp
