@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from .worker import (
@@ -55,40 +55,88 @@ def bulk_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRe
                  abort: Callable[[str], None], aborted: Callable[[], str | None]
                  ) -> Iterator[dict[str, Any]]:
     """Result records of ``todo`` in manifest order, chunk by chunk. ``abort(reason)`` stops
-    the task (the rest become not_attempted, cause aborted)."""
-    from .rucio_io import RucioFatal
+    the task (the rest become not_attempted, cause aborted).
 
-    storage = None
-    with ThreadPoolExecutor(max_workers=s.transfers, thread_name_prefix="copy") as pool:
-        for chunk in chunks(todo, s.chunk_size):
+    Every Rucio request goes through one thread (the "lane", in order; the client is not
+    shared between threads). While the lane registers and protects chunk N, this thread
+    checksums and copies chunk N+1, whose name lookup was queued before N's registration:
+    the server and the storage work at the same time. Chunk N's records are written once
+    chunk N+1's copies are done (a task killed in between finds them already_present)."""
+    parts = list(chunks(todo, s.chunk_size))
+    with ThreadPoolExecutor(max_workers=s.transfers, thread_name_prefix="copy") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rucio") as lane:
+        storage = None
+        lookups: dict[int, Future[Any]] = {}
+        back: tuple[Future[Any], list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        for i, chunk in enumerate(parts):
             if aborted() or stop.reason:
-                yield from (not_attempted(s, e, aborted() or stop.reason or "",
-                                          "aborted" if aborted() else "stopped")
+                if back is not None:
+                    yield from _finish(back, s, abort)
+                    back = None
+                reason = aborted() or stop.reason or ""
+                yield from (not_attempted(s, e, reason, "aborted" if aborted() else "stopped")
                             for e in chunk)
                 continue
             try:
                 if storage is None:
-                    storage = retrying(lambda: rio.storage(s.rse, s.rename), s, stop,
-                                       f"reading RSE {s.rse}")
-                yield from process_chunk(rio, storage, s, chunk, stop, pool)
-            except (RucioFatal, TaskAborted) as exc:
-                abort(str(exc))
-                yield from (not_attempted(s, e, str(exc), "aborted") for e in chunk)
-            except Exception as exc:   # a bug: stop, say why once (as the stock path does)
-                abort(f"internal error {type(exc).__name__}: {exc}")
+                    storage = lane.submit(retrying, lambda: rio.storage(s.rse, s.rename), s,
+                                          stop, f"reading RSE {s.rse}").result()
+                if i not in lookups:
+                    lookups[i] = _lookup(lane, rio, s, chunk, stop)
+                front = _front(rio, storage, s, chunk, stop, pool, lane, lookups.pop(i))
+                if i + 1 < len(parts):        # the next chunk's lookup goes ahead of our
+                    lookups[i + 1] = _lookup(lane, rio, s, parts[i + 1], stop)   # registration
+                fut = lane.submit(_back, rio, s, *front[1:], stop)
+            except Exception as exc:
+                if back is not None:
+                    yield from _finish(back, s, abort)
+                    back = None
+                abort(_why(exc))
                 yield from (not_attempted(s, e, aborted() or "", "aborted") for e in chunk)
+                continue
+            if back is not None:
+                yield from _finish(back, s, abort)
+            back = (fut, front[0], chunk)
+        if back is not None:
+            yield from _finish(back, s, abort)
 
 
-def process_chunk(rio: Any, storage: Any, s: Settings, chunk: list[dict[str, Any]],
-                  stop: StopRequest, pool: ThreadPoolExecutor) -> list[dict[str, Any]]:
-    """One chunk through read -> ask -> copy -> register -> verify -> protect; the records
-    in the chunk's order. Raises RucioFatal (or TaskAborted) when the task must stop."""
-    from .rucio_io import RucioFileError, RucioTransient
+def _why(exc: BaseException) -> str:
+    from .rucio_io import RucioFatal
 
+    if isinstance(exc, (RucioFatal, TaskAborted)):
+        return str(exc)
+    return f"internal error {type(exc).__name__}: {exc}"   # a bug: stop, say why once
+
+
+def _finish(back: tuple[Future[Any], list[dict[str, Any]], list[dict[str, Any]]],
+            s: Settings, abort: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """The records of a chunk whose registration ran in the lane."""
+    fut, recs, chunk = back
+    try:
+        fut.result()
+    except Exception as exc:      # registration failed for good: the copies stay unregistered
+        abort(_why(exc))          # (the next attempt finds them), the chunk is not done
+        yield from (not_attempted(s, e, _why(exc), "aborted") for e in chunk)
+        return
+    yield from recs
+
+
+def _lookup(lane: ThreadPoolExecutor, rio: Any, s: Settings, chunk: list[dict[str, Any]],
+            stop: StopRequest) -> Future[Any]:
+    names = [e["name"] for e in chunk]
+    return lane.submit(retrying, lambda: rio.dids_bulk(s.scope, names), s, stop,
+                       "looking up names", True)
+
+
+def _front(rio: Any, storage: Any, s: Settings, chunk: list[dict[str, Any]],
+           stop: StopRequest, pool: ThreadPoolExecutor, lane: ThreadPoolExecutor,
+           lookup: Future[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                          list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read, ask, copy: (records of the chunk, copied, present, had_did)."""
     recs = list(pool.map(lambda e: local_record(s, e), chunk))
     pending = [r for r in recs if r["status"] is None]
-    existing = retrying(lambda: rio.dids_bulk(s.scope, [r["name"] for r in pending]), s, stop,
-                        "looking up names", transient_too=True)
+    existing = lookup.result()
     maybe_present, to_copy = [], []
     for r in pending:
         did = existing.get(r["name"])
@@ -104,9 +152,9 @@ def process_chunk(rio: Any, storage: Any, s: Settings, chunk: list[dict[str, Any
             maybe_present.append(r)
     present, had_did = [], []
     if maybe_present:
-        reps = retrying(lambda: rio.replicas_bulk(
-            s.scope, [r["name"] for r in maybe_present], s.rse), s, stop, "listing replicas",
-            transient_too=True)
+        names = [r["name"] for r in maybe_present]
+        reps = lane.submit(retrying, lambda: rio.replicas_bulk(s.scope, names, s.rse), s, stop,
+                           "listing replicas", True).result()
         for r in maybe_present:
             rep = reps.get(r["name"])
             if rep is not None and rep.state == "AVAILABLE":
@@ -115,14 +163,20 @@ def process_chunk(rio: Any, storage: Any, s: Settings, chunk: list[dict[str, Any
             else:               # the name exists (elsewhere): add our copy as a replica
                 had_did.append(r)
                 to_copy.append(r)
-
     copied = _copy_all(storage, s, to_copy, stop, pool)
     if os.environ.get(CRASH_AFTER_COPY) and copied:
         os._exit(137)        # test hook: as if killed after the copies, before registering
+    return recs, copied, present, had_did
 
-    new = [r for r in copied if r not in had_did]
-    for r in new:
-        r["guid"] = uuid.uuid4().hex
+
+def _back(rio: Any, s: Settings, copied: list[dict[str, Any]], present: list[dict[str, Any]],
+          had_did: list[dict[str, Any]], stop: StopRequest) -> None:
+    """Register, then protect (in the lane). Raises RucioFatal / TaskAborted to stop."""
+    from .rucio_io import RucioFileError, RucioTransient
+
+    for r in copied:
+        if r not in had_did:
+            r["guid"] = uuid.uuid4().hex
     try:
         retrying(lambda: rio.add_replicas(s.rse, s.scope, _replica_rows(copied)), s, stop,
                  "registering replicas", transient_too=True)
@@ -140,7 +194,6 @@ def process_chunk(rio: Any, storage: Any, s: Settings, chunk: list[dict[str, Any
     for r in registered:
         if r["status"] is None:
             r["status"] = UPLOADED
-    return recs
 
 
 def _replica_rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -144,9 +144,11 @@ def test_new_files_cost_three_requests_per_chunk(job: Callable[..., RunLayout]) 
                                                         hashlib.md5(data).hexdigest())
         assert r["pfn"] == f"file:///rse/{name}" and len(r["guid"]) == 32
         assert rio.on_disk[name] == data and name in rio.rules
-    # 5 files in chunks of 2: 3 chunks x (lookup, register, rules)
-    assert [c for c, _ in rio.calls] == ["storage"] + ["dids_bulk", "add_replicas",
-                                                       "add_rules"] * 3
+    # 5 files in chunks of 2: 3 chunks x (lookup, register, rules), each chunk's lookup
+    # queued ahead of the previous chunk's registration (they overlap its copies)
+    assert [c for c, _ in rio.calls] == [
+        "storage", "dids_bulk", "dids_bulk", "add_replicas", "add_rules", "dids_bulk",
+        "add_replicas", "add_rules", "add_replicas", "add_rules"]
     assert [n for c, n in rio.calls if c == "add_replicas"] == [2, 2, 1]
     assert read_json(layout.done_marker(0))["uploaded"] == 5
 
