@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,11 @@ _TRANSIENT = (rexc.DatabaseException, rexc.ServiceUnavailable,
 
 # Rucio makes the rules of one request one by one in one transaction. On the SQLite test
 # server a request of 500 made 365 rules in 2 s, then each further one waited 5 s for a lock
-# (its own config read, once the transaction had spilled to disk): at most 100 per request.
+# (its own config read, once the transaction had spilled to disk); later, with a larger
+# database, even requests of 100 stalled so. Requests start at RULES_PER_REQUEST rules and
+# are halved (down to 10) after one that took more than RULE_SECONDS per rule.
 RULES_PER_REQUEST = 100
+RULE_SECONDS = 0.05
 
 
 class RucioFatal(Exception):
@@ -287,6 +291,7 @@ class RucioIO:
             raise RucioFatal(f"cannot start a Rucio client: {_describe(exc)}; check "
                              "RUCIO_CONFIG / rucio.cfg and your credentials") from None
         self._uploader: UploadClient | None = None
+        self.rules_per_request = RULES_PER_REQUEST
 
     @classmethod
     def for_run(cls, run_dir: Path, run: dict[str, Any]) -> RucioIO:
@@ -473,12 +478,16 @@ class RucioIO:
             raise _translate(exc, f"registering {len(files)} replicas on {rse}") from None
 
     def add_rules(self, scope: str, names: list[str], rse: str, lifetime: int | None) -> bool:
-        """One rule per DID on ``rse``, RULES_PER_REQUEST DIDs per request; False if one of
-        a request's DIDs already has a rule (that request made none), so the caller can go
-        file by file."""
+        """One rule per DID on ``rse``, in requests of ``self.rules_per_request`` DIDs; False
+        if one of a request's DIDs already has a rule (that request made none), so the
+        caller can go file by file. A request that took more than RULE_SECONDS per rule
+        halves the size of the next ones (at least 10): see RULES_PER_REQUEST."""
         made_all = True
-        for i in range(0, len(names), RULES_PER_REQUEST):
-            part = names[i:i + RULES_PER_REQUEST]
+        i = 0
+        while i < len(names):
+            part = names[i:i + self.rules_per_request]
+            i += len(part)
+            t0 = time.monotonic()
             try:
                 self.client.add_replication_rule([{"scope": scope, "name": n} for n in part],
                                                  1, rse, lifetime=lifetime,
@@ -487,6 +496,8 @@ class RucioIO:
                 made_all = False
             except Exception as exc:
                 raise _translate(exc, f"adding rules for {len(part)} files on {rse}") from None
+            if (time.monotonic() - t0) / len(part) > RULE_SECONDS:
+                self.rules_per_request = max(10, self.rules_per_request // 2)
         return made_all
 
     def attach_bulk(self, dataset: tuple[str, str], scope: str, names: list[str]) -> bool:

@@ -77,6 +77,9 @@ def write_set(root: Path, sizes: list[int], tag: str, seed: int) -> list[Path]:
     return out
 
 
+CHUNK = {"size": 0}   # [upload] chunk_size for the worker; 0 = the tool's default
+
+
 def job_text(root: Path, prefix: str, files_per_batch: int, transfers: int,
              dataset: str = "") -> str:
     return f"""
@@ -95,7 +98,7 @@ rse = "{RSE}"
 prefix = "{prefix}"
 [upload]
 mode = "bulk"
-chunk_size = 500
+{f"chunk_size = {CHUNK['size']}" if CHUNK["size"] else ""}
 transfers = {transfers}
 [batching]
 files_per_batch = {files_per_batch}
@@ -164,7 +167,8 @@ def small_files(base: Path, n: int) -> None:
     print(f"   stock : {stock_s:7.2f} s  {n / stock_s:8.1f} files/s   "
           f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files>")
     print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   $ {' '.join(cmd[1:3])} "
-          "RUN --task 0   ([upload] transfers = 4, chunk_size = 500)")
+          "RUN --task 0   ([upload] transfers = 4, chunk_size = "
+          f"{CHUNK['size'] or 'default'})")
     print(f"   ratio : {stock_s / bulk_s:.1f}x the files/s of the stock client (target >= 20x)")
     print(f"   bulk into a dataset (one rule, on the dataset): {ds_s:.2f} s  {n / ds_s:.1f} "
           f"files/s = {stock_s / ds_s:.1f}x the stock client ([rucio] dataset set)")
@@ -279,11 +283,14 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[],
                     choices=["small", "large", "plan"], help="leave a part out")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-bench"))
+    ap.add_argument("--chunk-size", type=int, default=0,
+                    help="[upload] chunk_size for the worker (default: the tool's)")
     args = ap.parse_args()
     if args.small:
         args.files, args.big_files, args.big_size, args.plan_files = 30, 2, 8 * 2**20, 3000
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark acts as dacuser through runuser")
+    CHUNK["size"] = args.chunk_size
     base = args.dir
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,24 @@ def test_token_client_rereads_the_file_and_never_prompts(
     assert client._BaseClient__get_token_oidc() is False    # not renewed: CannotAuthenticate
     token.write_text("new\n")
     assert client._BaseClient__get_token_oidc() is True and client.auth_token == "new"
+
+
+def test_slow_rule_requests_get_smaller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that took too long per rule (SQLite's lock waits) halves the next ones."""
+    from dac_upload import rucio_io
+
+    sizes: list[int] = []
+
+    class SlowClient:
+        def add_replication_rule(self, dids: list[Any], *args: Any, **kw: Any) -> None:
+            sizes.append(len(dids))
+            clock[0] += len(dids) * (1.0 if len(dids) > 25 else 0.01)
+
+    clock = [0.0]
+    monkeypatch.setattr(rucio_io.time, "monotonic", lambda: clock[0])
+    rio = object.__new__(rucio_io.RucioIO)
+    rio.client, rio.rules_per_request = SlowClient(), 100
+    monkeypatch.setattr(rucio_io.RucioIO, "account", property(lambda self: "a"))
+    assert rio.add_rules("s", [f"n{i}" for i in range(300)], "R", None) is True
+    assert sizes == [100, 50, 25, 25, 25, 25, 25, 25]
+    assert sum(sizes) == 300
