@@ -229,6 +229,7 @@ def test_stop_signal_during_copies_registers_what_was_copied(
     registered and protected, the rest recorded not_attempted (stopped), exit 4."""
     import os
     import signal
+    import time
 
     layout, rio = job('chunk_size = 10\ntransfers = 1'), FakeBulk()
     real_put = rio.storage_obj.put
@@ -238,15 +239,15 @@ def test_stop_signal_during_copies_registers_what_was_copied(
         out = real_put(path, scope, name, size, adler32)
         if len(rio.storage_obj.puts) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.3)   # the handler runs in the main thread: let it, before going on
         return out
 
     rio.storage_obj.put = put_then_warn  # type: ignore[method-assign]
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 4
     recs = _recs(layout)
     done = sorted(n for n, r in recs.items() if r["status"] == "uploaded")
-    # the signal reaches the main thread a moment later: a copy in flight may finish
-    assert done == sorted(rio.storage_obj.puts) and 2 <= len(done) <= 3
+    assert done == sorted(rio.storage_obj.puts) and len(done) == 2
     assert all(n in rio.rules and n in rio.dids for n in done)
     rest = [r for r in recs.values() if r["status"] != "uploaded"]
-    assert len(rest) == 5 - len(done) and {r["cause"] for r in rest} == {"stopped"}
+    assert len(rest) == 3 and {r["cause"] for r in rest} == {"stopped"}
     assert read_json(layout.done_marker(0))["stopped"]
