@@ -315,15 +315,6 @@ class RucioIO:
     def preflight(self, scope: str, rse: str, dataset_scope: str | None = None) -> list[str]:
         """Problems that would make every upload fail, each one line with the fix. A server
         that cannot be reached raises RucioUnavailable instead (not the user's to fix)."""
-        try:
-            return self._preflight(scope, rse, dataset_scope)
-        except Exception as exc:
-            if _unreachable(exc):
-                raise RucioUnavailable(f"cannot reach the Rucio server {self.host}: "
-                                       f"{_describe(exc)}; try later") from None
-            raise
-
-    def _preflight(self, scope: str, rse: str, dataset_scope: str | None) -> list[str]:
         return [detail for _, ok, detail in self.checks(scope, rse, dataset_scope) if not ok]
 
     def checks(self, scope: str, rse: str, dataset_scope: str | None = None

@@ -22,6 +22,19 @@ def _no_rucio_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def proxy(tmp_path: Path) -> Path:
+    """A certificate valid for one day (openssl), mode 600, standing in for a proxy."""
+    import subprocess
+
+    cert = tmp_path / "x509up"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=test", "-keyout", str(tmp_path / "key"), "-out", str(cert)],
+                   check=True, capture_output=True)
+    cert.chmod(0o600)
+    return cert
+
+
+@pytest.fixture
 def make_job(tmp_path: Path) -> Callable[..., JobConfig]:
     """``make_job(files, source='include = [...]', ...)``: the tree ``tmp_path/data`` holding
     ``files`` (default one small file) and a loaded job file ``tmp_path/job.toml``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import configparser
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -182,12 +181,7 @@ def test_token_lifetime_from_a_jwt(tmp_path: Path) -> None:
     assert credentials.expiry_warning(c, 7200, "the array") is None
 
 
-def test_proxy_expiry_warning_names_the_renewal(tmp_path: Path) -> None:
-    proxy = tmp_path / "x509up"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=test", "-keyout", str(tmp_path / "key"), "-out", str(proxy)],
-                   check=True, capture_output=True)
-    proxy.chmod(0o600)
+def test_proxy_expiry_warning_names_the_renewal(tmp_path: Path, proxy: Path) -> None:
     c = _resolve(tmp_path, host="http://r", proxy=str(proxy))
     assert credentials.local_problems(c) == []
     assert credentials.expiry_warning(c, 12 * 3600, "the array") is None

@@ -120,17 +120,6 @@ def test_flock_probe_held_by_another_process_still_means_flock_works(tmp_path: P
         os.close(fd)
 
 
-@pytest.fixture
-def proxy(tmp_path: Path) -> Path:
-    """A certificate valid for one day (openssl), standing in for a proxy."""
-    cert = tmp_path / "x509up"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=test", "-keyout", str(tmp_path / "key"), "-out", str(cert)],
-                   check=True, capture_output=True)
-    cert.chmod(0o600)
-    return cert
-
-
 def test_proxy_lifetime_against_the_time_limit(tmp_path: Path, proxy: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     left = proxy_seconds_left(proxy)
