@@ -3,23 +3,28 @@
 Per chunk: every file is read once for adler32 and md5 (a thread pool); ONE request asks
 Rucio which names exist; the new files are copied onto the RSE by Rucio's own protocol layer
 (a bounded pool of concurrent copies, each verified at the destination); only then are they
-registered, in ONE request, as AVAILABLE replicas with the size and checksums just verified
-at the destination; then they are protected: a rule per file (requests of
-rucio_io.RULES_PER_REQUEST), or ONE request attaching them to the dataset, whose rule covers
-them. (Reading the replicas back once more cost a fifth of the task's time and checks
-nothing the registration request does not: it is not done.) Files already in Rucio with the
-same content are ``already_present``; a name in Rucio with other content is a ``conflict``,
-left alone.
+registered, in ONE request, as AVAILABLE replicas; ONE request reads them back (Rucio 41's
+registration skips a replica that already exists, in any state, without saying so: only the
+read-back shows that what is registered is ours); then they are protected: a rule per file
+(requests of rucio_io.RULES_PER_REQUEST), or ONE request attaching them to the dataset,
+whose rule covers them. Files already in Rucio with the same content are
+``already_present``; a name in Rucio with other content is a ``conflict``, left alone; a
+name with a replica on this RSE that is not AVAILABLE is left alone too.
 
 Crash safety: nothing is registered before its copy is verified on the RSE, so a task killed
 at any point leaves at worst copies nobody registered, or replicas without a rule. The next
-attempt finds both: a copy that matches is registered as it is (``repaired``), one that does
-not is an unregistered leftover and is overwritten; a replica without a rule gets one.
+attempt finds both: a copy that matches is registered as it is, one that does not is
+overwritten only after Rucio says, in that moment, that no replica of the name is on the
+RSE; a replica without a rule gets one.
+
+Records: each file's record says how far it got. A chunk whose registration or protection
+fails for good keeps what was decided before (conflicts, changed files, ...); its registered
+files are ``failed`` (registered but not protected: a resubmission protects them), the
+others ``not_attempted``.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,8 +43,9 @@ from .worker import (
     retrying,
 )
 
-# test-only: make the worker die between the copies and their registration (a crash)
-CRASH_AFTER_COPY = "DAC_UPLOAD_TEST_CRASH_AFTER_COPY"
+Record = dict[str, Any]
+# how far a record got, kept on it while its chunk is under way (removed before writing)
+_REGISTERED, _PROTECTED = "_registered", "_protected"
 
 
 class TaskAborted(Exception):
@@ -51,27 +57,29 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i:i + size]
 
 
-def bulk_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,
-                 abort: Callable[[str], None], aborted: Callable[[], str | None]
-                 ) -> Iterator[dict[str, Any]]:
+def bulk_records(rio: Any, s: Settings, todo: list[Record], stop: StopRequest,
+                 abort: Callable[[str], None], aborted: Callable[[], str | None],
+                 crash_after_copy: Callable[[], None] | None = None) -> Iterator[Record]:
     """Result records of ``todo`` in manifest order, chunk by chunk. ``abort(reason)`` stops
-    the task (the rest become not_attempted, cause aborted).
+    the task (the rest become not_attempted, cause aborted). ``crash_after_copy`` is the
+    tests' way to kill the task between its copies and their registration.
 
-    Every Rucio request goes through one thread (the "lane", in order; the client is not
-    shared between threads). While the lane registers and protects chunk N, this thread
+    Every Rucio request goes through one thread (the "lane", in order; the client is never
+    used by two threads). While the lane registers and protects chunk N, this thread
     checksums and copies chunk N+1, whose name lookup was queued before N's registration:
     the server and the storage work at the same time. Chunk N's records are written once
-    chunk N+1's copies are done (a task killed in between finds them already_present)."""
+    chunk N+1's copies are done (a task killed in between finds them already_present); after
+    a stop signal the next chunk is not read, so they are written at once."""
     parts = list(chunks(todo, s.chunk_size))
     with ThreadPoolExecutor(max_workers=s.transfers, thread_name_prefix="copy") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="rucio") as lane:
         storage = None
         lookups: dict[int, Future[Any]] = {}
-        back: tuple[Future[Any], list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        back: tuple[Future[Any], list[Record]] | None = None
         for i, chunk in enumerate(parts):
             if aborted() or stop.reason:
                 if back is not None:
-                    yield from _finish(back, s, abort)
+                    yield from _finish(back, s, abort, stop)
                     back = None
                 reason = aborted() or stop.reason or ""
                 yield from (not_attempted(s, e, reason, "aborted" if aborted() else "stopped")
@@ -83,58 +91,85 @@ def bulk_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRe
                                           stop, f"reading RSE {s.rse}").result()
                 if i not in lookups:
                     lookups[i] = _lookup(lane, rio, s, chunk, stop)
-                front = _front(rio, storage, s, chunk, stop, pool, lane, lookups.pop(i))
-                if i + 1 < len(parts):        # the next chunk's lookup goes ahead of our
-                    lookups[i + 1] = _lookup(lane, rio, s, parts[i + 1], stop)   # registration
-                fut = lane.submit(_back, rio, s, *front[1:], stop)
+                recs, copied, present = _front(rio, storage, s, chunk, stop, pool, lane,
+                                               lookups.pop(i))
+                if crash_after_copy is not None and copied:
+                    crash_after_copy()
+                if i + 1 < len(parts) and not stop.reason:   # the next chunk's lookup goes
+                    lookups[i + 1] = _lookup(lane, rio, s, parts[i + 1], stop)   # ahead
+                fut = lane.submit(_back, rio, s, copied, present, stop)
             except Exception as exc:
                 if back is not None:
-                    yield from _finish(back, s, abort)
+                    yield from _finish(back, s, abort, stop)
                     back = None
-                abort(_why(exc))
-                yield from (not_attempted(s, e, aborted() or "", "aborted") for e in chunk)
+                reason, cause = _ended(exc, stop, abort)
+                yield from (not_attempted(s, e, reason, cause) for e in chunk)
                 continue
             if back is not None:
-                yield from _finish(back, s, abort)
-            back = (fut, front[0], chunk)
+                yield from _finish(back, s, abort, stop)
+            back = (fut, recs)
         if back is not None:
-            yield from _finish(back, s, abort)
+            yield from _finish(back, s, abort, stop)
 
 
-def _why(exc: BaseException) -> str:
+def _ended(exc: BaseException, stop: StopRequest, abort: Callable[[str], None]
+           ) -> tuple[str, str]:
+    """(reason, cause) for files a failed step leaves undone: stopped when a stop signal
+    came meanwhile (Slurm's warning during a retry), else the task is aborted."""
     from .rucio_io import RucioFatal
 
+    if stop.reason:
+        return stop.reason, "stopped"
     if isinstance(exc, (RucioFatal, TaskAborted)):
-        return str(exc)
-    return f"internal error {type(exc).__name__}: {exc}"   # a bug: stop, say why once
+        reason = str(exc)
+    else:
+        reason = f"internal error {type(exc).__name__}: {exc}"   # a bug: say why once
+    abort(reason)
+    return reason, "aborted"
 
 
-def _finish(back: tuple[Future[Any], list[dict[str, Any]], list[dict[str, Any]]],
-            s: Settings, abort: Callable[[str], None]) -> Iterator[dict[str, Any]]:
-    """The records of a chunk whose registration ran in the lane."""
-    fut, recs, chunk = back
+def _finish(back: tuple[Future[Any], list[Record]], s: Settings,
+            abort: Callable[[str], None], stop: StopRequest) -> Iterator[Record]:
+    """The records of a chunk whose registration ran in the lane, each as far as it got."""
+    fut, recs = back
     try:
         fut.result()
-    except Exception as exc:      # registration failed for good: the copies stay unregistered
-        abort(_why(exc))          # (the next attempt finds them), the chunk is not done
-        yield from (not_attempted(s, e, _why(exc), "aborted") for e in chunk)
-        return
+    except Exception as exc:
+        reason, cause = _ended(exc, stop, abort)
+        for r in recs:
+            if r.get(_REGISTERED) and not r.get(_PROTECTED):
+                r.update(status=FAILED, cause="rucio", error=(
+                    f"registered but not protected ({reason}); a resubmission adds the rule"))
+            elif r["status"] is None:
+                r.update(status=NOT_ATTEMPTED, cause=cause,
+                         error=f"task stopped before registering this file: {reason}")
+            elif r["status"] == ALREADY_PRESENT and not r.get(_PROTECTED):
+                r.update(status=FAILED, cause="rucio", error=(
+                    f"already present, but its rule or dataset attachment was not checked "
+                    f"({reason}); a resubmission does it"))
+    for r in recs:
+        for key in (_REGISTERED, _PROTECTED, "had_did"):
+            r.pop(key, None)
     yield from recs
 
 
-def _lookup(lane: ThreadPoolExecutor, rio: Any, s: Settings, chunk: list[dict[str, Any]],
+def _lookup(lane: ThreadPoolExecutor, rio: Any, s: Settings, chunk: list[Record],
             stop: StopRequest) -> Future[Any]:
     names = [e["name"] for e in chunk]
     return lane.submit(retrying, lambda: rio.dids_bulk(s.scope, names), s, stop,
                        "looking up names", True)
 
 
-def _front(rio: Any, storage: Any, s: Settings, chunk: list[dict[str, Any]],
-           stop: StopRequest, pool: ThreadPoolExecutor, lane: ThreadPoolExecutor,
-           lookup: Future[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
-                                          list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read, ask, copy: (records of the chunk, copied, present, had_did)."""
-    recs = list(pool.map(lambda e: local_record(s, e), chunk))
+def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopRequest,
+           pool: ThreadPoolExecutor, lane: ThreadPoolExecutor, lookup: Future[Any]
+           ) -> tuple[list[Record], list[Record], list[Record]]:
+    """Read, ask, copy: (records of the chunk, copied, present)."""
+    def local(e: Record) -> Record:
+        if stop.reason:                  # a stop signal: do not read the rest of the chunk
+            return not_attempted(s, e, stop.reason, "stopped")
+        return local_record(s, e)
+
+    recs = list(pool.map(local, chunk))
     pending = [r for r in recs if r["status"] is None]
     existing = lookup.result()
     maybe_present, to_copy = [], []
@@ -150,112 +185,170 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[dict[str, Any]],
         else:
             r["guid"] = did.guid
             maybe_present.append(r)
-    present, had_did = [], []
+    present = []
     if maybe_present:
         names = [r["name"] for r in maybe_present]
         reps = lane.submit(retrying, lambda: rio.replicas_bulk(s.scope, names, s.rse), s, stop,
                            "listing replicas", True).result()
         for r in maybe_present:
             rep = reps.get(r["name"])
-            if rep is not None and rep.state == "AVAILABLE":
+            if rep is None:              # the name exists elsewhere: add our copy here
+                r["had_did"] = True
+                to_copy.append(r)
+            elif rep.state == "AVAILABLE":
                 r.update(status=ALREADY_PRESENT, pfn=rep.pfn)
                 present.append(r)
-            else:               # the name exists (elsewhere): add our copy as a replica
-                had_did.append(r)
-                to_copy.append(r)
-    copied = _copy_all(storage, s, to_copy, stop, pool)
-    if os.environ.get(CRASH_AFTER_COPY) and copied:
-        os._exit(137)        # test hook: as if killed after the copies, before registering
-    return recs, copied, present, had_did
+            else:                        # Rucio knows a replica here: never touch its bytes
+                r.update(status=FAILED, cause="rucio", error=(
+                    f"a replica of {s.scope}:{r['name']} on {s.rse} is {rep.state}, not "
+                    "AVAILABLE: left alone, not overwritten; resubmit once Rucio has settled "
+                    "it, or ask the RSE's admins"))
+
+    def no_replica_here(name: str) -> bool:
+        """Asked (in the lane, at that moment) before a different copy at the name's PFN is
+        overwritten: only an unregistered leftover may be."""
+        reps = lane.submit(retrying, lambda: rio.replicas_bulk(s.scope, [name], s.rse), s,
+                           stop, "listing replicas", True).result()
+        return name not in reps
+
+    copied = _copy_all(storage, s, to_copy, stop, pool, no_replica_here)
+    return recs, copied, present
 
 
-def _back(rio: Any, s: Settings, copied: list[dict[str, Any]], present: list[dict[str, Any]],
-          had_did: list[dict[str, Any]], stop: StopRequest) -> None:
-    """Register, then protect (in the lane). Raises RucioFatal / TaskAborted to stop."""
+def _back(rio: Any, s: Settings, copied: list[Record], present: list[Record],
+          stop: StopRequest) -> None:
+    """Register, read back, then protect (in the lane). Raises RucioFatal / TaskAborted to
+    stop; each record says how far it got."""
     from .rucio_io import RucioFileError, RucioTransient
 
     for r in copied:
-        if r not in had_did:
+        if not r.get("had_did"):
             r["guid"] = uuid.uuid4().hex
     try:
         retrying(lambda: rio.add_replicas(s.rse, s.scope, _replica_rows(copied)), s, stop,
                  "registering replicas", transient_too=True)
-    except RucioFileError:   # one of them refused (a name registered meanwhile): one by one
-        for r in list(copied):
+    except RucioFileError:   # one of them refused: one by one
+        for r in copied:
             try:
                 rio.add_replicas(s.rse, s.scope, _replica_rows([r]))
             except RucioTransient as exc:
                 raise TaskAborted(f"the Rucio server keeps failing: {exc}") from None
             except RucioFileError as exc:
                 r.update(status=FAILED, cause="rucio", error=f"copied but not registered: {exc}")
-                copied.remove(r)
-    registered = [r for r in copied if r["status"] is None]
-    _protect(rio, s, registered, present, had_did, stop)
-    for r in registered:
-        if r["status"] is None:
+    copied = [r for r in copied if r["status"] is None]
+    names = [r["name"] for r in copied]
+    reps = retrying(lambda: rio.replicas_bulk(s.scope, names, s.rse), s, stop,
+                    "checking replicas", transient_too=True) if names else {}
+    for r in copied:
+        rep = reps.get(r["name"])
+        if rep is None or rep.state != "AVAILABLE":
+            r.update(status=FAILED, cause="verify", error=(
+                f"registered but the replica on {s.rse} is "
+                f"{rep.state if rep else 'missing'}, not AVAILABLE"))
+        elif (rep.adler32 or "").lower().zfill(8) != r["adler32"] or rep.bytes != r["bytes"]:
+            r.update(status=FAILED, cause="verify", error=(
+                f"Rucio's replica has bytes {rep.bytes} adler32 {rep.adler32}, the file "
+                f"{r['bytes']} {r['adler32']}: it is not ours (registered meanwhile by "
+                "someone else?); left alone"))
+        else:
+            r[_REGISTERED] = True
+            r["pfn"] = rep.pfn or r["pfn"]
+    _protect(rio, s, [r for r in copied if r.get(_REGISTERED)], present, stop)
+    for r in copied:
+        if r.get(_PROTECTED):
             r["status"] = UPLOADED
 
 
-def _replica_rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _replica_rows(recs: list[Record]) -> list[Record]:
     return [{"name": r["name"], "bytes": r["bytes"], "adler32": r["adler32"], "md5": r["md5"],
-             "pfn": r["pfn"], "guid": r["guid"]} for r in recs]
+             "pfn": r["pfn"], "guid": None if r.get("had_did") else r["guid"]} for r in recs]
 
 
-def _copy_all(storage: Any, s: Settings, recs: list[dict[str, Any]], stop: StopRequest,
-              pool: ThreadPoolExecutor) -> list[dict[str, Any]]:
-    """Copy concurrently; the records whose copy is verified on the RSE (pfn set)."""
+def _copy_all(storage: Any, s: Settings, recs: list[Record], stop: StopRequest,
+              pool: ThreadPoolExecutor, may_replace: Callable[[str], bool]) -> list[Record]:
+    """Copy concurrently (a storage that fails transiently is tried again like the server);
+    the records whose copy is verified on the RSE (pfn set)."""
     from .rucio_io import RucioFatal, RucioFileError, RucioTransient
+    from .worker import _pause
 
-    def one(r: dict[str, Any]) -> dict[str, Any]:
-        if stop.reason:
-            r.update(status=NOT_ATTEMPTED, cause="stopped",
-                     error=f"task stopped before this file: {stop.reason}")
-            return r
-        try:
-            r["pfn"], how = storage.put(s.root / r["relpath"], s.scope, r["name"], r["bytes"],
-                                        r["adler32"])
-            if how != "copied":
-                r["note"] = ("registered the verified copy an earlier attempt left on the RSE"
-                             if how == "found" else
-                             "replaced an unregistered copy with other content on the RSE")
-        except RucioFatal:
-            raise
-        except RucioTransient as exc:
-            r.update(status=FAILED, cause="transient", error=str(exc))
-        except RucioFileError as exc:
-            cause = "verify" if "does not match" in str(exc) else "rucio"
-            r.update(status=FAILED, cause=cause, error=str(exc))
+    def one(r: Record) -> Record:
+        for i in range(s.retries + 1):
+            if stop.reason:
+                r.update(status=NOT_ATTEMPTED, cause="stopped",
+                         error=f"task stopped before this file: {stop.reason}")
+                return r
+            try:
+                r["pfn"], how = storage.put(s.root / r["relpath"], s.scope, r["name"],
+                                            r["bytes"], r["adler32"],
+                                            lambda: may_replace(r["name"]))
+                if how != "copied":
+                    r["note"] = ("registered the verified copy an earlier attempt left on "
+                                 "the RSE" if how == "found" else
+                                 "replaced an unregistered copy with other content on the RSE")
+                return r
+            except RucioFatal:
+                raise
+            except RucioTransient as exc:
+                if i == s.retries:
+                    r.update(status=FAILED, cause="transient", error=str(exc))
+                    return r
+                _pause(s, stop, i, f"copying {s.scope}:{r['name']}", str(exc))
+            except RucioFileError as exc:
+                cause = "verify" if "does not match" in str(exc) else "rucio"
+                r.update(status=FAILED, cause=cause, error=str(exc))
+                return r
         return r
 
     done = list(pool.map(one, recs))
     return [r for r in done if r["status"] is None]
 
 
-def _protect(rio: Any, s: Settings, registered: list[dict[str, Any]],
-             present: list[dict[str, Any]], had_did: list[dict[str, Any]],
+def _protect(rio: Any, s: Settings, registered: list[Record], present: list[Record],
              stop: StopRequest) -> None:
     """A dataset's rule covers what is attached to it; otherwise each file gets a rule on
-    the RSE (in bulk; file by file only for names that may have one already)."""
+    the RSE (in bulk; file by file for names that may have one already, or when a bulk
+    request fails). A file that cannot be protected fails alone."""
     from .rucio_io import RucioFileError
 
-    new = [r for r in registered if r not in had_did]
-    older = present + [r for r in registered if r in had_did]
-    try:
-        if s.dataset:
-            names = [r["name"] for r in new + older]
-            if not retrying(lambda: rio.attach_bulk(s.dataset, s.scope, names), s, stop,
-                            "attaching to the dataset", transient_too=True):
-                for r in new + older:
-                    rio.attach(s.dataset, s.scope, r["name"])
+    new = [r for r in registered if not r.get("had_did")]
+    older = present + [r for r in registered if r.get("had_did")]
+
+    def each(recs: list[Record], call: Callable[[Record], Any]) -> None:
+        for r in recs:
+            try:
+                call(r)
+                r[_PROTECTED] = True
+            except RucioFileError as exc:
+                r.update(status=FAILED, cause="rucio", error=(
+                    f"registered but not protected ({exc}); a resubmission adds the rule"
+                    if r["status"] is None else
+                    f"already present, but not protected ({exc}); a resubmission does it"))
+
+    def bulk(recs: list[Record], call: Callable[[list[str]], bool],
+             one: Callable[[Record], Any], what: str) -> None:
+        if not recs:
             return
-        retrying(lambda: rio.add_rules(s.scope, [r["name"] for r in new], s.rse, s.lifetime),
-                 s, stop, "adding rules", transient_too=True)
-        if older and not retrying(lambda: rio.add_rules(
-                s.scope, [r["name"] for r in older], s.rse, s.lifetime), s, stop,
-                "adding rules", transient_too=True):
-            for r in older:          # a crash between replica and rule must not leave it bare
-                rio.ensure_rule(s.scope, r["name"], s.rse, s.lifetime)
-    except RucioFileError as exc:
-        for r in new + older:
-            r.update(status=FAILED, cause="rucio", error=(
-                f"registered but not protected ({exc}); a resubmission adds the rule"))
+        try:
+            done = retrying(lambda: call([r["name"] for r in recs]), s, stop, what,
+                            transient_too=True)
+        except RucioFileError:
+            done = False
+        if done:
+            for r in recs:
+                r[_PROTECTED] = True
+        else:
+            each(recs, one)
+
+    if s.dataset:
+        ds = s.dataset
+        bulk(new + older, lambda names: rio.attach_bulk(ds, s.scope, names),
+             lambda r: rio.attach(ds, s.scope, r["name"]), "attaching to the dataset")
+        return
+
+    def rule(r: Record) -> Any:
+        return rio.ensure_rule(s.scope, r["name"], s.rse, s.lifetime)
+
+    bulk(new, lambda names: rio.add_rules(s.scope, names, s.rse, s.lifetime), rule,
+         "adding rules")
+    bulk(older, lambda names: rio.add_rules(s.scope, names, s.rse, s.lifetime), rule,
+         "adding rules")

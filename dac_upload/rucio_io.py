@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import requests
 import rucio.version
@@ -462,7 +462,7 @@ class RucioIO:
             return
         body = [{"scope": scope, "name": f["name"], "bytes": f["bytes"],
                  "adler32": f["adler32"], "md5": f["md5"], "pfn": f["pfn"], "state": "A",
-                 "meta": {"guid": f["guid"]}} for f in files]
+                 **({"meta": {"guid": f["guid"]}} if f.get("guid") else {})} for f in files]
         try:
             self.client.add_replicas(rse=rse, files=body)
         except Exception as exc:
@@ -515,6 +515,11 @@ class RucioIO:
             settings = rsemanager.get_rse_info(rse, vo=self.client.vo)
         except Exception as exc:
             raise _translate(exc, f"reading the description of RSE {rse}") from None
+        why = ("is not deterministic" if not settings.get("deterministic", True) else
+               "is reached through signed URLs" if settings.get("sign_url") else None)
+        if why:
+            raise RucioFatal(f"RSE {rse} {why}: the bulk path cannot write it; set [upload] "
+                             "mode = \"stock\"")
         return Storage(settings, rename, self.client)
 
     def guid(self, scope: str, name: str) -> str | None:
@@ -677,12 +682,13 @@ class Storage:
         pfns = self._protocol().lfns2pfns({"scope": scope, "name": name})
         return str(next(iter(pfns.values())))
 
-    def put(self, path: Path, scope: str, name: str, size: int, adler32: str
-            ) -> tuple[str, str]:
+    def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
+            may_replace: Callable[[], bool]) -> tuple[str, str]:
         """Copy ``path`` to its PFN and check the copy there; (pfn, how): "copied",
         "found" (a verified copy of these bytes was already there, left by an attempt that
         died before registering it: registered as it is), or "replaced" (what was there
-        differed: an unregistered leftover, overwritten). Raises RucioFileError."""
+        differed and ``may_replace()`` said no replica of the name is registered on the
+        RSE: an unregistered leftover, overwritten). Raises RucioFileError."""
         try:
             proto = self._protocol()
             pfn = self.pfn(scope, name)
@@ -690,6 +696,9 @@ class Storage:
             if proto.exists(pfn):
                 if self._matches(proto, pfn, size, adler32):
                     return pfn, "found"
+                if not may_replace():
+                    raise RucioFileError(f"other bytes are at {pfn} and Rucio now has a "
+                                         "replica of that name there: left alone")
                 self._protocol("delete").delete(pfn)
                 how = "replaced"
             target = f"{pfn}.rucio.upload" if self.renames else pfn
@@ -716,13 +725,15 @@ class Storage:
             st = {}
         except rexc.RSEChecksumUnavailable:
             st = {}
-        if "adler32" in st:
+        stat_size = int(st["filesize"]) if st.get("filesize") is not None else None
+        if "adler32" in st:   # gfal, xrootd, ... give the size as a string
             return str(st["adler32"]).lower().zfill(8) == adler32 and \
-                st.get("filesize", size) == size
+                stat_size in (None, size)
         if self.verify_checksum:
             raise RucioFileError(f"the RSE gives no checksum for {pfn}: cannot verify the copy "
-                                 "(set verify_checksum on the RSE, or use upload_mode stock)")
-        return st.get("filesize") == size
+                                 "(set verify_checksum on the RSE, or [upload] mode = "
+                                 "\"stock\")")
+        return stat_size == size
 
 
 def _quiet_log(level: int, msg: str, *args: Any) -> None:

@@ -47,6 +47,11 @@ EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
 EXIT_STOPPED = 4  # asked to stop (wall time near): resubmit finishes the rest
 
+# Tests only: a bulk task of the run whose id this variable holds dies (exit 137) between
+# its copies and their registration, as if killed. Naming the run keeps it from ever
+# touching another run, whatever the environment carries.
+CRASH_AFTER_COPY = "DAC_UPLOAD_TEST_CRASH_AFTER_COPY"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -234,7 +239,9 @@ def run_task(run_dir: Path, task: int,
                         if done == "exists" and settings.lifetime else ""))
         except Exception as exc:
             aborted = str(exc)
-        state = {"aborted": aborted}
+        state: dict[str, Any] = {"aborted": aborted}
+        if os.environ.get(CRASH_AFTER_COPY) == run.get("run_id"):   # the tests' crash
+            state["crash_after_copy"] = lambda: os._exit(137)
         records = (_stock_records(rio, settings, todo, stop, state)
                    if settings.mode == "stock" or rio is None else
                    _bulk(rio, settings, todo, stop, state))
@@ -301,7 +308,8 @@ def _bulk(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,
     def abort(reason: str) -> None:
         state["aborted"] = reason
 
-    yield from bulk_records(rio, s, todo, stop, abort, lambda: state["aborted"])
+    yield from bulk_records(rio, s, todo, stop, abort, lambda: state["aborted"],
+                            state.get("crash_after_copy"))
 
 
 class StopRequest:

@@ -6,6 +6,7 @@ file registered exactly once and nothing left on the RSE that Rucio does not kno
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,14 @@ def test_crash_between_copies_and_registration_is_repaired(workdir: Path,
     prefix = unique_prefix()
     job = write_job(workdir, "crash", job_toml(prefix, files_per_batch=30, max_running=1,
                                                upload="chunk_size = 10"))
-    proc = dac_upload(["submit", str(job)], cwd=workdir,
-                      DAC_UPLOAD_TEST_CRASH_AFTER_COPY="1")   # sbatch --export=ALL passes it
+    planned = dac_upload(["plan", str(job)], cwd=workdir)
+    assert planned.returncode == 0, planned.stderr
+    run_dir = run_dir_of(planned.stdout)
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    # the test hook names the run it applies to (sbatch --export=ALL passes it on)
+    proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir,
+                      DAC_UPLOAD_TEST_CRASH_AFTER_COPY=run_id)
     assert proc.returncode == 0, proc.stderr
-    run_dir = run_dir_of(proc.stdout)
     wait_for_jobs(list(parse_submitted(proc.stdout)))
     # the task died after copying its first chunk: copies on the RSE, nothing registered
     copies = _on_rse(prefix)

@@ -32,17 +32,31 @@ def _adler(data: bytes) -> str:
 
 
 class FakeStorage:
+    """The RSE's disk: name -> bytes. ``leftover`` puts other bytes at a name's PFN first."""
+
     def __init__(self, rio: FakeBulk) -> None:
         self.rio = rio
         self.puts: list[str] = []
+        self.leftover: dict[str, bytes] = {}
+        self.replace_asked: list[str] = []
 
-    def put(self, path: Path, scope: str, name: str, size: int, adler32: str
-            ) -> tuple[str, str]:
+    def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
+            may_replace: Callable[[], bool]) -> tuple[str, str]:
         if name in self.rio.put_errors:
             raise self.rio.put_errors[name]
+        data = Path(path).read_bytes()
+        how = "copied"
+        if name in self.leftover:
+            if self.leftover[name] == data:
+                how = "found"
+            else:
+                self.replace_asked.append(name)
+                if not may_replace():
+                    raise RucioFileError("other bytes are there and Rucio has a replica")
+                how = "replaced"
         self.puts.append(name)
-        self.rio.on_disk[name] = Path(path).read_bytes()
-        return f"file:///rse/{name}", self.rio.put_how.get(name, "copied")
+        self.rio.on_disk[name] = data
+        return f"file:///rse/{name}", self.rio.put_how.get(name, how)
 
 
 class FakeBulk:
@@ -91,17 +105,21 @@ class FakeBulk:
         return {n: self.replicas[n] for n in names if n in self.replicas}
 
     def add_replicas(self, rse: str, scope: str, files: list[dict[str, Any]]) -> None:
+        """As Rucio 41: an existing DID is not compared, an existing replica (any state)
+        is skipped, and neither is an error."""
         self.calls.append(("add_replicas", len(files)))
         self._maybe_fail("add_replicas")
         for f in files:
             assert f["guid"] or f["name"] in self.dids
             if f["name"] not in self.dids:
                 self.dids[f["name"]] = DidInfo(f["bytes"], f["adler32"], f["md5"], f["guid"])
-            self.replicas[f["name"]] = ReplicaInfo("AVAILABLE", f["pfn"], f["bytes"],
-                                                   f["adler32"])
+            if f["name"] not in self.replicas:
+                self.replicas[f["name"]] = ReplicaInfo("AVAILABLE", f["pfn"], f["bytes"],
+                                                       f["adler32"])
 
     def add_rules(self, scope: str, names: list[str], rse: str, lifetime: int | None) -> bool:
         self.calls.append(("add_rules", len(names)))
+        self._maybe_fail("add_rules")
         if any(n in self.rules for n in names):
             return False
         self.rules.update(names)
@@ -133,7 +151,7 @@ def _recs(layout: RunLayout) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in read_jsonl(layout.result(0))}
 
 
-def test_new_files_cost_three_requests_per_chunk(job: Callable[..., RunLayout]) -> None:
+def test_new_files_cost_four_requests_per_chunk(job: Callable[..., RunLayout]) -> None:
     layout, rio = job(), FakeBulk()
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
     recs = _recs(layout)
@@ -144,11 +162,11 @@ def test_new_files_cost_three_requests_per_chunk(job: Callable[..., RunLayout]) 
                                                         hashlib.md5(data).hexdigest())
         assert r["pfn"] == f"file:///rse/{name}" and len(r["guid"]) == 32
         assert rio.on_disk[name] == data and name in rio.rules
-    # 5 files in chunks of 2: 3 chunks x (lookup, register, rules), each chunk's lookup
-    # queued ahead of the previous chunk's registration (they overlap its copies)
-    assert [c for c, _ in rio.calls] == [
-        "storage", "dids_bulk", "dids_bulk", "add_replicas", "add_rules", "dids_bulk",
-        "add_replicas", "add_rules", "add_replicas", "add_rules"]
+    # 5 files in chunks of 2: 3 chunks x (lookup, register, read back, rules), each chunk's
+    # lookup queued ahead of the previous chunk's registration (they overlap its copies)
+    back = ["add_replicas", "replicas_bulk", "add_rules"]
+    assert [c for c, _ in rio.calls] == ["storage", "dids_bulk", "dids_bulk", *back,
+                                         "dids_bulk", *back, *back]
     assert [n for c, n in rio.calls if c == "add_replicas"] == [2, 2, 1]
     assert read_json(layout.done_marker(0))["uploaded"] == 5
 
@@ -217,7 +235,7 @@ def test_resubmission_registers_what_a_crash_left_on_the_rse(
     """A first attempt died after its copies (no records); the next finds the copies (the
     fake RSE says 'found') and registers them once."""
     layout, rio = job('chunk_size = 10'), FakeBulk()
-    rio.put_how = {n: "found" for n in CONTENT}
+    rio.storage_obj.leftover = dict(CONTENT)
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
     assert [n for c, n in rio.calls if c == "add_replicas"] == [5]
     assert {r["status"] for r in _recs(layout).values()} == {"uploaded"}
@@ -234,9 +252,9 @@ def test_stop_signal_during_copies_registers_what_was_copied(
     layout, rio = job('chunk_size = 10\ntransfers = 1'), FakeBulk()
     real_put = rio.storage_obj.put
 
-    def put_then_warn(path: Path, scope: str, name: str, size: int, adler32: str
-                      ) -> tuple[str, str]:
-        out = real_put(path, scope, name, size, adler32)
+    def put_then_warn(path: Path, scope: str, name: str, size: int, adler32: str,
+                      may_replace: Callable[[], bool]) -> tuple[str, str]:
+        out = real_put(path, scope, name, size, adler32, may_replace)
         if len(rio.storage_obj.puts) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.3)   # the handler runs in the main thread: let it, before going on
@@ -251,3 +269,67 @@ def test_stop_signal_during_copies_registers_what_was_copied(
     rest = [r for r in recs.values() if r["status"] != "uploaded"]
     assert len(rest) == 3 and {r["cause"] for r in rest} == {"stopped"}
     assert read_json(layout.done_marker(0))["stopped"]
+
+
+def test_replica_here_not_available_is_left_alone(job: Callable[..., RunLayout]) -> None:
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    rio.add_existing("f1.dat", CONTENT["f1.dat"])
+    rio.replicas["f1.dat"] = ReplicaInfo("UNAVAILABLE", "file:///rse/f1.dat", 11, "x")
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
+    rec = _recs(layout)["f1.dat"]
+    assert rec["cause"] == "rucio" and "is UNAVAILABLE, not AVAILABLE: left alone" in rec["error"]
+    assert "f1.dat" not in rio.storage_obj.puts
+
+
+def test_name_registered_meanwhile_by_someone_else_is_not_ours(
+        job: Callable[..., RunLayout]) -> None:
+    """Between our lookup and our registration another run registered the name with other
+    content: Rucio skips our replica silently; the read-back says it is not ours."""
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    real_put = rio.storage_obj.put
+
+    def put_racing(path: Path, scope: str, name: str, size: int, adler32: str,
+                   may_replace: Callable[[], bool]) -> tuple[str, str]:
+        if name == "f2.dat":
+            rio.add_existing("f2.dat", b"someone else's bytes")
+        return real_put(path, scope, name, size, adler32, may_replace)
+
+    rio.storage_obj.put = put_racing  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
+    rec = _recs(layout)["f2.dat"]
+    assert rec["cause"] == "verify" and "it is not ours" in rec["error"]
+    assert "f2.dat" not in rio.rules
+
+
+def test_leftover_with_other_bytes_replaced_only_without_a_replica(
+        job: Callable[..., RunLayout]) -> None:
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    rio.storage_obj.leftover = {"f0.dat": b"partial", "f1.dat": b"someone's"}
+    real_replicas = rio.replicas_bulk
+
+    def replicas(scope: str, names: list[str], rse: str) -> dict[str, ReplicaInfo]:
+        if names == ["f1.dat"]:        # the fresh check before overwriting f1's PFN
+            return {"f1.dat": ReplicaInfo("COPYING", "file:///rse/f1.dat", 9, "x")}
+        return real_replicas(scope, names, rse)
+
+    rio.replicas_bulk = replicas  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
+    recs = _recs(layout)
+    assert sorted(rio.storage_obj.replace_asked) == ["f0.dat", "f1.dat"]
+    assert recs["f0.dat"]["status"] == "uploaded"
+    assert recs["f1.dat"]["status"] == "failed" and "has a replica" in recs["f1.dat"]["error"]
+
+
+def test_fatal_error_after_registration_keeps_what_each_file_got_to(
+        job: Callable[..., RunLayout]) -> None:
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    rio.add_existing("f0.dat", b"other")                         # a conflict
+    rio.fail["add_rules"] = [RucioFatal("InsufficientAccountLimit: none left")]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 3
+    recs = _recs(layout)
+    assert recs["f0.dat"]["cause"] == "conflict"                 # decided before: kept
+    for name in ("f1.dat", "f2.dat", "f3.dat", "f4.dat"):
+        assert recs[name]["status"] == "failed" and recs[name]["cause"] == "rucio"
+        assert recs[name]["error"].startswith("registered but not protected "
+                                              "(InsufficientAccountLimit: none left)")
+        assert "had_did" not in recs[name] and "_registered" not in recs[name]
