@@ -9,21 +9,24 @@ Butler datastores made with ``-t symlink`` consist of such links), listed as ski
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .config import SourceConfig
-from .files import atomic_write_jsonl, read_jsonl
+from .files import atomic_write_lines, read_jsonl
 from .naming import dir_pruned, glob_regex
 from .progress import Progress
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """One catalogued file. A named tuple, not a dataclass: a million of them are held at
+    once (about 100 bytes less each, and quicker to make)."""
+
     relpath: str
     size: int
     mtime: float
@@ -183,8 +186,11 @@ def _printable(rel: str) -> str:
 
 # ----------------------------------------------------------------------------- catalogue file
 def write_catalogue(path: Path, entries: list[Entry]) -> None:
-    atomic_write_jsonl(path, ({"relpath": e.relpath, "size": e.size, "mtime": e.mtime}
-                              for e in entries))
+    """One JSON object a line, as json.dumps(sort_keys=True) writes them, built with the C
+    string encoder instead of a json.dumps call per line (a third of plan's time at 1M)."""
+    quote = json.encoder.encode_basestring   # type: ignore[attr-defined]
+    atomic_write_lines(path, (f'{{"mtime": {e.mtime!r}, "relpath": {quote(e.relpath)}, '
+                              f'"size": {e.size}}}\n' for e in entries))
 
 
 def read_catalogue(path: Path) -> list[Entry]:

@@ -15,7 +15,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 
 def _current_umask() -> int:
@@ -27,13 +27,15 @@ def _current_umask() -> int:
 _UMASK = _current_umask()  # honoured like open() would: group-writable sites stay so
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
-    """Write ``data`` to ``path`` atomically (same-directory temp file, fsync, rename)."""
+def _atomic_write(path: Path, mode: int, write: Callable[[IO[Any]], None],
+                  text: bool) -> None:
+    """``write(handle)`` into a same-directory temp file, fsync, rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with (os.fdopen(fd, "w", encoding="utf-8", newline="") if text
+              else os.fdopen(fd, "wb")) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode & ~_UMASK)
@@ -42,6 +44,17 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` atomically (same-directory temp file, fsync, rename)."""
+    _atomic_write(path, mode, lambda handle: handle.write(data), text=False)
+
+
+def atomic_write_lines(path: Path, lines: Iterable[str], mode: int = 0o666) -> None:
+    """Write text lines (each ending in a newline) atomically, streamed: a catalogue of a
+    million lines is never held as one string."""
+    _atomic_write(path, mode, lambda handle: handle.writelines(lines), text=True)
 
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o666) -> None:
@@ -57,8 +70,8 @@ def atomic_write_json(path: Path, obj: Any, mode: int = 0o666, pretty: bool = Tr
 
 
 def atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_lines(path, (json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n"
+                              for r in records))
 
 
 def utc_now() -> str:

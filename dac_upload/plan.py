@@ -9,14 +9,16 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .catalogue import Entry, Problem
 from .config import NamingConfig
 from .naming import make_name, name_problem
 
 
-@dataclass(frozen=True)
-class PlannedFile:
+class PlannedFile(NamedTuple):
+    """A catalogued file with its Rucio name (a named tuple: a million are held at once)."""
+
     relpath: str
     name: str
     size: int

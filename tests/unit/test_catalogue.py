@@ -241,3 +241,17 @@ def test_empty_catalogue_round_trip(tmp_path: Path) -> None:
     write_catalogue(path, [])
     assert path.read_bytes() == b""
     assert read_catalogue(path) == []
+
+
+def test_catalogue_lines_are_what_json_dumps_writes(tmp_path: Path) -> None:
+    """The fast writer must write byte for byte what json.dumps(sort_keys=True) would."""
+    import json
+
+
+    entries = [Entry('quo"te\\\\back\\tslash/ü ñ.fits', 0, 1700000000.123456789),
+               Entry("plain.fits", 12345678901, 1.0), Entry("x\x01y", 7, 0.5)]
+    path = tmp_path / "catalogue.jsonl"
+    write_catalogue(path, entries)
+    expected = "".join(json.dumps({"relpath": e.relpath, "size": e.size, "mtime": e.mtime},
+                                  sort_keys=True, ensure_ascii=False) + "\n" for e in entries)
+    assert path.read_text(encoding="utf-8") == expected
