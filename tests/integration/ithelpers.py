@@ -134,8 +134,18 @@ def run_dir_of(stdout: str) -> Path:
     raise AssertionError(f"no run directory in:\n{stdout}")
 
 
+SUMMARY_SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "summary.schema.json"
+
+
 def load_summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "summary.json").read_text())
+    """The run's summary.json, validated against docs/summary.schema.json (every summary the
+    integration layer reads goes through here)."""
+    import jsonschema
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    jsonschema.validate(summary, json.loads(SUMMARY_SCHEMA.read_text()),
+                        cls=jsonschema.Draft202012Validator)
+    return summary
 
 
 def job_toml(prefix: str, *, include: str = "**/*", scope: str = SCOPE, rse: str = RSE,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from unit_helpers import assert_valid_summary
 
 from dac_upload import __version__
 from dac_upload.collect import build_summary, collect, merge_records, records_so_far
@@ -17,12 +18,18 @@ FILE_FIELDS = {"scope", "name", "bytes", "adler32", "md5", "rse", "pfn", "guid",
                "relpath", "batch", "attempt", "status", "cause", "error"}
 
 
+RUN_ID = "20240501T100000Z-0a1b2c"
+
+
 def _run(tasks: int = 3) -> dict[str, Any]:
-    return {"run_id": "R1", "created_at": "2024-05-01T10:00:00Z", "job": {"name": "dp1"},
+    return {"run_id": RUN_ID, "created_at": "2024-05-01T10:00:00Z", "job": {"name": "dp1"},
             "source": {"root": "/data"}, "plan": {"tasks": tasks},
             "rucio": {"scope": "user.t", "rse": "TEST_RSE", "account": None,
                       "dataset": "ds", "lifetime": None},
-            "submissions": [{"array_job_id": "100", "collector_job_id": "101"}]}
+            "submissions": [{"attempt": 1, "arrays": [{"job_id": "100", "offset": 0,
+                                                       "task_ids": f"0-{tasks - 1}"}],
+                             "collector_job_id": "101", "task_ids": f"0-{tasks - 1}",
+                             "left_over": "", "submitted_at": "2024-05-01T10:01:00Z"}]}
 
 
 def _entry(name: str, size: int) -> dict[str, Any]:
@@ -33,7 +40,8 @@ def _rec(name: str, status: str, size: int = 1, attempt: int = 1,
          error: str | None = None) -> dict[str, Any]:
     ok = status in ("uploaded", "already_present")
     return {"name": name, "status": status, "bytes": size, "attempt": attempt,
-            "adler32": "0000abcd" if ok else None, "md5": "m" * 32 if ok else None,
+            "adler32": "0000abcd" if ok else None,
+            "md5": "d41d8cd98f00b204e9800998ecf8427e" if ok else None,
             "pfn": f"davs://se/{name}" if ok else None, "guid": "g-" + name if ok else None,
             "error": error}
 
@@ -84,15 +92,15 @@ def _scenario() -> dict[str, Any]:
 
 
 def test_build_summary() -> None:
-    s = build_summary(**_scenario())
+    s = assert_valid_summary(build_summary(**_scenario()))
     assert s["schema_version"] == 1
     assert s["tool"] == {"name": "dac-upload", "version": __version__}
-    assert (s["job"], s["run_id"], s["created_at"]) == ("dp1", "R1", "2024-05-01T10:00:00Z")
+    assert (s["job"], s["run_id"], s["created_at"]) == ("dp1", RUN_ID, "2024-05-01T10:00:00Z")
     assert s["finished_at"] == "2024-05-01T12:00:00Z"
     assert s["source_root"] == "/data"
     assert s["rucio"] == {"host": "https://rucio:443", "account": "jbloggs", "scope": "user.t",
                           "rse": "TEST_RSE", "dataset": "ds", "lifetime": None}
-    assert s["slurm"] == {"submissions": [{"array_job_id": "100", "collector_job_id": "101"}]}
+    assert s["slurm"] == {"submissions": _run()["submissions"]}
     assert s["complete"] is False
     assert s["counts"] == {"files": 6, "bytes": 210, "uploaded": 2, "already_present": 1,
                            "failed": 1, "not_attempted": 2, "bytes_uploaded": 30,
@@ -129,7 +137,7 @@ def test_build_summary() -> None:
 def test_task_without_marker_but_with_records() -> None:
     sc = _scenario()
     del sc["markers"][1]  # killed before writing its marker: its records still count
-    s = build_summary(**sc)
+    s = assert_valid_summary(build_summary(**sc))
     assert s["tasks_missing_result"] == [1, 2]
     assert s["files"]["user.t:c"]["status"] == "already_present"
     assert s["files"]["user.t:e"]["error"].startswith("the task wrote no result")
@@ -140,10 +148,11 @@ def test_task_without_marker_but_with_records() -> None:
 def test_complete_run() -> None:
     manifests = {0: {"files": [_entry("a", 1)]}, 1: {"files": [_entry("b", 2)]}}
     results = {0: [_rec("a", "uploaded", 1)], 1: [_rec("b", "already_present", 2)]}
-    markers = {0: _marker(0, 0, "t1"), 1: _marker(1, 0, "t2")}
+    markers = {0: _marker(0, 0, "2024-05-01T11:00:00Z"),
+               1: _marker(1, 0, "2024-05-01T11:30:00Z")}
     run = _run(2)
     run["rucio"]["account"] = "from-job"
-    s = build_summary(run, manifests, results, markers)
+    s = assert_valid_summary(build_summary(run, manifests, results, markers))
     assert s["complete"] is True
     assert s["failed_tasks"] == [] and s["tasks_missing_result"] == []
     assert s["rucio"]["account"] == "from-job" and s["rucio"]["host"] is None
@@ -152,7 +161,7 @@ def test_complete_run() -> None:
 
 def test_nothing_ran() -> None:
     manifests = {0: {"files": [_entry("a", 1)]}}
-    s = build_summary(_run(1), manifests, {}, {})
+    s = assert_valid_summary(build_summary(_run(1), manifests, {}, {}))
     assert s["complete"] is False
     assert s["finished_at"] is None
     assert s["counts"]["not_attempted"] == 1

@@ -46,3 +46,15 @@ def write_job(directory: Path, text: str, filename: str = "job.toml") -> Path:
     path = directory / filename
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     return path
+
+
+def assert_valid_summary(summary: dict) -> dict:
+    """summary.json as the collector builds it must validate against docs/summary.schema.json."""
+    import json
+
+    import jsonschema
+
+    schema = Path(__file__).resolve().parents[2] / "docs" / "summary.schema.json"
+    jsonschema.validate(summary, json.loads(schema.read_text()),
+                        cls=jsonschema.Draft202012Validator)
+    return summary
