@@ -149,6 +149,37 @@ def test_rucio_server_down_and_back(workdir: Path, rucio_client: Any) -> None:
     assert_in_rucio_once(rucio_client, prefix, files)
 
 
+def test_bulk_tasks_wait_for_the_server_and_finish(workdir: Path, rucio_client: Any) -> None:
+    """The bulk path: the server is down when the tasks start; they retry (doubling waits)
+    and finish once it is back, every file registered once."""
+    files = make_files(workdir / "src", 20)
+    chown_user(workdir)
+    prefix = unique_prefix()
+    job = job_file(workdir, "bulkdown", prefix, 10, 2, extra="retries = 4\nretry_wait = 2")
+    planned = dac_upload(["plan", str(job)], cwd=workdir)      # preflight while it is up
+    assert planned.returncode == 0, planned.stderr
+    run_dir = run_dir_of(planned.stdout)
+    try:
+        subprocess.run(["bash", str(SERVICES / "stop-rucio.sh")], check=True,
+                       capture_output=True, env=_service_env())
+        proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        array_id, collector_id = parse_submitted(proc.stdout)
+        log = run_dir / "logs" / f"job{array_id}.index0.out"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "retry 1/4" not in (
+                log.read_text() if log.exists() else ""):
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["bash", str(SERVICES / "start-rucio.sh")], check=True,
+                       capture_output=True, env=_service_env())
+    wait_for_jobs([array_id, collector_id])
+    assert "retry 1/4 of connecting to Rucio" in log.read_text()
+    summary = load_summary(run_dir)
+    assert summary["complete"] is True and summary["counts"]["uploaded"] == len(files)
+    assert_in_rucio_once(rucio_client, prefix, files)
+
+
 def _service_env() -> dict[str, str]:
     import os
 
