@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import requests
-import rucio.version
 from rucio.client import Client
 from rucio.client.uploadclient import UploadClient
 from rucio.common import config as rucio_config
@@ -156,10 +155,6 @@ def _stat_retries(retries: int | None) -> Iterator[None]:
             cfg.remove_option("client", "protocol_stat_retries")
         else:
             cfg.set("client", "protocol_stat_retries", old)
-
-
-def client_version() -> str:
-    return rucio.version.version_string()
 
 
 # Variables a Rucio client reads before its configuration: clients Rucio makes itself
@@ -405,21 +400,7 @@ class RucioIO:
 
     def replica(self, scope: str, name: str, rse: str) -> ReplicaInfo | None:
         """This file's replica on ``rse`` in any state, or None."""
-        try:
-            reps = list(self.client.list_replicas([{"scope": scope, "name": name}],
-                                                  all_states=True, rse_expression=rse))
-        except (rexc.DataIdentifierNotFound, rexc.ReplicaNotFound):
-            return None
-        except Exception as exc:
-            raise _translate(exc, f"listing replicas of {scope}:{name}") from None
-        for rep in reps:
-            state = (rep.get("states") or {}).get(rse)
-            if state is None:
-                continue
-            pfns = (rep.get("rses") or {}).get(rse) or []
-            return ReplicaInfo(state=str(state), pfn=pfns[0] if pfns else "",
-                               bytes=rep.get("bytes"), adler32=rep.get("adler32"))
-        return None
+        return self._replicas(scope, [name], rse, f"{scope}:{name}").get(name)
 
     # ------------------------------------------------------------------ bulk (fast worker)
     def dids_bulk(self, scope: str, names: list[str]) -> dict[str, DidInfo]:
@@ -436,6 +417,10 @@ class RucioIO:
 
     def replicas_bulk(self, scope: str, names: list[str], rse: str) -> dict[str, ReplicaInfo]:
         """Replicas on ``rse`` (any state) of these DIDs: one request."""
+        return self._replicas(scope, names, rse, f"{len(names)} files")
+
+    def _replicas(self, scope: str, names: list[str], rse: str,
+                  what: str) -> dict[str, ReplicaInfo]:
         if not names:
             return {}
         try:
@@ -444,7 +429,7 @@ class RucioIO:
         except (rexc.DataIdentifierNotFound, rexc.ReplicaNotFound):
             return {}
         except Exception as exc:
-            raise _translate(exc, f"listing replicas of {len(names)} files") from None
+            raise _translate(exc, f"listing replicas of {what}") from None
         out = {}
         for rep in reps:
             state = (rep.get("states") or {}).get(rse)

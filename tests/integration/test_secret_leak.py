@@ -35,6 +35,29 @@ def _userpass_identity(client: Any) -> tuple[str, str]:
     return username, password
 
 
+def _job(workdir: Path, name: str, auth: str, files_per_batch: int = 1000) -> Path:
+    """A job uploading ../src into the test Rucio, its credentials named by ``auth``."""
+    return write_job(workdir, name, f"""
+[source]
+root = "../src"
+[rucio]
+host = "{RUCIO_URL}"
+account = "root"
+{auth}
+scope = "{SCOPE}"
+rse = "{RSE}"
+[naming]
+prefix = "{unique_prefix()}"
+[batching]
+files_per_batch = {files_per_batch}
+[slurm]
+time = "00:10:00"
+mem = "1G"
+[container]
+runtime = "none"
+""")
+
+
 def _every_file(*roots: Path) -> list[Path]:
     out = []
     for root in roots:
@@ -56,25 +79,7 @@ def test_secret_never_written_or_printed(workdir: Path, rucio_client: Any, kind:
         (workdir / "bt").chmod(0o600)
         auth = 'auth_type = "token"\ntoken_file = "../bt"'
     make_files(workdir / "src", 6)
-    job = write_job(workdir, "leak", f"""
-[source]
-root = "../src"
-[rucio]
-host = "{RUCIO_URL}"
-account = "root"
-{auth}
-scope = "{SCOPE}"
-rse = "{RSE}"
-[naming]
-prefix = "{unique_prefix()}"
-[batching]
-files_per_batch = 3
-[slurm]
-time = "00:10:00"
-mem = "1G"
-[container]
-runtime = "none"
-""")
+    job = _job(workdir, "leak", auth, files_per_batch=3)
     chown_user(workdir)
     outputs = []
     proc = dac_upload(["submit", str(job), "--wait", "--timeout", "300"], cwd=workdir)
@@ -105,24 +110,8 @@ def test_planned_run_is_not_submitted_with_credentials_opened_since(workdir: Pat
     (workdir / "pw").write_text("secret\n")
     (workdir / "pw").chmod(0o600)
     make_files(workdir / "src", 2)
-    job = write_job(workdir, "opened", f"""
-[source]
-root = "../src"
-[rucio]
-host = "{RUCIO_URL}"
-account = "root"
-auth_type = "userpass"
-username = "ddmlab"
-password_file = "../pw"
-scope = "{SCOPE}"
-rse = "{RSE}"
-[naming]
-prefix = "{unique_prefix()}"
-[slurm]
-time = "00:10:00"
-[container]
-runtime = "none"
-""")
+    job = _job(workdir, "opened", 'auth_type = "userpass"\nusername = "ddmlab"\n'
+                                  'password_file = "../pw"')
     planned = dac_upload(["plan", str(job)], cwd=workdir)
     assert planned.returncode == 0, planned.stderr
     assert "credentials:   http://127.0.0.1:18080 as account root with user 'ddmlab', " \
