@@ -18,4 +18,15 @@ bash "$HERE/start-rucio.sh" > "$CI_DIR/start-rucio.log" 2>&1 \
 grep '^\[start-rucio' "$CI_DIR/start-rucio.log" | tail -n 2
 # the POSIX RSE is a local directory: the uploading user (dacuser) must be able to write it
 chown -R dacuser: "$RUCIO_BASE/rse"
+# A second Rucio server, on PostgreSQL, sharing the venvs: Rucio keeps free-form DID metadata
+# (rubin_butler, rubin_sidecar) in its JSON plugin, which it disables on SQLite. The Butler
+# integration tests use it; DAC_RUCIO_PG=0 skips it (the demo does not need it).
+if [ "${DAC_RUCIO_PG:-1}" = 1 ]; then
+  PG_BASE=${RUCIO_PG_BASE:-$CI_DIR/rucio-pg}
+  RUCIO_VENVS=$RUCIO_BASE RUCIO_BASE=$PG_BASE RUCIO_PORT=18081 RUCIO_DB=postgres \
+    bash "$HERE/start-rucio.sh" > "$CI_DIR/start-rucio-pg.log" 2>&1 \
+    || { cat "$CI_DIR/start-rucio-pg.log" >&2; exit 1; }
+  grep '^\[start-rucio' "$CI_DIR/start-rucio-pg.log" | tail -n 1
+  chown -R dacuser: "$PG_BASE/rse"
+fi
 echo "[up.sh] services up after $((SECONDS - T0)) s"
