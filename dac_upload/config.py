@@ -10,7 +10,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,6 +133,41 @@ class ContainerConfig:
 
 
 @dataclass(frozen=True)
+class ButlerMapping:
+    """One [[butler.map]] entry: plain-tree paths -> data IDs of one dataset type."""
+
+    dataset_type: str
+    run: str
+    path: str                           # a regex, matched against the whole relative path
+    data_id: tuple[tuple[str, Any], ...] = ()   # fixed values
+    formatter: str | None = None
+    storage_class: str | None = None
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.path)
+
+
+@dataclass(frozen=True)
+class ButlerConfig:
+    """[butler]: a Butler repository as the source (repo + collections + dataset types), or
+    data IDs for a plain tree (maps). Neither: no Butler fields at all."""
+
+    repo: str | None = None
+    collections: tuple[str, ...] = ()
+    dataset_types: tuple[str, ...] = ("*",)
+    where: str = ""
+    find_first: bool = False
+    metadata: bool = True               # rubin_butler / rubin_sidecar on each file DID
+    raw_dataset_types: tuple[str, ...] = ("raw",)
+    maps: tuple[ButlerMapping, ...] = ()
+
+    @property
+    def kind(self) -> str | None:
+        return "repo" if self.repo else "map" if self.maps else None
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str
     path: Path
@@ -145,6 +180,7 @@ class JobConfig:
     slurm: SlurmConfig
     container: ContainerConfig
     upload: UploadConfig = field(default_factory=UploadConfig)
+    butler: ButlerConfig = field(default_factory=ButlerConfig)
 
     @property
     def ledger_path(self) -> Path:
@@ -351,6 +387,134 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
 }
 
 
+_BUTLER_KEYS: dict[str, tuple[_Check, Any, str]] = {
+    "repo": (_str, None, "the Butler repository (its directory or butler.yaml)"),
+    "collections": (_str_list, (), 'a list of collections such as ["HSC/runs/RC2"]'),
+    "dataset_types": (_str_list, ("*",), 'a list of dataset type names or globs, e.g. '
+                      '["calexp", "src*"]'),
+    "where": (_any_str, "", "a Butler query expression such as \"instrument = 'HSC'\""),
+    "find_first": (lambda v: _bool(v), False, "true or false"),
+    "metadata": (lambda v: _bool(v), True, "true or false"),
+    "raw_dataset_types": (_str_list, ("raw",), 'dataset types registered as "raw_file" for '
+                          "Rubin's ingest daemon, e.g. [\"raw\"]"),
+    "map": (lambda v: v, (), "a list of [[butler.map]] tables"),
+}
+_MAP_KEYS: dict[str, tuple[_Check, Any, str]] = {
+    "dataset_type": (_str, ..., 'the dataset type, e.g. "raw"'),
+    "run": (_str, ..., 'the RUN collection at the destination, e.g. "DECam/raw/all"'),
+    "path": (_str, ..., "a regular expression with named groups matching the whole relative "
+             "path, e.g. 'raw/(?P<exposure>\\d+)/(?P<detector>\\d+)\\.fits'"),
+    "data_id": (lambda v: _data_id(v), {}, 'a table of fixed values such as '
+                '{instrument = "DECam"}'),
+    "formatter": (_str, None, "the Formatter class for butler ingest-files --formatter"),
+    "storage_class": (_str, None, 'the storage class, e.g. "Exposure" (for the '
+                      "register-dataset-type command)"),
+}
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError
+    return v
+
+
+def _data_id(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict) or not all(
+            isinstance(x, (str, int)) and not isinstance(x, bool) for x in v.values()):
+        raise ValueError
+    return dict(v)
+
+
+def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
+    """[butler] and its [[butler.map]] entries; problems go to ``errors``, one line each."""
+    if raw is None:
+        return ButlerConfig()
+    got: dict[str, Any] = {}
+    for key in raw:
+        if key not in _BUTLER_KEYS:
+            hint = _close_match(key, _BUTLER_KEYS)
+            errors.append(f"{where}: [butler] unknown key '{key}'"
+                          + (f"; did you mean '{hint}'?" if hint else
+                             f"; known keys are {', '.join(_BUTLER_KEYS)}"))
+    for key, (check, default, expect) in _BUTLER_KEYS.items():
+        if key not in raw:
+            got[key] = default
+            continue
+        try:
+            got[key] = check(raw[key])
+        except (ValueError, TypeError):
+            errors.append(f"{where}: [butler] {key} = {raw[key]!r} is not valid: use {expect}")
+            got[key] = default
+    maps: list[ButlerMapping] = []
+    entries = got["map"]
+    if isinstance(entries, dict):
+        entries = [entries]
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, dict) for e in entries):
+        errors.append(f"{where}: [butler] map must be [[butler.map]] tables, one per dataset "
+                      "type and path pattern")
+        entries = []
+    for n, entry in enumerate(entries, 1):
+        at = f"{where}: [[butler.map]] #{n}"
+        vals: dict[str, Any] = {}
+        for key in entry:
+            if key not in _MAP_KEYS:
+                hint = _close_match(key, _MAP_KEYS)
+                errors.append(f"{at} unknown key '{key}'"
+                              + (f"; did you mean '{hint}'?" if hint else
+                                 f"; known keys are {', '.join(_MAP_KEYS)}"))
+        ok = True
+        for key, (check, default, expect) in _MAP_KEYS.items():
+            if key not in entry:
+                if default is ...:
+                    errors.append(f"{at} '{key}' is required: set it to {expect}")
+                    ok = False
+                vals[key] = None if default is ... else default
+                continue
+            try:
+                vals[key] = check(entry[key])
+            except (ValueError, TypeError):
+                errors.append(f"{at} {key} = {entry[key]!r} is not valid: use {expect}")
+                ok = False
+        if vals.get("path"):
+            try:
+                rx = re.compile(vals["path"])
+            except re.error as exc:
+                errors.append(f"{at} path {vals['path']!r} is not a valid regular expression "
+                              f"({exc}); fix it")
+                ok = False
+            else:
+                if not rx.groupindex and not vals["data_id"]:
+                    errors.append(f"{at} path has no named group such as (?P<exposure>\\d+) "
+                                  "and data_id is empty: nothing would give a data ID")
+                    ok = False
+                both = set(rx.groupindex) & set(vals["data_id"])
+                if both:
+                    errors.append(f"{at} {', '.join(sorted(both))} comes both from a path group "
+                                  "and from data_id: keep one")
+                    ok = False
+        if ok:
+            maps.append(ButlerMapping(
+                dataset_type=vals["dataset_type"], run=vals["run"], path=vals["path"],
+                data_id=tuple(sorted(vals["data_id"].items())), formatter=vals["formatter"],
+                storage_class=vals["storage_class"]))
+    cfg = ButlerConfig(repo=got["repo"], collections=got["collections"],
+                       dataset_types=got["dataset_types"], where=got["where"],
+                       find_first=got["find_first"], metadata=got["metadata"],
+                       raw_dataset_types=got["raw_dataset_types"], maps=tuple(maps))
+    if cfg.repo and entries:
+        errors.append(f"{where}: [butler] repo (a Butler source) and [[butler.map]] (data IDs "
+                      "for a plain tree) do not go together: keep one")
+    if cfg.repo and not cfg.collections:
+        errors.append(f"{where}: [butler] repo needs collections = [\"...\"], the collections "
+                      "to upload from")
+    if not cfg.repo:
+        for key in ("collections", "where", "find_first"):
+            if key in raw:
+                errors.append(f"{where}: [butler] {key} is used only with repo (a Butler "
+                              "source): set repo or remove it")
+    return cfg
+
+
 def load_job(path: Path | str) -> JobConfig:
     """Read and validate a job file; raise ConfigError listing every problem."""
     path = Path(path)
@@ -373,10 +537,30 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
     errors: list[str] = []
     values: dict[str, dict[str, Any]] = {}
 
+    butler_raw = raw.get("butler")
+    if butler_raw is not None and not isinstance(butler_raw, dict):
+        errors.append(f"{where}: 'butler' must be a table [butler]")
+        butler_raw = None
+    butler_cfg = _parse_butler(butler_raw, where, errors)
+    raw = {k: v for k, v in raw.items() if k != "butler"}
+    source_raw = raw.get("source")
+    if butler_cfg.repo:
+        for key in ("root", "include", "exclude"):
+            if isinstance(source_raw, dict) and key in source_raw:
+                errors.append(f"{where}: [source] {key} is not used with a Butler source (the "
+                              "files are the datastore's, under its root, as the query finds "
+                              "them): remove it, or narrow [butler] dataset_types / where")
+        # until planning opens the repository, the root is where the repository is
+        repo_dir = butler_cfg.repo if "://" not in butler_cfg.repo else "."
+        if repo_dir.endswith((".yaml", ".json")):
+            repo_dir = os.path.dirname(repo_dir) or "."
+        raw = {**raw, "source": {**(source_raw if isinstance(source_raw, dict) else {}),
+                                 "root": repo_dir}}
+
     for section in raw:
-        if section not in _SCHEMA:
-            errors.append(f"{where}: unknown section [{section}]; "
-                          f"known sections are {', '.join('[' + s + ']' for s in _SCHEMA)}")
+        if section not in _SCHEMA and section != "butler":
+            known = ", ".join(f"[{name}]" for name in [*_SCHEMA, "butler"])
+            errors.append(f"{where}: unknown section [{section}]; known sections are {known}")
         elif not isinstance(raw[section], dict):
             errors.append(f"{where}: '{section}' must be a table [{section}]")
     for section, keys in _SCHEMA.items():
@@ -417,6 +601,10 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
     runs_dir = Path(os.path.abspath(runs_dir if runs_dir.is_absolute() else base / runs_dir))
     root = Path(v["source"]["root"]).expanduser()
     root = Path(os.path.abspath(root if root.is_absolute() else base / root))
+    if butler_cfg.repo:
+        repo = Path(butler_cfg.repo).expanduser()
+        if "://" not in butler_cfg.repo:   # a path: absolute, relative to the job file
+            butler_cfg = replace(butler_cfg, repo=str(_abs(repo, base)))
     r = v["rucio"]
 
     def rpath(key: str) -> Path | None:
@@ -445,6 +633,7 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
                                 max_running=v["batching"]["max_running"]),
         slurm=SlurmConfig(**v["slurm"]),
         upload=UploadConfig(**v["upload"]),
+        butler=butler_cfg,
         container=ContainerConfig(runtime=v["container"]["runtime"],
                                   image=_abs(Path(image).expanduser(), base) if image else None,
                                   binds=v["container"]["binds"], python=v["container"]["python"]),
