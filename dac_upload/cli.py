@@ -95,6 +95,16 @@ def _describe(prep: PreparedRun) -> None:
                f"{human_bytes(max(sizes))})" + (f", {prep.skipped} skipped (see skipped.jsonl)"
                                                  if prep.skipped else ""))
     click.echo(f"run directory: {prep.layout.dir}")
+    b = prep.run.get("butler")
+    if b:
+        where = (f"repository {b['repo']}" if b["kind"] == "repo"
+                 else f"{len(b['maps'])} [[butler.map]] entries")
+        click.echo(f"butler:        {b['files_with_datasets']:,} files with datasets, from {where}"
+                   + ("; Rucio metadata rubin_butler/rubin_sidecar" if b["metadata"] else "")
+                   + (f"; dimension records in {b['dimension_export']}"
+                      if b["dimension_export"] else ""))
+    for note in prep.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo("credentials:   "
                + Credentials.from_record(prep.run["credentials"]).describe())
     for line in _credential_warnings(prep):
@@ -479,3 +489,54 @@ def doctor(job_file: str, probe: bool, as_json: bool) -> None:
         click.echo("all checks passed" if not failed(checks) else
                    f"{sum(c.status == 'FAIL' for c in checks)} check(s) failed")
     sys.exit(EXIT_FAILURES if failed(checks) else 0)
+
+
+@main.command("butler-table")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where the tables go (default: RUN_DIR/butler-ingest).")
+@click.option("--relative-to", metavar="URL",
+              help="Write each file's URI relative to this prefix of its RSE URL; the "
+                   "ingest command gets --prefix URL (replace it with the URL the "
+                   "destination datastore reads, e.g. an s3:// endpoint).")
+@click.option("--allow-missing", is_flag=True,
+              help="Exit 0 even when files with datasets were not uploaded, or uploaded "
+                   "files match no [[butler.map]].")
+@click.option("--overwrite", is_flag=True, help="Replace tables written before.")
+def butler_table(run_dir: str, out_dir: str | None, relative_to: str | None,
+                 allow_missing: bool, overwrite: bool) -> None:
+    """Write ECSV tables for `butler ingest-files` from a collected run, and the commands."""
+    from .butler import ButlerError, ingest_tables
+    from .files import read_json
+    from .plan import RunLayout
+
+    target = Path(run_dir).resolve()
+    layout = RunLayout(target)
+    if not layout.summary.exists():
+        _fail(f"{target}: no summary.json yet; run: dac-upload collect {target}", EXIT_USER)
+    out = Path(out_dir).resolve() if out_dir else target / "butler-ingest"
+    try:
+        made = ingest_tables(read_json(layout.summary), target, out, relative_to, overwrite)
+    except ButlerError as exc:
+        _fail(exc.lines, EXIT_USER)
+    for t in made.tables:
+        click.echo(f"table: {t.path} ({t.rows} files of {t.dataset_type} in {t.run})")
+    if made.dimension_export:
+        click.echo(f"dimension records: {made.dimension_export}")
+    click.echo(f"commands ({made.script}; run it as: sh {made.script} DEST_REPO):")
+    for line in made.commands:
+        click.echo(f"  {line}")
+    problems = [("not uploaded", made.not_uploaded),
+                ("uploaded but matched by no [[butler.map]] (no data ID)", made.not_matched)]
+    bad = False
+    for what, items in problems:
+        if items:
+            bad = True
+            click.echo(f"{len(items)} files {what}:", err=True)
+            for item in items[:20]:
+                click.echo(f"  {item}", err=True)
+            if len(items) > 20:
+                click.echo(f"  ... and {len(items) - 20} more", err=True)
+    if bad and not allow_missing:
+        _fail("some files are not in the tables (above); resubmit or fix the maps, or pass "
+              "--allow-missing to accept that", EXIT_FAILURES)

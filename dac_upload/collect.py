@@ -40,8 +40,15 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                   results: dict[int, list[dict[str, Any]]],
                   markers: dict[int, dict[str, Any]],
-                  warnings: list[str] | None = None) -> dict[str, Any]:
-    """Pure: everything known about a run -> the summary document."""
+                  warnings: list[str] | None = None,
+                  datasets: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Pure: everything known about a run -> the summary document. ``datasets`` (relpath
+    -> Butler datasets, from butler.jsonl) adds each file's Butler fields."""
+    datasets = datasets or {}
+    warnings = list(warnings or [])
+    refused = sorted({m["metadata_refused"] for m in markers.values()
+                      if m.get("metadata_refused")})
+    warnings += [f"Butler metadata was not set: {why}" for why in refused]
     scope, rse = run["rucio"]["scope"], run["rucio"]["rse"]
     root = Path(run["source"]["root"])
     files: dict[str, dict[str, Any]] = {}
@@ -71,6 +78,10 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                 "batch": task, "attempt": rec.get("attempt"), "status": rec["status"],
                 "cause": rec.get("cause"), "error": rec.get("error"),
             }
+            if run.get("butler"):
+                files[key]["datasets"] = datasets.get(entry["relpath"], [])
+                files[key]["metadata"] = (rec.get("metadata") if entry.get("meta")
+                                          else None)
             counts["files"] += 1
             counts["bytes"] += entry["size"]
             counts[rec["status"]] += 1
@@ -96,9 +107,23 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                    "tasks_missing_result": len(missing_tasks)},
         "tasks_missing_result": missing_tasks,
         "failed_tasks": sorted(t for t, m in markers.items() if m.get("exit_code")),
-        "warnings": list(warnings or []),
+        "warnings": warnings,
+        **({"butler": _butler_summary(run["butler"], files)} if run.get("butler") else {}),
         "files": files,
     }
+
+
+def _butler_summary(b: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run-level Butler facts: where the datasets came from, and how many files have them."""
+    keys = ("kind", "repo", "collections", "dataset_types", "where", "find_first",
+            "metadata", "raw_dataset_types", "maps", "dimension_export")
+    metadata = [f.get("metadata") for f in files.values()]
+    return {**{k: b.get(k) for k in keys},
+            "files_with_datasets": sum(1 for f in files.values() if f.get("datasets")),
+            "files_without_datasets": sum(1 for f in files.values() if not f.get("datasets")),
+            "datasets": sum(len(f.get("datasets") or ()) for f in files.values()),
+            "metadata_set": metadata.count("set"),
+            "metadata_refused": metadata.count("refused")}
 
 
 def records_so_far(run_dir: Path) -> tuple[int, int]:
@@ -128,6 +153,7 @@ class RunState:
     results: dict[int, list[dict[str, Any]]]
     markers: dict[int, dict[str, Any]]
     problems: list[str]   # files in results/ that are not ours, markers that do not parse
+    datasets: dict[str, list[dict[str, Any]]]   # relpath -> Butler datasets (butler.jsonl)
 
 
 def read_run(run_dir: Path) -> RunState:
@@ -150,14 +176,18 @@ def read_run(run_dir: Path) -> RunState:
     for path in sorted(layout.results.iterdir()) if layout.results.exists() else []:
         if path.name not in ours and not path.name.startswith("."):
             problems.append(f"results/{path.name}: not a file of this run (ignored)")
-    return RunState(run, manifests, results, markers, problems)
+    datasets: dict[str, list[dict[str, Any]]] = {}
+    butler = run.get("butler")
+    if butler and (layout.dir / butler["files"]).exists():
+        datasets = {r["relpath"]: r["datasets"] for r in read_jsonl(layout.dir / butler["files"])}
+    return RunState(run, manifests, results, markers, problems, datasets)
 
 
 def collect(run_dir: Path) -> dict[str, Any]:
     """Read every manifest, result and marker of the run, write summary.json atomically."""
     state = read_run(run_dir)
     summary = build_summary(state.run, state.manifests, state.results, state.markers,
-                            state.problems)
+                            state.problems, state.datasets)
     atomic_write_json(RunLayout(run_dir).summary, summary)
     return summary
 

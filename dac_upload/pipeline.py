@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,6 +62,7 @@ class PreparedRun:
     batches: list[Batch]
     skipped: int
     run: dict[str, Any]          # what run.json holds
+    notes: list[str] = field(default_factory=list)   # worth saying, not errors
 
 
 def new_run_id() -> str:
@@ -113,6 +114,57 @@ def resolve_credentials(job: JobConfig) -> Credentials:
 
 
 Preflight = Callable[[JobConfig, Credentials], list[str]]
+BUTLER_FILE = "butler.jsonl"                    # relpath -> its Butler datasets
+DIMENSION_EXPORT = "butler-dimensions.yaml"     # what the destination Butler must import
+
+
+@dataclass
+class _Found:
+    """The catalogue, and what a [butler] section added to it."""
+
+    cat: Catalogue
+    datasets: dict[str, list[dict[str, Any]]]
+    repo: Any = None                            # butler.RepoSource, for the export
+    unmatched: list[str] = field(default_factory=list)
+
+
+def _catalogue(job: JobConfig, progress: Progress | None,
+               keep: Callable[[str, int, float], bool] | None) -> tuple[JobConfig, _Found]:
+    """Walk the tree, or query the Butler repository ([butler] repo: the job's source root
+    becomes the datastore root). Butler problems raise PlanError."""
+    kind = job.butler.kind
+    if kind is None:
+        return job, _Found(walk(job.source, progress, keep), {})
+    from . import butler as butler_mod
+
+    try:
+        if kind == "repo":
+            repo = butler_mod.catalogue_from_repo(job.butler, str(job.path), progress, keep)
+            job = replace(job, source=replace(job.source, root=repo.catalogue.root))
+            return job, _Found(repo.catalogue, repo.datasets, repo)
+        cat = walk(job.source, progress, keep)
+        datasets, unmatched, problems = butler_mod.map_tree(cat.entries, job.butler,
+                                                            str(job.path))
+    except butler_mod.ButlerError as exc:
+        raise PlanError(exc.lines) from None
+    cat.refused.extend(problems)
+    return job, _Found(cat, datasets, unmatched=unmatched)
+
+
+def _butler_record(job: JobConfig, found: _Found, files: int) -> dict[str, Any] | None:
+    b = job.butler
+    if b.kind is None:
+        return None
+    return {"kind": b.kind, "repo": b.repo, "collections": list(b.collections),
+            "dataset_types": list(b.dataset_types), "where": b.where,
+            "find_first": b.find_first, "metadata": b.metadata and b.kind == "repo",
+            "raw_dataset_types": list(b.raw_dataset_types),
+            "maps": [{"dataset_type": m.dataset_type, "run": m.run, "path": m.path,
+                      "data_id": dict(m.data_id), "formatter": m.formatter,
+                      "storage_class": m.storage_class} for m in b.maps],
+            "files": BUTLER_FILE, "files_with_datasets": files,
+            "unmatched": len(found.unmatched),
+            "dimension_export": DIMENSION_EXPORT if found.repo is not None else None}
 
 
 def prepare_run(job: JobConfig, preflight: Preflight | None = None,
@@ -122,18 +174,25 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
     ``keep`` filters the walk (nightly: only files new or changed since the ledger);
     ``preflight`` checks the credentials and the server (not with --offline)."""
-    if not job.source.root.is_dir():
+    if job.butler.kind != "repo" and not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
     creds = resolve_credentials(job)
     errors = render.sbatch_option_problems(job)
+    job, found = _catalogue(job, progress, keep)
+    cat = found.cat
     errors += render.bind_problems(job, job.runs_dir / "RUN", creds)
-    cat = walk(job.source, progress, keep)
     errors += check_catalogue(job, cat)
     files, name_problems = name_files(cat.entries, job.naming)
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
     if errors:
         raise PlanError(errors)
+    notes = []
+    if found.unmatched:
+        shown = ", ".join(found.unmatched[:3]) + (f" and {len(found.unmatched) - 3} more"
+                                                 if len(found.unmatched) > 3 else "")
+        notes.append(f"{len(found.unmatched)} files match no [[butler.map]] ({shown}): they "
+                     "are uploaded, without a data ID; butler-table lists them")
     if not files:
         raise NothingToUpload([f"{job.path}: nothing to upload under {job.source.root}"
                                + (" that is new or changed" if keep else "")])
@@ -157,12 +216,20 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     write_catalogue(layout.catalogue, cat.entries)
     atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
                                         for p in cat.skipped))
+    meta = _metadata_of(job, found)
     for batch in batches:
         atomic_write_json(layout.manifest(batch.index), {
             "run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
             "bytes": batch.bytes,
-            "files": [{"relpath": f.relpath, "name": f.name, "size": f.size, "mtime": f.mtime}
+            "files": [{"relpath": f.relpath, "name": f.name, "size": f.size, "mtime": f.mtime,
+                       **({"meta": meta[f.relpath]} if f.relpath in meta else {})}
                       for f in batch.files]}, pretty=False)
+    if job.butler.kind is not None:
+        atomic_write_jsonl(layout.dir / BUTLER_FILE, (
+            {"relpath": f.relpath, "datasets": found.datasets[f.relpath]}
+            for f in sorted(files, key=lambda f: f.relpath) if f.relpath in found.datasets))
+    if found.repo is not None:
+        found.repo.write_dimension_export(layout.dir / DIMENSION_EXPORT)
 
     ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
                                 creds)
@@ -209,12 +276,26 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
         "runtime": {"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
         "slurm": {"array": array_opts, "collector": collect_opts},
         "slurm_limits": {"max_submit": job.slurm.max_submit},
+        "butler": _butler_record(job, found, sum(1 for f in files
+                                                 if f.relpath in found.datasets)),
         "ledger": str(job.ledger_path),
         "origin": origin,
         "submissions": [],
     }
     atomic_write_json(layout.run_json, run)
-    return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run)
+    return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run,
+                       notes)
+
+
+def _metadata_of(job: JobConfig, found: _Found) -> dict[str, dict[str, str]]:
+    """relpath -> the Rucio metadata its DID gets (Butler source with [butler] metadata):
+    Rubin's rubin_butler / rubin_sidecar, from the file's first dataset."""
+    if found.repo is None or not job.butler.metadata:
+        return {}
+    from .butler import rubin_metadata
+
+    return {rel: rubin_metadata(ds[0], job.butler.raw_dataset_types)
+            for rel, ds in found.datasets.items()}
 
 
 @dataclass(frozen=True)

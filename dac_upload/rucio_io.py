@@ -61,6 +61,10 @@ class RucioFileError(Exception):
     """This one file could not be uploaded; the message says why."""
 
 
+class MetadataRefused(RucioFileError):
+    """The server cannot keep free-form DID metadata (Rucio's JSON plugin is off: SQLite)."""
+
+
 class RucioTransient(RucioFileError):
     """The server failed this request (HTTP 5xx, database busy): trying again may work."""
 
@@ -475,6 +479,26 @@ class RucioIO:
             if (time.monotonic() - t0) / len(part) > RULE_SECONDS:
                 self.rules_per_request = max(10, self.rules_per_request // 2)
         return made_all
+
+    def set_metadata_bulk(self, scope: str, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """Set each file DID's metadata (name, {key: value}) in one request; keys the DID
+        table has no column for (rubin_butler, rubin_sidecar) go to Rucio's JSON plugin.
+        Raises MetadataRefused when the server has no plugin for them."""
+        if not items:
+            return
+        try:
+            self.client.set_dids_metadata_bulk(
+                dids=[{"scope": scope, "name": name, "meta": meta} for name, meta in items])
+        except rexc.InvalidMetadata as exc:
+            if "No plugin manages" in str(exc):
+                keys = sorted({k for _, meta in items for k in meta})
+                raise MetadataRefused(
+                    f"the Rucio server keeps no metadata {', '.join(keys)} (\"No plugin "
+                    "manages\"): its JSON metadata plugin is off (a SQLite database, or "
+                    "[metadata] plugins without json_meta)") from None
+            raise _translate(exc, f"setting the metadata of {len(items)} files") from None
+        except Exception as exc:
+            raise _translate(exc, f"setting the metadata of {len(items)} files") from None
 
     def attach_bulk(self, dataset: tuple[str, str], scope: str, names: list[str]) -> bool:
         """Attach the files to the dataset in one request; False (nothing attached) if one

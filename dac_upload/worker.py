@@ -245,6 +245,9 @@ def run_task(run_dir: Path, task: int,
         records = (_stock_records(rio, settings, todo, stop, state)
                    if settings.mode == "stock" or rio is None else
                    _bulk(rio, settings, todo, stop, state))
+        meta = {e["name"]: e["meta"] for e in todo if e.get("meta")}
+        if meta and rio is not None:
+            records = _with_metadata(rio, settings, records, meta, stop, state)
         for rec in records:
             rec.update(task=task, attempt=attempt, finished_at=utc_now())
             out.append(rec)
@@ -266,6 +269,7 @@ def run_task(run_dir: Path, task: int,
               "waiting_for_a_person": len(held),
               "bytes_uploaded": nbytes,
               "aborted": aborted, "stopped": stop.reason,
+              "metadata_refused": state.get("metadata_refused"),
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "rucio_host": getattr(rio, "host", None),
               "rucio_account": getattr(rio, "account", None)}
@@ -298,6 +302,60 @@ def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: Stop
                 if rec.get("cause") == "transient":  # failed through every retry: the
                     state["aborted"] = f"the Rucio server keeps failing: {rec['error']}"
             yield rec
+
+
+METADATA_GROUP = 100   # done files whose metadata is set in one request (stock mode)
+
+
+def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
+                   meta: dict[str, dict[str, str]], stop: StopRequest,
+                   state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Set the Butler metadata (rubin_butler, rubin_sidecar) of each done file's DID, one
+    request per group of files, before their records are written: a file counts as done
+    only with its metadata, and a resubmission finds the file present and sets it. A
+    server that cannot keep such metadata (no JSON plugin) is said once; the files stay
+    uploaded, marked metadata "refused"."""
+    from .rucio_io import MetadataRefused, RucioFileError
+
+    size = s.chunk_size if s.mode == "bulk" else METADATA_GROUP
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        done = [r for r in pending if r["status"] in DONE_STATES and r["name"] in meta]
+        if done and state.get("metadata_refused") is None:
+            try:
+                retrying(lambda: rio.set_metadata_bulk(
+                    s.scope, [(r["name"], meta[r["name"]]) for r in done]), s, stop,
+                    "setting Butler metadata", transient_too=True)
+                for r in done:
+                    r["metadata"] = "set"
+            except MetadataRefused as exc:
+                state["metadata_refused"] = str(exc)
+                _log(f"WARNING: Butler metadata not set: {exc}; the files are uploaded "
+                     "without it (summary.json lists each file's datasets)")
+            except RucioFileError as exc:
+                for r in done:
+                    r.update(status=FAILED, cause="rucio", error=(
+                        f"uploaded, but its Butler metadata was not set ({exc}); a "
+                        "resubmission sets it"))
+            except Exception as exc:   # the server gone or refusing us: stop the task
+                state["aborted"] = str(exc) if _is_fatal(exc) else (
+                    f"internal error {type(exc).__name__}: {exc}")
+                for r in done:
+                    r.update(status=FAILED, cause="transient", error=(
+                        f"uploaded, but its Butler metadata was not set ({exc}); a "
+                        "resubmission sets it"))
+        if state.get("metadata_refused") is not None:
+            for r in done:
+                r["metadata"] = "refused"
+        yield from pending
+        pending.clear()
+
+    for rec in records:
+        pending.append(rec)
+        if len(pending) >= size:
+            yield from flush()
+    yield from flush()
 
 
 def _bulk(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,

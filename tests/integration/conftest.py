@@ -51,3 +51,46 @@ def rucio_client(services: None) -> Any:
 
     clean_cached_config()   # a configuration read earlier in this process must not stay
     return Client()
+
+
+PG_CI_DIR = CI_DIR / "rucio-pg"
+PG_RUCIO_URL = "http://127.0.0.1:18081"
+
+
+@pytest.fixture(scope="session")
+def pg_rucio_client(services: None) -> Any:
+    """A client of the second test Rucio server, the one on PostgreSQL (up.sh starts it):
+    only there does Rucio keep free-form DID metadata such as rubin_sidecar."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{PG_RUCIO_URL}/ping", timeout=5).read()
+    except OSError as exc:
+        problem = f"the PostgreSQL Rucio server ({PG_RUCIO_URL}) is not up: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    from rucio.client import Client
+    from rucio.common.config import clean_cached_config
+
+    before = os.environ.get("RUCIO_CONFIG")
+    os.environ["RUCIO_CONFIG"] = str(PG_CI_DIR / "etc" / "client.cfg")
+    clean_cached_config()
+    try:
+        return Client()   # host and token file are read now, and kept
+    finally:
+        if before is None:
+            os.environ.pop("RUCIO_CONFIG", None)
+        else:
+            os.environ["RUCIO_CONFIG"] = before
+        clean_cached_config()
+
+
+@pytest.fixture
+def pg_workdir(workdir: Path, pg_rucio_client: Any) -> Path:
+    """workdir, with its rucio.cfg pointing at the PostgreSQL server."""
+    cfg = (PG_CI_DIR / "etc" / "client.cfg").read_text().replace(
+        str(PG_CI_DIR / "token"), str(workdir / "token"))
+    (workdir / "rucio.cfg").write_text(cfg)
+    chown_user(workdir)
+    return workdir

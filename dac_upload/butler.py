@@ -1,0 +1,481 @@
+"""The Butler side, on the planning host only (``pip install 'dac-upload[butler]'``).
+
+- A Butler repository as the source: the query ([butler] collections, dataset_types, where)
+  gives the datasets; the datastore's own records give each one's file, relative to the
+  datastore root, which becomes the Rucio name (after [naming] prefix), so the tree at the
+  destination mirrors the source datastore. Each file carries its datasets: type, run, data
+  ID, storage class, formatter, id and the serialized ``DatasetRef`` (the ``rubin_sidecar``
+  that Rubin's ingest daemon turns back into the ref).
+- A plain tree with [[butler.map]] entries: a regex with named groups per dataset type gives
+  each file its data ID (values converted to the dimension's type by the dimension universe).
+- The dimension records the destination needs, as a ``butler export`` YAML file.
+
+``lsst.daf.butler`` is imported here only, and only when a job asks for it: the array tasks
+never import this module (they get plain JSON from the manifests).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .catalogue import Catalogue, Entry, Problem, _readable
+from .config import ButlerConfig
+from .progress import Progress
+
+INSTALL_HINT = "pip install 'dac-upload[butler]'"
+# the rubin_butler values of lsst/rucio_register (data_type.py), read by lsst-dm/ctrl_ingestd
+RUBIN_DATA_PRODUCT = "data_product"
+RUBIN_RAW_FILE = "raw_file"
+RUBIN_DIM_FILE = "dim_file"
+
+
+class ButlerError(Exception):
+    """A Butler problem the user can fix; one line each, like PlanError."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def import_butler() -> Any:
+    """The ``lsst.daf.butler`` package, or one line saying how to get it."""
+    try:
+        import lsst.daf.butler as daf_butler
+    except ImportError as exc:
+        raise ButlerError([f"this job needs lsst-daf-butler on the planning host ({exc}); "
+                           f"run: {INSTALL_HINT} (the array tasks do not need it)"]) from None
+    return daf_butler
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def rubin_metadata(dataset: dict[str, Any], raw_types: tuple[str, ...]) -> dict[str, str]:
+    """The file DID's metadata as lsst/rucio_register writes it (both values strings)."""
+    kind = RUBIN_RAW_FILE if dataset["dataset_type"] in raw_types else RUBIN_DATA_PRODUCT
+    return {"rubin_butler": kind, "rubin_sidecar": dataset["ref"] or ""}
+
+
+# ----------------------------------------------------------------------------- repository source
+@dataclass
+class RepoSource:
+    """What planning learned from a Butler repository: the catalogue of its files and the
+    datasets in each (relpath -> list, usually one)."""
+
+    catalogue: Catalogue
+    datasets: dict[str, list[dict[str, Any]]]
+    butler: Any = field(repr=False)
+    refs: list[Any] = field(repr=False)
+    dataset_type_hits: dict[str, int] = field(default_factory=dict)
+
+    def write_dimension_export(self, path: Path) -> None:
+        """The dimension records of every uploaded dataset's data ID, and its RUN
+        collections, as a ``butler export`` YAML file (``butler import DEST DIR
+        --export-file FILE`` at the destination)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        data_ids = {ref.dataId for ref in self.refs}
+        runs = sorted({ref.run for ref in self.refs})
+        with self.butler.export(filename=str(tmp), format="yaml") as export:
+            export.saveDataIds(data_ids)
+            for run in runs:
+                export.saveCollection(run)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None = None,
+                        keep: Callable[[str, int, float], bool] | None = None) -> RepoSource:
+    """Query the repository and catalogue the files of the datasets found. ``keep`` (the
+    nightly ledger filter) drops files already accounted for, and their datasets."""
+    daf_butler = import_butler()
+    try:
+        butler = daf_butler.Butler.from_config(cfg.repo, writeable=False)
+    except Exception as exc:  # FileNotFoundError, ValueError, ... from deep inside
+        raise ButlerError([f"{where}: [butler] repo = {cfg.repo!r} cannot be opened as a "
+                           f"Butler repository ({_one_line(exc)}); give its directory or "
+                           "butler.yaml"]) from None
+    datastore = butler._datastore
+    root_uri = getattr(datastore, "root", None)
+    records_of = getattr(datastore, "_get_stored_records_associated_with_refs", None)
+    if root_uri is None or records_of is None or root_uri.scheme != "file":
+        raise ButlerError([f"{where}: [butler] repo = {cfg.repo!r}: its datastore "
+                           f"({type(datastore).__name__}, root {root_uri}) is not a POSIX "
+                           "file datastore; dac-upload uploads files from a local datastore"])
+    root = Path(root_uri.ospath)
+
+    types, hits, errors = _dataset_types(butler, cfg, where)
+    if errors:
+        raise ButlerError(errors)
+    refs: list[Any] = []
+    for name in types:
+        try:
+            found = butler.query_datasets(name, collections=list(cfg.collections),
+                                          where=cfg.where, find_first=cfg.find_first,
+                                          with_dimension_records=True, explain=False,
+                                          limit=None)
+        except Exception as exc:
+            raise ButlerError([f"{where}: [butler] the query for {name!r} in "
+                               f"{list(cfg.collections)} failed: {_one_line(exc)}; check "
+                               "collections and where"]) from None
+        refs.extend(found)
+        for pattern in cfg.dataset_types:
+            if fnmatch.fnmatchcase(name, pattern) and found:
+                hits[pattern] += 1
+    for pattern, n in hits.items():
+        if n == 0:
+            errors.append(f"{where}: [butler] dataset_types entry {pattern!r} finds no dataset "
+                          f"in {list(cfg.collections)}" + (f" where {cfg.where}" if cfg.where
+                                                           else "")
+                          + "; fix the name, the collections or the where expression")
+    if errors:
+        raise ButlerError(errors)
+
+    cat = Catalogue(root=root)
+    datasets: dict[str, list[dict[str, Any]]] = {}
+    records = records_of(refs) if refs else {}
+    uid, groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
+    nbytes = 0
+    for ref, info, relpath in _files_of(refs, records, root_uri, cat):
+        entry = _dataset_entry(ref, info)
+        if relpath in datasets:   # one file holding several datasets (or one left out)
+            if datasets[relpath]:
+                datasets[relpath].append(entry)
+            continue
+        path = root / relpath
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            cat.refused.append(Problem(relpath, f"the datastore lists it for {_label(ref)}, "
+                                       "but the file is missing"))
+            datasets[relpath] = []
+            continue
+        except OSError as exc:
+            cat.refused.append(Problem(relpath, f"cannot stat: {exc.strerror}"))
+            datasets[relpath] = []
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            cat.refused.append(Problem(relpath, "not a regular file"))
+            datasets[relpath] = []
+            continue
+        if keep is not None and not keep(relpath, st.st_size, st.st_mtime):
+            datasets[relpath] = []     # seen: its other datasets must not be added again
+            continue
+        if not _readable(st, uid, groups) and not os.access(path, os.R_OK):
+            cat.refused.append(Problem(relpath, "not readable by you; fix its permissions"))
+            datasets[relpath] = []
+            continue
+        datasets[relpath] = [entry]
+        cat.entries.append(Entry(relpath, st.st_size, st.st_mtime))
+        nbytes += st.st_size
+        if progress is not None:
+            progress.update(len(cat.entries), nbytes)
+    if progress is not None:
+        progress.done()
+    cat.entries.sort()
+    datasets = {rel: ds for rel, ds in datasets.items() if ds}
+    kept = {d["dataset_id"] for ds in datasets.values() for d in ds}
+    refs = [ref for ref in refs if str(ref.id) in kept]
+    return RepoSource(cat, datasets, butler, refs, hits)
+
+
+def _dataset_types(butler: Any, cfg: ButlerConfig,
+                   where: str) -> tuple[list[str], dict[str, int], list[str]]:
+    """Names of the dataset types in the collections that the patterns select."""
+    hits = {p: 0 for p in cfg.dataset_types}
+    try:
+        infos = butler.collections.query_info(list(cfg.collections), flatten_chains=True,
+                                              include_summary=True)
+    except Exception as exc:
+        return [], hits, [f"{where}: [butler] collections = {list(cfg.collections)}: "
+                          f"{_one_line(exc)}; list them with: butler query-collections "
+                          f"{cfg.repo}"]
+    present = sorted({name for info in infos for name in (info.dataset_types or ())})
+    chosen = [n for n in present
+              if any(fnmatch.fnmatchcase(n, p) for p in cfg.dataset_types)]
+    return chosen, hits, []
+
+
+def _files_of(refs: list[Any], records: dict[Any, list[Any]], root_uri: Any,
+              cat: Catalogue) -> Iterator[tuple[Any, Any, str]]:
+    """(ref, stored-file record, path relative to the datastore root) for each dataset
+    stored in one file inside the root; the others are listed as skipped, with why."""
+    for ref in refs:
+        infos = records.get(ref.id, [])
+        if not infos:
+            cat.skipped.append(Problem(_label(ref), "no file in the datastore (not stored "
+                                       "there, or stored by another datastore)"))
+            continue
+        if len(infos) > 1:
+            for info in infos:
+                cat.skipped.append(Problem(info.path, f"one of the {len(infos)} component "
+                                           f"files of {_label(ref)} (a disassembled "
+                                           "composite): Butler ingests whole files only"))
+            continue
+        info = infos[0]
+        path = info.path
+        if "://" in path or path.startswith("/"):   # an absolute URI: inside the root?
+            rel = _resource_path(path).relative_to(root_uri)
+            if not rel:
+                cat.skipped.append(Problem(path, f"{_label(ref)} is stored outside the "
+                                           "datastore root (ingested with -t direct): "
+                                           "upload it from its own tree"))
+                continue
+            path = rel
+        yield ref, info, path
+
+
+def _resource_path(path: str) -> Any:
+    from lsst.resources import ResourcePath
+
+    return ResourcePath(path, forceAbsolute=True)
+
+
+def _label(ref: Any) -> str:
+    return f"{ref.datasetType.name}@{dict(ref.dataId.required)} in {ref.run}"
+
+
+def _dataset_entry(ref: Any, info: Any) -> dict[str, Any]:
+    dt = ref.datasetType
+    return {"dataset_type": dt.name, "run": ref.run,
+            "data_id": dict(ref.dataId.required),
+            "dimensions": list(dt.dimensions.required),
+            "storage_class": dt.storageClass_name, "is_calibration": dt.isCalibration(),
+            "formatter": info.formatter, "dataset_id": str(ref.id), "ref": ref.to_json()}
+
+
+# ----------------------------------------------------------------------------- plain-tree maps
+def map_tree(entries: list[Entry], cfg: ButlerConfig, where: str,
+             universe: Any = None) -> tuple[dict[str, list[dict[str, Any]]], list[str],
+                                            list[Problem]]:
+    """Each entry's dataset by the first [[butler.map]] whose regex matches its whole
+    relative path: (relpath -> [dataset], relpaths no map matched, problems). Values are
+    converted to the dimension's type (an exposure id is an int). A map that names an
+    unknown dimension or leaves out a required one raises ButlerError."""
+    if universe is None:
+        universe = import_butler().DimensionUniverse()
+    plans = []
+    errors: list[str] = []
+    for n, m in enumerate(cfg.maps, 1):
+        keys = set(m.pattern.groupindex) | {k for k, _ in m.data_id}
+        unknown = sorted(k for k in keys if k not in universe.dimensions.names)
+        if unknown:
+            errors.append(f"{where}: [[butler.map]] #{n} ({m.dataset_type}): "
+                          f"{', '.join(unknown)} is not a dimension of the Butler's universe "
+                          f"({universe.namespace} {universe.version}); use dimension names "
+                          "such as instrument, exposure, detector, visit")
+            continue
+        required = list(universe.conform(sorted(keys)).required)
+        missing = [k for k in required if k not in keys]
+        if missing:
+            errors.append(f"{where}: [[butler.map]] #{n} ({m.dataset_type}): the data ID "
+                          f"lacks {', '.join(missing)}, which {', '.join(sorted(keys))} "
+                          "need: add a path group or a data_id value")
+            continue
+        types = {k: universe.dimensions[k].primaryKey.getPythonType() for k in keys}
+        plans.append((m, required, types))
+    if errors:
+        raise ButlerError(errors)
+    datasets: dict[str, list[dict[str, Any]]] = {}
+    unmatched: list[str] = []
+    problems: list[Problem] = []
+    for e in entries:
+        for m, required, types in plans:
+            hit = m.pattern.fullmatch(e.relpath)
+            if hit is None:
+                continue
+            raw = {**dict(m.data_id), **hit.groupdict()}
+            try:
+                data_id = {k: _convert(types[k], v) for k, v in sorted(raw.items())}
+            except ValueError as exc:
+                problems.append(Problem(e.relpath, f"matches the map for {m.dataset_type}, "
+                                        f"but {exc}; fix the path regex"))
+                break
+            datasets[e.relpath] = [{
+                "dataset_type": m.dataset_type, "run": m.run, "data_id": data_id,
+                "dimensions": required, "storage_class": m.storage_class,
+                "is_calibration": False, "formatter": m.formatter, "dataset_id": None,
+                "ref": None}]
+            break
+        else:
+            unmatched.append(e.relpath)
+    return datasets, unmatched, problems
+
+
+def _convert(kind: type, value: Any) -> Any:
+    if value is None:
+        raise ValueError("an optional group matched nothing")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a {kind.__name__}") from None
+
+
+# ----------------------------------------------------------------------------- ingest tables
+DONE = ("uploaded", "already_present")
+ID_GENERATION_MODE = "DATAID_TYPE_RUN"   # the same table ingested anywhere gives the same ids
+
+
+@dataclass(frozen=True)
+class IngestTable:
+    """One ECSV table for ``butler ingest-files``: one dataset type, run and formatter."""
+
+    path: Path
+    dataset_type: str
+    run: str
+    formatter: str | None
+    storage_class: str | None
+    dimensions: tuple[str, ...]
+    is_calibration: bool
+    rows: int
+
+
+@dataclass
+class IngestPlan:
+    tables: list[IngestTable]
+    not_uploaded: list[str]          # files with datasets that are not on the RSE
+    not_matched: list[str]           # uploaded files without a dataset (no map matched)
+    dimension_export: Path | None
+    script: Path
+    commands: list[str]
+
+
+def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
+                  relative_to: str | None = None, overwrite: bool = False) -> IngestPlan:
+    """Write one ECSV table per dataset type, run and formatter of a collected run (the
+    file's URI first: its RSE URL, or that URL relative to ``relative_to``; then one column
+    per dimension), the dimension records (Butler source) and ingest.sh, the commands that
+    ingest them into a destination Butler. Needs astropy (the [butler] extra)."""
+    import shlex
+
+    try:
+        from astropy.table import Table
+    except ImportError as exc:
+        raise ButlerError([f"butler-table needs astropy ({exc}); run: {INSTALL_HINT}"]) from None
+    butler = summary.get("butler")
+    if not butler:
+        raise ButlerError([f"{run_dir}: this run's job has no [butler] section, so its files "
+                           "have no data IDs; add [butler] repo or [[butler.map]] and plan a "
+                           "new run"])
+    prefix = None
+    if relative_to:
+        prefix = relative_to if relative_to.endswith("/") else relative_to + "/"
+    groups: dict[tuple[Any, ...], list[tuple[str, dict[str, Any]]]] = {}
+    first: dict[tuple[Any, ...], dict[str, Any]] = {}
+    not_uploaded: list[str] = []
+    not_matched: list[str] = []
+    outside: list[str] = []
+    for _key, f in sorted(summary["files"].items()):
+        datasets = f.get("datasets") or []
+        if not datasets:
+            if f["status"] in DONE:
+                not_matched.append(f["relpath"])
+            continue
+        if f["status"] not in DONE or not f.get("pfn"):
+            not_uploaded.append(f"{f['relpath']} ({f['status']}"
+                                + (f": {f['error']}" if f.get("error") else "") + ")")
+            continue
+        uri = f["pfn"]
+        if prefix is not None:
+            if not uri.startswith(prefix):
+                outside.append(uri)
+                continue
+            uri = uri[len(prefix):]
+        for d in datasets:
+            group = (d["dataset_type"], d["run"], d.get("formatter"),
+                     tuple(sorted(d["data_id"])))
+            groups.setdefault(group, []).append((uri, d["data_id"]))
+            first.setdefault(group, d)
+    if outside:
+        raise ButlerError([f"{len(outside)} RSE URLs do not start with --relative-to "
+                           f"{relative_to!r} (e.g. {outside[0]}); give the common prefix of "
+                           "the RSE's URLs"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables: list[IngestTable] = []
+    taken: set[str] = set()
+    for group in sorted(groups, key=lambda g: (g[0], g[1], g[2] or "", g[3])):
+        dataset_type, run, formatter, dims = group
+        stem = f"{dataset_type}.{_slug(run)}"
+        name, n = f"{stem}.ecsv", 1
+        while name in taken:
+            n += 1
+            name = f"{stem}.{n}.ecsv"
+        taken.add(name)
+        path = out_dir / name
+        if path.exists() and not overwrite:
+            raise ButlerError([f"{path} exists; remove it, write elsewhere (--out) or pass "
+                               "--overwrite"])
+        rows = sorted(groups[group], key=lambda r: r[0])
+        table = Table(rows=[(uri, *(data_id[k] for k in dims)) for uri, data_id in rows],
+                      names=("uri", *dims))
+        table.meta["comments"] = [f"dac-upload run {summary['run_id']}: {dataset_type} in "
+                                  f"{run}, {len(rows)} files"]
+        tmp = path.with_name(f".{name}.tmp")
+        table.write(tmp, format="ascii.ecsv", overwrite=True)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        d = first[group]
+        tables.append(IngestTable(path, dataset_type, run, formatter, d.get("storage_class"),
+                                  tuple(d.get("dimensions") or dims),
+                                  bool(d.get("is_calibration")), len(rows)))
+
+    export = None
+    if butler.get("dimension_export"):
+        src = run_dir / butler["dimension_export"]
+        export = out_dir / butler["dimension_export"]
+        if export.exists() and not overwrite:
+            raise ButlerError([f"{export} exists; remove it, write elsewhere (--out) or pass "
+                               "--overwrite"])
+        tmp = export.with_name(f".{export.name}.tmp")
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, export)
+
+    q = shlex.quote
+    commands: list[str] = []
+    if export is not None:
+        commands.append(f'butler import "$DEST" {q(str(out_dir))} --export-file '
+                        f"{q(str(export))}")
+    registered: set[str] = set()
+    for t in tables:
+        if t.dataset_type in registered:
+            continue
+        registered.add(t.dataset_type)
+        if t.storage_class:
+            commands.append(f'butler register-dataset-type "$DEST" {q(t.dataset_type)} '
+                            f"{q(t.storage_class)} {' '.join(q(x) for x in t.dimensions)}"
+                            + (" --is-calibration" if t.is_calibration else ""))
+        else:
+            commands.append(f"# register {t.dataset_type} at the destination first (its "
+                            "storage class is not known: set [[butler.map]] storage_class)")
+    for t in tables:
+        commands.append("butler ingest-files -t direct"
+                        + (f" --formatter {q(t.formatter)}" if t.formatter else "")
+                        + (f" --prefix {q(prefix)}" if prefix else "")
+                        + f" --id-generation-mode {ID_GENERATION_MODE}"
+                        + f' "$DEST" {q(t.dataset_type)} {q(t.run)} {q(str(t.path))}')
+    script = out_dir / "ingest.sh"
+    text = ("#!/bin/sh\n"
+            f"# written by dac-upload butler-table for run {summary['run_id']}: ingest its "
+            "uploaded files\n# into a destination Butler repository, in place (-t direct).\n"
+            "# Usage: sh ingest.sh DEST_REPO\nset -eu\n"
+            'DEST=${1:?usage: sh ingest.sh DEST_REPO}\n' + "\n".join(commands) + "\n")
+    tmp = script.with_name(".ingest.sh.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(0o755)
+    os.replace(tmp, script)
+    return IngestPlan(tables, not_uploaded, not_matched, export, script, commands)
+
+
+def _slug(run: str) -> str:
+    """A RUN collection name as part of a file name (u/jbloggs/run1 -> u_jbloggs_run1)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run)

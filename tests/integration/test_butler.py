@@ -1,0 +1,320 @@
+"""Butler-ready uploads against the real services: a source Butler repository (SQLite, local
+datastore) goes through the real Slurm into the real Rucio on PostgreSQL; each file DID carries
+Rubin's rubin_butler / rubin_sidecar metadata, and the sidecar turns back into the source ref.
+Then a fresh destination Butler imports the dimension records and the real `butler
+ingest-files -t direct` ingests the tables `dac-upload butler-table` wrote, pointing at the
+files on the test RSE: every dataset is there with the source's data ID, and reads back the
+same. A plain tree with a [[butler.map]] goes the same way; a file no map matches is
+reported, not dropped. On the SQLite Rucio (no JSON metadata plugin) the upload says once
+that the metadata was refused, and the files are uploaded all the same."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PG_RUCIO_URL
+from ithelpers import (
+    RSE,
+    SCOPE,
+    VENV_BIN,
+    adler32_of,
+    as_user,
+    chown_user,
+    dac_upload,
+    load_summary,
+    parse_submitted,
+    run_dir_of,
+    unique_prefix,
+    wait_for_jobs,
+    write_job,
+)
+
+daf_butler = pytest.importorskip("lsst.daf.butler", reason="needs dac-upload[butler]")
+Butler = daf_butler.Butler
+DatasetRef = daf_butler.DatasetRef
+DatasetType = daf_butler.DatasetType
+
+INSTRUMENT = "DummyCam"
+RUN1, RUN2 = "u/dac/run1", "u/dac/run2"
+
+
+def _add_dimension_records(butler: Any, exposures: tuple[int, ...] = (100, 101),
+                           detectors: int = 3) -> None:
+    reg = butler.registry
+    reg.insertDimensionData("instrument", {
+        "name": INSTRUMENT, "visit_max": 1000, "exposure_max": 1000, "detector_max": 10,
+        "class_name": "lsst.obs.base.Instrument"})
+    reg.insertDimensionData("detector", *[{"instrument": INSTRUMENT, "id": d,
+                                           "full_name": f"d{d}"} for d in range(detectors)])
+    reg.insertDimensionData("physical_filter", {"instrument": INSTRUMENT, "name": "dc-r",
+                                                "band": "r"})
+    reg.insertDimensionData("day_obs", {"instrument": INSTRUMENT, "id": 20261125})
+    reg.insertDimensionData("group", {"instrument": INSTRUMENT, "name": "g1"})
+    reg.insertDimensionData("exposure", *[{
+        "instrument": INSTRUMENT, "id": e, "physical_filter": "dc-r", "obs_id": f"e{e}",
+        "day_obs": 20261125, "group": "g1"} for e in exposures])
+
+
+def _source_repo(root: Path) -> dict[str, Any]:
+    """A source Butler with two dataset types in two runs (and one left out by the query):
+    dataset id -> the object put."""
+    from astropy.table import Table
+
+    Butler.makeRepo(str(root))
+    butler = Butler.from_config(str(root), writeable=True)
+    _add_dimension_records(butler)
+    u = butler.dimensions
+    for dt in (DatasetType("cfg", ("instrument", "detector", "exposure"), "StructuredDataDict",
+                           universe=u),
+               DatasetType("tbl", ("instrument", "exposure"), "AstropyTable", universe=u),
+               DatasetType("other", ("instrument",), "StructuredDataDict", universe=u)):
+        butler.registry.registerDatasetType(dt)
+    for run in (RUN1, RUN2):
+        butler.registry.registerRun(run)
+    put: dict[str, Any] = {}
+    for e in (100, 101):
+        for d in range(3):
+            obj = {"exposure": e, "detector": d, "pad": "x" * (100 * d)}
+            ref = butler.put(obj, "cfg", instrument=INSTRUMENT, detector=d, exposure=e,
+                             run=RUN1)
+            put[str(ref.id)] = obj
+        tbl = Table({"a": [1, 2, e], "b": [0.5, 1.5, 2.5]})
+        ref = butler.put(tbl, "tbl", instrument=INSTRUMENT, exposure=e, run=RUN2)
+        put[str(ref.id)] = tbl
+    butler.put({"not": "selected"}, "other", instrument=INSTRUMENT, run=RUN1)
+    butler.close()
+    return put
+
+
+def _butler_job(prefix: str, repo: str, upload: str = "bulk") -> str:
+    return f"""
+[butler]
+repo = "{repo}"
+collections = ["{RUN1}", "{RUN2}"]
+dataset_types = ["cfg", "tb*"]
+[rucio]
+scope = "{SCOPE}"
+rse = "{RSE}"
+config = "../rucio.cfg"
+[naming]
+prefix = "{prefix}"
+[upload]
+mode = "{upload}"
+[batching]
+files_per_batch = 3
+max_running = 2
+[slurm]
+time = "00:10:00"
+mem = "1G"
+[container]
+runtime = "none"
+"""
+
+
+def _submit_and_wait(workdir: Path, job: Path) -> Path:
+    out = dac_upload(["submit", str(job)], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    array, collector = parse_submitted(out.stdout)
+    wait_for_jobs([array, collector])
+    return run_dir_of(out.stdout)
+
+
+def _destination(path: Path) -> None:
+    """A fresh, empty destination Butler repository, owned by the test user."""
+    Butler.makeRepo(str(path))
+    chown_user(path)
+
+
+def _ingest(workdir: Path, script: Path, dest: Path) -> None:
+    out = as_user(["sh", str(script), str(dest)], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_butler_repo_through_slurm_into_rucio_with_sidecar_metadata_then_ingest_files(
+        pg_workdir: Path, pg_rucio_client: Any) -> None:
+    workdir, client = pg_workdir, pg_rucio_client
+    put = _source_repo(workdir / "repo")
+    chown_user(workdir)
+    prefix = unique_prefix()
+    job = write_job(workdir, "butler", _butler_job(prefix, "../repo"))
+
+    run_dir = _submit_and_wait(workdir, job)
+    summary = load_summary(run_dir)
+    assert summary["complete"], json.dumps(summary["counts"])
+    assert summary["rucio"]["host"] == PG_RUCIO_URL
+    files = summary["files"]
+    assert len(files) == 8 and summary["counts"]["uploaded"] == 8   # 6 cfg + 2 tbl
+    assert summary["butler"]["kind"] == "repo"
+    assert summary["butler"]["datasets"] == 8 and summary["butler"]["metadata_set"] == 8
+    assert not summary["warnings"]
+
+    source = Butler.from_config(str(workdir / "repo"))
+    refs = {str(r.id): r for dt in ("cfg", "tbl")
+            for r in source.query_datasets(dt, collections=[RUN1, RUN2])}
+    assert set(refs) == set(put)
+    seen: set[str] = set()
+    for f in files.values():
+        # the Rucio name mirrors the datastore: prefix + the path under the datastore root
+        (dataset,) = f["datasets"]
+        ref = refs[dataset["dataset_id"]]
+        relpath = source.getURI(ref).relative_to(source._datastore.root)
+        assert f["name"] == prefix + relpath and f["relpath"] == relpath
+        assert dataset["data_id"] == dict(ref.dataId.required)
+        assert (dataset["dataset_type"], dataset["run"]) == (ref.datasetType.name, ref.run)
+        # Rubin's metadata on the file DID, the sidecar turning back into the source ref
+        meta = client.get_metadata(SCOPE, f["name"], plugin="ALL")
+        assert meta["rubin_butler"] == "data_product"
+        back = DatasetRef.from_json(meta["rubin_sidecar"], universe=source.dimensions)
+        assert back == ref and back.id == ref.id and back.run == ref.run
+        assert back.dataId.required == ref.dataId.required
+        assert meta["adler32"] == adler32_of(Path(source.getURI(ref).ospath))
+        assert f["metadata"] == "set"
+        seen.add(dataset["dataset_id"])
+    assert seen == set(put)
+
+    # the destination side: dimension records, then butler ingest-files -t direct
+    dest = workdir / "dest"
+    _destination(dest)
+    out = dac_upload(["butler-table", str(run_dir)], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tables = sorted((run_dir / "butler-ingest").glob("*.ecsv"))
+    assert [t.name for t in tables] == ["cfg.u_dac_run1.ecsv", "tbl.u_dac_run2.ecsv"]
+    assert "butler ingest-files -t direct" in out.stdout
+    _ingest(workdir, run_dir / "butler-ingest" / "ingest.sh", dest)
+
+    listed = as_user([str(VENV_BIN / "butler"), "query-datasets", str(dest), "cfg", "tbl",
+                      "--collections", "u/dac/*"], workdir)
+    assert listed.returncode == 0, listed.stderr
+    assert sum(1 for line in listed.stdout.splitlines()
+               if line.strip().startswith(("cfg ", "tbl "))) == 8, listed.stdout
+    target = Butler.from_config(str(dest))
+    got = {(r.datasetType.name, r.run, tuple(sorted(r.dataId.required.items()))): r
+           for dt in ("cfg", "tbl")
+           for r in target.query_datasets(dt, collections=[RUN1, RUN2])}
+    assert len(got) == 8
+    for ref in refs.values():
+        there = got[(ref.datasetType.name, ref.run, tuple(sorted(ref.dataId.required.items())))]
+        uri = target.getURI(there)
+        f = files[f"{SCOPE}:{prefix}{source.getURI(ref).relative_to(source._datastore.root)}"]
+        assert str(uri).replace("file:///", "file://localhost/") == f["pfn"]
+        assert uri.read() == source.getURI(ref).read()          # the same bytes
+        obj = target.get(there)
+        if ref.datasetType.name == "cfg":
+            assert obj == put[str(ref.id)]
+        else:
+            assert list(obj["a"]) == list(put[str(ref.id)]["a"])
+    # dimension records came from the source's export, not from this test
+    assert {r.id for r in target.query_dimension_records("exposure")} == {100, 101}
+
+
+def test_plain_tree_with_a_regex_map_through_ingest_files(workdir: Path) -> None:
+    src = workdir / "src"
+    expected = {}
+    for e in (100, 101):
+        for d in (0, 2):
+            path = src / "raw" / INSTRUMENT / f"e{e}" / f"d{d}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"exposure: {e}\ndetector: {d}\n")
+            expected[path.relative_to(src).as_posix()] = {"instrument": INSTRUMENT,
+                                                          "exposure": e, "detector": d}
+    (src / "raw" / "README.txt").write_text("not a dataset\n")
+    chown_user(workdir)
+    prefix = unique_prefix()
+    job = write_job(workdir, "tree", f"""
+[source]
+root = "../src"
+[rucio]
+scope = "{SCOPE}"
+rse = "{RSE}"
+config = "../rucio.cfg"
+[naming]
+prefix = "{prefix}"
+[batching]
+files_per_batch = 3
+[container]
+runtime = "none"
+[[butler.map]]
+dataset_type = "rawcfg"
+run = "{INSTRUMENT}/raw/plain"
+path = 'raw/(?P<instrument>[A-Za-z]+)/e(?P<exposure>\\d+)/d(?P<detector>\\d+)\\.yaml'
+storage_class = "StructuredDataDict"
+formatter = "lsst.daf.butler.formatters.yaml.YamlFormatter"
+""")
+    run_dir = _submit_and_wait(workdir, job)
+    summary = load_summary(run_dir)
+    assert summary["complete"] and summary["counts"]["uploaded"] == 5
+    assert summary["butler"]["files_without_datasets"] == 1
+    by_rel = {f["relpath"]: f for f in summary["files"].values()}
+    assert by_rel["raw/README.txt"]["datasets"] == []
+    for rel, data_id in expected.items():
+        (d,) = by_rel[rel]["datasets"]
+        assert d["data_id"] == data_id     # exposure and detector are ints: converted
+        assert by_rel[rel]["metadata"] is None   # a map gives no DatasetRef to send
+
+    # the unmatched file is reported, and fails the command unless allowed
+    out = dac_upload(["butler-table", str(run_dir)], workdir)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "1 files uploaded but matched by no [[butler.map]]" in out.stderr
+    assert "raw/README.txt" in out.stderr
+    out = dac_upload(["butler-table", str(run_dir), "--allow-missing", "--overwrite"], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    dest = workdir / "dest"
+    Butler.makeRepo(str(dest))
+    with Butler.from_config(str(dest), writeable=True) as b:
+        _add_dimension_records(b, detectors=3)   # a plain tree brings no records of its own
+    chown_user(dest)
+    _ingest(workdir, run_dir / "butler-ingest" / "ingest.sh", dest)
+    target = Butler.from_config(str(dest))
+    refs = target.query_datasets("rawcfg", collections=f"{INSTRUMENT}/raw/plain")
+    def key(x: dict[str, Any]) -> tuple[int, int]:
+        return x["exposure"], x["detector"]
+
+    assert sorted((dict(r.dataId.required) for r in refs), key=key) == sorted(
+        expected.values(), key=key)
+    for r in refs:
+        rel = f"raw/{INSTRUMENT}/e{r.dataId['exposure']}/d{r.dataId['detector']}.yaml"
+        assert target.getURI(r).read() == (src / rel).read_bytes()
+        assert target.get(r) == {"exposure": r.dataId["exposure"],
+                                 "detector": r.dataId["detector"]}
+
+
+def test_metadata_refused_by_a_sqlite_rucio_is_one_warning_and_files_still_upload(
+        workdir: Path) -> None:
+    _source_repo(workdir / "repo")
+    chown_user(workdir)
+    job = write_job(workdir, "butler", _butler_job(unique_prefix(), "../repo",
+                                                   upload="stock"))
+    run_dir = _submit_and_wait(workdir, job)
+    summary = load_summary(run_dir)
+    assert summary["complete"] and summary["counts"]["uploaded"] == 8
+    assert summary["butler"]["metadata_refused"] == 8
+    assert {f["metadata"] for f in summary["files"].values()} == {"refused"}
+    (warning,) = summary["warnings"]
+    assert "Butler metadata was not set" in warning and "JSON metadata plugin" in warning
+    logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*"))
+    assert logs.count("WARNING: Butler metadata not set") == 3   # once per task (3 tasks)
+
+
+def test_planning_needs_the_butler_extra_and_says_how(workdir: Path) -> None:
+    """Without lsst-daf-butler on the planning host, one line says what to install."""
+    job = write_job(workdir, "butler", _butler_job(unique_prefix(), "../repo"))
+    out = as_user([str(VENV_BIN / "python"), "-c",
+                   "import sys; sys.modules['lsst'] = None; "
+                   "from dac_upload.cli import main; main()", "plan", "--offline",
+                   str(job)], workdir)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "pip install 'dac-upload[butler]'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_array_tasks_never_import_the_butler(workdir: Path) -> None:
+    code = ("import sys, dac_upload.worker, dac_upload.bulk, dac_upload.collect, "
+            "dac_upload.rucio_io; print(sorted(m for m in sys.modules if m.startswith('lsst')))")
+    out = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]"
