@@ -1,0 +1,280 @@
+"""The Butler parts without services: [butler] in the job file, plain-tree maps (with the real
+dimension universe), Rubin's metadata, the worker's metadata step, the summary's Butler
+fields and the ingest tables butler-table writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from unit_helpers import assert_valid_summary, job_text, write_job
+
+from dac_upload.butler import ButlerError, ingest_tables, map_tree, rubin_metadata
+from dac_upload.catalogue import Entry
+from dac_upload.collect import build_summary
+from dac_upload.config import ConfigError, load_job
+from dac_upload.rucio_io import MetadataRefused, RucioFileError
+from dac_upload.worker import Settings, StopRequest, _with_metadata
+
+MAP = """
+[[butler.map]]
+dataset_type = "raw"
+run = "DECam/raw/all"
+path = 'raw/(?P<exposure>\\d+)/(?P<detector>\\d+)\\.fits'
+data_id = {instrument = "DECam"}
+storage_class = "Exposure"
+"""
+
+
+def _job_errors(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_job(write_job(tmp_path, text))
+    return info.value.lines
+
+
+# ----------------------------------------------------------------------------- job file
+def test_map_section_parses(tmp_path: Path) -> None:
+    job = load_job(write_job(tmp_path, job_text() + MAP))
+    (m,) = job.butler.maps
+    assert job.butler.kind == "map"
+    assert (m.dataset_type, m.run, m.storage_class, m.formatter) == (
+        "raw", "DECam/raw/all", "Exposure", None)
+    assert dict(m.data_id) == {"instrument": "DECam"}
+    assert m.pattern.fullmatch("raw/123/07.fits").groupdict() == {"exposure": "123",
+                                                                  "detector": "07"}
+
+
+def test_repo_section_takes_the_repository_as_the_root(tmp_path: Path) -> None:
+    text = job_text().replace('root = "data"', "") + """
+[butler]
+repo = "repo/butler.yaml"
+collections = ["HSC/runs/RC2"]
+dataset_types = ["calexp"]
+where = "instrument = 'HSC'"
+"""
+    job = load_job(write_job(tmp_path, text))
+    assert job.butler.kind == "repo" and job.butler.metadata
+    assert job.butler.repo == str(tmp_path / "repo" / "butler.yaml")
+    assert job.source.root == tmp_path / "repo"
+    assert job.butler.raw_dataset_types == ("raw",)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ('[butler]\nrepo = "r"\n', "[butler] repo needs collections"),
+    ('[butler]\nrepo = "r"\ncollections = ["c"]\n' + MAP, "do not go together"),
+    ('[butler]\ncollections = ["c"]\n', "[butler] collections is used only with repo"),
+    ('[butler]\nrepo = "r"\ncollections = ["c"]\nfind_first = "yes"\n',
+     "[butler] find_first = 'yes' is not valid"),
+    ('[butler]\nrepos = "r"\n', "unknown key 'repos'; did you mean 'repo'?"),
+    ('[[butler.map]]\ndataset_type = "raw"\nrun = "r"\npath = "raw/(.*"\n',
+     "is not a valid regular expression"),
+    ('[[butler.map]]\ndataset_type = "raw"\nrun = "r"\npath = "raw/x"\n',
+     "path has no named group"),
+    ('[[butler.map]]\ndataset_type = "raw"\nrun = "r"\npath = "(?P<detector>\\\\d+)"\n'
+     'data_id = {detector = 1}\n', "detector comes both from a path group and from data_id"),
+    ('[[butler.map]]\ndataset_type = "raw"\npath = "(?P<detector>\\\\d+)"\n',
+     "[[butler.map]] #1 'run' is required"),
+    ('[[butler.map]]\ndataset_type = "raw"\nrun = "r"\npath = "(?P<detector>\\\\d+)"\n'
+     'formater = "x"\n', "unknown key 'formater'; did you mean 'formatter'?"),
+])
+def test_butler_mistakes_are_one_line_each(tmp_path: Path, extra: str, expected: str) -> None:
+    lines = _job_errors(tmp_path, job_text() + extra)
+    assert any(expected in line for line in lines), lines
+
+
+def test_source_keys_are_refused_with_a_butler_source(tmp_path: Path) -> None:
+    lines = _job_errors(tmp_path, job_text(source='include = ["*.fits"]')
+                        + '[butler]\nrepo = "r"\ncollections = ["c"]\n')
+    assert sum("is not used with a Butler source" in line for line in lines) == 2, lines
+
+
+# ----------------------------------------------------------------------------- plain-tree maps
+daf_butler = pytest.importorskip("lsst.daf.butler", reason="needs dac-upload[butler]")
+
+
+@pytest.fixture(scope="module")
+def universe() -> Any:
+    return daf_butler.DimensionUniverse()
+
+
+def _map_job(tmp_path: Path, maps: str) -> Any:
+    return load_job(write_job(tmp_path, job_text() + maps))
+
+
+def test_map_tree_converts_values_and_reports_unmatched(tmp_path: Path, universe: Any) -> None:
+    job = _map_job(tmp_path, MAP)
+    entries = [Entry("raw/00123/07.fits", 10, 1.0), Entry("raw/notes.txt", 3, 1.0),
+               Entry("raw/1/2.fits.gz", 3, 1.0)]
+    datasets, unmatched, problems = map_tree(entries, job.butler, "job.toml", universe)
+    assert unmatched == ["raw/notes.txt", "raw/1/2.fits.gz"] and not problems
+    (d,) = datasets["raw/00123/07.fits"]
+    assert d["data_id"] == {"detector": 7, "exposure": 123, "instrument": "DECam"}
+    assert d["dimensions"] == ["instrument", "detector", "exposure"]
+    assert (d["dataset_type"], d["run"], d["storage_class"], d["ref"]) == (
+        "raw", "DECam/raw/all", "Exposure", None)
+
+
+def test_map_tree_value_of_the_wrong_type_is_a_problem(tmp_path: Path, universe: Any) -> None:
+    job = _map_job(tmp_path, MAP.replace("(?P<exposure>\\d+)", "(?P<exposure>\\w+)"))
+    _, _, problems = map_tree([Entry("raw/abc/1.fits", 1, 1.0)], job.butler, "j", universe)
+    (p,) = problems
+    assert p.relpath == "raw/abc/1.fits" and "'abc' is not a int" in p.reason
+
+
+@pytest.mark.parametrize("maps, expected", [
+    (MAP.replace("detector", "detektor"), "detektor is not a dimension"),
+    (MAP.replace('data_id = {instrument = "DECam"}', ""), "the data ID lacks instrument"),
+])
+def test_map_tree_bad_dimensions_refused_before_any_file(tmp_path: Path, universe: Any,
+                                                         maps: str, expected: str) -> None:
+    job = _map_job(tmp_path, maps)
+    with pytest.raises(ButlerError) as info:
+        map_tree([], job.butler, "job.toml", universe)
+    assert len(info.value.lines) == 1 and expected in info.value.lines[0]
+
+
+def test_rubin_metadata_as_rucio_register_writes_it() -> None:
+    ds = {"dataset_type": "calexp", "ref": '{"id": "x"}'}
+    assert rubin_metadata(ds, ("raw",)) == {"rubin_butler": "data_product",
+                                            "rubin_sidecar": '{"id": "x"}'}
+    assert rubin_metadata({**ds, "dataset_type": "raw"}, ("raw",))["rubin_butler"] == "raw_file"
+
+
+# ----------------------------------------------------------------------------- worker: metadata
+class _MetaRucio:
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.fail = fail
+        self.calls: list[list[tuple[str, dict[str, str]]]] = []
+
+    def set_metadata_bulk(self, scope: str, items: list[tuple[str, dict[str, str]]]) -> None:
+        self.calls.append(items)
+        if self.fail:
+            raise self.fail
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(scope="s", rse="R", account=None, dataset=None, lifetime=None,
+                    root=tmp_path, retries=0, retry_wait=0, mode="bulk", chunk_size=2)
+
+
+def _recs() -> list[dict[str, Any]]:
+    return [{"name": n, "status": st, "error": None, "cause": None}
+            for n, st in (("a", "uploaded"), ("b", "already_present"), ("c", "failed"),
+                          ("d", "uploaded"))]
+
+
+def _meta_run(tmp_path: Path, rio: _MetaRucio) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    state: dict[str, Any] = {"aborted": None}
+    meta = {n: {"rubin_butler": "data_product", "rubin_sidecar": n} for n in "abcd"}
+    with StopRequest() as stop:
+        out = list(_with_metadata(rio, _settings(tmp_path), iter(_recs()), meta, stop, state))
+    return out, state
+
+
+def test_metadata_set_for_done_files_in_groups(tmp_path: Path) -> None:
+    rio = _MetaRucio()
+    out, state = _meta_run(tmp_path, rio)
+    assert [[n for n, _ in call] for call in rio.calls] == [["a", "b"], ["d"]]
+    assert [r.get("metadata") for r in out] == ["set", "set", None, "set"]
+    assert state.get("metadata_refused") is None
+
+
+def test_metadata_refused_once_files_stay_uploaded(tmp_path: Path) -> None:
+    rio = _MetaRucio(MetadataRefused("no JSON plugin"))
+    out, state = _meta_run(tmp_path, rio)
+    assert len(rio.calls) == 1                       # asked once, not again
+    assert [r["status"] for r in out] == ["uploaded", "already_present", "failed", "uploaded"]
+    assert [r.get("metadata") for r in out] == ["refused", "refused", None, "refused"]
+    assert state["metadata_refused"] == "no JSON plugin"
+
+
+def test_metadata_error_fails_the_files_for_a_resubmission(tmp_path: Path) -> None:
+    out, state = _meta_run(tmp_path, _MetaRucio(RucioFileError("permission denied")))
+    assert [r["status"] for r in out] == ["failed"] * 4
+    assert "its Butler metadata was not set (permission denied)" in out[0]["error"]
+    assert out[2]["error"] is None and not state["aborted"]
+
+
+# ----------------------------------------------------------------------------- summary, tables
+def _summary(tmp_path: Path) -> dict[str, Any]:
+    run = {"run_id": "20240501T100000Z-0a1b2c", "created_at": "2024-05-01T10:00:00Z",
+           "job": {"name": "b"}, "source": {"root": "/repo"}, "plan": {"tasks": 1},
+           "rucio": {"scope": "s", "rse": "R", "account": None, "dataset": None,
+                     "lifetime": None},
+           "butler": {"kind": "repo", "repo": "/repo", "collections": ["u/a b"],
+                      "dataset_types": ["*"], "where": "", "find_first": False,
+                      "metadata": True, "raw_dataset_types": ["raw"], "maps": [],
+                      "files": "butler.jsonl", "dimension_export": "butler-dimensions.yaml"},
+           "submissions": []}
+    files = [("c/1.yaml", "uploaded"), ("c/2.yaml", "failed"), ("x.txt", "uploaded")]
+    manifest = {"files": [{"relpath": r, "name": "p/" + r, "size": 1, "mtime": 1.0,
+                           **({"meta": {"rubin_butler": "data_product"}}
+                              if r != "x.txt" else {})} for r, _ in files]}
+    results = [{"name": "p/" + r, "status": st, "bytes": 1, "attempt": 1,
+                "adler32": "0000abcd" if st == "uploaded" else None, "md5": None,
+                "pfn": f"davs://se:1094/rucio/s/p/{r}" if st == "uploaded" else None,
+                "guid": None, "error": None if st == "uploaded" else "boom",
+                "cause": None if st == "uploaded" else "rucio",
+                "metadata": "refused" if st == "uploaded" else None} for r, st in files]
+    datasets = {r: [{"dataset_type": "cfg", "run": "u/a b", "data_id": {"instrument": "I",
+                                                                      "detector": i},
+                     "dimensions": ["instrument", "detector"], "storage_class": "Dict",
+                     "is_calibration": False, "formatter": "f.Y", "dataset_id": f"id{i}",
+                     "ref": "{}"}] for i, (r, _) in enumerate(files[:2])}
+    markers = {0: {"task": 0, "exit_code": 1, "finished_at": "2024-05-01T10:05:00Z",
+                   "metadata_refused": "no plugin"}}
+    summary = build_summary(run, {0: manifest}, {0: results}, markers, [], datasets)
+    (tmp_path / "butler-dimensions.yaml").write_text("data: []\n")
+    return assert_valid_summary(summary)
+
+
+def test_summary_carries_datasets_and_one_metadata_warning(tmp_path: Path) -> None:
+    s = _summary(tmp_path)
+    assert s["warnings"] == ["Butler metadata was not set: no plugin"]
+    b = s["butler"]
+    assert (b["files_with_datasets"], b["files_without_datasets"], b["datasets"],
+            b["metadata_refused"]) == (2, 1, 2, 1)
+    f = s["files"]["s:p/c/1.yaml"]
+    assert f["datasets"][0]["data_id"] == {"instrument": "I", "detector": 0}
+    assert s["files"]["s:p/x.txt"]["metadata"] is None
+
+
+def test_ingest_tables_and_commands(tmp_path: Path) -> None:
+    from astropy.table import Table
+
+    s = _summary(tmp_path)
+    out = tmp_path / "out dir"
+    made = ingest_tables(s, tmp_path, out, relative_to="davs://se:1094/rucio")
+    (t,) = made.tables
+    assert t.path == out / "cfg.u_a_b.ecsv" and t.rows == 1
+    table = Table.read(t.path, format="ascii.ecsv")
+    assert table.colnames == ["uri", "detector", "instrument"]
+    assert list(table["uri"]) == ["s/p/c/1.yaml"] and list(table["detector"]) == [0]
+    assert made.not_uploaded == ["c/2.yaml (failed: boom)"]
+    assert made.not_matched == ["x.txt"]
+    assert (out / "butler-dimensions.yaml").read_text() == "data: []\n"
+    assert made.commands == [
+        f"butler import \"$DEST\" '{out}' --export-file '{out}/butler-dimensions.yaml'",
+        'butler register-dataset-type "$DEST" cfg Dict instrument detector',
+        "butler ingest-files -t direct --formatter f.Y --prefix davs://se:1094/rucio/ "
+        f"--id-generation-mode DATAID_TYPE_RUN \"$DEST\" cfg 'u/a b' '{out}/cfg.u_a_b.ecsv'"]
+    script = made.script.read_text()
+    assert script.startswith("#!/bin/sh\n") and made.commands[-1] in script
+    subprocess.run(["sh", "-n", str(made.script)], check=True)   # valid shell
+    with pytest.raises(ButlerError, match="exists"):
+        ingest_tables(s, tmp_path, out)                          # nothing overwritten
+    with pytest.raises(ButlerError, match="do not start with --relative-to"):
+        ingest_tables(s, tmp_path, tmp_path / "o2", relative_to="root://other/")
+
+
+def test_array_tasks_never_import_the_butler() -> None:
+    """lsst-daf-butler is a planning-side extra: the worker, bulk and collect paths (what
+    runs inside an array task or the collector job) must not import it."""
+    code = ("import sys, dac_upload.worker, dac_upload.bulk, dac_upload.collect, "
+            "dac_upload.rucio_io; print(sorted(m for m in sys.modules if m.startswith('lsst')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
