@@ -374,6 +374,8 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
     not_matched: list[str] = []
     outside: list[str] = []
     for _key, f in sorted(summary["files"].items()):
+        if f["name"] == butler.get("dimension_file"):   # the records, for Rubin's daemon
+            continue
         datasets = f.get("datasets") or []
         if not datasets:
             if f["status"] in DONE:

@@ -102,7 +102,9 @@ def _describe(prep: PreparedRun) -> None:
         click.echo(f"butler:        {b['files_with_datasets']:,} files with datasets, from {where}"
                    + ("; Rucio metadata rubin_butler/rubin_sidecar" if b["metadata"] else "")
                    + (f"; dimension records in {b['dimension_export']}"
-                      if b["dimension_export"] else ""))
+                      if b["dimension_export"] else "")
+                   + (f" (uploaded too, as {b['dimension_file']})"
+                      if b.get("dimension_file") else ""))
     for note in prep.notes:
         click.echo(f"note: {note}", err=True)
     click.echo("credentials:   "

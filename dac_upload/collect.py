@@ -116,11 +116,12 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
 def _butler_summary(b: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Run-level Butler facts: where the datasets came from, and how many files have them."""
     keys = ("kind", "repo", "collections", "dataset_types", "where", "find_first",
-            "metadata", "raw_dataset_types", "maps", "dimension_export")
+            "metadata", "raw_dataset_types", "maps", "dimension_export", "dimension_file")
     metadata = [f.get("metadata") for f in files.values()]
+    data = [f for f in files.values() if f["name"] != b.get("dimension_file")]
     return {**{k: b.get(k) for k in keys},
-            "files_with_datasets": sum(1 for f in files.values() if f.get("datasets")),
-            "files_without_datasets": sum(1 for f in files.values() if not f.get("datasets")),
+            "files_with_datasets": sum(1 for f in data if f.get("datasets")),
+            "files_without_datasets": sum(1 for f in data if not f.get("datasets")),
             "datasets": sum(len(f.get("datasets") or ()) for f in files.values()),
             "metadata_set": metadata.count("set"),
             "metadata_refused": metadata.count("refused")}

@@ -151,7 +151,8 @@ def _catalogue(job: JobConfig, progress: Progress | None,
     return job, _Found(cat, datasets, unmatched=unmatched)
 
 
-def _butler_record(job: JobConfig, found: _Found, files: int) -> dict[str, Any] | None:
+def _butler_record(job: JobConfig, found: _Found, files: int,
+                   dimension_file: str | None) -> dict[str, Any] | None:
     b = job.butler
     if b.kind is None:
         return None
@@ -164,7 +165,8 @@ def _butler_record(job: JobConfig, found: _Found, files: int) -> dict[str, Any] 
                       "storage_class": m.storage_class} for m in b.maps],
             "files": BUTLER_FILE, "files_with_datasets": files,
             "unmatched": len(found.unmatched),
-            "dimension_export": DIMENSION_EXPORT if found.repo is not None else None}
+            "dimension_export": DIMENSION_EXPORT if found.repo is not None else None,
+            "dimension_file": dimension_file}
 
 
 def prepare_run(job: JobConfig, preflight: Preflight | None = None,
@@ -217,19 +219,24 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
                                         for p in cat.skipped))
     meta = _metadata_of(job, found)
+    extra: list[dict[str, Any]] = []
+    if found.repo is not None:
+        export = layout.dir / DIMENSION_EXPORT
+        found.repo.write_dimension_export(export)
+        if job.butler.metadata:
+            extra.append(_dimension_file_entry(job, run_id, export))
     for batch in batches:
         atomic_write_json(layout.manifest(batch.index), {
             "run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
             "bytes": batch.bytes,
             "files": [{"relpath": f.relpath, "name": f.name, "size": f.size, "mtime": f.mtime,
                        **({"meta": meta[f.relpath]} if f.relpath in meta else {})}
-                      for f in batch.files]}, pretty=False)
+                      for f in batch.files] + (extra if batch.index == 0 else [])},
+            pretty=False)
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
             {"relpath": f.relpath, "datasets": found.datasets[f.relpath]}
             for f in sorted(files, key=lambda f: f.relpath) if f.relpath in found.datasets))
-    if found.repo is not None:
-        found.repo.write_dimension_export(layout.dir / DIMENSION_EXPORT)
 
     ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
                                 creds)
@@ -277,7 +284,8 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
         "slurm": {"array": array_opts, "collector": collect_opts},
         "slurm_limits": {"max_submit": job.slurm.max_submit},
         "butler": _butler_record(job, found, sum(1 for f in files
-                                                 if f.relpath in found.datasets)),
+                                                 if f.relpath in found.datasets),
+                                 extra[0]["name"] if extra else None),
         "ledger": str(job.ledger_path),
         "origin": origin,
         "submissions": [],
@@ -285,6 +293,19 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     atomic_write_json(layout.run_json, run)
     return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run,
                        notes)
+
+
+def _dimension_file_entry(job: JobConfig, run_id: str, export: Path) -> dict[str, Any]:
+    """The run's dimension records as a file of its own in Rucio, marked rubin_butler =
+    "dim_file" as lsst/rucio_register marks them: Rubin's ingest daemon imports such a file
+    into the destination Butler (butler.import_) before the datasets need the records. Its
+    relpath is absolute (the run directory, not the source tree): the worker reads it there."""
+    from .butler import RUBIN_DIM_FILE
+
+    st = export.stat()
+    name = f"{job.naming.prefix}dac-upload-dimensions/{job.name}.{run_id}.yaml"
+    return {"relpath": str(export.resolve()), "name": name, "size": st.st_size,
+            "mtime": st.st_mtime, "meta": {"rubin_butler": RUBIN_DIM_FILE, "rubin_sidecar": ""}}
 
 
 def _metadata_of(job: JobConfig, found: _Found) -> dict[str, dict[str, str]]:

@@ -146,10 +146,20 @@ def test_butler_repo_through_slurm_into_rucio_with_sidecar_metadata_then_ingest_
     assert summary["complete"], json.dumps(summary["counts"])
     assert summary["rucio"]["host"] == PG_RUCIO_URL
     files = summary["files"]
-    assert len(files) == 8 and summary["counts"]["uploaded"] == 8   # 6 cfg + 2 tbl
-    assert summary["butler"]["kind"] == "repo"
-    assert summary["butler"]["datasets"] == 8 and summary["butler"]["metadata_set"] == 8
+    assert len(files) == 9 and summary["counts"]["uploaded"] == 9   # 6 cfg + 2 tbl + records
+    b = summary["butler"]
+    assert b["kind"] == "repo" and b["files_without_datasets"] == 0
+    assert b["datasets"] == 8 and b["metadata_set"] == 9
     assert not summary["warnings"]
+
+    # the dimension records went too, as a file Rubin's ingest daemon imports (dim_file)
+    dim = files.pop(f"{SCOPE}:{b['dimension_file']}")
+    assert b["dimension_file"].startswith(prefix + "dac-upload-dimensions/")
+    meta = client.get_metadata(SCOPE, dim["name"], plugin="ALL")
+    assert (meta["rubin_butler"], meta["rubin_sidecar"]) == ("dim_file", "")
+    exported = (run_dir / "butler-dimensions.yaml").read_bytes()
+    assert Path(dim["pfn"][len("file://localhost"):]).read_bytes() == exported
+    assert b"element: exposure" in exported and b"element: detector" in exported
 
     source = Butler.from_config(str(workdir / "repo"))
     refs = {str(r.id): r for dt in ("cfg", "tbl")
@@ -290,8 +300,8 @@ def test_metadata_refused_by_a_sqlite_rucio_is_one_warning_and_files_still_uploa
                                                    upload="stock"))
     run_dir = _submit_and_wait(workdir, job)
     summary = load_summary(run_dir)
-    assert summary["complete"] and summary["counts"]["uploaded"] == 8
-    assert summary["butler"]["metadata_refused"] == 8
+    assert summary["complete"] and summary["counts"]["uploaded"] == 9
+    assert summary["butler"]["metadata_refused"] == 9
     assert {f["metadata"] for f in summary["files"].values()} == {"refused"}
     (warning,) = summary["warnings"]
     assert "Butler metadata was not set" in warning and "JSON metadata plugin" in warning

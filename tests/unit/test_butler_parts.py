@@ -207,7 +207,8 @@ def _summary(tmp_path: Path) -> dict[str, Any]:
            "butler": {"kind": "repo", "repo": "/repo", "collections": ["u/a b"],
                       "dataset_types": ["*"], "where": "", "find_first": False,
                       "metadata": True, "raw_dataset_types": ["raw"], "maps": [],
-                      "files": "butler.jsonl", "dimension_export": "butler-dimensions.yaml"},
+                      "files": "butler.jsonl", "dimension_export": "butler-dimensions.yaml",
+                      "dimension_file": None},
            "submissions": []}
     files = [("c/1.yaml", "uploaded"), ("c/2.yaml", "failed"), ("x.txt", "uploaded")]
     manifest = {"files": [{"relpath": r, "name": "p/" + r, "size": 1, "mtime": 1.0,
