@@ -319,3 +319,37 @@ def test_planning_needs_the_butler_extra_and_says_how(workdir: Path) -> None:
     assert out.returncode == 2, out.stdout + out.stderr
     assert "pip install 'dac-upload[butler]'" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_nightly_with_a_butler_source_uploads_only_new_datasets(
+        pg_workdir: Path, pg_rucio_client: Any) -> None:
+    workdir, client = pg_workdir, pg_rucio_client
+    _source_repo(workdir / "repo")
+    chown_user(workdir)
+    job = write_job(workdir, "night", _butler_job(unique_prefix(), "../repo"))
+    night1 = dac_upload(["nightly", str(job), "--wait"], workdir)
+    assert night1.returncode == 0, night1.stdout + night1.stderr
+    night2 = dac_upload(["nightly", str(job), "--wait"], workdir)
+    assert night2.returncode == 0 and "nothing new" in (night2.stdout + night2.stderr).lower(), (
+        night2.stdout + night2.stderr)
+
+    with Butler.from_config(str(workdir / "repo"), writeable=True) as b:   # a new exposure
+        b.registry.insertDimensionData("exposure", {
+            "instrument": INSTRUMENT, "id": 102, "physical_filter": "dc-r", "obs_id": "e102",
+            "day_obs": 20261125, "group": "g1"})
+        new = b.put({"exposure": 102}, "cfg", instrument=INSTRUMENT, detector=0, exposure=102,
+                    run=RUN1)
+    chown_user(workdir)
+    night3 = dac_upload(["nightly", str(job), "--wait"], workdir)
+    assert night3.returncode == 0, night3.stdout + night3.stderr
+    runs = sorted((workdir / "jobs" / "night" / "runs").glob("2*"))
+    assert len(runs) == 2
+    summary = load_summary(runs[-1])
+    (f,) = [f for f in summary["files"].values()
+            if f["name"] != summary["butler"]["dimension_file"]]
+    assert f["datasets"][0]["dataset_id"] == str(new.id) and f["status"] == "uploaded"
+    meta = client.get_metadata(SCOPE, f["name"], plugin="ALL")
+    universe = new.datasetType.dimensions.universe
+    assert DatasetRef.from_json(meta["rubin_sidecar"], universe=universe).id == new.id
+    exported = (runs[-1] / "butler-dimensions.yaml").read_text()
+    assert "id: 102" in exported
