@@ -16,7 +16,9 @@ never import this module (they get plain JSON from the manifests).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import json
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ INSTALL_HINT = "pip install 'dac-upload[butler]'"
 RUBIN_DATA_PRODUCT = "data_product"
 RUBIN_RAW_FILE = "raw_file"
 RUBIN_DIM_FILE = "dim_file"
+RUBIN_ZIP_FILE = "zip_file"
 
 
 class ButlerError(Exception):
@@ -58,64 +61,94 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-def rubin_metadata(dataset: dict[str, Any], raw_types: tuple[str, ...]) -> dict[str, str]:
-    """The file DID's metadata as lsst/rucio_register writes it (both values strings)."""
+def rubin_metadata(dataset: dict[str, Any], sidecar: str,
+                   raw_types: tuple[str, ...]) -> dict[str, str]:
+    """The file DID's metadata as lsst/rucio_register writes it (both values strings): a
+    data product or raw with its ``DatasetRef.to_json()``, or a zip with an empty sidecar."""
+    if dataset.get("in_zip"):
+        return {"rubin_butler": RUBIN_ZIP_FILE, "rubin_sidecar": ""}
     kind = RUBIN_RAW_FILE if dataset["dataset_type"] in raw_types else RUBIN_DATA_PRODUCT
-    return {"rubin_butler": kind, "rubin_sidecar": dataset["ref"] or ""}
+    return {"rubin_butler": kind, "rubin_sidecar": sidecar}
 
 
 # ----------------------------------------------------------------------------- repository source
 @dataclass
 class RepoSource:
-    """What planning learned from a Butler repository: the catalogue of its files and the
-    datasets in each (relpath -> list, usually one)."""
+    """What planning learned from a Butler repository: the catalogue of its files, the
+    datasets in each (relpath -> list, usually one), and for each file the full sidecar of
+    its first dataset (``DatasetRef.to_json()`` with dimension records, as rucio_register's
+    data-products command writes it; the datasets themselves keep a compact ref)."""
 
     catalogue: Catalogue
     datasets: dict[str, list[dict[str, Any]]]
+    sidecars: dict[str, str]
     butler: Any = field(repr=False)
     refs: list[Any] = field(repr=False)
-    dataset_type_hits: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def write_dimension_export(self, path: Path) -> None:
         """The dimension records of every uploaded dataset's data ID, and its RUN
         collections, as a ``butler export`` YAML file (``butler import DEST DIR
-        --export-file FILE`` at the destination)."""
+        --export-file FILE`` at the destination). Written atomically."""
         tmp = path.with_name(f".{path.name}.tmp")
         data_ids = {ref.dataId for ref in self.refs}
         runs = sorted({ref.run for ref in self.refs})
-        with self.butler.export(filename=str(tmp), format="yaml") as export:
-            export.saveDataIds(data_ids)
-            for run in runs:
-                export.saveCollection(run)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            with self.butler.export(filename=str(tmp), format="yaml") as export:
+                export.saveDataIds(data_ids)
+                for run in runs:
+                    export.saveCollection(run)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ButlerError([f"exporting the dimension records failed: {_one_line(exc)}"]
+                              ) from None
         os.replace(tmp, path)
 
 
-def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None = None,
-                        keep: Callable[[str, int, float], bool] | None = None) -> RepoSource:
-    """Query the repository and catalogue the files of the datasets found. ``keep`` (the
-    nightly ledger filter) drops files already accounted for, and their datasets."""
+def open_repo(cfg: ButlerConfig, where: str) -> tuple[Any, Any, Any]:
+    """(butler, its file datastore, the datastore root URI), read-only; one line if the
+    repository cannot be opened or has no local POSIX datastore."""
     daf_butler = import_butler()
     try:
         butler = daf_butler.Butler.from_config(cfg.repo, writeable=False)
     except Exception as exc:  # FileNotFoundError, ValueError, ... from deep inside
         raise ButlerError([f"{where}: [butler] repo = {cfg.repo!r} cannot be opened as a "
-                           f"Butler repository ({_one_line(exc)}); give its directory or "
-                           "butler.yaml"]) from None
-    datastore = butler._datastore
+                           f"Butler repository ({_one_line(exc)}); give its directory, its "
+                           "butler.yaml or a label of the repository index"]) from None
+    datastore = _file_datastore(butler)
     root_uri = getattr(datastore, "root", None)
     records_of = getattr(datastore, "_get_stored_records_associated_with_refs", None)
     if root_uri is None or records_of is None or root_uri.scheme != "file":
         raise ButlerError([f"{where}: [butler] repo = {cfg.repo!r}: its datastore "
                            f"({type(datastore).__name__}, root {root_uri}) is not a POSIX "
                            "file datastore; dac-upload uploads files from a local datastore"])
+    return butler, datastore, root_uri
+
+
+def datastore_root(cfg: ButlerConfig, where: str) -> Path:
+    """The source root of a Butler-source job: its datastore's root directory."""
+    butler, _, root_uri = open_repo(cfg, where)
+    butler.close()
+    return Path(root_uri.ospath)
+
+
+def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None = None,
+                        keep: Callable[[str, int, float], bool] | None = None,
+                        symlinks: str = "follow") -> RepoSource:
+    """Query the repository and catalogue the files of the datasets found. ``keep`` (the
+    nightly ledger filter) drops files already accounted for, and their datasets;
+    ``symlinks`` is [source] symlinks (a datastore made with ``-t symlink`` holds links)."""
+    butler, datastore, root_uri = open_repo(cfg, where)
+    records_of = datastore._get_stored_records_associated_with_refs
     root = Path(root_uri.ospath)
 
     types, hits, errors = _dataset_types(butler, cfg, where)
     if errors:
         raise ButlerError(errors)
-    refs: list[Any] = []
+    by_id: dict[Any, Any] = {}
     for name in types:
         try:
             found = butler.query_datasets(name, collections=list(cfg.collections),
@@ -126,7 +159,9 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
             raise ButlerError([f"{where}: [butler] the query for {name!r} in "
                                f"{list(cfg.collections)} failed: {_one_line(exc)}; check "
                                "collections and where"]) from None
-        refs.extend(found)
+        # a calibration dataset certified for several validity ranges comes once per range
+        for ref in found:
+            by_id.setdefault(ref.id, ref)
         for pattern in cfg.dataset_types:
             if fnmatch.fnmatchcase(name, pattern) and found:
                 hits[pattern] += 1
@@ -138,53 +173,80 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
                           + "; fix the name, the collections or the where expression")
     if errors:
         raise ButlerError(errors)
+    refs = list(by_id.values())
 
     cat = Catalogue(root=root)
-    datasets: dict[str, list[dict[str, Any]]] = {}
     records = records_of(refs) if refs else {}
+    files: dict[str, list[tuple[Any, Any, bool]]] = {}
+    for ref, info, relpath, in_zip in _files_of(refs, records, root_uri, cat):
+        files.setdefault(relpath, []).append((ref, info, in_zip))
     uid, groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
+    root_real = os.path.realpath(root)
+    datasets: dict[str, list[dict[str, Any]]] = {}
+    sidecars: dict[str, str] = {}
+    kept: list[Any] = []
+    shared = 0
     nbytes = 0
-    for ref, info, relpath in _files_of(refs, records, root_uri, cat):
-        entry = _dataset_entry(ref, info)
-        if relpath in datasets:   # one file holding several datasets (or one left out)
-            if datasets[relpath]:
-                datasets[relpath].append(entry)
-            continue
+    for relpath in sorted(files):      # path order: the ledger filter reads one directory
+        members = files[relpath]       # at a time
         path = root / relpath
+        problem = None
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
+            is_link = stat.S_ISLNK(st.st_mode)
+            if is_link and symlinks == "skip":
+                cat.skipped.append(Problem(relpath, 'symlink skipped (symlinks = "skip")'))
+                continue
+            if is_link and symlinks == "refuse":
+                problem = 'is a symlink and symlinks = "refuse"; set symlinks = "follow"'
+            elif is_link:
+                st = os.stat(path)
+                target_dir = os.path.dirname(os.path.realpath(path))
+                if not (target_dir == root_real or target_dir.startswith(root_real + "/")):
+                    cat.outside_targets.add(target_dir)
         except FileNotFoundError:
-            cat.refused.append(Problem(relpath, f"the datastore lists it for {_label(ref)}, "
-                                       "but the file is missing"))
-            datasets[relpath] = []
-            continue
+            problem = (f"the datastore lists it for {_label(members[0][0])}, but the file "
+                       "is missing")
         except OSError as exc:
-            cat.refused.append(Problem(relpath, f"cannot stat: {exc.strerror}"))
-            datasets[relpath] = []
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            cat.refused.append(Problem(relpath, "not a regular file"))
-            datasets[relpath] = []
+            problem = f"cannot stat: {exc.strerror}"
+        else:
+            if problem is None and not stat.S_ISREG(st.st_mode):
+                problem = "not a regular file"
+        if problem is not None:
+            cat.refused.append(Problem(relpath, problem))
             continue
         if keep is not None and not keep(relpath, st.st_size, st.st_mtime):
-            datasets[relpath] = []     # seen: its other datasets must not be added again
             continue
         if not _readable(st, uid, groups) and not os.access(path, os.R_OK):
             cat.refused.append(Problem(relpath, "not readable by you; fix its permissions"))
-            datasets[relpath] = []
             continue
-        datasets[relpath] = [entry]
+        datasets[relpath] = [_dataset_entry(ref, info, in_zip) for ref, info, in_zip in members]
+        sidecars[relpath] = members[0][0].to_json()
+        kept.extend(ref for ref, _, _ in members)
+        shared += len(members) > 1 and not members[0][2]
         cat.entries.append(Entry(relpath, st.st_size, st.st_mtime))
         nbytes += st.st_size
         if progress is not None:
             progress.update(len(cat.entries), nbytes)
     if progress is not None:
         progress.done()
-    cat.entries.sort()
-    datasets = {rel: ds for rel, ds in datasets.items() if ds}
-    kept = {d["dataset_id"] for ds in datasets.values() for d in ds}
-    refs = [ref for ref in refs if str(ref.id) in kept]
-    return RepoSource(cat, datasets, butler, refs, hits)
+    notes = []
+    if shared:
+        notes.append(f"{shared} files hold more than one dataset: summary.json lists them all, "
+                     "but the rubin_sidecar metadata carries the first only")
+    return RepoSource(cat, datasets, sidecars, butler, kept, notes)
+
+
+def _file_datastore(butler: Any) -> Any:
+    """The butler's file datastore (a chain of one file datastore is unwrapped); None for a
+    client/server Butler, which has no local datastore."""
+    datastore = getattr(butler, "_datastore", None)
+    children = getattr(datastore, "datastores", None)
+    if children is not None:
+        files = [d for d in children if hasattr(d, "_get_stored_records_associated_with_refs")]
+        if len(files) == 1:
+            return files[0]
+    return datastore
 
 
 def _dataset_types(butler: Any, cfg: ButlerConfig,
@@ -205,9 +267,10 @@ def _dataset_types(butler: Any, cfg: ButlerConfig,
 
 
 def _files_of(refs: list[Any], records: dict[Any, list[Any]], root_uri: Any,
-              cat: Catalogue) -> Iterator[tuple[Any, Any, str]]:
-    """(ref, stored-file record, path relative to the datastore root) for each dataset
-    stored in one file inside the root; the others are listed as skipped, with why."""
+              cat: Catalogue) -> Iterator[tuple[Any, Any, str, bool]]:
+    """(ref, stored-file record, path relative to the datastore root, inside a zip) for each
+    dataset stored in one file inside the root (a dataset inside a zip made by ``butler
+    ingest-zip`` gives the zip); the others are listed as skipped, with why."""
     for ref in refs:
         infos = records.get(ref.id, [])
         if not infos:
@@ -221,7 +284,8 @@ def _files_of(refs: list[Any], records: dict[Any, list[Any]], root_uri: Any,
                                            "composite): Butler ingests whole files only"))
             continue
         info = infos[0]
-        path = info.path
+        path, _, fragment = info.path.partition("#")
+        in_zip = fragment.startswith("zip-path=")
         if "://" in path or path.startswith("/"):   # an absolute URI: inside the root?
             rel = _resource_path(path).relative_to(root_uri)
             if not rel:
@@ -230,7 +294,7 @@ def _files_of(refs: list[Any], records: dict[Any, list[Any]], root_uri: Any,
                                            "upload it from its own tree"))
                 continue
             path = rel
-        yield ref, info, path
+        yield ref, info, path, in_zip
 
 
 def _resource_path(path: str) -> Any:
@@ -243,13 +307,22 @@ def _label(ref: Any) -> str:
     return f"{ref.datasetType.name}@{dict(ref.dataId.required)} in {ref.run}"
 
 
-def _dataset_entry(ref: Any, info: Any) -> dict[str, Any]:
+def compact_ref(ref: Any) -> str:
+    """``DatasetRef.to_json()`` without the dimension records (a third of the size; still
+    what ``DatasetRef.from_json`` reads): what summary.json keeps per dataset."""
+    simple = json.loads(ref.to_json())
+    simple.get("dataId", {}).pop("records", None)
+    return json.dumps(simple, separators=(",", ":"))
+
+
+def _dataset_entry(ref: Any, info: Any, in_zip: bool) -> dict[str, Any]:
     dt = ref.datasetType
     return {"dataset_type": dt.name, "run": ref.run,
             "data_id": dict(ref.dataId.required),
             "dimensions": list(dt.dimensions.required),
             "storage_class": dt.storageClass_name, "is_calibration": dt.isCalibration(),
-            "formatter": info.formatter, "dataset_id": str(ref.id), "ref": ref.to_json()}
+            "formatter": info.formatter, "dataset_id": str(ref.id), "ref": compact_ref(ref),
+            "in_zip": in_zip}
 
 
 # ----------------------------------------------------------------------------- plain-tree maps
@@ -281,6 +354,12 @@ def map_tree(entries: list[Entry], cfg: ButlerConfig, where: str,
                           "need: add a path group or a data_id value")
             continue
         types = {k: universe.dimensions[k].primaryKey.getPythonType() for k in keys}
+        same = [p for p in plans if p[0].dataset_type == m.dataset_type and p[1] != required]
+        if same:
+            errors.append(f"{where}: [[butler.map]] #{n} ({m.dataset_type}) gives it the "
+                          f"dimensions {', '.join(required)}, another map "
+                          f"{', '.join(same[0][1])}: a dataset type has one set of dimensions")
+            continue
         plans.append((m, required, types))
     if errors:
         raise ButlerError(errors)
@@ -303,7 +382,7 @@ def map_tree(entries: list[Entry], cfg: ButlerConfig, where: str,
                 "dataset_type": m.dataset_type, "run": m.run, "data_id": data_id,
                 "dimensions": required, "storage_class": m.storage_class,
                 "is_calibration": False, "formatter": m.formatter, "dataset_id": None,
-                "ref": None}]
+                "ref": None, "in_zip": False}]
             break
         else:
             unmatched.append(e.relpath)
@@ -341,8 +420,10 @@ class IngestTable:
 @dataclass
 class IngestPlan:
     tables: list[IngestTable]
+    zips: list[str]                  # zip files (butler ingest-zip), by URI
     not_uploaded: list[str]          # files with datasets that are not on the RSE
     not_matched: list[str]           # uploaded files without a dataset (no map matched)
+    skipped: list[str]               # datasets left out when planning (skipped.jsonl)
     dimension_export: Path | None
     script: Path
     commands: list[str]
@@ -353,13 +434,14 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
     """Write one ECSV table per dataset type, run and formatter of a collected run (the
     file's URI first: its RSE URL, or that URL relative to ``relative_to``; then one column
     per dimension), the dimension records (Butler source) and ingest.sh, the commands that
-    ingest them into a destination Butler. Needs astropy (the [butler] extra)."""
-    import shlex
-
+    ingest them into a destination Butler. Nothing is written if a target exists (unless
+    ``overwrite``). Needs astropy (the [butler] extra)."""
     try:
         from astropy.table import Table
     except ImportError as exc:
         raise ButlerError([f"butler-table needs astropy ({exc}); run: {INSTALL_HINT}"]) from None
+    from .files import atomic_write_text, read_jsonl
+
     butler = summary.get("butler")
     if not butler:
         raise ButlerError([f"{run_dir}: this run's job has no [butler] section, so its files "
@@ -370,6 +452,7 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
         prefix = relative_to if relative_to.endswith("/") else relative_to + "/"
     groups: dict[tuple[Any, ...], list[tuple[str, dict[str, Any]]]] = {}
     first: dict[tuple[Any, ...], dict[str, Any]] = {}
+    zips: list[str] = []
     not_uploaded: list[str] = []
     not_matched: list[str] = []
     outside: list[str] = []
@@ -391,6 +474,9 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
                 outside.append(uri)
                 continue
             uri = uri[len(prefix):]
+        if datasets[0].get("in_zip"):
+            zips.append(uri)
+            continue
         for d in datasets:
             group = (d["dataset_type"], d["run"], d.get("formatter"),
                      tuple(sorted(d["data_id"])))
@@ -400,22 +486,43 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
         raise ButlerError([f"{len(outside)} RSE URLs do not start with --relative-to "
                            f"{relative_to!r} (e.g. {outside[0]}); give the common prefix of "
                            "the RSE's URLs"])
+    skipped: list[str] = []
+    if butler.get("kind") == "repo" and (run_dir / "skipped.jsonl").exists():
+        skipped = [f"{r['relpath']}: {r['reason']}" for r in read_jsonl(run_dir / "skipped.jsonl")]
+
+    # names first, and nothing written while one of them is in the way
+    ordered = sorted(groups, key=lambda g: (g[0], g[1], g[2] or "", g[3]))
+    names: list[str] = []
+    for dataset_type, run, _, _ in ordered:
+        stem = f"{dataset_type}.{_slug(run)}"
+        name, n = f"{stem}.ecsv", 1
+        while name in names:
+            n += 1
+            name = f"{stem}.{n}.ecsv"
+        names.append(name)
+    export_name = butler.get("dimension_export")
+    targets = [out_dir / n for n in [*names, *([export_name] if export_name else []),
+                                     "ingest.sh"]]
+    in_the_way = [t for t in targets if t.exists()]
+    if in_the_way and not overwrite:
+        raise ButlerError([f"{in_the_way[0]} exists (and {len(in_the_way) - 1} more of the "
+                           "files to write); write elsewhere (--out) or pass --overwrite"
+                           if len(in_the_way) > 1 else
+                           f"{in_the_way[0]} exists; write elsewhere (--out) or pass "
+                           "--overwrite"])
+    export_text = None
+    if export_name:
+        try:
+            export_text = (run_dir / export_name).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ButlerError([f"{run_dir / export_name}: cannot read the run's dimension "
+                               f"records ({exc.strerror or exc})"]) from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tables: list[IngestTable] = []
-    taken: set[str] = set()
-    for group in sorted(groups, key=lambda g: (g[0], g[1], g[2] or "", g[3])):
+    for group, name in zip(ordered, names):
         dataset_type, run, formatter, dims = group
-        stem = f"{dataset_type}.{_slug(run)}"
-        name, n = f"{stem}.ecsv", 1
-        while name in taken:
-            n += 1
-            name = f"{stem}.{n}.ecsv"
-        taken.add(name)
         path = out_dir / name
-        if path.exists() and not overwrite:
-            raise ButlerError([f"{path} exists; remove it, write elsewhere (--out) or pass "
-                               "--overwrite"])
         rows = sorted(groups[group], key=lambda r: r[0])
         table = Table(rows=[(uri, *(data_id[k] for k in dims)) for uri, data_id in rows],
                       names=("uri", *dims))
@@ -430,52 +537,63 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
         tables.append(IngestTable(path, dataset_type, run, formatter, d.get("storage_class"),
                                   tuple(d.get("dimensions") or dims),
                                   bool(d.get("is_calibration")), len(rows)))
-
     export = None
-    if butler.get("dimension_export"):
-        src = run_dir / butler["dimension_export"]
-        export = out_dir / butler["dimension_export"]
-        if export.exists() and not overwrite:
-            raise ButlerError([f"{export} exists; remove it, write elsewhere (--out) or pass "
-                               "--overwrite"])
-        tmp = export.with_name(f".{export.name}.tmp")
-        tmp.write_bytes(src.read_bytes())
-        os.replace(tmp, export)
+    if export_name and export_text is not None:
+        export = out_dir / export_name
+        atomic_write_text(export, export_text)
+    commands = _ingest_commands(tables, zips, export, prefix)
+    script = out_dir / "ingest.sh"
+    atomic_write_text(script, (
+        "#!/bin/sh\n"
+        f"# written by dac-upload butler-table for run {summary['run_id']}: ingest its "
+        "uploaded files\n# into a destination Butler repository, in place (-t direct).\n"
+        "# Usage: sh ingest.sh DEST_REPO   (the tables are found beside this script)\n"
+        "set -eu\nDEST=${1:?usage: sh ingest.sh DEST_REPO}\n"
+        'HERE=$(cd "$(dirname "$0")" && pwd)\n'
+        + (f"PREFIX={_q(prefix)}   # where the destination reads the files\n" if prefix
+           else "") + "\n".join(commands) + "\n"), 0o777)
+    return IngestPlan(tables, zips, not_uploaded, not_matched, skipped, export, script,
+                      commands)
 
-    q = shlex.quote
+
+def _q(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _ingest_commands(tables: list[IngestTable], zips: list[str], export: Path | None,
+                     prefix: str | None) -> list[str]:
+    """The lines of ingest.sh: records, dataset types, tables, zips (files by $HERE/name)."""
     commands: list[str] = []
     if export is not None:
-        commands.append(f'butler import "$DEST" {q(str(out_dir))} --export-file '
-                        f"{q(str(export))}")
+        commands.append(f'butler import "$DEST" "$HERE" --export-file "$HERE"/{_q(export.name)}')
     registered: set[str] = set()
     for t in tables:
         if t.dataset_type in registered:
             continue
         registered.add(t.dataset_type)
         if t.storage_class:
-            commands.append(f'butler register-dataset-type "$DEST" {q(t.dataset_type)} '
-                            f"{q(t.storage_class)} {' '.join(q(x) for x in t.dimensions)}"
+            commands.append(f'butler register-dataset-type "$DEST" {_q(t.dataset_type)} '
+                            f"{_q(t.storage_class)} {' '.join(_q(x) for x in t.dimensions)}"
                             + (" --is-calibration" if t.is_calibration else ""))
         else:
             commands.append(f"# register {t.dataset_type} at the destination first (its "
                             "storage class is not known: set [[butler.map]] storage_class)")
+        if t.is_calibration:
+            commands.append(f"# {t.dataset_type} is a calibration: ingest-files puts it in its "
+                            "RUN only; certify it into a CALIBRATION collection yourself "
+                            "(butler certify-calibrations)")
     for t in tables:
         commands.append("butler ingest-files -t direct"
-                        + (f" --formatter {q(t.formatter)}" if t.formatter else "")
-                        + (f" --prefix {q(prefix)}" if prefix else "")
+                        + (f" --formatter {_q(t.formatter)}" if t.formatter else "")
+                        + (' --prefix "$PREFIX"' if prefix else "")
                         + f" --id-generation-mode {ID_GENERATION_MODE}"
-                        + f' "$DEST" {q(t.dataset_type)} {q(t.run)} {q(str(t.path))}')
-    script = out_dir / "ingest.sh"
-    text = ("#!/bin/sh\n"
-            f"# written by dac-upload butler-table for run {summary['run_id']}: ingest its "
-            "uploaded files\n# into a destination Butler repository, in place (-t direct).\n"
-            "# Usage: sh ingest.sh DEST_REPO\nset -eu\n"
-            'DEST=${1:?usage: sh ingest.sh DEST_REPO}\n' + "\n".join(commands) + "\n")
-    tmp = script.with_name(".ingest.sh.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(0o755)
-    os.replace(tmp, script)
-    return IngestPlan(tables, not_uploaded, not_matched, export, script, commands)
+                        + f' "$DEST" {_q(t.dataset_type)} {_q(t.run)} "$HERE"/{_q(t.path.name)}')
+    for uri in zips:
+        commands.append('butler ingest-zip -t direct "$DEST" '
+                        + (f'"$PREFIX"{_q(uri)}' if prefix else _q(uri)))
+    return commands
 
 
 def _slug(run: str) -> str:

@@ -502,12 +502,14 @@ def doctor(job_file: str, probe: bool, as_json: bool) -> None:
                    "ingest command gets --prefix URL (replace it with the URL the "
                    "destination datastore reads, e.g. an s3:// endpoint).")
 @click.option("--allow-missing", is_flag=True,
-              help="Exit 0 even when files with datasets were not uploaded, or uploaded "
-                   "files match no [[butler.map]].")
+              help="Exit 0 even when files with datasets were not uploaded, uploaded "
+                   "files match no [[butler.map]], or datasets were skipped when planning.")
 @click.option("--overwrite", is_flag=True, help="Replace tables written before.")
 def butler_table(run_dir: str, out_dir: str | None, relative_to: str | None,
                  allow_missing: bool, overwrite: bool) -> None:
-    """Write ECSV tables for `butler ingest-files` from a collected run, and the commands."""
+    """Write ECSV tables for `butler ingest-files` from a collected run, and the commands.
+    Exit 1 when files or datasets are left out (not uploaded, no data ID, skipped when
+    planning), unless --allow-missing."""
     from .butler import ButlerError, ingest_tables
     from .files import read_json
     from .plan import RunLayout
@@ -523,18 +525,23 @@ def butler_table(run_dir: str, out_dir: str | None, relative_to: str | None,
         _fail(exc.lines, EXIT_USER)
     for t in made.tables:
         click.echo(f"table: {t.path} ({t.rows} files of {t.dataset_type} in {t.run})")
+    if made.zips:
+        click.echo(f"zips: {len(made.zips)} (butler ingest-zip)")
     if made.dimension_export:
         click.echo(f"dimension records: {made.dimension_export}")
-    click.echo(f"commands ({made.script}; run it as: sh {made.script} DEST_REPO):")
+    click.echo(f"commands ({made.script}, with HERE = its folder; run it as: sh "
+               f"{made.script} DEST_REPO):")
     for line in made.commands:
         click.echo(f"  {line}")
-    problems = [("not uploaded", made.not_uploaded),
-                ("uploaded but matched by no [[butler.map]] (no data ID)", made.not_matched)]
+    problems = [("files not uploaded", made.not_uploaded),
+                ("files uploaded but matched by no [[butler.map]] (no data ID)",
+                 made.not_matched),
+                ("datasets left out when planning (skipped.jsonl)", made.skipped)]
     bad = False
     for what, items in problems:
         if items:
             bad = True
-            click.echo(f"{len(items)} files {what}:", err=True)
+            click.echo(f"{len(items)} {what}:", err=True)
             for item in items[:20]:
                 click.echo(f"  {item}", err=True)
             if len(items) > 20:

@@ -87,6 +87,10 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
             counts[rec["status"]] += 1
             if rec["status"] == UPLOADED:
                 counts["bytes_uploaded"] += rec.get("bytes") or 0
+    n_refused = sum(1 for f in files.values() if f.get("metadata") == "refused")
+    if n_refused and not refused:   # the marker that said why was replaced by a later one
+        warnings.append(f"Butler metadata was not set on {n_refused} files: the Rucio server "
+                        "refused it (see the tasks' logs)")
     finished = [m["finished_at"] for m in markers.values() if m.get("finished_at")]
     return {
         "schema_version": SCHEMA_VERSION,

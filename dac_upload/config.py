@@ -483,11 +483,12 @@ def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
                               f"({exc}); fix it")
                 ok = False
             else:
-                if not rx.groupindex and not vals["data_id"]:
+                fixed = vals.get("data_id") or {}
+                if not rx.groupindex and not fixed:
                     errors.append(f"{at} path has no named group such as (?P<exposure>\\d+) "
                                   "and data_id is empty: nothing would give a data ID")
                     ok = False
-                both = set(rx.groupindex) & set(vals["data_id"])
+                both = set(rx.groupindex) & set(fixed)
                 if both:
                     errors.append(f"{at} {', '.join(sorted(both))} comes both from a path group "
                                   "and from data_id: keep one")
@@ -507,8 +508,12 @@ def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
     if cfg.repo and not cfg.collections:
         errors.append(f"{where}: [butler] repo needs collections = [\"...\"], the collections "
                       "to upload from")
+    if "dataset_types" in raw and not cfg.dataset_types:
+        errors.append(f"{where}: [butler] dataset_types is empty: list the dataset types to "
+                      "upload, or leave it out for all (\"*\")")
     if not cfg.repo:
-        for key in ("collections", "where", "find_first"):
+        for key in ("collections", "where", "find_first", "dataset_types", "metadata",
+                    "raw_dataset_types"):
             if key in raw:
                 errors.append(f"{where}: [butler] {key} is used only with repo (a Butler "
                               "source): set repo or remove it")
@@ -551,7 +556,10 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
                               "files are the datastore's, under its root, as the query finds "
                               "them): remove it, or narrow [butler] dataset_types / where")
         # until planning opens the repository, the root is where the repository is
-        repo_dir = butler_cfg.repo if "://" not in butler_cfg.repo else "."
+        path_like = "://" not in butler_cfg.repo and (
+            "/" in butler_cfg.repo or butler_cfg.repo.startswith("~")
+            or (path.parent / butler_cfg.repo).exists())
+        repo_dir = butler_cfg.repo if path_like else "."
         if repo_dir.endswith((".yaml", ".json")):
             repo_dir = os.path.dirname(repo_dir) or "."
         raw = {**raw, "source": {**(source_raw if isinstance(source_raw, dict) else {}),
@@ -601,10 +609,12 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
     runs_dir = Path(os.path.abspath(runs_dir if runs_dir.is_absolute() else base / runs_dir))
     root = Path(v["source"]["root"]).expanduser()
     root = Path(os.path.abspath(root if root.is_absolute() else base / root))
-    if butler_cfg.repo:
-        repo = Path(butler_cfg.repo).expanduser()
-        if "://" not in butler_cfg.repo:   # a path: absolute, relative to the job file
-            butler_cfg = replace(butler_cfg, repo=str(_abs(repo, base)))
+    if butler_cfg.repo and "://" not in butler_cfg.repo:
+        # a path, relative to the job file; a bare name that is no path there is a label of
+        # the site's repository index (DAF_BUTLER_REPOSITORY_INDEX), left for the Butler
+        repo = _abs(Path(butler_cfg.repo).expanduser(), base)
+        if repo.exists() or "/" in butler_cfg.repo or butler_cfg.repo.startswith("~"):
+            butler_cfg = replace(butler_cfg, repo=str(repo))
     r = v["rucio"]
 
     def rpath(key: str) -> Path | None:

@@ -91,6 +91,14 @@ def failed(checks: list[Check]) -> bool:
 # ----------------------------------------------------------------------------- checks
 def _source_check(job: JobConfig) -> Check:
     root = job.source.root
+    if job.butler.kind == "repo":   # the datastore's root, which only the Butler knows
+        from .butler import ButlerError, datastore_root
+
+        try:
+            root = datastore_root(job.butler, str(job.path))
+        except ButlerError as exc:
+            return Check("source", FAIL, exc.lines[0],
+                         "fix [butler] repo (or install the [butler] extra, as it says)")
     if not root.is_dir():
         return Check("source", FAIL, f"{root} is not a directory", "fix [source] root")
     if not os.access(root, os.R_OK | os.X_OK):

@@ -139,6 +139,22 @@ def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
     return NEEDS_PERSON if stuck and code == OK else code
 
 
+def _source_root(job: JobConfig) -> Path:
+    """Where the ledger's paths are relative to: [source] root, or for a Butler source the
+    datastore root its latest run recorded (opening the repository just for this would cost
+    seconds every night)."""
+    if job.butler.kind != "repo":
+        return job.source.root
+    from .files import read_json
+
+    for run_json in sorted(job.runs_dir.glob("2*/run.json"), reverse=True):
+        try:
+            return Path(read_json(run_json)["source"]["root"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return job.source.root
+
+
 def _still_needing_a_person(job: JobConfig, forget: bool = True) -> list[tuple[str, str]]:
     """Ledger rows that need a person, after forgetting those whose file is gone or is no
     longer selected by the job (deleting or excluding a file is a fix too)."""
@@ -147,10 +163,11 @@ def _still_needing_a_person(job: JobConfig, forget: bool = True) -> list[tuple[s
 
     if not job.ledger_path.exists():
         return []
+    root = _source_root(job)
     with Ledger(job.ledger_path) as ledger:
         rows = ledger.needs_person()
         gone = [rel for rel, _ in rows
-                if not (job.source.root / rel).exists()
+                if not (root / rel).exists()
                 or not matches_any(rel, job.source.include)
                 or matches_any(rel, job.source.exclude)]
         if forget:

@@ -126,6 +126,7 @@ class _Found:
     datasets: dict[str, list[dict[str, Any]]]
     repo: Any = None                            # butler.RepoSource, for the export
     unmatched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _catalogue(job: JobConfig, progress: Progress | None,
@@ -139,9 +140,10 @@ def _catalogue(job: JobConfig, progress: Progress | None,
 
     try:
         if kind == "repo":
-            repo = butler_mod.catalogue_from_repo(job.butler, str(job.path), progress, keep)
+            repo = butler_mod.catalogue_from_repo(job.butler, str(job.path), progress, keep,
+                                                  job.source.symlinks)
             job = replace(job, source=replace(job.source, root=repo.catalogue.root))
-            return job, _Found(repo.catalogue, repo.datasets, repo)
+            return job, _Found(repo.catalogue, repo.datasets, repo, notes=list(repo.notes))
         cat = walk(job.source, progress, keep)
         datasets, unmatched, problems = butler_mod.map_tree(cat.entries, job.butler,
                                                             str(job.path))
@@ -189,7 +191,7 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
     if errors:
         raise PlanError(errors)
-    notes = []
+    notes = list(found.notes)
     if found.unmatched:
         shown = ", ".join(found.unmatched[:3]) + (f" and {len(found.unmatched) - 3} more"
                                                  if len(found.unmatched) > 3 else "")
@@ -206,8 +208,20 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
     run_id = new_run_id()
     job.runs_dir.mkdir(parents=True, exist_ok=True)
+    export_tmp = job.runs_dir / f".{run_id}.{DIMENSION_EXPORT}"
+    if found.repo is not None:   # before the run directory: a failure leaves nothing behind
+        try:
+            found.repo.write_dimension_export(export_tmp)
+        except Exception as exc:
+            from .butler import ButlerError
+
+            if isinstance(exc, ButlerError):
+                raise PlanError(exc.lines) from None
+            raise
     layout = RunLayout(job.runs_dir / run_id)
     layout.dir.mkdir()  # exclusive: never reuse an existing run directory
+    if found.repo is not None:
+        os.replace(export_tmp, layout.dir / DIMENSION_EXPORT)
     for sub in (layout.manifests, layout.results, layout.logs):
         sub.mkdir()
 
@@ -220,11 +234,8 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
                                         for p in cat.skipped))
     meta = _metadata_of(job, found)
     extra: list[dict[str, Any]] = []
-    if found.repo is not None:
-        export = layout.dir / DIMENSION_EXPORT
-        found.repo.write_dimension_export(export)
-        if job.butler.metadata:
-            extra.append(_dimension_file_entry(job, run_id, export))
+    if found.repo is not None and job.butler.metadata:
+        extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
     for batch in batches:
         atomic_write_json(layout.manifest(batch.index), {
             "run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
@@ -315,7 +326,8 @@ def _metadata_of(job: JobConfig, found: _Found) -> dict[str, dict[str, str]]:
         return {}
     from .butler import rubin_metadata
 
-    return {rel: rubin_metadata(ds[0], job.butler.raw_dataset_types)
+    sidecars = found.repo.sidecars
+    return {rel: rubin_metadata(ds[0], sidecars[rel], job.butler.raw_dataset_types)
             for rel, ds in found.datasets.items()}
 
 

@@ -304,20 +304,18 @@ def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: Stop
             yield rec
 
 
-METADATA_GROUP = 100   # done files whose metadata is set in one request (stock mode)
-
-
 def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
                    meta: dict[str, dict[str, str]], stop: StopRequest,
                    state: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Set the Butler metadata (rubin_butler, rubin_sidecar) of each done file's DID, one
-    request per group of files, before their records are written: a file counts as done
-    only with its metadata, and a resubmission finds the file present and sets it. A
-    server that cannot keep such metadata (no JSON plugin) is said once; the files stay
-    uploaded, marked metadata "refused"."""
+    """Set the Butler metadata (rubin_butler, rubin_sidecar) of each done file's DID before
+    its record is written: a file counts as done only with its metadata, and a resubmission
+    finds the file present and sets it. One request per bulk chunk (whose records arrive
+    together anyway); file by file in stock mode, so that each record is still written as
+    soon as its file is done. A server that cannot keep such metadata (no JSON plugin) is
+    said once; the files stay uploaded, marked metadata "refused"."""
     from .rucio_io import MetadataRefused, RucioFileError
 
-    size = s.chunk_size if s.mode == "bulk" else METADATA_GROUP
+    size = s.chunk_size if s.mode == "bulk" else 1
     pending: list[dict[str, Any]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
@@ -353,7 +351,7 @@ def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
 
     for rec in records:
         pending.append(rec)
-        if len(pending) >= size:
+        if len(pending) >= size or stop.reason:
             yield from flush()
     yield from flush()
 

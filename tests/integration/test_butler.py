@@ -353,3 +353,16 @@ def test_nightly_with_a_butler_source_uploads_only_new_datasets(
     assert DatasetRef.from_json(meta["rubin_sidecar"], universe=universe).id == new.id
     exported = (runs[-1] / "butler-dimensions.yaml").read_text()
     assert "id: 102" in exported
+
+
+def test_doctor_looks_at_the_datastore_of_a_butler_source(pg_workdir: Path) -> None:
+    _source_repo(pg_workdir / "repo")
+    chown_user(pg_workdir)
+    job = write_job(pg_workdir, "doc", _butler_job(unique_prefix(), "../repo"))
+    out = dac_upload(["doctor", str(job)], pg_workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"OK   source: {pg_workdir / 'repo'} is readable" in out.stdout, out.stdout
+    bad = write_job(pg_workdir, "bad", _butler_job(unique_prefix(), "../no-such-repo"))
+    out = dac_upload(["doctor", str(bad)], pg_workdir)
+    assert out.returncode == 1
+    assert "FAIL source:" in out.stdout and "cannot be opened as a Butler repository" in out.stdout

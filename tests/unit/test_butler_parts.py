@@ -137,10 +137,13 @@ def test_map_tree_bad_dimensions_refused_before_any_file(tmp_path: Path, univers
 
 
 def test_rubin_metadata_as_rucio_register_writes_it() -> None:
-    ds = {"dataset_type": "calexp", "ref": '{"id": "x"}'}
-    assert rubin_metadata(ds, ("raw",)) == {"rubin_butler": "data_product",
-                                            "rubin_sidecar": '{"id": "x"}'}
-    assert rubin_metadata({**ds, "dataset_type": "raw"}, ("raw",))["rubin_butler"] == "raw_file"
+    ds = {"dataset_type": "calexp", "ref": "{}", "in_zip": False}
+    assert rubin_metadata(ds, '{"id": "x"}', ("raw",)) == {"rubin_butler": "data_product",
+                                                           "rubin_sidecar": '{"id": "x"}'}
+    assert rubin_metadata({**ds, "dataset_type": "raw"}, "{}", ("raw",))["rubin_butler"] == \
+        "raw_file"
+    assert rubin_metadata({**ds, "in_zip": True}, "{}", ("raw",)) == {
+        "rubin_butler": "zip_file", "rubin_sidecar": ""}
 
 
 # ----------------------------------------------------------------------------- worker: metadata
@@ -224,7 +227,7 @@ def _summary(tmp_path: Path) -> dict[str, Any]:
                                                                       "detector": i},
                      "dimensions": ["instrument", "detector"], "storage_class": "Dict",
                      "is_calibration": False, "formatter": "f.Y", "dataset_id": f"id{i}",
-                     "ref": "{}"}] for i, (r, _) in enumerate(files[:2])}
+                     "ref": "{}", "in_zip": False}] for i, (r, _) in enumerate(files[:2])}
     markers = {0: {"task": 0, "exit_code": 1, "finished_at": "2024-05-01T10:05:00Z",
                    "metadata_refused": "no plugin"}}
     summary = build_summary(run, {0: manifest}, {0: results}, markers, [], datasets)
@@ -258,15 +261,18 @@ def test_ingest_tables_and_commands(tmp_path: Path) -> None:
     assert made.not_matched == ["x.txt"]
     assert (out / "butler-dimensions.yaml").read_text() == "data: []\n"
     assert made.commands == [
-        f"butler import \"$DEST\" '{out}' --export-file '{out}/butler-dimensions.yaml'",
+        'butler import "$DEST" "$HERE" --export-file "$HERE"/butler-dimensions.yaml',
         'butler register-dataset-type "$DEST" cfg Dict instrument detector',
-        "butler ingest-files -t direct --formatter f.Y --prefix davs://se:1094/rucio/ "
-        f"--id-generation-mode DATAID_TYPE_RUN \"$DEST\" cfg 'u/a b' '{out}/cfg.u_a_b.ecsv'"]
+        'butler ingest-files -t direct --formatter f.Y --prefix "$PREFIX" '
+        "--id-generation-mode DATAID_TYPE_RUN \"$DEST\" cfg 'u/a b' \"$HERE\"/cfg.u_a_b.ecsv"]
     script = made.script.read_text()
     assert script.startswith("#!/bin/sh\n") and made.commands[-1] in script
+    assert "PREFIX=davs://se:1094/rucio/" in script
     subprocess.run(["sh", "-n", str(made.script)], check=True)   # valid shell
+    before = {p: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ButlerError, match="exists"):
         ingest_tables(s, tmp_path, out)                          # nothing overwritten
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
     with pytest.raises(ButlerError, match="do not start with --relative-to"):
         ingest_tables(s, tmp_path, tmp_path / "o2", relative_to="root://other/")
 
@@ -279,3 +285,167 @@ def test_array_tasks_never_import_the_butler() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- a real repository
+def _repo_with_everything(tmp: Path) -> tuple[Path, Path]:
+    """A source repository (SQLite, local datastore) holding: plain datasets, a zip made by
+    retrieve-artifacts and ingested with ingest-zip, a calibration certified for two
+    validity ranges, a file symlinked from outside the root. Returns (repo, outside dir)."""
+    import astropy.time
+    from lsst.daf.butler import (
+        Butler,
+        CollectionType,
+        DatasetRef,
+        DatasetType,
+        FileDataset,
+        Timespan,
+    )
+
+    def records(b: Any) -> None:
+        reg = b.registry
+        reg.insertDimensionData("instrument", {"name": "Cam", "visit_max": 10,
+                                               "exposure_max": 1000, "detector_max": 10,
+                                               "class_name": "lsst.obs.base.Instrument"})
+        reg.insertDimensionData("detector", *[{"instrument": "Cam", "id": d,
+                                               "full_name": f"d{d}"} for d in (0, 1)])
+        reg.insertDimensionData("physical_filter", {"instrument": "Cam", "name": "r",
+                                                    "band": "r"})
+        reg.insertDimensionData("day_obs", {"instrument": "Cam", "id": 20261125})
+        reg.insertDimensionData("group", {"instrument": "Cam", "name": "g"})
+        reg.insertDimensionData("exposure", *[{
+            "instrument": "Cam", "id": e, "physical_filter": "r", "obs_id": f"e{e}",
+            "day_obs": 20261125, "group": "g"} for e in (1, 2)])
+
+    repos = []
+    for name in ("other", "repo"):
+        Butler.makeRepo(str(tmp / name))
+        b = Butler.from_config(str(tmp / name), writeable=True)
+        records(b)
+        u = b.dimensions
+        for dt in (DatasetType("cfg", ("instrument", "detector", "exposure"),
+                               "StructuredDataDict", universe=u),
+                   DatasetType("calcfg", ("instrument", "detector"), "StructuredDataDict",
+                               universe=u, isCalibration=True)):
+            b.registry.registerDatasetType(dt)
+        b.registry.registerRun("run")
+        repos.append(b)
+    other, b = repos
+    zipped = [other.put({"e": 2, "d": d}, "cfg", instrument="Cam", detector=d, exposure=2,
+                        run="run") for d in (0, 1)]
+    zip_path = other.retrieve_artifacts_zip(zipped, tmp / "zips")
+    b.ingest_zip(zip_path, transfer="copy")
+    b.put({"e": 1, "d": 0}, "cfg", instrument="Cam", detector=0, exposure=1, run="run")
+    # one file in the datastore holding two datasets
+    shared = tmp / "shared.yaml"
+    shared.write_text("e: 1\n")
+    u = b.dimensions
+    refs = [DatasetRef(b.get_dataset_type("cfg"), {"instrument": "Cam", "detector": 1,
+                                                   "exposure": 1}, run="run2"),
+            DatasetRef(b.get_dataset_type("cfg"), {"instrument": "Cam", "detector": 1,
+                                                   "exposure": 2}, run="run2")]
+    b.registry.registerRun("run2")
+    b.ingest(FileDataset(path=str(shared), refs=refs), transfer="copy")
+    # a calibration certified for two validity ranges
+    b.registry.registerRun("calib/run")
+    cal = b.put({"flat": 1}, "calcfg", instrument="Cam", detector=0, run="calib/run")
+    b.registry.registerCollection("calib", CollectionType.CALIBRATION)
+    t = [astropy.time.Time(f"2026-0{m}-01", scale="tai") for m in (1, 2, 3, 4)]
+    b.registry.certify("calib", [cal], Timespan(t[0], t[1]))
+    b.registry.certify("calib", [cal], Timespan(t[2], t[3]))
+    # a file in the datastore that is a symlink to a file elsewhere
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    link_ref = b.put({"e": 1, "d": 1}, "cfg", instrument="Cam", detector=1, exposure=1,
+                     run="run")
+    target = Path(b.getURI(link_ref).ospath)
+    (outside / target.name).write_bytes(target.read_bytes())
+    target.unlink()
+    target.symlink_to(outside / target.name)
+    b.close()
+    other.close()
+    del u
+    return tmp / "repo", outside
+
+
+@pytest.fixture(scope="module")
+def real_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _repo_with_everything(tmp_path_factory.mktemp("butler"))
+
+
+def _repo_cfg(tmp_path: Path, repo: Path, collections: str, extra: str = "") -> Any:
+    text = job_text().replace('root = "data"', "") + f"""
+[butler]
+repo = "{repo}"
+collections = {collections}
+{extra}
+"""
+    return load_job(write_job(tmp_path, text))
+
+
+def test_catalogue_from_a_real_repository(tmp_path: Path, real_repo: tuple[Path, Path]) -> None:
+    from dac_upload.butler import catalogue_from_repo
+
+    repo, outside = real_repo
+    job = _repo_cfg(tmp_path, repo, '["run", "run2", "calib"]')
+    src = catalogue_from_repo(job.butler, "job.toml")
+    cat = src.catalogue
+    assert cat.root == repo and not cat.refused and not cat.skipped
+    rel = {e.relpath: e for e in cat.entries}
+    zips = [r for r in rel if r.startswith("zips/")]
+    assert len(zips) == 1 and zips[0].endswith(".zip")           # two datasets, one zip
+    assert [d["in_zip"] for d in src.datasets[zips[0]]] == [True, True]
+    shared = [r for r, ds in src.datasets.items() if len(ds) == 2 and not ds[0]["in_zip"]]
+    assert len(shared) == 1 and "hold more than one dataset" in src.notes[0]
+    calib = [ds for ds in src.datasets.values() if ds[0]["dataset_type"] == "calcfg"]
+    assert len(calib) == 1 and len(calib[0]) == 1                # once, not once per range
+    assert calib[0][0]["is_calibration"]
+    assert outside.as_posix() in cat.outside_targets              # the symlink's target dir
+    assert len(cat.entries) == 5 and len(src.refs) == 7
+    # the compact ref in the datasets, the full one (with records) as the sidecar
+    some = next(r for r, ds in src.datasets.items() if not ds[0]["in_zip"])
+    assert '"records"' in src.sidecars[some] and '"records"' not in src.datasets[some][0]["ref"]
+    from lsst.daf.butler import DatasetRef
+
+    u = src.butler.dimensions
+    assert DatasetRef.from_json(src.datasets[some][0]["ref"], universe=u) == \
+        DatasetRef.from_json(src.sidecars[some], universe=u)
+
+
+def test_symlinks_policy_applies_to_a_butler_source(tmp_path: Path,
+                                                    real_repo: tuple[Path, Path]) -> None:
+    from dac_upload.butler import catalogue_from_repo
+
+    repo, _ = real_repo
+    job = _repo_cfg(tmp_path, repo, '["run"]')
+    skipped = catalogue_from_repo(job.butler, "j", symlinks="skip").catalogue
+    assert [p.reason for p in skipped.skipped] == ['symlink skipped (symlinks = "skip")']
+    refused = catalogue_from_repo(job.butler, "j", symlinks="refuse").catalogue
+    assert len(refused.refused) == 1 and "symlinks = \"refuse\"" in refused.refused[0].reason
+
+
+def test_query_problems_are_one_line(tmp_path: Path, real_repo: tuple[Path, Path]) -> None:
+    from dac_upload.butler import catalogue_from_repo
+
+    repo, _ = real_repo
+    for collections, extra, expected in (
+            ('["nope"]', "", "[butler] collections = ['nope']"),
+            ('["run"]', 'dataset_types = ["cfgg"]', "entry 'cfgg' finds no dataset"),
+            ('["run"]', "where = \"exposure = \"", "the query for 'cfg'")):
+        job = _repo_cfg(tmp_path, repo, collections, extra)
+        with pytest.raises(ButlerError) as info:
+            catalogue_from_repo(job.butler, "job.toml")
+        assert len(info.value.lines) == 1 and expected in info.value.lines[0], info.value.lines
+
+
+def test_bad_data_id_in_a_map_is_one_line_not_a_crash(tmp_path: Path) -> None:
+    lines = _job_errors(tmp_path, job_text() + MAP.replace('{instrument = "DECam"}',
+                                                           "{detector = 1.5}"))
+    assert len(lines) == 1 and "data_id = {'detector': 1.5} is not valid" in lines[0], lines
+
+
+def test_a_repository_label_is_left_to_the_butler(tmp_path: Path) -> None:
+    text = job_text().replace('root = "data"', "") + '[butler]\nrepo = "embargo"\n' \
+        'collections = ["c"]\n'
+    job = load_job(write_job(tmp_path, text))
+    assert job.butler.repo == "embargo" and job.source.root == tmp_path
