@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 from .config import SourceConfig
 from .files import atomic_write_lines, read_jsonl
-from .naming import dir_pruned, glob_regex
+from .naming import dir_pruned, glob_matcher
 from .progress import Progress
 
 
@@ -61,72 +61,92 @@ def walk(source: SourceConfig, progress: Progress | None = None,
     nightly ledger filter) drops files as they are found, so only those kept are held."""
     root = source.root
     cat = Catalogue(root=root, pattern_hits={p: 0 for p in source.include})
-    include = [(p, glob_regex(p)) for p in source.include]
-    exclude = [glob_regex(p) for p in source.exclude]
+    include = [(p, glob_matcher(p)) for p in source.include]
+    exclude = [glob_matcher(p) for p in source.exclude]
     root_real = os.path.realpath(root)
     uid = os.geteuid()
     groups = set(os.getgroups()) | {os.getegid()}
-    nbytes = 0
+    symlinks = source.symlinks
+    entries_out = cat.entries
+    nbytes = hits = 0
 
     def selected(rel: str) -> bool:
-        hit = False
-        for pattern, rx in include:
-            if rx.fullmatch(rel):
+        for pattern, matches in include:
+            if matches(rel):
                 cat.pattern_hits[pattern] += 1
-                hit = True
-                break
-        return hit and not any(rx.fullmatch(rel) for rx in exclude)
+                return not any(m(rel) for m in exclude)
+        return False
 
-    for rel, entry in _scan(root, source.exclude, cat):
-        if not _valid_utf8(rel):
-            if selected(rel):
-                cat.refused.append(Problem(_printable(rel), "the file name is not valid UTF-8"))
-            continue
-        is_link = entry.is_symlink()  # directory symlinks never get here (_scan skips them)
-        if not selected(rel):
-            continue
-        if is_link:
-            if source.symlinks == "skip":
-                cat.skipped.append(Problem(rel, "symlink skipped (symlinks = \"skip\")"))
+    if len(include) == 1 and not exclude:   # the usual job: one test, hits counted below
+        only_pattern, selected = include[0]
+    else:
+        only_pattern = None
+
+    for rel_dir, found in _scan(root, source.exclude, cat):
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        rels = [prefix + e.name for e in found]
+        try:   # one test for the whole directory; a bad name is looked for only if needed
+            "\0".join(rels).encode("utf-8")
+            all_utf8 = True
+        except UnicodeEncodeError:
+            all_utf8 = False
+        for rel, entry in zip(rels, found):
+            if not all_utf8 and not _valid_utf8(rel):
+                if selected(rel):
+                    cat.refused.append(Problem(_printable(rel),
+                                               "the file name is not valid UTF-8"))
                 continue
-            if source.symlinks == "refuse":
-                cat.refused.append(Problem(rel, "is a symlink and symlinks = \"refuse\"; "
-                                           "remove it or set symlinks = \"follow\""))
+            if not selected(rel):
                 continue
-        try:
-            st = entry.stat(follow_symlinks=True)
-        except FileNotFoundError:
-            reason = "dangling symlink" if is_link else "vanished while cataloguing"
-            cat.refused.append(Problem(rel, reason))
-            continue
-        except OSError as exc:
-            cat.refused.append(Problem(rel, f"cannot stat: {exc.strerror}"))
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            cat.refused.append(Problem(rel, "not a regular file"))
-            continue
-        if keep is not None and not keep(rel, st.st_size, st.st_mtime):
-            continue
-        if not _readable(st, uid, groups) and not os.access(entry.path, os.R_OK):
-            cat.refused.append(Problem(rel, "not readable by you; fix its permissions "
-                                       "(chmod u+r or g+r) or exclude it"))
-            continue
-        if is_link:
-            target_dir = os.path.dirname(os.path.realpath(entry.path))
-            if not _inside(target_dir, root_real):
-                cat.outside_targets.add(target_dir)
-        cat.entries.append(Entry(rel, st.st_size, st.st_mtime))
-        nbytes += st.st_size
+            hits += 1
+            is_link = entry.is_symlink()   # directory symlinks never get here
+            if is_link:
+                if symlinks == "skip":
+                    cat.skipped.append(Problem(rel, "symlink skipped (symlinks = \"skip\")"))
+                    continue
+                if symlinks == "refuse":
+                    cat.refused.append(Problem(rel, "is a symlink and symlinks = \"refuse\"; "
+                                               "remove it or set symlinks = \"follow\""))
+                    continue
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except FileNotFoundError:
+                reason = "dangling symlink" if is_link else "vanished while cataloguing"
+                cat.refused.append(Problem(rel, reason))
+                continue
+            except OSError as exc:
+                cat.refused.append(Problem(rel, f"cannot stat: {exc.strerror}"))
+                continue
+            mode = st.st_mode
+            if not stat.S_ISREG(mode):
+                cat.refused.append(Problem(rel, "not a regular file"))
+                continue
+            if keep is not None and not keep(rel, st.st_size, st.st_mtime):
+                continue
+            if mode & 0o444 != 0o444 and not _readable(st, uid, groups) \
+                    and not os.access(entry.path, os.R_OK):
+                cat.refused.append(Problem(rel, "not readable by you; fix its permissions "
+                                           "(chmod u+r or g+r) or exclude it"))
+                continue
+            if is_link:
+                target_dir = os.path.dirname(os.path.realpath(entry.path))
+                if not _inside(target_dir, root_real):
+                    cat.outside_targets.add(target_dir)
+            entries_out.append(Entry(rel, st.st_size, st.st_mtime))
+            nbytes += st.st_size
         if progress is not None:
-            progress.update(len(cat.entries), nbytes)
+            progress.update(len(entries_out), nbytes)
+    if only_pattern is not None:
+        cat.pattern_hits[only_pattern] = hits
     if progress is not None:
         progress.done()
     return cat
 
 
 def _scan(root: Path, exclude: tuple[str, ...],
-          cat: Catalogue) -> Iterator[tuple[str, os.DirEntry]]:
-    """Depth-first, name-ordered walk: (relative POSIX path, DirEntry) of non-directories."""
+          cat: Catalogue) -> Iterator[tuple[str, list[os.DirEntry]]]:
+    """Depth-first, name-ordered walk: (relative POSIX directory, its non-directories in
+    name order) per directory ("" for the root)."""
     stack: list[tuple[str, str]] = [(str(root), "")]
     while stack:
         path, rel = stack.pop()
@@ -137,15 +157,19 @@ def _scan(root: Path, exclude: tuple[str, ...],
             cat.refused.append(Problem(rel or ".", f"cannot list directory: {exc.strerror}"))
             continue
         subdirs = []
+        files = []
         for entry in entries:
-            child = f"{rel}/{entry.name}" if rel else entry.name
             if entry.is_dir(follow_symlinks=False):
+                child = f"{rel}/{entry.name}" if rel else entry.name
                 if not dir_pruned(child, exclude):
                     subdirs.append((entry.path, child))
             elif entry.is_symlink() and _is_dir(entry):
-                cat.skipped.append(Problem(child, "directory symlink not followed"))
+                cat.skipped.append(Problem(f"{rel}/{entry.name}" if rel else entry.name,
+                                           "directory symlink not followed"))
             else:
-                yield child, entry
+                files.append(entry)
+        if files:
+            yield rel, files
         stack.extend(reversed(subdirs))
 
 

@@ -9,6 +9,7 @@ error that Rucio would give file by file, inside a batch job, into one line befo
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
 
 NAME_MAX = 250
@@ -34,6 +35,22 @@ def name_problem(name: str) -> str | None:
             return f"the name contains characters Rucio does not allow: {shown}"
         return "a Rucio name must start with a letter, a digit or '/'"
     return None
+
+
+_ANY_BAD_CHAR_RE = re.compile(r"[^/A-Za-z0-9._\-\n]")       # one class: a fast scan
+_ANY_BAD_START_RE = re.compile(r"\n[._\-\n]")
+
+
+def all_names_valid(names: list[str]) -> bool:
+    """True if :func:`name_problem` finds nothing in any of ``names``: one regex search over
+    them all, joined by newlines (which no valid name contains), and their longest length."""
+    if not names or max(map(len, names)) > NAME_MAX:
+        return False
+    joined = "\n".join(names)
+    return (joined.count("\n") == len(names) - 1
+            and joined[:1] not in ("", ".", "_", "-", "\n") and joined[-1:] != "\n"
+            and _ANY_BAD_CHAR_RE.search(joined) is None
+            and _ANY_BAD_START_RE.search(joined) is None)
 
 
 def scope_problem(scope: str) -> str | None:
@@ -116,6 +133,29 @@ def _translate_component(part: str) -> str:
         else:
             res.append(re.escape(c))
     return "".join(res)
+
+
+_GLOB_CHARS = frozenset("*?[]\\")
+
+
+@lru_cache(maxsize=256)
+def glob_matcher(pattern: str) -> Callable[[str], bool]:
+    """A predicate equal to ``glob_regex(pattern).fullmatch``, made of plain string tests for
+    the patterns nearly every job uses (``**/*``, ``**/*.fits``): a regex per file was a
+    quarter of the time of cataloguing a million files. Others get the regex."""
+    parts = pattern.strip("/").split("/")
+    if len(parts) == 2 and parts[0] == "**" and parts[1].startswith("*") \
+            and not _GLOB_CHARS & set(parts[1][1:]):
+        suffix = parts[1][1:]
+
+        def visible_with_suffix(rel: str) -> bool:
+            # no component starts with "." (the shell's rule for * and **), and the name
+            # ends with the suffix (which holds no "/", so it lies within the name)
+            return rel[:1] != "." and "/." not in rel and rel.endswith(suffix)
+
+        return visible_with_suffix
+    rx = glob_regex(pattern)
+    return lambda rel: rx.fullmatch(rel) is not None
 
 
 def matches_any(relpath: str, patterns: tuple[str, ...]) -> bool:

@@ -8,6 +8,8 @@ problem.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import getpass
 import hashlib
 import os
@@ -15,6 +17,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +30,7 @@ from .files import (
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
+    manifest_json,
     read_json,
     utc_now,
 )
@@ -171,6 +175,20 @@ def _butler_record(job: JobConfig, found: _Found, files: int,
             "dimension_file": dimension_file}
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Planning makes a few million small objects that live until the end and hold no
+    cycles; Python's cyclic collector would walk all of them again and again as they are
+    made (a sixth of planning a million files). Reference counting still frees the rest."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def prepare_run(job: JobConfig, preflight: Preflight | None = None,
                 progress: Progress | None = None, python: str | None = None,
                 keep: Callable[[str, int, float], bool] | None = None,
@@ -178,6 +196,14 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
     ``keep`` filters the walk (nightly: only files new or changed since the ledger);
     ``preflight`` checks the credentials and the server (not with --offline)."""
+    with _cyclic_gc_paused():
+        return _prepare_run(job, preflight, progress, python, keep, origin)
+
+
+def _prepare_run(job: JobConfig, preflight: Preflight | None,
+                 progress: Progress | None, python: str | None,
+                 keep: Callable[[str, int, float], bool] | None,
+                 origin: str) -> PreparedRun:
     if job.butler.kind != "repo" and not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
@@ -237,13 +263,9 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     if found.repo is not None and job.butler.metadata:
         extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
     for batch in batches:
-        atomic_write_json(layout.manifest(batch.index), {
-            "run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
-            "bytes": batch.bytes,
-            "files": [{"relpath": f.relpath, "name": f.name, "size": f.size, "mtime": f.mtime,
-                       **({"meta": meta[f.relpath]} if f.relpath in meta else {})}
-                      for f in batch.files] + (extra if batch.index == 0 else [])},
-            pretty=False)
+        atomic_write_text(layout.manifest(batch.index), manifest_json(
+            {"run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
+             "bytes": batch.bytes}, batch.files, meta, extra if batch.index == 0 else ()))
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
             {"relpath": f.relpath, "datasets": found.datasets[f.relpath]}

@@ -216,3 +216,44 @@ def test_dir_pruned_needs_a_trailing_double_star() -> None:
 def test_hidden_names_follow_the_shell(pattern: str, path: str, expected: bool) -> None:
     """Like the shell and Python's glob: '*' and '**' do not match a leading '.'."""
     assert bool(glob_regex(pattern).match(path)) is expected
+
+
+# ----------------------------------------------------------------------------- fast paths
+def _paths() -> list[str]:
+    import itertools
+
+    comps = ["a", ".a", "b.fits", ".fits", "fits", "x.f", ".x.fits", "c", "s", "é.fits"]
+    out = ["a\nb.fits", "..fits", "b/..fits"]
+    for n in range(1, 4):
+        out += ["/".join(c) for c in itertools.product(comps, repeat=n)]
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["**/*", "**/*.fits", "**/*fits", "**/*.f", "**/*s",
+                                     "/**/*.fits/", "raw/*.fits", "**/c/*"])
+def test_glob_matcher_equals_the_regex(pattern: str) -> None:
+    from dac_upload.naming import glob_matcher
+
+    matches = glob_matcher(pattern)
+    rx = glob_regex(pattern)
+    assert [p for p in _paths() if matches(p)] == [p for p in _paths() if rx.fullmatch(p)]
+
+
+def test_all_names_valid_equals_name_problem_name_by_name() -> None:
+    import itertools
+    import random
+
+    from dac_upload.naming import all_names_valid
+
+    chars = ["a", "Z", "0", "/", ".", "_", "-", " ", "é", "\n", ":"]
+    for n in range(5):
+        for combo in itertools.product(chars, repeat=n):
+            name = "".join(combo)
+            assert all_names_valid([name]) == (name_problem(name) is None), repr(name)
+    rng = random.Random(1)
+    for _ in range(20000):
+        names = ["".join(rng.choice(chars) for _ in range(rng.randint(0, 6)))
+                 for _ in range(rng.randint(1, 4))]
+        assert all_names_valid(names) == all(name_problem(x) is None for x in names), names
+    assert all_names_valid(["a" * 250]) and not all_names_valid(["a" * 251])
+    assert not all_names_valid([])
