@@ -179,7 +179,7 @@ def _butler_record(job: JobConfig, found: _Found, files: int,
 def _cyclic_gc_paused() -> Iterator[None]:
     """Planning makes a few million small objects that live until the end and hold no
     cycles; Python's cyclic collector would walk all of them again and again as they are
-    made (a sixth of planning a million files). Reference counting still frees the rest."""
+    made (about 15 % of planning a million files). Reference counting still frees the rest."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
