@@ -425,26 +425,39 @@ def _data_id(v: Any) -> dict[str, Any]:
     return dict(v)
 
 
+def _check_table(given: dict[str, Any], keys: dict[str, tuple[_Check, Any, str]], at: str,
+                 errors: list[str]) -> dict[str, Any]:
+    """Each key of a TOML table checked against ``keys`` (key -> check, default, what a
+    valid value looks like); unknown keys, missing required keys and invalid values become
+    lines in ``errors``, starting with ``at``. A missing key gets its default (None if it
+    is required), an invalid one _INVALID."""
+    for key in given:
+        if key not in keys:
+            hint = _close_match(key, keys)
+            errors.append(f"{at} unknown key '{key}'" + (
+                f"; did you mean '{hint}'?" if hint else f"; known keys are {', '.join(keys)}"))
+    out: dict[str, Any] = {}
+    for key, (check, default, expect) in keys.items():
+        if key not in given:
+            if default is ...:
+                errors.append(f"{at} '{key}' is required: set it to {expect}")
+            out[key] = None if default is ... else default
+            continue
+        try:
+            out[key] = check(given[key])
+        except (ValueError, TypeError):
+            errors.append(f"{at} {key} = {given[key]!r} is not valid: use {expect}")
+            out[key] = _INVALID
+    return out
+
+
 def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
     """[butler] and its [[butler.map]] entries; problems go to ``errors``, one line each."""
     if raw is None:
         return ButlerConfig()
-    got: dict[str, Any] = {}
-    for key in raw:
-        if key not in _BUTLER_KEYS:
-            hint = _close_match(key, _BUTLER_KEYS)
-            errors.append(f"{where}: [butler] unknown key '{key}'"
-                          + (f"; did you mean '{hint}'?" if hint else
-                             f"; known keys are {', '.join(_BUTLER_KEYS)}"))
-    for key, (check, default, expect) in _BUTLER_KEYS.items():
-        if key not in raw:
-            got[key] = default
-            continue
-        try:
-            got[key] = check(raw[key])
-        except (ValueError, TypeError):
-            errors.append(f"{where}: [butler] {key} = {raw[key]!r} is not valid: use {expect}")
-            got[key] = default
+    got = {key: _BUTLER_KEYS[key][1] if value is _INVALID else value
+           for key, value in _check_table(raw, _BUTLER_KEYS, f"{where}: [butler]",
+                                          errors).items()}
     maps: list[ButlerMapping] = []
     entries = got["map"]
     if isinstance(entries, dict):
@@ -455,26 +468,10 @@ def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
         entries = []
     for n, entry in enumerate(entries, 1):
         at = f"{where}: [[butler.map]] #{n}"
-        vals: dict[str, Any] = {}
-        for key in entry:
-            if key not in _MAP_KEYS:
-                hint = _close_match(key, _MAP_KEYS)
-                errors.append(f"{at} unknown key '{key}'"
-                              + (f"; did you mean '{hint}'?" if hint else
-                                 f"; known keys are {', '.join(_MAP_KEYS)}"))
-        ok = True
-        for key, (check, default, expect) in _MAP_KEYS.items():
-            if key not in entry:
-                if default is ...:
-                    errors.append(f"{at} '{key}' is required: set it to {expect}")
-                    ok = False
-                vals[key] = None if default is ... else default
-                continue
-            try:
-                vals[key] = check(entry[key])
-            except (ValueError, TypeError):
-                errors.append(f"{at} {key} = {entry[key]!r} is not valid: use {expect}")
-                ok = False
+        before = len(errors)
+        vals = _check_table(entry, _MAP_KEYS, at, errors)
+        ok = len(errors) == before
+        vals = {k: v for k, v in vals.items() if v is not _INVALID}
         if vals.get("path"):
             try:
                 rx = re.compile(vals["path"])
@@ -573,27 +570,8 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
             errors.append(f"{where}: '{section}' must be a table [{section}]")
     for section, keys in _SCHEMA.items():
         given = raw.get(section, {})
-        if not isinstance(given, dict):
-            given = {}
-        values[section] = {}
-        for key in given:
-            if key not in keys:
-                hint = _close_match(key, keys)
-                errors.append(f"{where}: [{section}] unknown key '{key}'"
-                              + (f"; did you mean '{hint}'?" if hint else
-                                 f"; known keys are {', '.join(keys)}"))
-        for key, (check, default, expect) in keys.items():
-            if key not in given:
-                if default is ...:
-                    errors.append(f"{where}: [{section}] '{key}' is required: set it to {expect}")
-                values[section][key] = None if default is ... else default
-                continue
-            try:
-                values[section][key] = check(given[key])
-            except (ValueError, TypeError):
-                errors.append(f"{where}: [{section}] {key} = {given[key]!r} is not valid: "
-                              f"use {expect}")
-                values[section][key] = _INVALID
+        values[section] = _check_table(given if isinstance(given, dict) else {}, keys,
+                                       f"{where}: [{section}]", errors)
 
     # the semantic checks judge only values that are valid one by one
     _semantic_checks({s: {k: val for k, val in kv.items() if val is not _INVALID}
