@@ -42,6 +42,17 @@ ACCESS_LOG = CI_DIR / "rucio" / "log" / "access.log"
 RSE_DIR = CI_DIR / "rucio" / "rse"
 RSE, SCOPE, USER = "LOCAL_DISK", "test", "dacuser"
 URL = "http://127.0.0.1:18080"
+SERVER = "SQLite, one gunicorn worker"
+
+
+def use_postgres() -> None:
+    """--server postgres: the second test server (PostgreSQL, two gunicorn workers, port
+    18081), for comparison with a production-like database; the targets are on SQLite."""
+    global CLIENT_CFG, ACCESS_LOG, RSE_DIR, URL, SERVER
+    base = CI_DIR / "rucio-pg"
+    CLIENT_CFG, ACCESS_LOG = base / "etc" / "client.cfg", base / "log" / "access.log"
+    RSE_DIR, URL = base / "rse", "http://127.0.0.1:18081"
+    SERVER = "PostgreSQL, two gunicorn workers"
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 
@@ -143,7 +154,7 @@ def small_files(base: Path, n: int) -> None:
     write_set(base / "bulk", sizes, f"b{tag}", 7)
     write_set(base / "bulkds", sizes, f"d{tag}", 7)
     cfg = base / "rucio.cfg"
-    cfg.write_text(CLIENT_CFG.read_text().replace(str(CI_DIR / "rucio" / "token"),
+    cfg.write_text(CLIENT_CFG.read_text().replace(str(CLIENT_CFG.parent.parent / "token"),
                                                   str(base / "token")))
     (base / "token").mkdir(exist_ok=True)
     chown(base)
@@ -162,8 +173,16 @@ def small_files(base: Path, n: int) -> None:
         sys.exit(f"rucio upload registered {found}/{n} files (exit {proc.returncode}):\n"
                  f"{proc.stderr[-2000:]}")
     bulk_s, bulk_requests, _, cmd = plan_worker(base, "small", base / "bulk", n, 4)
-    ds_s, ds_requests, _, _ = plan_worker(base, "smallds", base / "bulkds", n, 4,
-                                          dataset=f"bench_{tag}")
+    ds_s, ds_requests, ds_run, _ = plan_worker(base, "smallds", base / "bulkds", n, 4,
+                                               dataset=f"bench_{tag}")
+    # The server's floor: what a rule per file costs it, whoever asks. The dataset run's
+    # files have no rule of their own (their dataset's rule covers them): rules for 100 of
+    # them, in one request, as the bulk worker sends them.
+    names = [json.loads(line)["name"] for line in
+             (ds_run / "results" / "task-00000.jsonl").read_text().splitlines()][:100]
+    t0 = time.monotonic()
+    Client().add_replication_rule([{"scope": SCOPE, "name": x} for x in names], 1, RSE)
+    per_rule = (time.monotonic() - t0) / len(names)
     print(f"   stock : {stock_s:7.2f} s  {n / stock_s:8.1f} files/s   "
           f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files>")
     print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   $ {' '.join(cmd[1:3])} "
@@ -172,6 +191,11 @@ def small_files(base: Path, n: int) -> None:
     print(f"   ratio : {stock_s / bulk_s:.1f}x the files/s of the stock client (target >= 20x)")
     print(f"   bulk into a dataset (one rule, on the dataset): {ds_s:.2f} s  {n / ds_s:.1f} "
           f"files/s = {stock_s / ds_s:.1f}x the stock client ([rucio] dataset set)")
+    floor = per_rule * n
+    print(f"   server: {per_rule * 1000:.1f} ms per rule (one request of rules for "
+          f"{len(names)} of the dataset run's files): the rules alone for {n} files take "
+          f"{floor:.2f} s of the server, so with a rule per file no client gets beyond "
+          f"{stock_s / floor:.1f}x")
     print(f"\n2. server requests per file (lines added to {ACCESS_LOG.name} meanwhile)")
     print(f"   stock : {stock_requests / n:.3f} per file ({stock_requests} requests)")
     print(f"   bulk  : {bulk_requests / n:.3f} per file ({bulk_requests} requests; "
@@ -283,6 +307,8 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[],
                     choices=["small", "large", "plan"], help="leave a part out")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-bench"))
+    ap.add_argument("--server", choices=["sqlite", "postgres"], default="sqlite",
+                    help="which test Rucio server (the targets are on sqlite)")
     ap.add_argument("--chunk-size", type=int, default=0,
                     help="[upload] chunk_size for the worker (default: the tool's)")
     args = ap.parse_args()
@@ -291,6 +317,8 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark acts as dacuser through runuser")
     CHUNK["size"] = args.chunk_size
+    if args.server == "postgres":
+        use_postgres()
     base = args.dir
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
@@ -299,7 +327,7 @@ def main() -> None:
     (base / "pw").chmod(0o600)
     version = subprocess.run([str(VENV_BIN / "dac-upload"), "--version"], capture_output=True,
                              text=True).stdout.strip()
-    print(f"{version}; Rucio server {URL} (SQLite, one gunicorn worker), RSE {RSE} (POSIX); "
+    print(f"{version}; Rucio server {URL} ({SERVER}), RSE {RSE} (POSIX); "
           f"{os.cpu_count()} CPUs")
     if "small" not in args.skip:
         small_files(base, args.files)
