@@ -36,6 +36,7 @@ RUBIN_DATA_PRODUCT = "data_product"
 RUBIN_RAW_FILE = "raw_file"
 RUBIN_DIM_FILE = "dim_file"
 RUBIN_ZIP_FILE = "zip_file"
+ZIP_FRAGMENT = "#zip-path="      # how the datastore names a dataset inside a zip
 
 
 class ButlerError(Exception):
@@ -180,6 +181,7 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     files: dict[str, list[tuple[Any, Any, bool]]] = {}
     for ref, info, relpath, in_zip in _files_of(refs, records, root_uri, cat):
         files.setdefault(relpath, []).append((ref, info, in_zip))
+    _whole_zips(butler, records_of, root_uri, files, cat)
     uid, groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
     root_real = os.path.realpath(root)
     datasets: dict[str, list[dict[str, Any]]] = {}
@@ -237,6 +239,36 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     return RepoSource(cat, datasets, sidecars, butler, kept, notes)
 
 
+def _whole_zips(butler: Any, records_of: Callable[[list[Any]], dict[Any, list[Any]]],
+                root_uri: Any, files: dict[str, list[tuple[Any, Any, bool]]],
+                cat: Catalogue) -> None:
+    """A zip (``butler ingest-zip``) is uploaded whole, and ``butler ingest-zip`` at the
+    destination ingests every dataset of its index: so each zip lists all of them (and their
+    dimension records are exported), not only those the query selected."""
+    zips = [rel for rel, members in files.items() if members[0][2]]
+    if not zips:
+        return
+    from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
+
+    for rel in zips:
+        try:
+            index = ZipIndex.from_zip_file(root_uri.join(rel))
+        except Exception as exc:   # unreadable, or not a Butler zip
+            cat.refused.append(Problem(rel, f"cannot read the zip's index: {_one_line(exc)}"))
+            del files[rel]
+            continue
+        have = {ref.id for ref, _, _ in files[rel]}
+        missing = [i for i in index.refs.compact_refs if i not in have]
+        if not missing:
+            continue
+        extra = butler.get_many_datasets(missing)
+        extra_records = records_of(extra) if extra else {}
+        for ref in extra:
+            info = (extra_records.get(ref.id) or [None])[0]
+            if info is not None:
+                files[rel].append((ref, info, True))
+
+
 def _file_datastore(butler: Any) -> Any:
     """The butler's file datastore (a chain of one file datastore is unwrapped); None for a
     client/server Butler, which has no local datastore."""
@@ -277,15 +309,16 @@ def _files_of(refs: list[Any], records: dict[Any, list[Any]], root_uri: Any,
             cat.skipped.append(Problem(_label(ref), "no file in the datastore (not stored "
                                        "there, or stored by another datastore)"))
             continue
-        if len(infos) > 1:
+        zips = {info.path.partition(ZIP_FRAGMENT)[0] for info in infos}
+        if len(infos) > 1 and not (len(zips) == 1 and ZIP_FRAGMENT in infos[0].path):
             for info in infos:
                 cat.skipped.append(Problem(info.path, f"one of the {len(infos)} component "
                                            f"files of {_label(ref)} (a disassembled "
                                            "composite): Butler ingests whole files only"))
             continue
         info = infos[0]
-        path, _, fragment = info.path.partition("#")
-        in_zip = fragment.startswith("zip-path=")
+        path, zip_mark, _ = info.path.partition(ZIP_FRAGMENT)   # a dataset inside a zip
+        in_zip = bool(zip_mark)
         if "://" in path or path.startswith("/"):   # an absolute URI: inside the root?
             rel = _resource_path(path).relative_to(root_uri)
             if not rel:

@@ -82,7 +82,9 @@ def walk(source: SourceConfig, progress: Progress | None = None,
     else:
         only_pattern = None
 
-    for rel_dir, found in _scan(root, source.exclude, cat):
+    for rel_dir, found, dir_links in _scan(root, source.exclude, cat):
+        mark = len(cat.skipped)
+        cat.skipped.extend(dir_links)
         prefix = f"{rel_dir}/" if rel_dir else ""
         rels = [prefix + e.name for e in found]
         try:   # one test for the whole directory; a bad name is looked for only if needed
@@ -93,6 +95,7 @@ def walk(source: SourceConfig, progress: Progress | None = None,
         for rel, entry in zip(rels, found):
             if not all_utf8 and not _valid_utf8(rel):
                 if selected(rel):
+                    hits += 1
                     cat.refused.append(Problem(_printable(rel),
                                                "the file name is not valid UTF-8"))
                 continue
@@ -134,6 +137,10 @@ def walk(source: SourceConfig, progress: Progress | None = None,
                     cat.outside_targets.add(target_dir)
             entries_out.append(Entry(rel, st.st_size, st.st_mtime))
             nbytes += st.st_size
+            if progress is not None and not len(entries_out) & 0x3FFF:   # a huge directory
+                progress.update(len(entries_out), nbytes)
+        if dir_links and len(cat.skipped) > mark + len(dir_links):   # in name order, as found
+            cat.skipped[mark:] = sorted(cat.skipped[mark:], key=lambda p: p.relpath)
         if progress is not None:
             progress.update(len(entries_out), nbytes)
     if only_pattern is not None:
@@ -144,9 +151,10 @@ def walk(source: SourceConfig, progress: Progress | None = None,
 
 
 def _scan(root: Path, exclude: tuple[str, ...],
-          cat: Catalogue) -> Iterator[tuple[str, list[os.DirEntry]]]:
+          cat: Catalogue) -> Iterator[tuple[str, list[os.DirEntry], list[Problem]]]:
     """Depth-first, name-ordered walk: (relative POSIX directory, its non-directories in
-    name order) per directory ("" for the root)."""
+    name order, its directory symlinks as skipped problems) per directory ("" for the
+    root)."""
     stack: list[tuple[str, str]] = [(str(root), "")]
     while stack:
         path, rel = stack.pop()
@@ -158,18 +166,19 @@ def _scan(root: Path, exclude: tuple[str, ...],
             continue
         subdirs = []
         files = []
+        dir_links = []
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 child = f"{rel}/{entry.name}" if rel else entry.name
                 if not dir_pruned(child, exclude):
                     subdirs.append((entry.path, child))
             elif entry.is_symlink() and _is_dir(entry):
-                cat.skipped.append(Problem(f"{rel}/{entry.name}" if rel else entry.name,
-                                           "directory symlink not followed"))
+                dir_links.append(Problem(f"{rel}/{entry.name}" if rel else entry.name,
+                                         "directory symlink not followed"))
             else:
                 files.append(entry)
-        if files:
-            yield rel, files
+        if files or dir_links:
+            yield rel, files, dir_links
         stack.extend(reversed(subdirs))
 
 

@@ -184,7 +184,8 @@ def read_run(run_dir: Path) -> RunState:
     datasets: dict[str, list[dict[str, Any]]] = {}
     butler = run.get("butler")
     if butler and (layout.dir / butler["files"]).exists():
-        datasets = {r["relpath"]: r["datasets"] for r in read_jsonl(layout.dir / butler["files"])}
+        datasets = {r["relpath"]: [{"in_zip": False, **d} for d in r["datasets"]]
+                    for r in read_jsonl(layout.dir / butler["files"])}
     return RunState(run, manifests, results, markers, problems, datasets)
 
 

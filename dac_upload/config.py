@@ -472,6 +472,7 @@ def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
         vals = _check_table(entry, _MAP_KEYS, at, errors)
         ok = len(errors) == before
         vals = {k: v for k, v in vals.items() if v is not _INVALID}
+        rx = None
         if vals.get("path"):
             try:
                 rx = re.compile(vals["path"])
@@ -479,17 +480,18 @@ def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
                 errors.append(f"{at} path {vals['path']!r} is not a valid regular expression "
                               f"({exc}); fix it")
                 ok = False
-            else:
-                fixed = vals.get("data_id") or {}
-                if not rx.groupindex and not fixed:
-                    errors.append(f"{at} path has no named group such as (?P<exposure>\\d+) "
-                                  "and data_id is empty: nothing would give a data ID")
-                    ok = False
-                both = set(rx.groupindex) & set(fixed)
-                if both:
-                    errors.append(f"{at} {', '.join(sorted(both))} comes both from a path group "
-                                  "and from data_id: keep one")
-                    ok = False
+        # how the path and data_id fit together, once both are known to be valid
+        if rx is not None and ("data_id" not in entry or "data_id" in vals):
+            fixed = vals.get("data_id") or {}
+            if not rx.groupindex and not fixed:
+                errors.append(f"{at} path has no named group such as (?P<exposure>\\d+) "
+                              "and data_id is empty: nothing would give a data ID")
+                ok = False
+            both = set(rx.groupindex) & set(fixed)
+            if both:
+                errors.append(f"{at} {', '.join(sorted(both))} comes both from a path group "
+                              "and from data_id: keep one")
+                ok = False
         if ok:
             maps.append(ButlerMapping(
                 dataset_type=vals["dataset_type"], run=vals["run"], path=vals["path"],

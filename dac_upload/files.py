@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -69,14 +70,15 @@ def manifest_json(header: dict[str, Any], files: Iterable[tuple[str, str, int, f
     meta = meta or {}
     parts = []
     for relpath, name, size, mtime in files:
-        m = meta.get(relpath) if meta else None
-        if m is None:
+        if not (relpath in meta or type(size) is not int or type(mtime) is not float
+                or not math.isfinite(mtime)):
             parts.append(f'{{"mtime": {mtime!r}, "name": {quote(name)}, '
                          f'"relpath": {quote(relpath)}, "size": {size}}}')
-        else:
-            parts.append(json.dumps({"meta": m, "mtime": mtime, "name": name,
-                                     "relpath": relpath, "size": size},
-                                    sort_keys=True, ensure_ascii=False))
+        else:   # anything unusual: json itself
+            entry = {"mtime": mtime, "name": name, "relpath": relpath, "size": size}
+            if relpath in meta:
+                entry["meta"] = meta[relpath]
+            parts.append(json.dumps(entry, sort_keys=True, ensure_ascii=False))
     parts += [json.dumps(e, sort_keys=True, ensure_ascii=False) for e in extra]
     text = json.dumps({**header, "files": None}, sort_keys=True, ensure_ascii=False)
     return text.replace('"files": null', '"files": [' + ", ".join(parts) + "]", 1) + "\n"

@@ -449,3 +449,20 @@ def test_a_repository_label_is_left_to_the_butler(tmp_path: Path) -> None:
         'collections = ["c"]\n'
     job = load_job(write_job(tmp_path, text))
     assert job.butler.repo == "embargo" and job.source.root == tmp_path
+
+
+def test_a_zip_is_uploaded_whole_with_all_its_datasets(tmp_path: Path,
+                                                       real_repo: tuple[Path, Path]) -> None:
+    """The query selects one of the zip's two datasets: butler ingest-zip at the destination
+    ingests both, so both are listed and both data IDs' records are exported."""
+    from dac_upload.butler import catalogue_from_repo
+
+    repo, _ = real_repo
+    job = _repo_cfg(tmp_path, repo, '["run"]', 'where = "instrument = \'Cam\' AND detector = 0"')
+    src = catalogue_from_repo(job.butler, "job.toml")
+    (zip_rel,) = [r for r in src.datasets if r.endswith(".zip")]
+    assert sorted(d["data_id"]["detector"] for d in src.datasets[zip_rel]) == [0, 1]
+    assert {ref.dataId["detector"] for ref in src.refs if ref.dataId["exposure"] == 2} == {0, 1}
+    export = tmp_path / "dims.yaml"
+    src.write_dimension_export(export)
+    assert "element: detector" in export.read_text()
