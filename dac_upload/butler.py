@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import io
 import json
 import os
 import stat
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalogue import Catalogue, Entry, Problem, _readable
+from .catalogue import Catalogue, Entry, Problem, _inside, _readable
 from .config import ButlerConfig
 from .progress import Progress
 
@@ -204,7 +205,7 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
             elif is_link:
                 st = os.stat(path)
                 target_dir = os.path.dirname(os.path.realpath(path))
-                if not (target_dir == root_real or target_dir.startswith(root_real + "/")):
+                if not _inside(target_dir, root_real):
                     cat.outside_targets.add(target_dir)
         except FileNotFoundError:
             problem = (f"the datastore lists it for {_label(members[0][0])}, but the file "
@@ -561,11 +562,9 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
                       names=("uri", *dims))
         table.meta["comments"] = [f"dac-upload run {summary['run_id']}: {dataset_type} in "
                                   f"{run}, {len(rows)} files"]
-        tmp = path.with_name(f".{name}.tmp")
-        table.write(tmp, format="ascii.ecsv", overwrite=True)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        text = io.StringIO()
+        table.write(text, format="ascii.ecsv")
+        atomic_write_text(path, text.getvalue())
         d = first[group]
         tables.append(IngestTable(path, dataset_type, run, formatter, d.get("storage_class"),
                                   tuple(d.get("dimensions") or dims),

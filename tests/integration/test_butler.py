@@ -24,6 +24,7 @@ from ithelpers import (
     as_user,
     chown_user,
     dac_upload,
+    job_toml,
     load_summary,
     parse_submitted,
     run_dir_of,
@@ -233,19 +234,7 @@ def test_plain_tree_with_a_regex_map_through_ingest_files(workdir: Path) -> None
     (src / "raw" / "README.txt").write_text("not a dataset\n")
     chown_user(workdir)
     prefix = unique_prefix()
-    job = write_job(workdir, "tree", f"""
-[source]
-root = "../src"
-[rucio]
-scope = "{SCOPE}"
-rse = "{RSE}"
-config = "../rucio.cfg"
-[naming]
-prefix = "{prefix}"
-[batching]
-files_per_batch = 3
-[container]
-runtime = "none"
+    job = write_job(workdir, "tree", job_toml(prefix, files_per_batch=3) + f"""
 [[butler.map]]
 dataset_type = "rawcfg"
 run = "{INSTRUMENT}/raw/plain"
