@@ -428,8 +428,13 @@ class RucioIO:
         if not names:
             return {}
         try:
+            # sort="random": the server's default ("geoip") looks for its GeoIP database
+            # once per file: 0.73 s per 500 names against 0.14 s with "random" (measured on
+            # the test server); with one RSE there is nothing to sort, and the PFN comes
+            # from "rses", which the server orders by priority either way.
             reps = list(self.client.list_replicas([{"scope": scope, "name": n} for n in names],
-                                                  all_states=True, rse_expression=rse))
+                                                  all_states=True, rse_expression=rse,
+                                                  sort="random"))
         except (rexc.DataIdentifierNotFound, rexc.ReplicaNotFound):
             return {}
         except Exception as exc:
@@ -666,6 +671,7 @@ class Storage:
         self.rename_mode = rename
         self.verify_checksum = settings.get("verify_checksum", True) is not False
         self._local = threading.local()
+        self._creating = threading.Lock()
         self._token = client.auth_token if len(client.auth_token.split(".")) == 3 else None
 
     def _protocol(self, operation: str = "write") -> Any:
@@ -674,9 +680,10 @@ class Storage:
         key = f"proto_{operation}"
         proto = getattr(self._local, key, None)
         if proto is None:
-            proto = rsemanager.create_protocol(self.settings, operation, domain="wan",
-                                               auth_token=self._token,
-                                               logger=_quiet_log)
+            with self._creating:   # create_protocol sets and pops a key of the RSE's shared
+                proto = rsemanager.create_protocol(   # protocol dict: one thread at a time
+                    self.settings, operation, domain="wan", auth_token=self._token,
+                    logger=_quiet_log)
             proto.connect()
             setattr(self._local, key, proto)
         return proto
@@ -713,6 +720,7 @@ class Storage:
             target = f"{pfn}.rucio.upload" if self.renames else pfn
             if target != pfn and proto.exists(target):
                 self._protocol("delete").delete(target)
+            _make_local_parent(proto, target)
             proto.put(str(path), target, None)
             if not self._matches(proto, target, size, adler32):
                 raise RucioFileError(f"the copy at {target} does not match the file (size or "
@@ -743,6 +751,15 @@ class Storage:
                                  "(set verify_checksum on the RSE, or [upload] mode = "
                                  "\"stock\")")
         return stat_size == size
+
+
+def _make_local_parent(proto: Any, pfn: str) -> None:
+    """Rucio's POSIX protocol makes a file's directory with "if not exists: makedirs", so
+    two concurrent copies into the same new directory race and one fails (FileExistsError,
+    reported as KeyError: 'prefix'; one file in a thousand on the test RSE). Made here
+    first, race-free; other protocols create directories on the server side."""
+    if proto.attributes.get("scheme") == "file" and hasattr(proto, "pfn2path"):
+        os.makedirs(os.path.dirname(proto.pfn2path(pfn)), exist_ok=True)
 
 
 def _quiet_log(level: int, msg: str, *args: Any) -> None:
