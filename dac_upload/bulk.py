@@ -52,9 +52,34 @@ class TaskAborted(Exception):
     """Every further file would fail the same way (credentials, server gone, ...)."""
 
 
+RAMP_FROM = 100   # chunk sizes at least this big ramp up at the start and down at the end
+
+
+def chunk_sizes(n: int, size: int) -> list[int]:
+    """How many of ``n`` files go into each chunk: at most ``size``, but the first and the
+    last chunks grow from size/10, doubling (50, 100, 200, ... for 500), and the middle
+    ones share the rest evenly. The first chunk's reading and copying has no server work
+    to overlap, and the last chunk's registration no reading: small end chunks shorten
+    both (pure)."""
+    if size < RAMP_FROM:
+        return [min(size, n - i) for i in range(0, n, size)]
+    ramp: list[int] = []
+    left = n
+    step = size // 10
+    while step < size and left >= 2 * step:
+        ramp.append(step)
+        left -= 2 * step
+        step *= 2
+    parts = -(-left // size)
+    middle = [left // parts + (i < left % parts) for i in range(parts)] if parts else []
+    return ramp + middle + ramp[::-1]
+
+
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+    start = 0
+    for count in chunk_sizes(len(items), size):
+        yield items[start:start + count]
+        start += count
 
 
 def bulk_records(rio: Any, s: Settings, todo: list[Record], stop: StopRequest,
@@ -163,21 +188,36 @@ def _lookup(lane: ThreadPoolExecutor, rio: Any, s: Settings, chunk: list[Record]
 def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopRequest,
            pool: ThreadPoolExecutor, lane: ThreadPoolExecutor, lookup: Future[Any]
            ) -> tuple[list[Record], list[Record], list[Record]]:
-    """Read, ask, copy: (records of the chunk, copied, present)."""
-    def local(e: Record) -> Record:
-        if stop.reason:                  # a stop signal: do not read the rest of the chunk
-            return not_attempted(s, e, stop.reason, "stopped")
-        return local_record(s, e)
+    """Read, ask, copy: (records of the chunk, copied, present). A file whose name Rucio
+    does not know is copied by the same thread right after its checksums (the lookup was
+    asked ahead), so reading one file and copying another overlap; the others wait for
+    the whole chunk."""
+    def no_replica_here(name: str) -> bool:
+        """Asked (in the lane, at that moment) before a different copy at the name's PFN is
+        overwritten: only an unregistered leftover may be."""
+        reps = lane.submit(retrying, lambda: rio.replicas_bulk(s.scope, [name], s.rse), s,
+                           stop, "listing replicas", True).result()
+        return name not in reps
 
-    recs = list(pool.map(local, chunk))
-    pending = [r for r in recs if r["status"] is None]
-    existing = lookup.result()
+    copy_one = _copier(storage, s, stop, no_replica_here)
+
+    def local_then_copy(e: Record) -> tuple[Record, bool]:
+        if stop.reason:                  # a stop signal: do not read the rest of the chunk
+            return not_attempted(s, e, stop.reason, "stopped"), False
+        r = local_record(s, e)
+        if r["status"] is None and e["name"] not in lookup.result():
+            return copy_one(r), True
+        return r, False
+
+    done = list(pool.map(local_then_copy, chunk))
+    recs = [r for r, _ in done]
+    copied = [r for r, tried in done if tried and r["status"] is None]
+    pending = [r for r, tried in done if not tried and r["status"] is None]
+    existing = lookup.result() if pending else {}
     maybe_present, to_copy = [], []
     for r in pending:
-        did = existing.get(r["name"])
-        if did is None:
-            to_copy.append(r)
-        elif existing_verdict(r["bytes"], r["adler32"], did.bytes, did.adler32) == "conflict":
+        did = existing[r["name"]]
+        if existing_verdict(r["bytes"], r["adler32"], did.bytes, did.adler32) == "conflict":
             r.update(status=FAILED, cause="conflict", error=(
                 f"conflict: {s.scope}:{r['name']} is already in Rucio with other content "
                 f"(bytes {did.bytes}, adler32 {did.adler32}); left alone, rename or remove "
@@ -204,14 +244,7 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopR
                     "AVAILABLE: left alone, not overwritten; resubmit once Rucio has settled "
                     "it, or ask the RSE's admins"))
 
-    def no_replica_here(name: str) -> bool:
-        """Asked (in the lane, at that moment) before a different copy at the name's PFN is
-        overwritten: only an unregistered leftover may be."""
-        reps = lane.submit(retrying, lambda: rio.replicas_bulk(s.scope, [name], s.rse), s,
-                           stop, "listing replicas", True).result()
-        return name not in reps
-
-    copied = _copy_all(storage, s, to_copy, stop, pool, no_replica_here)
+    copied += [r for r in pool.map(copy_one, to_copy) if r["status"] is None]
     return recs, copied, present
 
 
@@ -221,9 +254,10 @@ def _back(rio: Any, s: Settings, copied: list[Record], present: list[Record],
     stop; each record says how far it got."""
     from .rucio_io import RucioFileError, RucioTransient
 
-    for r in copied:
-        if not r.get("had_did"):
-            r["guid"] = uuid.uuid4().hex
+    if s.guid:   # the server sets it DID by DID: about 40 % of its registration time
+        for r in copied:
+            if not r.get("had_did"):
+                r["guid"] = uuid.uuid4().hex
     try:
         retrying(lambda: rio.add_replicas(s.rse, s.scope, _replica_rows(copied)), s, stop,
                  "registering replicas", transient_too=True)
@@ -264,10 +298,10 @@ def _replica_rows(recs: list[Record]) -> list[Record]:
              "pfn": r["pfn"], "guid": None if r.get("had_did") else r["guid"]} for r in recs]
 
 
-def _copy_all(storage: Any, s: Settings, recs: list[Record], stop: StopRequest,
-              pool: ThreadPoolExecutor, may_replace: Callable[[str], bool]) -> list[Record]:
-    """Copy concurrently (a storage that fails transiently is tried again like the server);
-    the records whose copy is verified on the RSE (pfn set)."""
+def _copier(storage: Any, s: Settings, stop: StopRequest,
+            may_replace: Callable[[str], bool]) -> Callable[[Record], Record]:
+    """Copy one file onto the RSE (a storage that fails transiently is tried again like the
+    server); its record gets the pfn once the copy is verified there, or says why not."""
     from .rucio_io import RucioFatal, RucioFileError, RucioTransient
     from .worker import _pause
 
@@ -299,8 +333,7 @@ def _copy_all(storage: Any, s: Settings, recs: list[Record], stop: StopRequest,
                 return r
         return r
 
-    done = list(pool.map(one, recs))
-    return [r for r in done if r["status"] is None]
+    return one
 
 
 def _protect(rio: Any, s: Settings, registered: list[Record], present: list[Record],

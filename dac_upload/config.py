@@ -96,6 +96,7 @@ class UploadConfig:
     chunk_size: int = 500
     transfers: int = 4
     rename: str = "auto"
+    guid: bool = False
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,8 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
         "transfers": (_int_pos, 4, "concurrent copies per array task (a positive integer)"),
         "rename": (_choice(RENAME_MODES), "auto", '"auto" (as the RSE\'s protocol says), '
                    '"never" (write the final name: Echo) or "always"'),
+        "guid": (lambda v: _bool(v), False, "true or false (register a GUID with each new "
+                 "file, as rucio upload does)"),
     },
     "naming": {
         "prefix": (_any_str, "", 'a string such as "dp1/"'),

@@ -134,13 +134,21 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 class JsonlAppender:
-    """Append records to a JSON-lines file, each flushed and fsynced before returning.
+    """Append records to a JSON-lines file, each flushed to the kernel before returning;
+    fsynced by the first append ``sync_every`` seconds or more after the last fsync, and on
+    close (``sync_every = 0``: every record).
 
-    Used for per-file results: a task killed half-way leaves every record it finished.
+    Used for per-file results: a task killed half-way leaves every record it finished. A
+    node that crashes may lose the records written since the last fsync; the next attempt
+    finds their files in Rucio (already_present). The bulk worker writes a chunk's records
+    at once, and an fsync for each cost it 0.2 s per 1,000 files.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sync_every: float = 0.0) -> None:
         self.path = Path(path)
+        self.sync_every = sync_every
+        self._synced = time.monotonic()
+        self._dirty = False
         torn = _ends_without_newline(self.path)
         self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         if torn:  # an earlier attempt was killed mid-record: end that fragment's line
@@ -149,9 +157,19 @@ class JsonlAppender:
     def append(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
         self._handle.flush()
-        os.fsync(self._handle.fileno())
+        self._dirty = True
+        if time.monotonic() - self._synced >= self.sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        if self._dirty:
+            os.fsync(self._handle.fileno())
+            self._dirty = False
+        self._synced = time.monotonic()
 
     def close(self) -> None:
+        self._handle.flush()
+        self.sync()
         self._handle.close()
 
     def __enter__(self) -> JsonlAppender:

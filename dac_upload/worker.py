@@ -67,6 +67,7 @@ class Settings:
     chunk_size: int = 500
     transfers: int = 4
     rename: str = "auto"
+    guid: bool = True            # [upload] guid (runs planned before it existed: True)
 
     @classmethod
     def from_run(cls, run: dict[str, Any]) -> Settings:
@@ -78,7 +79,8 @@ class Settings:
                    root=Path(run["source"]["root"]), retries=int(r.get("retries", 4)),
                    retry_wait=float(r.get("retry_wait", 5)), mode=u.get("mode", "stock"),
                    chunk_size=int(u.get("chunk_size", 500)),
-                   transfers=int(u.get("transfers", 4)), rename=u.get("rename", "auto"))
+                   transfers=int(u.get("transfers", 4)), rename=u.get("rename", "auto"),
+                   guid=bool(u.get("guid", True)))
 
 
 def existing_verdict(size: int, adler32: str, did_bytes: int | None,
@@ -220,7 +222,7 @@ def run_task(run_dir: Path, task: int,
     nbytes = 0
     aborted: str | None = None
     t0 = time.monotonic()
-    with StopRequest() as stop, JsonlAppender(result_path) as out:
+    with StopRequest() as stop, JsonlAppender(result_path, sync_every=1.0) as out:
         rio = None
         try:
             if rucio_factory is None:

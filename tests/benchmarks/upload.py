@@ -5,11 +5,13 @@ RSE). Run as root with the services up (it acts as the unprivileged user 'dacuse
     $DAC_CI_DIR/venv/bin/python tests/benchmarks/upload.py           # docs/performance.md
     $DAC_CI_DIR/venv/bin/python tests/benchmarks/upload.py --small   # proves it works (CI)
 
-1. small files: --files files of 1 KiB-1 MiB (fixed seed). The same set twice, under other
-   names: `rucio upload --rse RSE --scope test --register-after-upload FILE...` (the stock
-   CLI, one process) versus `dac-upload worker --run RUN --task 0` (one array task holding
-   every file, run directly: planning and Slurm are not timed). files/s and the ratio.
-2. requests per file: lines the Rucio server's access log gained during each of the two.
+1. small files: --files files of 1 KiB-1 MiB (fixed seed). The same set four times, under
+   other names: `rucio upload --rse RSE --scope test --register-after-upload FILE...` (the
+   stock CLI, one process) versus `dac-upload worker --run RUN --task 0` (one array task
+   holding every file, run directly: planning and Slurm are not timed), each with a rule
+   per file and each into a dataset (`rucio upload ... FILE... test:DATASET`, `[rucio]
+   dataset`). files/s and the ratios, like with like; `sync` before each timed run.
+2. requests per file: lines the Rucio server's access log gained during each run.
 3. large files: --big-files files of --big-size: `cp FILES RSE_DIR/...; sync` versus the
    worker (checksums, copy, destination check, registration) `; sync`. MB/s and the ratio.
 4. planning at scale: a synthetic tree of --plan-files empty files, `find ROOT -type f
@@ -145,12 +147,32 @@ def plan_worker(base: Path, name: str, root: Path, n: int, transfers: int,
     return seconds, requests, run_dir, cmd
 
 
+def stock_cli(base: Path, files: list[Path], cfg: Path, pattern: str, n: int,
+              dataset: str = "") -> tuple[float, int, list[str]]:
+    """Time `rucio upload` (the stock CLI, one process) on ``files``; (seconds, access-log
+    lines, command); checks with the admin client that it registered all of them."""
+    cli = [str(RUCIO_CLI), "upload", "--rse", RSE, "--scope", SCOPE,
+           "--register-after-upload", *map(str, files), *([dataset] if dataset else [])]
+    subprocess.run(["sync"], check=True)   # each timed run starts with no dirty pages
+    before = log_lines()
+    seconds, proc = as_user(cli, base, RUCIO_CONFIG=str(cfg))
+    requests = log_lines() - before
+    from rucio.client import Client  # the admin client: did the CLI really upload them all?
+    os.environ["RUCIO_CONFIG"] = str(CLIENT_CFG)
+    found = len(list(Client().list_dids(SCOPE, {"name": pattern}, did_type="file")))
+    if found != n:
+        sys.exit(f"rucio upload registered {found}/{n} files (exit {proc.returncode}):\n"
+                 f"{proc.stderr[-2000:]}")
+    return seconds, requests, cli
+
+
 def small_files(base: Path, n: int) -> None:
     rng = random.Random(42)
     sizes = [rng.randint(1024, 1024 * 1024) for _ in range(n)]
     total = sum(sizes)
     tag = uuid.uuid4().hex[:8]
     stock_files = write_set(base / "stock", sizes, f"s{tag}", 7)
+    stockds_files = write_set(base / "stockds", sizes, f"t{tag}", 7)
     write_set(base / "bulk", sizes, f"b{tag}", 7)
     write_set(base / "bulkds", sizes, f"d{tag}", 7)
     cfg = base / "rucio.cfg"
@@ -161,47 +183,52 @@ def small_files(base: Path, n: int) -> None:
     cfg.chmod(0o600)
     print(f"\n1. {n} files of 1 KiB-1 MiB ({total / 1e6:.1f} MB), one process each, "
           "identical content under other names")
-    cli = [str(RUCIO_CLI), "upload", "--rse", RSE, "--scope", SCOPE,
-           "--register-after-upload", *map(str, stock_files)]
-    before = log_lines()
-    stock_s, proc = as_user(cli, base, RUCIO_CONFIG=str(cfg))
-    stock_requests = log_lines() - before
-    from rucio.client import Client  # the admin client: did the CLI really upload them all?
-    os.environ["RUCIO_CONFIG"] = str(CLIENT_CFG)
-    found = len(list(Client().list_dids(SCOPE, {"name": f"s{tag}-*"}, did_type="file")))
-    if found != n:
-        sys.exit(f"rucio upload registered {found}/{n} files (exit {proc.returncode}):\n"
-                 f"{proc.stderr[-2000:]}")
+    stock_s, stock_requests, _ = stock_cli(base, stock_files, cfg, f"s{tag}-*", n)
+    subprocess.run(["sync"], check=True)
     bulk_s, bulk_requests, _, cmd = plan_worker(base, "small", base / "bulk", n, 4)
+    # into a dataset, both ways: each file attached to it, its rule covering them (the
+    # stock client then makes no rule per file either)
+    sds_s, sds_requests, _ = stock_cli(base, stockds_files, cfg, f"t{tag}-*", n,
+                                       f"{SCOPE}:bench_t{tag}")
+    subprocess.run(["sync"], check=True)
     ds_s, ds_requests, ds_run, _ = plan_worker(base, "smallds", base / "bulkds", n, 4,
                                                dataset=f"bench_{tag}")
     # The server's floor: what a rule per file costs it, whoever asks. The dataset run's
     # files have no rule of their own (their dataset's rule covers them): rules for 100 of
     # them, in one request, as the bulk worker sends them.
+    from rucio.client import Client
     names = [json.loads(line)["name"] for line in
              (ds_run / "results" / "task-00000.jsonl").read_text().splitlines()][:100]
     t0 = time.monotonic()
     Client().add_replication_rule([{"scope": SCOPE, "name": x} for x in names], 1, RSE)
     per_rule = (time.monotonic() - t0) / len(names)
+    worker = (f"$ {' '.join(cmd[1:3])} RUN --task 0   ([upload] transfers = 4, chunk_size = "
+              f"{CHUNK['size'] or 'default'})")
+    print("   a rule per file:")
     print(f"   stock : {stock_s:7.2f} s  {n / stock_s:8.1f} files/s   "
           f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files>")
-    print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   $ {' '.join(cmd[1:3])} "
-          "RUN --task 0   ([upload] transfers = 4, chunk_size = "
-          f"{CHUNK['size'] or 'default'})")
+    print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   {worker}")
     print(f"   ratio : {stock_s / bulk_s:.1f}x the files/s of the stock client (target >= 20x)")
-    print(f"   bulk into a dataset (one rule, on the dataset): {ds_s:.2f} s  {n / ds_s:.1f} "
-          f"files/s = {stock_s / ds_s:.1f}x the stock client ([rucio] dataset set)")
     floor = per_rule * n
     print(f"   server: {per_rule * 1000:.1f} ms per rule (one request of rules for "
           f"{len(names)} of the dataset run's files): the rules alone for {n} files take "
           f"{floor:.2f} s of the server, so with a rule per file no client gets beyond "
           f"{stock_s / floor:.1f}x")
+    print("   into a dataset (the files attached to it, one rule on the dataset):")
+    print(f"   stock : {sds_s:7.2f} s  {n / sds_s:8.1f} files/s   "
+          f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files> "
+          f"{SCOPE}:DATASET")
+    print(f"   bulk  : {ds_s:7.2f} s  {n / ds_s:8.1f} files/s   {worker}, [rucio] dataset")
+    print(f"   ratio : {sds_s / ds_s:.1f}x the files/s of the stock client into a dataset "
+          f"(target >= 20x); {stock_s / ds_s:.1f}x the stock client with a rule per file")
     print(f"\n2. server requests per file (lines added to {ACCESS_LOG.name} meanwhile)")
     print(f"   stock : {stock_requests / n:.3f} per file ({stock_requests} requests)")
     print(f"   bulk  : {bulk_requests / n:.3f} per file ({bulk_requests} requests; "
           "target <= 0.05)")
-    print(f"   bulk into a dataset: {ds_requests / n:.3f} per file ({ds_requests} requests)")
-    for d in ("stock", "bulk", "bulkds"):
+    print(f"   stock into a dataset: {sds_requests / n:.3f} per file ({sds_requests} requests)")
+    print(f"   bulk into a dataset: {ds_requests / n:.3f} per file ({ds_requests} requests; "
+          "target <= 0.05)")
+    for d in ("stock", "stockds", "bulk", "bulkds"):
         shutil.rmtree(base / d)
 
 

@@ -40,9 +40,10 @@ def _files(workdir: Path, n: int) -> dict[str, Path]:
 
 
 def _check_in_rucio(client: Any, prefix: str, files: dict[str, Path],
-                    dataset: str | None = None) -> None:
+                    dataset: str | None = None, guid: bool = False) -> None:
     """One DID, one AVAILABLE replica with our size, adler32 and md5, the bytes on the RSE;
-    protected by its own rule, or attached to ``dataset`` (and then no rule of its own)."""
+    protected by its own rule, or attached to ``dataset`` (and then no rule of its own); a
+    GUID only with [upload] guid = true."""
     attached = ({c["name"] for c in client.list_content(SCOPE, dataset)} if dataset else set())
     for rel, src in files.items():
         name = prefix + rel
@@ -52,7 +53,7 @@ def _check_in_rucio(client: Any, prefix: str, files: dict[str, Path],
         meta = client.get_metadata(SCOPE, name)
         assert (meta["bytes"], meta["adler32"], meta["md5"]) == (
             len(data), adler32_of(src), hashlib.md5(data).hexdigest()), name
-        assert meta["guid"], name
+        assert bool(meta["guid"]) is guid, (name, meta["guid"])
         pfn = reps[0]["rses"][RSE][0]
         assert Path(pfn[len("file://localhost"):]).read_bytes() == data
         rules = list(client.list_did_rules(SCOPE, name))
@@ -97,10 +98,10 @@ def test_bulk_upload_with_rules_and_with_a_dataset(workdir: Path, rucio_client: 
     prefix2 = unique_prefix()
     new = write_job(workdir, "bulk3", job_toml(prefix2, files_per_batch=25, max_running=2,
                                                rucio=f'dataset = "{dataset}2"',
-                                               upload='rename = "never"'))
+                                               upload='rename = "never"\nguid = true'))
     proc = dac_upload(["submit", str(new), "--wait", "--timeout", "300"], cwd=workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    _check_in_rucio(rucio_client, prefix2, files, dataset=f"{dataset}2")
+    _check_in_rucio(rucio_client, prefix2, files, dataset=f"{dataset}2", guid=True)
     assert [r["rse_expression"] for r in rucio_client.list_did_rules(SCOPE, f"{dataset}2")] \
         == [RSE]
 

@@ -79,6 +79,8 @@ config = "../rucio.cfg"
 [naming]
 prefix = "{prefix}"
 replace_invalid = "_"
+[upload]
+guid = true
 [batching]
 files_per_batch = 12
 max_running = 2

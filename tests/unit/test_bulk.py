@@ -110,7 +110,6 @@ class FakeBulk:
         self.calls.append(("add_replicas", len(files)))
         self._maybe_fail("add_replicas")
         for f in files:
-            assert f["guid"] or f["name"] in self.dids
             if f["name"] not in self.dids:
                 self.dids[f["name"]] = DidInfo(f["bytes"], f["adler32"], f["md5"], f["guid"])
             if f["name"] not in self.replicas:
@@ -160,7 +159,7 @@ def test_new_files_cost_four_requests_per_chunk(job: Callable[..., RunLayout]) -
         r = recs[name]
         assert (r["bytes"], r["adler32"], r["md5"]) == (len(data), _adler(data),
                                                         hashlib.md5(data).hexdigest())
-        assert r["pfn"] == f"file:///rse/{name}" and len(r["guid"]) == 32
+        assert r["pfn"] == f"file:///rse/{name}" and r["guid"] is None   # guid = false
         assert rio.on_disk[name] == data and name in rio.rules
     # 5 files in chunks of 2: 3 chunks x (lookup, register, read back, rules), each chunk's
     # lookup queued ahead of the previous chunk's registration (they overlap its copies)
@@ -169,6 +168,19 @@ def test_new_files_cost_four_requests_per_chunk(job: Callable[..., RunLayout]) -
                                          "dids_bulk", *back, *back]
     assert [n for c, n in rio.calls if c == "add_replicas"] == [2, 2, 1]
     assert read_json(layout.done_marker(0))["uploaded"] == 5
+
+
+def test_guid_only_when_asked(job: Callable[..., RunLayout]) -> None:
+    """[upload] guid = true: a new GUID per new file, registered with it (as rucio upload
+    does); the default registers none (the server sets it DID by DID)."""
+    layout, rio = job(upload="chunk_size = 2\nguid = true"), FakeBulk()
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    recs = _recs(layout)
+    assert {len(r["guid"]) for r in recs.values()} == {32}
+    assert {rio.dids[n].guid for n in recs} == {r["guid"] for r in recs.values()}
+    layout, rio = job(), FakeBulk()
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    assert {rio.dids[n].guid for n in _recs(layout)} == {None}
 
 
 def test_present_conflict_and_name_without_replica(job: Callable[..., RunLayout]) -> None:

@@ -105,6 +105,34 @@ def test_appender_appends_whole_lines(tmp_path: Path) -> None:
     assert list(read_jsonl(path)) == [{"name": "a", "n": 1}, {"name": "b"}]
 
 
+def test_appender_fsyncs_at_most_every_sync_every_seconds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each record reaches the kernel at once (a killed task loses none); fsync only when
+    sync_every has passed since the last one, and on close."""
+    import dac_upload.files as files_mod
+
+    synced: list[int] = []
+    monkeypatch.setattr(files_mod.os, "fsync", lambda fd: synced.append(fd))
+    clock = [100.0]
+    monkeypatch.setattr(files_mod.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "results.jsonl"
+    with JsonlAppender(path, sync_every=1.0) as out:
+        for i in range(5):
+            out.append({"i": i})
+            assert path.read_text().count("\n") == i + 1      # flushed: visible at once
+        assert synced == []
+        clock[0] += 1.0
+        out.append({"i": 5})
+        assert len(synced) == 1
+        out.append({"i": 6})
+        assert len(synced) == 1
+    assert len(synced) == 2                                    # close
+    with JsonlAppender(path) as out:                           # default: every record
+        out.append({"i": 7})
+        out.append({"i": 8})
+    assert len(synced) == 4
+
+
 @pytest.mark.parametrize("size", [0, 10, 9 * 1024 * 1024 + 7])
 def test_read_checksums(tmp_path: Path, size: int) -> None:
     data = random.Random(size).randbytes(size)
