@@ -1,5 +1,5 @@
 """``python -m dac_upload``: what the array script runs when runtime = "none"."""
 
-from .cli import main
+from .cli import entry
 
-main()
+entry()

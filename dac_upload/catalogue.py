@@ -9,16 +9,19 @@ Butler datastores made with ``-t symlink`` consist of such links), listed as ski
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from .config import SourceConfig
-from .files import atomic_write_lines, read_jsonl
+from .files import atomic_write_blocks
 from .naming import dir_pruned, glob_matcher
 from .progress import Progress
 
@@ -218,13 +221,85 @@ def _printable(rel: str) -> str:
 
 
 # ----------------------------------------------------------------------------- catalogue file
-def write_catalogue(path: Path, entries: list[Entry]) -> None:
-    """One JSON object a line, as json.dumps(sort_keys=True) writes them, built with the C
-    string encoder instead of a json.dumps call per line (a third of plan's time at 1M)."""
-    quote = json.encoder.encode_basestring   # type: ignore[attr-defined]
-    atomic_write_lines(path, (f'{{"mtime": {e.mtime!r}, "relpath": {quote(e.relpath)}, '
-                              f'"size": {e.size}}}\n' for e in entries))
+CATALOGUE_FORMAT = 1
 
 
-def read_catalogue(path: Path) -> list[Entry]:
-    return [Entry(r["relpath"], r["size"], r["mtime"]) for r in read_jsonl(path)]
+class CatalogueFileError(Exception):
+    """A catalogue file that cannot be used, with the line to show."""
+
+
+def write_catalogue(path: Path, cat: Catalogue, source: SourceConfig, created_at: str,
+                    tool: str) -> str:
+    """The catalogue as one JSON document, its files in three columns (relpath, size,
+    mtime) rather than an object each: json writes and reads it in C, half a second for a
+    million files either way, which is what lets ``plan --catalogue`` stay within 1.5x of
+    ``find``. With it the source it was made for, the skipped entries and the symlink
+    targets outside the root (Apptainer binds). The text is what json.dumps(sort_keys=True,
+    ensure_ascii=False) gives, streamed 65,536 files at a time (the whole of it at once
+    cost planning 150 MB at a million files). Returns the file's sha256."""
+    entries = cat.entries
+    marks = {col: f"\x00column {col}\x00" for col in ("relpath", "size", "mtime")}
+    doc = {"dac_upload_catalogue": CATALOGUE_FORMAT, "created_at": created_at, "tool": tool,
+           "source": {"root": str(cat.root), "include": list(source.include),
+                      "exclude": list(source.exclude), "symlinks": source.symlinks},
+           "files": len(entries), "bytes": cat.total_bytes,
+           "skipped": [{"relpath": p.relpath, "reason": p.reason} for p in cat.skipped],
+           "outside_targets": sorted(cat.outside_targets),
+           "pattern_hits": cat.pattern_hits, **marks}
+    text = json.dumps(doc, sort_keys=True, ensure_ascii=False) + "\n"
+
+    def blocks() -> Iterator[bytes]:
+        rest = text
+        for col, column in (("mtime", 2), ("relpath", 0), ("size", 1)):   # sorted keys
+            before, rest = rest.split(json.dumps(marks[col]), 1)
+            yield (before + "[").encode("utf-8")
+            get = itemgetter(column)
+            for i in range(0, len(entries), 1 << 16):
+                part = json.dumps(list(map(get, entries[i:i + (1 << 16)])),
+                                  ensure_ascii=False)[1:-1]
+                yield ((", " if i else "") + part).encode("utf-8")
+            yield b"]"
+        yield rest.encode("utf-8")
+
+    return atomic_write_blocks(path, blocks())
+
+
+def read_catalogue(path: Path) -> tuple[Catalogue, dict[str, Any]]:
+    """The catalogue a file holds, and its header (everything but the three columns, plus
+    "sha256": the file's, as read). Raises CatalogueFileError with one line saying what is
+    wrong."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        digest = hashlib.sha256(data).hexdigest()
+        doc = json.loads(data)
+    except OSError as exc:
+        raise CatalogueFileError(f"{path}: cannot read the catalogue: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CatalogueFileError(f"{path}: not a catalogue written by dac-upload catalogue "
+                                 f"(not JSON: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("dac_upload_catalogue") != CATALOGUE_FORMAT:
+        raise CatalogueFileError(f"{path}: not a catalogue written by dac-upload catalogue "
+                                 f"(format {CATALOGUE_FORMAT}); make one with: dac-upload "
+                                 "catalogue JOB --out FILE")
+    try:
+        rels, sizes, mtimes = doc.pop("relpath"), doc.pop("size"), doc.pop("mtime")
+        ok = (len(rels) == len(sizes) == len(mtimes) == doc["files"]
+              and not set(map(type, rels)) - {str} and not set(map(type, sizes)) - {int}
+              and not set(map(type, mtimes)) - {float, int}
+              and isinstance(doc["source"]["root"], str))
+        skipped = [Problem(p["relpath"], p["reason"]) for p in doc["skipped"]]
+        outside = set(doc["outside_targets"])
+        hits = dict(doc["pattern_hits"])
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CatalogueFileError(f"{path}: a damaged catalogue (its columns or header do not "
+                                 "fit together); make it again with dac-upload catalogue")
+    if set(map(type, mtimes)) - {float}:
+        mtimes = list(map(float, mtimes))
+    entries = list(map(tuple.__new__, repeat(Entry), zip(rels, sizes, mtimes)))
+    doc["sha256"] = digest
+    cat = Catalogue(root=Path(doc["source"]["root"]), entries=entries, skipped=skipped,
+                    pattern_hits=hits, outside_targets=outside)
+    return cat, doc

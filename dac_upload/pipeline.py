@@ -23,19 +23,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, credentials, render
-from .catalogue import Catalogue, walk, write_catalogue
+from .catalogue import (
+    Catalogue,
+    CatalogueFileError,
+    read_catalogue,
+    walk,
+    write_catalogue,
+)
 from .config import JobConfig
 from .credentials import CLIENT_CONFIG_NAME, Credentials, CredentialsError
 from .files import (
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
+    in_two_processes,
+    link_or_copy,
     manifest_json,
     read_json,
     utc_now,
+    write_files_atomically,
 )
 from .naming import glob_regex
-from .plan import Batch, RunLayout, compress_indices, make_batches, name_files
+from .plan import Batch, PlannedFile, RunLayout, compress_indices, make_batches, name_files
 from .progress import Progress
 
 MAX_PROBLEM_LINES = 20
@@ -131,15 +140,49 @@ class _Found:
     repo: Any = None                            # butler.RepoSource, for the export
     unmatched: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    catalogue_sha256: str | None = None         # of the catalogue file read, if one was
+
+
+def load_catalogue(job: JobConfig, path: Path) -> tuple[Catalogue, str]:
+    """A catalogue file made by ``dac-upload catalogue`` for this job's [source], and its
+    sha256; PlanError (one line) if it cannot be read or was made for another source."""
+    try:
+        cat, header = read_catalogue(path)
+    except CatalogueFileError as exc:
+        raise PlanError([str(exc)]) from None
+    made_for = header["source"]
+    wanted = {"root": str(job.source.root), "include": list(job.source.include),
+              "exclude": list(job.source.exclude), "symlinks": job.source.symlinks}
+    differ = [k for k in wanted if made_for.get(k) != wanted[k]]
+    if differ:
+        raise PlanError([f"{path}: this catalogue was made for another [source] "
+                         f"({', '.join(f'{k} {made_for.get(k)!r}' for k in differ)}; "
+                         f"{job.path} says {', '.join(repr(wanted[k]) for k in differ)}); "
+                         f"make a new one: dac-upload catalogue {job.path} --out FILE"])
+    return cat, header["sha256"]
 
 
 def _catalogue(job: JobConfig, progress: Progress | None,
-               keep: Callable[[str, int, float], bool] | None) -> tuple[JobConfig, _Found]:
-    """Walk the tree, or query the Butler repository ([butler] repo: the job's source root
-    becomes the datastore root). Butler problems raise PlanError."""
+               keep: Callable[[str, int, float], bool] | None,
+               catalogue_file: Path | None = None) -> tuple[JobConfig, _Found]:
+    """Walk the tree (or read the catalogue file made by an earlier walk), or query the
+    Butler repository ([butler] repo: the job's source root becomes the datastore root).
+    Butler problems raise PlanError."""
     kind = job.butler.kind
+    if catalogue_file is not None and (kind == "repo" or keep is not None):
+        raise PlanError([f"{job.path}: a catalogue file cannot be used "
+                         + ("with [butler] repo (the repository's query is the catalogue)"
+                            if kind == "repo" else "by nightly (it looks for new files)")
+                         + "; plan without --catalogue"])
+
+    loaded = load_catalogue(job, catalogue_file) if catalogue_file is not None else None
+    digest = loaded[1] if loaded else None
+
+    def tree() -> Catalogue:
+        return loaded[0] if loaded else walk(job.source, progress, keep)
+
     if kind is None:
-        return job, _Found(walk(job.source, progress, keep), {})
+        return job, _Found(tree(), {}, catalogue_sha256=digest)
     from . import butler as butler_mod
 
     try:
@@ -148,20 +191,21 @@ def _catalogue(job: JobConfig, progress: Progress | None,
                                                   job.source.symlinks)
             job = replace(job, source=replace(job.source, root=repo.catalogue.root))
             return job, _Found(repo.catalogue, repo.datasets, repo, notes=list(repo.notes))
-        cat = walk(job.source, progress, keep)
+        cat = tree()
         datasets, unmatched, problems = butler_mod.map_tree(cat.entries, job.butler,
                                                             str(job.path))
     except butler_mod.ButlerError as exc:
         raise PlanError(exc.lines) from None
     cat.refused.extend(problems)
-    return job, _Found(cat, datasets, unmatched=unmatched)
+    return job, _Found(cat, datasets, unmatched=unmatched, catalogue_sha256=digest)
 
 
-def _butler_record(job: JobConfig, found: _Found, files: int,
+def _butler_record(job: JobConfig, found: _Found, planned: list[PlannedFile],
                    dimension_file: str | None) -> dict[str, Any] | None:
     b = job.butler
     if b.kind is None:
         return None
+    files = sum(1 for f in planned if f.relpath in found.datasets)
     return {"kind": b.kind, "repo": b.repo, "collections": list(b.collections),
             "dataset_types": list(b.dataset_types), "where": b.where,
             "find_first": b.find_first, "metadata": b.metadata and b.kind == "repo",
@@ -179,37 +223,59 @@ def _butler_record(job: JobConfig, found: _Found, files: int,
 def _cyclic_gc_paused() -> Iterator[None]:
     """Planning makes a few million small objects that live until the end and hold no
     cycles; Python's cyclic collector would walk all of them again and again as they are
-    made (about 15 % of planning a million files). Reference counting still frees the rest."""
+    made (about 15 % of planning a million files). Reference counting still frees the rest.
+    On the way out what is alive is frozen (moved out of the collector's sight, in O(1)):
+    else the first collection after enabling it, and the one at exit, walk it all."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            gc.freeze()
             gc.enable()
 
 
 def prepare_run(job: JobConfig, preflight: Preflight | None = None,
                 progress: Progress | None = None, python: str | None = None,
                 keep: Callable[[str, int, float], bool] | None = None,
-                origin: str = "plan") -> PreparedRun:
+                origin: str = "plan", catalogue_file: Path | None = None) -> PreparedRun:
     """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
     ``keep`` filters the walk (nightly: only files new or changed since the ledger);
-    ``preflight`` checks the credentials and the server (not with --offline)."""
+    ``preflight`` checks the credentials and the server (not with --offline);
+    ``catalogue_file`` (from ``dac-upload catalogue``) replaces the walk."""
     with _cyclic_gc_paused():
-        return _prepare_run(job, preflight, progress, python, keep, origin)
+        return _prepare_run(job, preflight, progress, python, keep, origin, catalogue_file)
+
+
+def catalogue_only(job: JobConfig, progress: Progress | None = None) -> Catalogue:
+    """What ``dac-upload catalogue`` writes: the walk with plan's own checks of it (refused
+    files, include patterns that match nothing, symlink targets Apptainer cannot see);
+    PlanError lists the problems."""
+    if job.butler.kind == "repo":
+        raise PlanError([f"{job.path}: [butler] repo: the repository's query is the "
+                         "catalogue; plan the job directly"])
+    if not job.source.root.is_dir():
+        raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
+                         "directory; fix the path"])
+    with _cyclic_gc_paused():
+        cat = walk(job.source, progress)
+    errors = check_catalogue(job, cat)
+    if errors:
+        raise PlanError(errors)
+    return cat
 
 
 def _prepare_run(job: JobConfig, preflight: Preflight | None,
                  progress: Progress | None, python: str | None,
                  keep: Callable[[str, int, float], bool] | None,
-                 origin: str) -> PreparedRun:
+                 origin: str, catalogue_file: Path | None) -> PreparedRun:
     if job.butler.kind != "repo" and not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
     creds = resolve_credentials(job)
     errors = render.sbatch_option_problems(job)
-    job, found = _catalogue(job, progress, keep)
+    job, found = _catalogue(job, progress, keep, catalogue_file)
     cat = found.cat
     errors += render.bind_problems(job, job.runs_dir / "RUN", creds)
     errors += check_catalogue(job, cat)
@@ -255,17 +321,26 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     credentials.write_client_config(
         layout.dir / CLIENT_CONFIG_NAME,
         credentials.client_config_text(creds, credentials.load_base(creds.base_config)))
-    write_catalogue(layout.catalogue, cat.entries)
+    if catalogue_file is not None:   # checked against the job: kept as it is
+        link_or_copy(catalogue_file, layout.catalogue)
+        catalogue_sha256 = found.catalogue_sha256
+    else:
+        catalogue_sha256 = write_catalogue(layout.catalogue, cat, job.source, utc_now(),
+                                           f"dac-upload {__version__}")
     atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
                                         for p in cat.skipped))
     meta = _metadata_of(job, found)
     extra: list[dict[str, Any]] = []
     if found.repo is not None and job.butler.metadata:
         extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
-    for batch in batches:
-        atomic_write_text(layout.manifest(batch.index), manifest_json(
+
+    def write_manifests(part: list[Batch]) -> None:
+        write_files_atomically(((layout.manifest(batch.index), manifest_json(
             {"run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
              "bytes": batch.bytes}, batch.files, meta, extra if batch.index == 0 else ()))
+            for batch in part), layout.manifests)
+
+    in_two_processes(batches, write_manifests)
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
             {"relpath": f.relpath, "datasets": found.datasets[f.relpath]}
@@ -283,8 +358,8 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     atomic_write_text(layout.collect_script, render.full_script(collect_opts, collect_body),
                       0o777)
 
-    total = sum(f.size for f in files)
     sizes = [b.bytes for b in batches]
+    total = sum(sizes)
     run = {
         "schema_version": 1,
         "tool": {"name": "dac-upload", "version": __version__},
@@ -303,8 +378,10 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
                   "config": str(job.rucio.config) if job.rucio.config else None,
                   "retries": job.rucio.retries, "retry_wait": job.rucio.retry_wait},
         "catalogue": {"file": layout.catalogue.name,
-                      "sha256": hashlib.sha256(layout.catalogue.read_bytes()).hexdigest(),
-                      "files": len(files), "bytes": total, "skipped": len(cat.skipped)},
+                      "sha256": catalogue_sha256,
+                      "files": len(files), "bytes": total, "skipped": len(cat.skipped),
+                      "from_file": str(Path(catalogue_file).resolve()) if catalogue_file
+                      else None},
         "plan": {"tasks": len(batches), "task_ids": task_ids,
                  "files_per_batch": job.batching.files_per_batch,
                  "bytes_per_batch": job.batching.bytes_per_batch,
@@ -317,9 +394,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
         "runtime": {"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
         "slurm": {"array": array_opts, "collector": collect_opts},
         "slurm_limits": {"max_submit": job.slurm.max_submit},
-        "butler": _butler_record(job, found, sum(1 for f in files
-                                                 if f.relpath in found.datasets),
-                                 extra[0]["name"] if extra else None),
+        "butler": _butler_record(job, found, files, extra[0]["name"] if extra else None),
         "ledger": str(job.ledger_path),
         "origin": origin,
         "submissions": [],

@@ -14,9 +14,10 @@ RSE). Run as root with the services up (it acts as the unprivileged user 'dacuse
 2. requests per file: lines the Rucio server's access log gained during each run.
 3. large files: --big-files files of --big-size: `cp FILES RSE_DIR/...; sync` versus the
    worker (checksums, copy, destination check, registration) `; sync`. MB/s and the ratio.
-4. planning at scale: a synthetic tree of --plan-files empty files, `find ROOT -type f
-   -printf '%s %T@ %p\\n'` versus `dac-upload plan JOB --offline`; seconds, the ratio, and
-   the plan's peak RSS (os.wait4).
+4. planning at scale: a synthetic tree of --plan-files sparse files (1 KiB-1 GiB): `find
+   ROOT -type f -printf '%s %T@ %p\\n'` versus `dac-upload plan JOB --offline --catalogue
+   FILE` (the catalogue made first by `dac-upload catalogue JOB --out FILE`, which is timed
+   too, as is planning with the walk); seconds, the ratio, peak RSS (/usr/bin/time).
 
 Each figure is printed with the command that produced it. Data is generated under --dir
 (default /tmp/dac-upload-bench) and removed at the end, except the plan tree (kept for the
@@ -270,32 +271,59 @@ def large_files(base: Path, k: int, size: int) -> None:
 
 
 def build_tree(root: Path, files: int) -> None:
-    marker = root.parent / f"tree-built-{files}"
+    """1,000 files a directory, each sparse with a size from 1 KiB to 1 GiB (log-uniform,
+    fixed seed): the sizes of a real tree for batching, no disk used."""
+    marker = root.parent / f"tree-built-{files}-sized"
     if marker.exists():
         return
     shutil.rmtree(root, ignore_errors=True)
+    rng = random.Random(11)
     per_dir = 1000
     for d in range(-(-files // per_dir)):
         sub = root / f"visit{d:05d}"
         sub.mkdir(parents=True)
         for i in range(min(per_dir, files - d * per_dir)):
-            os.close(os.open(sub / f"calexp_{i:05d}.fits", os.O_CREAT | os.O_WRONLY, 0o644))
+            fd = os.open(sub / f"calexp_{i:05d}.fits", os.O_CREAT | os.O_WRONLY, 0o644)
+            os.ftruncate(fd, int(2 ** rng.uniform(10, 30)))
+            os.close(fd)
     chown(root)
     marker.touch()
 
 
-def planning(base: Path, files: int) -> None:
+def timed_runs(args: list[str], cwd: Path, times: int) -> tuple[list[float], float]:
+    """Run ``args`` (as dacuser) ``times`` times; (sorted seconds, peak RSS in MB). Whatever
+    a run leaves under cwd/plan is kept until all are done: deleting a thousand files just
+    before making a thousand more slows the making on this disk (ext4 with discard)."""
+    seconds, rss = [], 0.0
+    for _ in range(times):
+        t, proc = as_user(["/usr/bin/time", "-f", "%M", *args], cwd)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(args[:3])} failed: {proc.stderr[-2000:]}")
+        seconds.append(t)
+        rss = max(rss, int(proc.stderr.strip().splitlines()[-1]) / 1024)
+    return sorted(seconds), rss
+
+
+def planning(base: Path, files: int, times: int = 3) -> None:
     tree_base = base.parent / f"{base.name}-plantree"
     root = tree_base / "tree"
     t0 = time.monotonic()
     build_tree(root, files)
-    print(f"\n4. planning a synthetic tree of {files:,} empty files in {-(-files // 1000)} "
-          f"directories (built in {time.monotonic() - t0:.0f} s; page cache warm)")
+    built = time.monotonic() - t0
+    shutil.rmtree(tree_base / "plan", ignore_errors=True)     # the last benchmark's runs
+    subprocess.run(["sync"], check=True)
+    time.sleep(8)                                             # let their deletion settle
+    print(f"\n4. planning a synthetic tree of {files:,} files (sparse, 1 KiB-1 GiB) in "
+          f"{-(-files // 1000)} directories (built in {built:.0f} s; page cache warm); each "
+          f"timed {times} times, the median compared")
     find = ["find", str(root), "-type", "f", "-printf", r"%s %T@ %p\n"]
     subprocess.run(find, stdout=subprocess.DEVNULL, check=True)          # warm-up
-    t0 = time.monotonic()
-    subprocess.run(find, stdout=subprocess.DEVNULL, check=True)
-    find_s = time.monotonic() - t0
+    find_runs = []
+    for _ in range(times):
+        t0 = time.monotonic()
+        subprocess.run(find, stdout=subprocess.DEVNULL, check=True)
+        find_runs.append(time.monotonic() - t0)
+    find_s = sorted(find_runs)[times // 2]
     job = tree_base / "plan.toml"
     job.write_text(f"""
 [source]
@@ -309,19 +337,32 @@ files_per_batch = 1000
 [container]
 runtime = "none"
 """)
+    catalogue = tree_base / "catalogue.json"
+    catalogue.unlink(missing_ok=True)
     chown(tree_base)
-    cmd = [str(VENV_BIN / "dac-upload"), "plan", str(job), "--offline"]
-    wrapped = ["/usr/bin/time", "-f", "%M", *cmd]
-    plan_s, proc = as_user(wrapped, tree_base)
-    if proc.returncode != 0:
-        sys.exit(f"plan failed: {proc.stderr[-2000:]}")
-    rss_mb = int(proc.stderr.strip().splitlines()[-1]) / 1024
-    shutil.rmtree(tree_base / "plan", ignore_errors=True)     # the run directories
-    print(f"   find  : {find_s:7.2f} s   $ find ROOT -type f -printf '%s %T@ %p\\n' > /dev/null")
-    print(f"   plan  : {plan_s:7.2f} s   peak RSS {rss_mb:.0f} MB   $ dac-upload plan JOB "
-          "--offline   (catalogue, names, 1000-file batches, manifests, scripts)")
-    print(f"   ratio : {plan_s / find_s:.2f}x the time of find (target <= 1.5x, "
+    exe = str(VENV_BIN / "dac-upload")
+    cat_runs, cat_rss = timed_runs([exe, "catalogue", str(job), "--out", str(catalogue),
+                                    "--overwrite"], tree_base, 1)
+    plan_runs, plan_rss = timed_runs([exe, "plan", str(job), "--offline", "--catalogue",
+                                      str(catalogue)], tree_base, times)
+    walk_runs, walk_rss = timed_runs([exe, "plan", str(job), "--offline"], tree_base, 1)
+    plan_s = plan_runs[times // 2]
+
+    def runs(values: list[float]) -> str:
+        return "(" + ", ".join(f"{v:.2f}" for v in values) + ")"
+
+    print(f"   find              : {find_s:7.2f} s {runs(sorted(find_runs))}   $ find ROOT "
+          "-type f -printf '%s %T@ %p\\n' > /dev/null")
+    print(f"   plan --catalogue  : {plan_s:7.2f} s {runs(plan_runs)}   peak RSS "
+          f"{plan_rss:.0f} MB   $ dac-upload plan JOB --offline --catalogue FILE   (names, "
+          "1000-file batches, manifests, scripts, run directory)")
+    print(f"   ratio             : {plan_s / find_s:.2f}x the time of find (target <= 1.5x, "
           "peak RSS <= 500 MB)")
+    print(f"   the walk itself   : {cat_runs[0]:7.2f} s   peak RSS {cat_rss:.0f} MB   "
+          f"$ dac-upload catalogue JOB --out FILE   ({cat_runs[0] / find_s:.2f}x find)")
+    print(f"   walk and plan     : {walk_runs[0]:7.2f} s   peak RSS {walk_rss:.0f} MB   "
+          f"$ dac-upload plan JOB --offline   ({walk_runs[0] / find_s:.2f}x find)")
+    shutil.rmtree(tree_base / "plan", ignore_errors=True)     # the run directories
 
 
 def main() -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import pytest
 from unit_helpers import write_tree
 
-from dac_upload.catalogue import Catalogue, Entry, Problem, read_catalogue, walk, write_catalogue
+from dac_upload.catalogue import (
+    Catalogue,
+    CatalogueFileError,
+    Entry,
+    Problem,
+    read_catalogue,
+    walk,
+    write_catalogue,
+)
 from dac_upload.config import SourceConfig
 
 
@@ -225,34 +235,78 @@ def test_progress_is_told_running_totals(tree: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- catalogue file
+def _job_source(root: Path) -> SourceConfig:
+    return SourceConfig(root=root, include=("**/*",), exclude=(), symlinks="follow")
+
+
 def test_catalogue_round_trip(tmp_path: Path, tree: Path) -> None:
-    entries = walk(_source(tree)).entries
-    entries.append(Entry("ünïcode/naïve name.fits", 12345678901, 1700000000.123456789))
-    path = tmp_path / "catalogue.jsonl"
-    write_catalogue(path, entries)
-    assert read_catalogue(path) == entries
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == len(entries)
-    assert lines[-1] == ('{"mtime": 1700000000.1234567, "relpath": "ünïcode/naïve name.fits", '
-                         '"size": 12345678901}')
+    cat = walk(_source(tree))
+    cat.entries.append(Entry("ünïcode/naïve name.fits", 12345678901, 1700000000.123456789))
+    cat.skipped.append(Problem("dirlink", "directory symlink not followed"))
+    cat.outside_targets.add("/elsewhere")
+    path = tmp_path / "catalogue.json"
+    digest = write_catalogue(path, cat, _job_source(tree), "2026-11-25T00:00:00Z", "t 1")
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    back, header = read_catalogue(path)
+    assert back.entries == cat.entries and back.root == cat.root
+    assert back.skipped == cat.skipped and back.outside_targets == {"/elsewhere"}
+    assert back.pattern_hits == cat.pattern_hits
+    assert header["source"] == {"root": str(tree), "include": ["**/*"], "exclude": [],
+                                "symlinks": "follow"}
+    assert (header["files"], header["bytes"]) == (len(cat.entries), cat.total_bytes)
+    doc = json.loads(path.read_text(encoding="utf-8"))   # plain JSON, three columns
+    assert doc["relpath"][-1] == "ünïcode/naïve name.fits"
+    assert (doc["size"][-1], doc["mtime"][-1]) == (12345678901, 1700000000.1234567)
 
 
 def test_empty_catalogue_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "c.jsonl"
-    write_catalogue(path, [])
-    assert path.read_bytes() == b""
-    assert read_catalogue(path) == []
+    path = tmp_path / "c.json"
+    write_catalogue(path, Catalogue(root=tmp_path), _job_source(tmp_path), "now", "t")
+    cat, header = read_catalogue(path)
+    assert cat.entries == [] and header["files"] == 0
 
 
-def test_catalogue_lines_are_what_json_dumps_writes(tmp_path: Path) -> None:
-    """The fast writer must write byte for byte what json.dumps(sort_keys=True) would."""
-    import json
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot read the catalogue"),
+    (b"{not json", "not JSON"),
+    (b'{"relpath": []}', "not a catalogue written by dac-upload catalogue"),
+    (b"[1, 2]", "not a catalogue written by dac-upload catalogue"),
+])
+def test_unreadable_catalogue_files_say_so_in_one_line(tmp_path: Path, content: bytes | None,
+                                                      says: str) -> None:
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CatalogueFileError) as exc:
+        read_catalogue(path)
+    assert says in str(exc.value) and "\n" not in str(exc.value)
 
 
-    entries = [Entry('quo"te\\\\back\\tslash/ü ñ.fits', 0, 1700000000.123456789),
-               Entry("plain.fits", 12345678901, 1.0), Entry("x\x01y", 7, 0.5)]
-    path = tmp_path / "catalogue.jsonl"
-    write_catalogue(path, entries)
-    expected = "".join(json.dumps({"relpath": e.relpath, "size": e.size, "mtime": e.mtime},
-                                  sort_keys=True, ensure_ascii=False) + "\n" for e in entries)
-    assert path.read_text(encoding="utf-8") == expected
+def test_damaged_catalogue_is_refused(tmp_path: Path, tree: Path) -> None:
+    path = tmp_path / "c.json"
+    write_catalogue(path, walk(_source(tree)), _job_source(tree), "now", "t")
+    doc = json.loads(path.read_text())
+    doc["size"] = doc["size"][:-1]                      # a column cut short
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CatalogueFileError, match="damaged catalogue"):
+        read_catalogue(path)
+
+
+def test_catalogue_text_is_what_json_dumps_writes(tmp_path: Path) -> None:
+    """Streamed in chunks of 65,536 files, the text is json.dumps of the whole document."""
+    entries = [Entry(f'd{i % 7}/quo"te\\ü {i}.fits', i * 3, 1700000000.123456789 + i)
+               for i in range(70_000)]
+    cat = Catalogue(root=tmp_path, entries=entries, pattern_hits={"**/*": 70_000},
+                    skipped=[Problem("l", "directory symlink not followed")])
+    path = tmp_path / "c.json"
+    write_catalogue(path, cat, _job_source(tmp_path), "now", "t")
+    doc = {"dac_upload_catalogue": 1, "created_at": "now", "tool": "t",
+           "source": {"root": str(tmp_path), "include": ["**/*"], "exclude": [],
+                      "symlinks": "follow"},
+           "files": 70_000, "bytes": cat.total_bytes,
+           "skipped": [{"relpath": "l", "reason": "directory symlink not followed"}],
+           "outside_targets": [], "pattern_hits": {"**/*": 70_000},
+           "relpath": [e.relpath for e in entries], "size": [e.size for e in entries],
+           "mtime": [e.mtime for e in entries]}
+    assert path.read_text(encoding="utf-8") == json.dumps(doc, sort_keys=True,
+                                                          ensure_ascii=False) + "\n"

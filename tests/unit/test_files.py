@@ -7,6 +7,7 @@ import json
 import os
 import random
 import stat
+import threading
 import zlib
 from pathlib import Path
 
@@ -180,3 +181,33 @@ def test_atomic_writes_honour_the_umask(tmp_path: Path) -> None:
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o660
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "c").stat().st_mode & 0o777 == 0o600
+
+
+def test_in_two_processes_does_every_item_once(tmp_path: Path) -> None:
+    """Half the items in a forked child, half here; every item done exactly once."""
+    from dac_upload.files import in_two_processes
+
+    def work(part: list[int]) -> None:
+        for i in part:
+            with open(tmp_path / f"{i}.{os.getpid()}", "x"):
+                pass
+
+    in_two_processes(list(range(100)), work, least=10)
+    done = sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(int(n.split(".")[0]) for n in done) == list(range(100))
+    if len(os.sched_getaffinity(0)) >= 2 and threading.active_count() == 1:
+        assert len({n.split(".")[1] for n in done}) == 2      # two processes did it
+
+
+def test_in_two_processes_fails_when_the_child_fails(tmp_path: Path) -> None:
+    from dac_upload.files import in_two_processes
+
+    if len(os.sched_getaffinity(0)) < 2 or threading.active_count() > 1:
+        pytest.skip("runs in one process here")
+
+    def work(part: list[int]) -> None:
+        if 1 in part:                                          # the child's half
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="helper process"):
+        in_two_processes(list(range(100)), work, least=10)

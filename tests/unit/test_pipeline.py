@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 
 from dac_upload import render
-from dac_upload.catalogue import read_catalogue
+from dac_upload.catalogue import read_catalogue, write_catalogue
 from dac_upload.config import JobConfig
 from dac_upload.credentials import Credentials
 from dac_upload.files import read_json, read_jsonl
@@ -19,6 +19,7 @@ from dac_upload.pipeline import (
     CollectorNotSubmitted,
     PlanError,
     _body_of,
+    catalogue_only,
     chunk_indices,
     compress_indices,
     prepare_run,
@@ -90,7 +91,7 @@ def test_prepare_run_writes_the_run_directory(job: JobConfig) -> None:
     assert run["credentials"]["client_config"] == "rucio.cfg"
     assert run["credentials"]["auth_type"] == "x509_proxy"
 
-    assert [e.relpath for e in read_catalogue(layout.catalogue)] == FITS
+    assert [e.relpath for e in read_catalogue(layout.catalogue)[0].entries] == FITS
     assert list(read_jsonl(layout.skipped)) == []
     manifests = [read_json(layout.manifest(t)) for t in range(2)]
     assert sorted(f["relpath"] for m in manifests for f in m["files"]) == FITS
@@ -114,6 +115,48 @@ def test_prepare_run_writes_the_run_directory(job: JobConfig) -> None:
     assert "\n#SBATCH --dependency          afterany:ARRAY_JOB_ID\n" in collect
     for script in (layout.array_script, layout.collect_script):
         assert stat.S_IMODE(script.stat().st_mode) == 0o755
+
+
+def test_plan_from_a_catalogue_file_is_the_plan_of_the_walk(
+        job: JobConfig, make_job: Callable[..., JobConfig], tmp_path: Path) -> None:
+    """dac-upload catalogue, then plan --catalogue: the same manifests as planning with a
+    walk, the catalogue file kept as the run's catalogue; refused for another [source], for
+    a file that is not a catalogue, and (one line each) before anything is written."""
+    walked = prepare_run(job).layout
+    path = tmp_path / "cat.json"
+    write_catalogue(path, catalogue_only(job), job.source, "now", "t")
+    (job.path.parent / "data" / "raw" / "new.fits").write_bytes(b"late")   # not catalogued
+    planned = prepare_run(job, catalogue_file=path)
+    layout = planned.layout
+    for t in range(2):
+        a, b = read_json(walked.manifest(t)), read_json(layout.manifest(t))
+        assert a["files"] == b["files"] and a["bytes"] == b["bytes"]
+    assert layout.catalogue.read_bytes() == path.read_bytes()
+    run = read_json(layout.run_json)
+    assert run["catalogue"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert run["catalogue"]["from_file"] == str(path.resolve())
+    assert run["catalogue"]["files"] == 4
+    assert read_json(walked.run_json)["catalogue"]["from_file"] is None
+
+    other = make_job(TREE, filename="other.toml", source='include = ["**/*.txt"]')
+    before = _runs(other)
+    with pytest.raises(PlanError) as exc:
+        prepare_run(other, catalogue_file=path)
+    assert len(exc.value.lines) == 1
+    assert "made for another [source] (include ['**/*.fits']" in exc.value.lines[0]
+    assert "dac-upload catalogue" in exc.value.lines[0]
+    assert _runs(other) == before
+    path.write_text("[]")
+    with pytest.raises(PlanError, match="not a catalogue written by dac-upload catalogue"):
+        prepare_run(job, catalogue_file=path)
+
+
+def test_catalogue_only_refuses_what_plan_refuses(make_job: Callable[..., JobConfig]) -> None:
+    job = make_job(TREE, source='include = ["**/*.fits", "**/*.none"]')
+    with pytest.raises(PlanError) as exc:
+        catalogue_only(job)
+    assert exc.value.lines == [f"{job.path}: [source] include pattern '**/*.none' matches "
+                               f"no file under {job.source.root}; fix the pattern or the root"]
 
 
 def test_scripts_body_round_trips(job: JobConfig) -> None:

@@ -71,6 +71,26 @@ def test_files_per_batch_respected(seed: int, files_per_batch: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [1, 2, 999, 1000, 1001, 1999, 2500])
+def test_files_per_batch_only_is_balanced(seed: int, n: int) -> None:
+    """Only a file limit ("snake"): the fewest batches, counts within one of each other,
+    bytes within the largest file; the same batches whatever the input order."""
+    rng = random.Random(seed)
+    files = _files([rng.choice((0, rng.randint(1, 10**4), rng.randint(10**6, 10**9)))
+                    for _ in range(n)])
+    batches = make_batches(files, 100, None)
+    _check_partition(files, batches)
+    counts = [len(b.files) for b in batches]
+    sizes = [b.bytes for b in batches]
+    assert len(batches) == -(-n // 100) and max(counts) <= 100
+    assert max(counts) - min(counts) <= 1, counts
+    assert max(sizes) - min(sizes) <= max(f.size for f in files), sizes
+    shuffled = list(files)
+    rng.shuffle(shuffled)
+    assert make_batches(shuffled, 100, None) == batches
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("bytes_per_batch", [10**6, 5 * 10**7, 10**8, 10**9])
 def test_bytes_per_batch_respected(seed: int, bytes_per_batch: int) -> None:
     files = _random_files(seed)
@@ -252,7 +272,7 @@ def test_run_layout(tmp_path: Path) -> None:
     assert layout.dir == d
     assert layout.run_json == d / "run.json"
     assert layout.job_copy == d / "job.toml"
-    assert layout.catalogue == d / "catalogue.jsonl"
+    assert layout.catalogue == d / "catalogue.json"
     assert layout.skipped == d / "skipped.jsonl"
     assert layout.array_script == d / "array.sh"
     assert layout.collect_script == d / "collect.sh"
