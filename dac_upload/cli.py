@@ -208,7 +208,11 @@ def catalogue(job_file: str, out_file: str, overwrite: bool) -> None:
         cat = catalogue_only(job, Progress("cataloguing"))
     except PlanError as exc:
         _fail(exc.lines, EXIT_USER)
-    write_catalogue(out, cat, job.source, utc_now(), f"dac-upload {__version__}")
+    try:
+        write_catalogue(out, cat, job.source, utc_now(), f"dac-upload {__version__}")
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror}; choose another --out", EXIT_USER)
+    _keep_until_exit(cat)
     click.echo(f"catalogue: {len(cat.entries)} files, {human_bytes(cat.total_bytes)}, "
                f"{len(cat.skipped)} skipped, under {job.source.root}")
     click.echo(f"written:   {out}")
@@ -235,6 +239,7 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
     max_array = _max_array_size()
     if job is not None:
         prep = _plan(job, offline)
+        _keep_until_exit(prep)
         _describe(prep)
         target = prep.layout.dir
     else:

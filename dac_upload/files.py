@@ -97,19 +97,25 @@ def in_two_processes(items: list[Any], work: Callable[[list[Any]], None],
     threads cannot share). Only with at least ``least`` items, two usable CPUs, and no other
     thread in this process (a fork copies only the calling thread). Raises if either half
     fails; the child's traceback goes to stderr."""
+    import signal
     import threading
     import traceback
 
     if len(items) < least or not hasattr(os, "fork") or threading.active_count() > 1 \
-            or len(os.sched_getaffinity(0)) < 2:
+            or len(os.sched_getaffinity(0)) < 2 or not _room_for_a_copy():
         work(items)
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    stops = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)   # none before the child is set
     pid = os.fork()
     if pid == 0:   # the child: its half, then leave at once (nothing of the parent's to free)
         code = 0
         try:
+            for sig in stops:   # a stop kills the child; the parent sees it and fails
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             work(items[1::2])
         except BaseException:
             traceback.print_exc()
@@ -117,6 +123,7 @@ def in_two_processes(items: list[Any], work: Callable[[list[Any]], None],
         finally:
             sys.stderr.flush()
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         work(items[0::2])
     finally:
@@ -124,6 +131,46 @@ def in_two_processes(items: list[Any], work: Callable[[list[Any]], None],
     if os.waitstatus_to_exitcode(status) != 0:
         raise OSError(f"the helper process writing half of them failed (exit status "
                       f"{os.waitstatus_to_exitcode(status)}; its error is above)")
+
+
+def _room_for_a_copy() -> bool:
+    """Whether memory allows a forked child that ends up with private copies of up to all
+    of this process's pages (touching objects copies their pages): what is available, in
+    this process's cgroup if it has a limit, else on the machine, must exceed twice what
+    this process holds (a login node's per-user limit must not kill planning)."""
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as handle:
+                return handle.read()
+        except OSError:
+            return None
+
+    status = read("/proc/self/status") or ""
+    rss = next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                if line.startswith("VmRSS:")), None)
+    if rss is None:
+        return False
+    available = None
+    cgroup = read("/proc/self/cgroup") or ""
+    for line in cgroup.splitlines():   # v2 "0::/path"; v1 "N:memory:/path"
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base = "/sys/fs/cgroup" + path.strip()
+            limit, current = read(base + "/memory.max"), read(base + "/memory.current")
+        elif "memory" in controllers.split(","):
+            base = "/sys/fs/cgroup/memory" + path.strip()
+            limit = read(base + "/memory.limit_in_bytes")
+            current = read(base + "/memory.usage_in_bytes")
+        else:
+            continue
+        if limit and current and limit.strip() != "max" and int(limit) < 1 << 60:
+            room = int(limit) - int(current)
+            available = room if available is None else min(available, room)
+    if available is None:
+        meminfo = read("/proc/meminfo") or ""
+        available = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                          if line.startswith("MemAvailable:")), 0)
+    return available > 2 * rss
 
 
 def write_files_atomically(items: Iterable[tuple[Path, str]], directory: Path,

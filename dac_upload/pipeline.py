@@ -143,13 +143,19 @@ class _Found:
     catalogue_sha256: str | None = None         # of the catalogue file read, if one was
 
 
-def load_catalogue(job: JobConfig, path: Path) -> tuple[Catalogue, str]:
+def load_catalogue(job: JobConfig, path: Path, shown: Path | None = None
+                   ) -> tuple[Catalogue, str]:
     """A catalogue file made by ``dac-upload catalogue`` for this job's [source], and its
-    sha256; PlanError (one line) if it cannot be read or was made for another source."""
+    sha256; PlanError (one line, naming ``shown`` or ``path``) if it cannot be read or was
+    made for another source."""
     try:
         cat, header = read_catalogue(path)
     except CatalogueFileError as exc:
-        raise PlanError([str(exc)]) from None
+        message = str(exc)
+        if shown is not None:
+            message = message.replace(str(path), str(shown), 1)
+        raise PlanError([message]) from None
+    path = shown or path
     made_for = header["source"]
     wanted = {"root": str(job.source.root), "include": list(job.source.include),
               "exclude": list(job.source.exclude), "symlinks": job.source.symlinks}
@@ -164,7 +170,7 @@ def load_catalogue(job: JobConfig, path: Path) -> tuple[Catalogue, str]:
 
 def _catalogue(job: JobConfig, progress: Progress | None,
                keep: Callable[[str, int, float], bool] | None,
-               catalogue_file: Path | None = None) -> tuple[JobConfig, _Found]:
+               catalogue_file: tuple[Path, Path] | None = None) -> tuple[JobConfig, _Found]:
     """Walk the tree (or read the catalogue file made by an earlier walk), or query the
     Butler repository ([butler] repo: the job's source root becomes the datastore root).
     Butler problems raise PlanError."""
@@ -175,7 +181,8 @@ def _catalogue(job: JobConfig, progress: Progress | None,
                             if kind == "repo" else "by nightly (it looks for new files)")
                          + "; plan without --catalogue"])
 
-    loaded = load_catalogue(job, catalogue_file) if catalogue_file is not None else None
+    loaded = (load_catalogue(job, catalogue_file[0], catalogue_file[1])
+              if catalogue_file is not None else None)
     digest = loaded[1] if loaded else None
 
     def tree() -> Catalogue:
@@ -225,8 +232,10 @@ def _cyclic_gc_paused() -> Iterator[None]:
     cycles; Python's cyclic collector would walk all of them again and again as they are
     made (about 15 % of planning a million files). Reference counting still frees the rest.
     On the way out what is alive is frozen (moved out of the collector's sight, in O(1)):
-    else the first collection after enabling it, and the one at exit, walk it all."""
+    else the first collection after enabling it, and the one at exit, walk it all; the next
+    plan in the same process unfreezes it."""
     was_enabled = gc.isenabled()
+    gc.unfreeze()   # what an earlier plan in this process froze: collectable again
     gc.disable()
     try:
         yield
@@ -243,9 +252,26 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
     ``keep`` filters the walk (nightly: only files new or changed since the ledger);
     ``preflight`` checks the credentials and the server (not with --offline);
-    ``catalogue_file`` (from ``dac-upload catalogue``) replaces the walk."""
-    with _cyclic_gc_paused():
-        return _prepare_run(job, preflight, progress, python, keep, origin, catalogue_file)
+    ``catalogue_file`` (from ``dac-upload catalogue``) replaces the walk: it is first
+    hard-linked (or copied) into ``runs_dir`` and read from there, so that the run keeps
+    exactly the catalogue it planned, whatever happens to the file meanwhile."""
+    kept = None
+    if catalogue_file is not None:
+        job.runs_dir.mkdir(parents=True, exist_ok=True)
+        kept = job.runs_dir / f".catalogue.{uuid.uuid4().hex[:12]}.json"
+        try:
+            link_or_copy(Path(catalogue_file), kept)
+        except OSError as exc:
+            kept.unlink(missing_ok=True)
+            raise PlanError([f"{catalogue_file}: cannot read the catalogue: "
+                             f"{exc.strerror}"]) from None
+    try:
+        with _cyclic_gc_paused():
+            return _prepare_run(job, preflight, progress, python, keep, origin,
+                                (kept, Path(catalogue_file)) if kept else None)
+    finally:
+        if kept is not None:
+            kept.unlink(missing_ok=True)   # moved into the run directory, unless it failed
 
 
 def catalogue_only(job: JobConfig, progress: Progress | None = None) -> Catalogue:
@@ -269,7 +295,7 @@ def catalogue_only(job: JobConfig, progress: Progress | None = None) -> Catalogu
 def _prepare_run(job: JobConfig, preflight: Preflight | None,
                  progress: Progress | None, python: str | None,
                  keep: Callable[[str, int, float], bool] | None,
-                 origin: str, catalogue_file: Path | None) -> PreparedRun:
+                 origin: str, catalogue_file: tuple[Path, Path] | None) -> PreparedRun:
     if job.butler.kind != "repo" and not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
@@ -321,12 +347,13 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     credentials.write_client_config(
         layout.dir / CLIENT_CONFIG_NAME,
         credentials.client_config_text(creds, credentials.load_base(creds.base_config)))
-    if catalogue_file is not None:   # checked against the job: kept as it is
-        link_or_copy(catalogue_file, layout.catalogue)
+    if catalogue_file is not None:   # what was read, checked against the job: kept as it is
+        os.replace(catalogue_file[0], layout.catalogue)
         catalogue_sha256 = found.catalogue_sha256
     else:
         catalogue_sha256 = write_catalogue(layout.catalogue, cat, job.source, utc_now(),
                                            f"dac-upload {__version__}")
+    cat.entries = []   # written, and named in files: a million tuples less to hold
     atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
                                         for p in cat.skipped))
     meta = _metadata_of(job, found)
@@ -380,7 +407,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
         "catalogue": {"file": layout.catalogue.name,
                       "sha256": catalogue_sha256,
                       "files": len(files), "bytes": total, "skipped": len(cat.skipped),
-                      "from_file": str(Path(catalogue_file).resolve()) if catalogue_file
+                      "from_file": str(catalogue_file[1].resolve()) if catalogue_file
                       else None},
         "plan": {"tasks": len(batches), "task_ids": task_ids,
                  "files_per_batch": job.batching.files_per_batch,

@@ -249,7 +249,7 @@ def run_task(run_dir: Path, task: int,
                    _bulk(rio, settings, todo, stop, state))
         meta = {e["name"]: e["meta"] for e in todo if e.get("meta")}
         if meta and rio is not None:
-            records = _with_metadata(rio, settings, records, meta, stop, state)
+            records = _with_metadata(rio, settings, records, meta, stop, state, len(todo))
         for rec in records:
             rec.update(task=task, attempt=attempt, finished_at=utc_now())
             out.append(rec)
@@ -308,16 +308,21 @@ def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: Stop
 
 def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
                    meta: dict[str, dict[str, str]], stop: StopRequest,
-                   state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+                   state: dict[str, Any], n: int) -> Iterator[dict[str, Any]]:
     """Set the Butler metadata (rubin_butler, rubin_sidecar) of each done file's DID before
     its record is written: a file counts as done only with its metadata, and a resubmission
     finds the file present and sets it. One request per bulk chunk (whose records arrive
-    together anyway); file by file in stock mode, so that each record is still written as
-    soon as its file is done. A server that cannot keep such metadata (no JSON plugin) is
-    said once; the files stay uploaded, marked metadata "refused"."""
+    together anyway; bulk.chunk_sizes says where each ends); file by file in stock mode, so
+    that each record is still written as soon as its file is done. A server that cannot
+    keep such metadata (no JSON plugin) is said once; the files stay uploaded, marked
+    metadata "refused"."""
+    from itertools import accumulate
+
+    from .bulk import chunk_sizes
     from .rucio_io import MetadataRefused, RucioFileError
 
-    size = s.chunk_size if s.mode == "bulk" else 1
+    # the bulk path yields one record per file, chunk after chunk: flush at its chunks' ends
+    ends = set(accumulate(chunk_sizes(n, s.chunk_size))) if s.mode == "bulk" else None
     pending: list[dict[str, Any]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
@@ -351,9 +356,9 @@ def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
         yield from pending
         pending.clear()
 
-    for rec in records:
+    for seen, rec in enumerate(records, 1):
         pending.append(rec)
-        if len(pending) >= size or stop.reason:
+        if ends is None or seen in ends or stop.reason:
             yield from flush()
     yield from flush()
 

@@ -304,6 +304,39 @@ def timed_runs(args: list[str], cwd: Path, times: int) -> tuple[list[float], flo
     return sorted(seconds), rss
 
 
+def tree_pss_mb(root_pid: int) -> float:
+    """Proportional set size of a process and all its descendants, summed (MB): memory
+    they use between them, a page shared after a fork counted once."""
+    total, pids = 0, [root_pid]
+    while pids:
+        pid = pids.pop()
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as fh:
+                    pids += [int(x) for x in fh.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+def peak_tree_pss(args: list[str], cwd: Path) -> float:
+    """Run ``args`` once as dacuser, sampling the PSS of its process tree every 20 ms;
+    the peak (MB). A run of its own: the sampling would disturb a timed one."""
+    env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
+           "USER": USER, "LANG": "C.UTF-8"}
+    proc = subprocess.Popen([RUNUSER, "-u", USER, "--", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss_mb(proc.pid))
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args[:3])} failed (exit {proc.returncode})")
+    return peak
+
+
 def planning(base: Path, files: int, times: int = 3) -> None:
     tree_base = base.parent / f"{base.name}-plantree"
     root = tree_base / "tree"
@@ -346,6 +379,8 @@ runtime = "none"
     plan_runs, plan_rss = timed_runs([exe, "plan", str(job), "--offline", "--catalogue",
                                       str(catalogue)], tree_base, times)
     walk_runs, walk_rss = timed_runs([exe, "plan", str(job), "--offline"], tree_base, 1)
+    plan_pss = peak_tree_pss([exe, "plan", str(job), "--offline", "--catalogue",
+                              str(catalogue)], tree_base)
     plan_s = plan_runs[times // 2]
 
     def runs(values: list[float]) -> str:
@@ -358,6 +393,8 @@ runtime = "none"
           "1000-file batches, manifests, scripts, run directory)")
     print(f"   ratio             : {plan_s / find_s:.2f}x the time of find (target <= 1.5x, "
           "peak RSS <= 500 MB)")
+    print(f"   memory            : {plan_pss:7.0f} MB at most, the plan and its forked helper "
+          "together (PSS summed, sampled every 20 ms in a run of its own)")
     print(f"   the walk itself   : {cat_runs[0]:7.2f} s   peak RSS {cat_rss:.0f} MB   "
           f"$ dac-upload catalogue JOB --out FILE   ({cat_runs[0] / find_s:.2f}x find)")
     print(f"   walk and plan     : {walk_runs[0]:7.2f} s   peak RSS {walk_rss:.0f} MB   "

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
+from dac_upload.bulk import chunk_sizes
 from dac_upload.config import JobConfig
 from dac_upload.files import read_json, read_jsonl
 from dac_upload.pipeline import prepare_run
@@ -345,3 +346,27 @@ def test_fatal_error_after_registration_keeps_what_each_file_got_to(
         assert recs[name]["error"].startswith("registered but not protected "
                                               "(InsufficientAccountLimit: none left)")
         assert "had_did" not in recs[name] and "_registered" not in recs[name]
+
+
+@pytest.mark.parametrize("n, size, expected", [
+    (1000, 500, [50, 100, 200, 300, 200, 100, 50]),
+    (500, 500, [50, 100, 200, 100, 50]),
+    (200, 500, [50, 100, 50]),
+    (150, 100, [10, 20, 90, 20, 10]),
+    (60, 500, [60]),
+    (5, 2, [2, 2, 1]),
+    (0, 500, []),
+])
+def test_chunk_sizes(n: int, size: int, expected: list[int]) -> None:
+    assert chunk_sizes(n, size) == expected
+
+
+@pytest.mark.parametrize("size", [1, 2, 50, 99, 100, 101, 500, 1000])
+def test_chunk_sizes_cover_every_file_within_the_size(size: int) -> None:
+    """Every file once, no chunk bigger than the size; the two ends equal and no chunk in
+    between smaller than them."""
+    for n in range(0, 3 * size + 7, max(1, size // 7)):
+        sizes = chunk_sizes(n, size)
+        assert sum(sizes) == n and all(1 <= c <= size for c in sizes), (n, sizes)
+        if len(sizes) > 2 and size >= 100:
+            assert sizes[0] == sizes[-1] and min(sizes[1:-1]) >= sizes[0], (n, sizes)

@@ -173,8 +173,26 @@ def _meta_run(tmp_path: Path, rio: _MetaRucio) -> tuple[list[dict[str, Any]], di
     state: dict[str, Any] = {"aborted": None}
     meta = {n: {"rubin_butler": "data_product", "rubin_sidecar": n} for n in "abcd"}
     with StopRequest() as stop:
-        out = list(_with_metadata(rio, _settings(tmp_path), iter(_recs()), meta, stop, state))
+        out = list(_with_metadata(rio, _settings(tmp_path), iter(_recs()), meta, stop, state,
+                                  4))
     return out, state
+
+
+def test_metadata_groups_are_the_bulk_chunks(tmp_path: Path) -> None:
+    """One request per chunk of the bulk path, small first and last chunks included."""
+    from dataclasses import replace as dc_replace
+
+    from dac_upload.bulk import chunk_sizes
+
+    rio = _MetaRucio()
+    recs = [{"name": f"f{i}", "status": "uploaded", "error": None, "cause": None}
+            for i in range(1000)]
+    meta = {r["name"]: {"rubin_butler": "data_product"} for r in recs}
+    with StopRequest() as stop:
+        out = list(_with_metadata(rio, dc_replace(_settings(tmp_path), chunk_size=200),
+                                  iter(recs), meta, stop, {"aborted": None}, 1000))
+    assert [len(call) for call in rio.calls] == chunk_sizes(1000, 200)
+    assert len(out) == 1000 and {r["metadata"] for r in out} == {"set"}
 
 
 def test_metadata_set_for_done_files_in_groups(tmp_path: Path) -> None:

@@ -310,3 +310,30 @@ def test_catalogue_text_is_what_json_dumps_writes(tmp_path: Path) -> None:
            "mtime": [e.mtime for e in entries]}
     assert path.read_text(encoding="utf-8") == json.dumps(doc, sort_keys=True,
                                                           ensure_ascii=False) + "\n"
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"relpath": ["/etc/hostname"]}, "'/etc/hostname' is not a plain path"),
+    ({"relpath": ["sub/../../secret.txt"]}, "'sub/../../secret.txt' is not a plain path"),
+    ({"relpath": ["./a.fits"]}, "'./a.fits' is not a plain path"),
+    ({"relpath": ["a//b.fits"]}, "'a//b.fits' is not a plain path"),
+    ({"relpath": ["dir/"]}, "'dir/' is not a plain path"),
+    ({"relpath": [""]}, "'' is not a plain path"),
+    ({"relpath": ["a\x00b"]}, "is not a plain path"),
+    ({"relpath": ["a\udc80.fits"]}, "is not a plain path"),
+    ({"size": [-5]}, "damaged catalogue"),
+    ({"size": [6]}, "damaged catalogue"),                  # bytes says 5
+    ({"mtime": [10**400]}, "damaged catalogue"),
+])
+def test_hand_edited_catalogue_is_refused(tmp_path: Path, edit: dict, says: str) -> None:
+    """The worker reads ROOT/relpath: a catalogue edited by hand must not lead it outside the
+    root, nor carry sizes or mtimes that cannot be a file's."""
+    path = tmp_path / "c.json"
+    cat = Catalogue(root=tmp_path, entries=[Entry("a.fits", 5, 1700000000.5)])
+    write_catalogue(path, cat, _job_source(tmp_path), "now", "t")
+    doc = json.loads(path.read_text())
+    doc.update(edit)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CatalogueFileError) as exc:
+        read_catalogue(path)
+    assert says in str(exc.value) and "\n" not in str(exc.value)

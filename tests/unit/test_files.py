@@ -211,3 +211,14 @@ def test_in_two_processes_fails_when_the_child_fails(tmp_path: Path) -> None:
 
     with pytest.raises(OSError, match="helper process"):
         in_two_processes(list(range(100)), work, least=10)
+
+
+def test_in_two_processes_stays_in_one_without_room(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not enough memory for a child's copies: everything in this process."""
+    import dac_upload.files as files_mod
+
+    monkeypatch.setattr(files_mod, "_room_for_a_copy", lambda: False)
+    pids: set[int] = set()
+    files_mod.in_two_processes(list(range(100)), lambda part: pids.add(os.getpid()), least=10)
+    assert pids == {os.getpid()}
