@@ -59,13 +59,17 @@ def use_postgres() -> None:
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 
+def user_env(**extra: str) -> dict[str, str]:
+    """The clean environment dacuser's commands run with."""
+    return {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
+            "USER": USER, "LANG": "C.UTF-8", **extra}
+
+
 def as_user(args: list[str], cwd: Path, **env: str) -> tuple[float,
                                                               subprocess.CompletedProcess]:
     """Run as dacuser with a clean environment; (wall seconds, result)."""
-    full_env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
-                "USER": USER, "LANG": "C.UTF-8", **env}
     t0 = time.monotonic()
-    proc = subprocess.run([RUNUSER, "-u", USER, "--", *args], cwd=cwd, env=full_env,
+    proc = subprocess.run([RUNUSER, "-u", USER, "--", *args], cwd=cwd, env=user_env(**env),
                           capture_output=True, text=True, check=False)
     return time.monotonic() - t0, proc
 
@@ -324,9 +328,7 @@ def tree_pss_mb(root_pid: int) -> float:
 def peak_tree_pss(args: list[str], cwd: Path) -> float:
     """Run ``args`` once as dacuser, sampling the PSS of its process tree every 20 ms;
     the peak (MB). A run of its own: the sampling would disturb a timed one."""
-    env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{USER}",
-           "USER": USER, "LANG": "C.UTF-8"}
-    proc = subprocess.Popen([RUNUSER, "-u", USER, "--", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([RUNUSER, "-u", USER, "--", *args], cwd=cwd, env=user_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0.0
     while proc.poll() is None:
