@@ -160,6 +160,24 @@ def test_read_checksums_small_chunks_agree(tmp_path: Path) -> None:
     assert read_checksums(path, chunk=7)[1] == f"{zlib.adler32(data):08x}"
 
 
+def test_read_checksums_reuses_a_buffer_per_thread(tmp_path: Path) -> None:
+    """One buffer per thread, kept between files: a small file read after a large one sees
+    none of the large one's bytes, and threads never share a buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(5)
+    datas = [rng.randbytes(n) for n in (3 * 1024 * 1024, 1, 0, 70_000, 5, 1024 * 1024)] * 8
+    paths = []
+    for i, data in enumerate(datas):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(data)
+    want = [(len(d), f"{zlib.adler32(d) & 0xFFFFFFFF:08x}", hashlib.md5(d).hexdigest())
+            for d in datas]
+    assert [read_checksums(p) for p in paths] == want
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(read_checksums, paths)) == want
+
+
 def test_read_checksums_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_checksums(tmp_path / "missing")
