@@ -672,6 +672,7 @@ class Storage:
         self.verify_checksum = settings.get("verify_checksum", True) is not False
         self._local = threading.local()
         self._creating = threading.Lock()
+        self._made_dirs: set[str] = set()   # on a POSIX RSE, by _make_local_parent
         self._token = client.auth_token if len(client.auth_token.split(".")) == 3 else None
 
     def _protocol(self, operation: str = "write") -> Any:
@@ -720,7 +721,7 @@ class Storage:
             target = f"{pfn}.rucio.upload" if self.renames else pfn
             if target != pfn and proto.exists(target):
                 self._protocol("delete").delete(target)
-            _make_local_parent(proto, target)
+            self._make_local_parent(proto, target)
             proto.put(str(path), target, None)
             if not self._matches(proto, target, size, adler32):
                 raise RucioFileError(f"the copy at {target} does not match the file (size or "
@@ -732,6 +733,19 @@ class Storage:
             raise
         except Exception as exc:
             raise _translate(exc, f"copying to {self.settings.get('rse')}") from None
+
+    def _make_local_parent(self, proto: Any, pfn: str) -> None:
+        """Rucio's POSIX protocol makes a file's directory with "if not exists: makedirs",
+        so two concurrent copies into the same new directory race and one fails
+        (FileExistsError, reported as KeyError: 'prefix'; one file in a thousand on the test
+        RSE). Made here first, race-free, once per directory (a set remembers them: most
+        files share their directory with many others); other protocols create directories
+        on the server side."""
+        if proto.attributes.get("scheme") == "file" and hasattr(proto, "pfn2path"):
+            directory = os.path.dirname(proto.pfn2path(pfn))
+            if directory not in self._made_dirs:
+                os.makedirs(directory, exist_ok=True)
+                self._made_dirs.add(directory)
 
     def _matches(self, proto: Any, pfn: str, size: int, adler32: str) -> bool:
         """The destination's own size and adler32 (a checksum is required unless the RSE
@@ -751,15 +765,6 @@ class Storage:
                                  "(set verify_checksum on the RSE, or [upload] mode = "
                                  "\"stock\")")
         return stat_size == size
-
-
-def _make_local_parent(proto: Any, pfn: str) -> None:
-    """Rucio's POSIX protocol makes a file's directory with "if not exists: makedirs", so
-    two concurrent copies into the same new directory race and one fails (FileExistsError,
-    reported as KeyError: 'prefix'; one file in a thousand on the test RSE). Made here
-    first, race-free; other protocols create directories on the server side."""
-    if proto.attributes.get("scheme") == "file" and hasattr(proto, "pfn2path"):
-        os.makedirs(os.path.dirname(proto.pfn2path(pfn)), exist_ok=True)
 
 
 def _quiet_log(level: int, msg: str, *args: Any) -> None:
