@@ -213,7 +213,7 @@ def catalogue(job_file: str, out_file: str, overwrite: bool) -> None:
     except OSError as exc:
         _fail(f"cannot write {out}: {exc.strerror}; choose another --out", EXIT_USER)
     _keep_until_exit(cat)
-    click.echo(f"catalogue: {len(cat.entries)} files, {human_bytes(cat.total_bytes)}, "
+    click.echo(f"catalogue: {cat.file_count} files, {human_bytes(cat.total_bytes)}, "
                f"{len(cat.skipped)} skipped, under {job.source.root}")
     click.echo(f"written:   {out}")
     click.echo(f"plan it with: dac-upload plan {job_file} --catalogue {out}")

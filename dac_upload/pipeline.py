@@ -94,8 +94,7 @@ def check_catalogue(job: JobConfig, cat: Catalogue) -> list[str]:
     errors += unbound_link_targets(job, cat)
     for pattern, hits in cat.pattern_hits.items():
         # hits count the first include pattern a file matched: look again before complaining
-        if hits == 0 and not any(glob_regex(pattern).fullmatch(e.relpath)
-                                 for e in cat.entries):
+        if hits == 0 and not any(map(glob_regex(pattern).fullmatch, cat.files().relpath)):
             errors.append(f"{job.path}: [source] include pattern {pattern!r} matches no file "
                           f"under {job.source.root}; fix the pattern or the root")
     return errors
@@ -199,7 +198,7 @@ def _catalogue(job: JobConfig, progress: Progress | None,
             job = replace(job, source=replace(job.source, root=repo.catalogue.root))
             return job, _Found(repo.catalogue, repo.datasets, repo, notes=list(repo.notes))
         cat = tree()
-        datasets, unmatched, problems = butler_mod.map_tree(cat.entries, job.butler,
+        datasets, unmatched, problems = butler_mod.map_tree(cat.file_entries(), job.butler,
                                                             str(job.path))
     except butler_mod.ButlerError as exc:
         raise PlanError(exc.lines) from None
@@ -305,7 +304,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     cat = found.cat
     errors += render.bind_problems(job, job.runs_dir / "RUN", creds)
     errors += check_catalogue(job, cat)
-    files, name_problems = name_files(cat.entries, job.naming)
+    files, name_problems = name_files(cat.files(), job.naming)
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
     if errors:
         raise PlanError(errors)
@@ -353,7 +352,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     else:
         catalogue_sha256 = write_catalogue(layout.catalogue, cat, job.source, utc_now(),
                                            f"dac-upload {__version__}")
-    cat.entries = []   # written, and named in files: a million tuples less to hold
+    cat.entries, cat.columns = [], None   # written, and named in files: less to hold
     atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
                                         for p in cat.skipped))
     meta = _metadata_of(job, found)

@@ -6,14 +6,15 @@ Nothing here touches the file system, Slurm or Rucio, so it is tested in millise
 from __future__ import annotations
 
 import heapq
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
-from .catalogue import Entry, Problem
+from .catalogue import Columns, Entry, Problem
 from .config import NamingConfig
 from .naming import all_names_valid, make_name, name_problem
 
@@ -48,39 +49,50 @@ class Batch:
             object.__setattr__(self, "bytes", sum(map(_SIZE, self.files)))
 
 
-def name_files(entries: Sequence[Entry],
+def name_files(entries: Sequence[Entry] | Columns,
                cfg: NamingConfig) -> tuple[list[PlannedFile], list[Problem]]:
-    """Give every entry its Rucio name; report invalid and duplicate names (both refused).
-    The usual case (every name valid and unique) is decided for all names at once, by
-    string tests that run in C; only otherwise does it go file by file, to say which."""
-    if cfg.replace_invalid is None and entries:
-        rels = list(map(itemgetter(0), entries))
+    """Give every file (Entry tuples, or a catalogue file's columns) its Rucio name; report
+    invalid and duplicate names (both refused). The usual case (every name valid and
+    unique) is decided for all names at once, by string tests that run in C; only otherwise
+    does it go file by file, to say which."""
+    cols = entries if isinstance(entries, Columns) else Columns(
+        list(map(itemgetter(0), entries)), list(map(itemgetter(1), entries)),
+        list(map(itemgetter(2), entries)))
+    rels = cols.relpath
+    if cfg.replace_invalid is None and rels:
         prefix = cfg.prefix
         names = [prefix + rel for rel in rels] if prefix else rels
-        if all_names_valid(names) and len(set(names)) == len(names):
-            return _planned(rels, names, list(map(itemgetter(1), entries)),
-                            list(map(itemgetter(2), entries))), []
+        if all_names_valid(names) and _all_distinct(names):
+            return _planned(rels, names, cols.size, cols.mtime), []
     files: list[PlannedFile] = []
     problems: list[Problem] = []
     first_with_name: dict[str, str] = {}
-    for e in entries:
-        name = make_name(e.relpath, cfg.prefix, cfg.replace_invalid)
+    for relpath, size, mtime in zip(*cols):
+        name = make_name(relpath, cfg.prefix, cfg.replace_invalid)
         why = name_problem(name)
         if why:
             fix = ("rename the file or exclude it" if cfg.replace_invalid is not None
                    else 'rename the file, exclude it, or set [naming] replace_invalid = "_"')
             if len(name) > 250:
                 fix = "shorten the path or the [naming] prefix, or exclude it"
-            problems.append(Problem(e.relpath, f"{why}; {fix}"))
+            problems.append(Problem(relpath, f"{why}; {fix}"))
             continue
         other = first_with_name.get(name)
         if other is not None:
-            problems.append(Problem(e.relpath, f"gets the same Rucio name {name!r} as {other!r}; "
+            problems.append(Problem(relpath, f"gets the same Rucio name {name!r} as {other!r}; "
                                     "rename one of them or change [naming]"))
             continue
-        first_with_name[name] = e.relpath
-        files.append(PlannedFile(e.relpath, name, e.size, e.mtime))
+        first_with_name[name] = relpath
+        files.append(PlannedFile(relpath, name, size, mtime))
     return files, problems
+
+
+def _all_distinct(names: list[str]) -> bool:
+    """No name twice. A catalogue's paths are mostly in order already: each one greater
+    than the one before proves it in one pass of C comparisons (0.03 s a million, against
+    0.14 s for a set); otherwise the set decides."""
+    return all(map(operator.lt, names, islice(names, 1, None))) \
+        or len(set(names)) == len(names)
 
 
 def make_batches(files: Sequence[PlannedFile], files_per_batch: int | None,
@@ -104,7 +116,7 @@ def make_batches(files: Sequence[PlannedFile], files_per_batch: int | None,
         return []
     max_files = files_per_batch or len(files)
     max_bytes = bytes_per_batch
-    alone = [[f] for f in files if max_bytes and f.size > max_bytes]
+    alone = [[f] for f in files if f.size > max_bytes] if max_bytes else []
     # in path order, then (stable) largest first: ties stay in path order
     rest = sorted((f for f in files if not (max_bytes and f.size > max_bytes))
                   if max_bytes else files, key=_REL)

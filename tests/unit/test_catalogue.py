@@ -248,7 +248,9 @@ def test_catalogue_round_trip(tmp_path: Path, tree: Path) -> None:
     digest = write_catalogue(path, cat, _job_source(tree), "2026-11-25T00:00:00Z", "t 1")
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     back, header = read_catalogue(path)
-    assert back.entries == cat.entries and back.root == cat.root
+    assert back.entries == [] and back.file_entries() == cat.entries and back.root == cat.root
+    assert back.files() == cat.files() and back.total_bytes == cat.total_bytes
+    assert back.file_count == cat.file_count == len(cat.entries)
     assert back.skipped == cat.skipped and back.outside_targets == {"/elsewhere"}
     assert back.pattern_hits == cat.pattern_hits
     assert header["source"] == {"root": str(tree), "include": ["**/*"], "exclude": [],
@@ -263,7 +265,7 @@ def test_empty_catalogue_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     write_catalogue(path, Catalogue(root=tmp_path), _job_source(tmp_path), "now", "t")
     cat, header = read_catalogue(path)
-    assert cat.entries == [] and header["files"] == 0
+    assert cat.file_entries() == [] and header["files"] == 0 and cat.total_bytes == 0
 
 
 @pytest.mark.parametrize("content, says", [
@@ -310,6 +312,10 @@ def test_catalogue_text_is_what_json_dumps_writes(tmp_path: Path) -> None:
            "mtime": [e.mtime for e in entries]}
     assert path.read_text(encoding="utf-8") == json.dumps(doc, sort_keys=True,
                                                           ensure_ascii=False) + "\n"
+    back, _ = read_catalogue(path)   # held as columns: written again, the same text
+    again = tmp_path / "again.json"
+    write_catalogue(again, back, _job_source(tmp_path), "now", "t")
+    assert again.read_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("edit, says", [

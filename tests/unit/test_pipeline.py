@@ -91,7 +91,7 @@ def test_prepare_run_writes_the_run_directory(job: JobConfig) -> None:
     assert run["credentials"]["client_config"] == "rucio.cfg"
     assert run["credentials"]["auth_type"] == "x509_proxy"
 
-    assert [e.relpath for e in read_catalogue(layout.catalogue)[0].entries] == FITS
+    assert [e.relpath for e in read_catalogue(layout.catalogue)[0].file_entries()] == FITS
     assert list(read_jsonl(layout.skipped)) == []
     manifests = [read_json(layout.manifest(t)) for t in range(2)]
     assert sorted(f["relpath"] for m in manifests for f in m["files"]) == FITS

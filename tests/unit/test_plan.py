@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dac_upload.catalogue import Entry
+from dac_upload.catalogue import Columns, Entry
 from dac_upload.config import NamingConfig
 from dac_upload.plan import (
     Batch,
@@ -249,6 +249,28 @@ def test_leading_dot_with_replace_invalid_still_refused() -> None:
     assert files == []
     assert problems[0].reason == ("a Rucio name must start with a letter, a digit or '/'; "
                                   "rename the file or exclude it")
+
+
+def test_name_files_takes_a_catalogue_files_columns() -> None:
+    """Read from a catalogue file, the files come as columns; the same plan either way."""
+    entries = _entries("b/x.fits", "a.fits", "b.fits")   # not in order: the set decides
+    cols = Columns(*map(list, zip(*entries)))
+    assert name_files(cols, NamingConfig("dp1/", None)) == \
+        name_files(entries, NamingConfig("dp1/", None))
+    assert [f.name for f in name_files(cols, NamingConfig("", None))[0]] == \
+        ["b/x.fits", "a.fits", "b.fits"]
+
+
+@pytest.mark.parametrize("relpaths", [
+    ("a.fits", "b.fits", "a.fits"),     # a hand-edited catalogue: a path twice, apart
+    ("a.fits", "a.fits", "b.fits"),     # side by side, in order
+])
+def test_a_path_twice_is_refused(relpaths: tuple[str, ...]) -> None:
+    files, problems = name_files(Columns(list(relpaths), [1, 2, 3], [1.0, 2.0, 3.0]),
+                                 NamingConfig("", None))
+    assert [f.relpath for f in files] == ["a.fits", "b.fits"]
+    assert [p.reason for p in problems] == [
+        "gets the same Rucio name 'a.fits' as 'a.fits'; rename one of them or change [naming]"]
 
 
 # ----------------------------------------------------------------------------- indices
