@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .files import atomic_write_json, read_json, read_jsonl
+from .files import atomic_write_json, read_json, read_jsonl, read_manifest
 from .plan import RunLayout
 from .worker import (
     ALREADY_PRESENT,
@@ -165,7 +165,7 @@ def read_run(run_dir: Path) -> RunState:
     layout = RunLayout(run_dir)
     run = read_json(layout.run_json)
     n = int(run["plan"]["tasks"])
-    manifests = {t: read_json(layout.manifest(t)) for t in range(n)}
+    manifests = {t: read_manifest(layout.manifest(t)) for t in range(n)}
     results = {t: list(read_jsonl(layout.result(t))) for t in range(n)
                if layout.result(t).exists()}
     markers: dict[int, dict[str, Any]] = {}

@@ -36,15 +36,14 @@ from .files import (
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
-    in_two_processes,
     link_or_copy,
-    manifest_json,
+    manifest_bytes,
     read_json,
     utc_now,
     write_files_atomically,
 )
 from .naming import glob_regex
-from .plan import Batch, PlannedFile, RunLayout, compress_indices, make_batches, name_files
+from .plan import REL, Batch, PlannedFile, RunLayout, compress_indices, make_batches, name_files
 from .progress import Progress
 
 MAX_PROBLEM_LINES = 20
@@ -211,7 +210,7 @@ def _butler_record(job: JobConfig, found: _Found, planned: list[PlannedFile],
     b = job.butler
     if b.kind is None:
         return None
-    files = sum(1 for f in planned if f.relpath in found.datasets)
+    files = sum(1 for f in planned if f[REL] in found.datasets)
     return {"kind": b.kind, "repo": b.repo, "collections": list(b.collections),
             "dataset_types": list(b.dataset_types), "where": b.where,
             "find_first": b.find_first, "metadata": b.metadata and b.kind == "repo",
@@ -360,17 +359,14 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     if found.repo is not None and job.butler.metadata:
         extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
 
-    def write_manifests(part: list[Batch]) -> None:
-        write_files_atomically(((layout.manifest(batch.index), manifest_json(
-            {"run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
-             "bytes": batch.bytes}, batch.files, meta, extra if batch.index == 0 else ()))
-            for batch in part), layout.manifests)
-
-    in_two_processes(batches, write_manifests)
+    write_files_atomically(((layout.manifest(batch.index), manifest_bytes(
+        {"run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
+         "bytes": batch.bytes}, batch.files, meta, extra if batch.index == 0 else ()))
+        for batch in batches), layout.manifests)
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
-            {"relpath": f.relpath, "datasets": found.datasets[f.relpath]}
-            for f in sorted(files, key=lambda f: f.relpath) if f.relpath in found.datasets))
+            {"relpath": f[REL], "datasets": found.datasets[f[REL]]}
+            for f in sorted(files) if f[REL] in found.datasets))
 
     ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
                                 creds)

@@ -26,6 +26,7 @@ from .files import (
     read_checksums,
     read_json,
     read_jsonl,
+    read_manifest,
     utc_now,
 )
 from .plan import RunLayout
@@ -199,7 +200,7 @@ def run_task(run_dir: Path, task: int,
     layout = RunLayout(run_dir)
     try:
         run = read_json(layout.run_json)
-        manifest = read_json(layout.manifest(task))
+        manifest = read_manifest(layout.manifest(task))
     except (OSError, ValueError) as exc:
         print(f"dac-upload worker: cannot read run {run_dir} task {task}: {exc}",
               file=sys.stderr)

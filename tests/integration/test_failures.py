@@ -3,7 +3,6 @@ the user errors that must be caught before anything is submitted."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from ithelpers import (
     wait_for_jobs,
     write_job,
 )
+
+from dac_upload.files import read_manifest
 
 
 def job_text(prefix: str, **over: str) -> str:
@@ -44,9 +45,9 @@ def test_unreadable_file_and_task_that_never_ran(workdir: Path) -> None:
     assert "nothing submitted" in planned.stdout
 
     # after planning, one file of task 0 becomes unreadable for the (non-root) user
-    manifest = json.loads((run_dir / "manifests" / "task-00000.json").read_text())
+    manifest = read_manifest(run_dir / "manifests" / "task-00000.json")
     bad = workdir / "src" / manifest["files"][1]["relpath"]
-    never = json.loads((run_dir / "manifests" / "task-00002.json").read_text())["files"]
+    never = read_manifest(run_dir / "manifests" / "task-00002.json")["files"]
     bad.chmod(0)
     submitted = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir)
     assert submitted.returncode == 0, submitted.stderr

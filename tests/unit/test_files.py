@@ -7,7 +7,6 @@ import json
 import os
 import random
 import stat
-import threading
 import zlib
 from pathlib import Path
 
@@ -201,42 +200,46 @@ def test_atomic_writes_honour_the_umask(tmp_path: Path) -> None:
     assert (tmp_path / "c").stat().st_mode & 0o777 == 0o600
 
 
-def test_in_two_processes_does_every_item_once(tmp_path: Path) -> None:
-    """Half the items in a forked child, half here; every item done exactly once."""
-    from dac_upload.files import in_two_processes
-
-    def work(part: list[int]) -> None:
-        for i in part:
-            with open(tmp_path / f"{i}.{os.getpid()}", "x"):
-                pass
-
-    in_two_processes(list(range(100)), work, least=10)
-    done = sorted(p.name for p in tmp_path.iterdir())
-    assert sorted(int(n.split(".")[0]) for n in done) == list(range(100))
-    if len(os.sched_getaffinity(0)) >= 2 and threading.active_count() == 1:
-        assert len({n.split(".")[1] for n in done}) == 2      # two processes did it
 
 
-def test_in_two_processes_fails_when_the_child_fails(tmp_path: Path) -> None:
-    from dac_upload.files import in_two_processes
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    """Format 2: rows written by orjson, read back as the entries the worker, collect and
+    status use; metadata only for the files that have it; the extra entry (the Butler
+    dimension file) last, with its own metadata."""
+    from dac_upload.files import manifest_bytes, read_manifest
 
-    if len(os.sched_getaffinity(0)) < 2 or threading.active_count() > 1:
-        pytest.skip("runs in one process here")
+    files = [("a/ü x.fits", "dp1/a/ü x.fits", 12345678901, 1700000000.123456789),
+             ('b/"q"\\.fits', 'dp1/b/"q"\\.fits', 0, 1.5e-7)]
+    meta = {"a/ü x.fits": {"rubin_butler": "data_product", "rubin_sidecar": "{}"},
+            "elsewhere.fits": {"rubin_butler": "x"}}
+    extra = [{"relpath": "/run/dims.yaml", "name": "dp1/dims.yaml", "size": 7,
+              "mtime": 3.0, "meta": {"rubin_butler": "dim_file", "rubin_sidecar": ""}}]
+    path = tmp_path / "task-00000.json"
+    data = manifest_bytes({"run_id": "R", "task": 0, "source_root": "/src", "bytes": 5},
+                          files, meta, extra)
+    path.write_bytes(data)
+    assert json.loads(data)["manifest_format"] == 2 and data.endswith(b"\n")
+    got = read_manifest(path)
+    assert (got["run_id"], got["task"], got["bytes"]) == ("R", 0, 5)
+    assert got["files"] == [
+        {"relpath": "a/ü x.fits", "name": "dp1/a/ü x.fits", "size": 12345678901,
+         "mtime": 1700000000.123456789, "meta": meta["a/ü x.fits"]},
+        {"relpath": 'b/"q"\\.fits', "name": 'dp1/b/"q"\\.fits', "size": 0, "mtime": 1.5e-7},
+        extra[0]]
+    assert "columns" not in got and "meta" not in got
 
-    def work(part: list[int]) -> None:
-        if 1 in part:                                          # the child's half
-            raise OSError("disk full")
 
-    with pytest.raises(OSError, match="helper process"):
-        in_two_processes(list(range(100)), work, least=10)
+def test_manifest_of_an_earlier_version_is_read_as_it_is(tmp_path: Path) -> None:
+    from dac_upload.files import read_manifest
+
+    old = {"run_id": "R", "task": 3, "source_root": "/s", "bytes": 1,
+           "files": [{"mtime": 2.5, "name": "n", "relpath": "r", "size": 1}]}
+    (tmp_path / "m.json").write_text(json.dumps(old))
+    assert read_manifest(tmp_path / "m.json") == old
 
 
-def test_in_two_processes_stays_in_one_without_room(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not enough memory for a child's copies: everything in this process."""
-    import dac_upload.files as files_mod
+def test_manifest_refuses_what_json_cannot_hold() -> None:
+    from dac_upload.files import manifest_bytes
 
-    monkeypatch.setattr(files_mod, "_room_for_a_copy", lambda: False)
-    pids: set[int] = set()
-    files_mod.in_two_processes(list(range(100)), lambda part: pids.add(os.getpid()), least=10)
-    assert pids == {os.getpid()}
+    with pytest.raises(ValueError, match="cannot write a manifest"):
+        manifest_bytes({}, [("a", "a", 2**64, 1.0)])

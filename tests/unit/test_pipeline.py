@@ -14,7 +14,7 @@ from dac_upload import render
 from dac_upload.catalogue import read_catalogue, write_catalogue
 from dac_upload.config import JobConfig
 from dac_upload.credentials import Credentials
-from dac_upload.files import read_json, read_jsonl
+from dac_upload.files import read_json, read_jsonl, read_manifest
 from dac_upload.pipeline import (
     CollectorNotSubmitted,
     PlanError,
@@ -93,7 +93,7 @@ def test_prepare_run_writes_the_run_directory(job: JobConfig) -> None:
 
     assert [e.relpath for e in read_catalogue(layout.catalogue)[0].file_entries()] == FITS
     assert list(read_jsonl(layout.skipped)) == []
-    manifests = [read_json(layout.manifest(t)) for t in range(2)]
+    manifests = [read_manifest(layout.manifest(t)) for t in range(2)]
     assert sorted(f["relpath"] for m in manifests for f in m["files"]) == FITS
     for t, m in enumerate(manifests):
         assert m["task"] == t and m["run_id"] == prep.run_id
@@ -129,7 +129,7 @@ def test_plan_from_a_catalogue_file_is_the_plan_of_the_walk(
     planned = prepare_run(job, catalogue_file=path)
     layout = planned.layout
     for t in range(2):
-        a, b = read_json(walked.manifest(t)), read_json(layout.manifest(t))
+        a, b = read_manifest(walked.manifest(t)), read_manifest(layout.manifest(t))
         assert a["files"] == b["files"] and a["bytes"] == b["bytes"]
     assert layout.catalogue.read_bytes() == path.read_bytes()
     run = read_json(layout.run_json)
@@ -194,7 +194,7 @@ def test_invalid_name_creates_nothing(make_job: Callable[..., JobConfig]) -> Non
 def test_replace_invalid_lets_it_through(make_job: Callable[..., JobConfig]) -> None:
     job = make_job({"ok.fits": b"1", "my file.fits": b"2"}, naming='replace_invalid = "_"')
     prep = prepare_run(job, preflight=None)
-    names = [f["name"] for f in read_json(prep.layout.manifest(0))["files"]]
+    names = [f["name"] for f in read_manifest(prep.layout.manifest(0))["files"]]
     assert names == ["my_file.fits", "ok.fits"]
 
 

@@ -12,6 +12,9 @@ import pytest
 from dac_upload.catalogue import Columns, Entry
 from dac_upload.config import NamingConfig
 from dac_upload.plan import (
+    NAME,
+    REL,
+    SIZE,
     Batch,
     PlannedFile,
     RunLayout,
@@ -24,7 +27,7 @@ SEEDS = (1, 7, 42, 2024)
 
 
 def _files(sizes: Sequence[int]) -> list[PlannedFile]:
-    return [PlannedFile(f"d{i % 5}/f{i:04d}.fits", f"n/d{i % 5}/f{i:04d}.fits", s, 1.0)
+    return [(f"d{i % 5}/f{i:04d}.fits", f"n/d{i % 5}/f{i:04d}.fits", s, 1.0)
             for i, s in enumerate(sizes)]
 
 
@@ -43,8 +46,8 @@ def _check_partition(files: Sequence[PlannedFile], batches: list[Batch]) -> None
     assert [b.index for b in batches] == list(range(len(batches)))
     for b in batches:
         assert b.files, "no empty batch"
-        assert list(b.files) == sorted(b.files, key=lambda f: f.relpath)
-        assert b.bytes == sum(f.size for f in b.files)
+        assert list(b.files) == sorted(b.files, key=lambda f: f[REL])
+        assert b.bytes == sum(f[SIZE] for f in b.files)
 
 
 # ----------------------------------------------------------------------------- make_batches
@@ -57,7 +60,7 @@ def test_no_limits_one_batch() -> None:
     files = _files([5, 1, 3])
     batches = make_batches(files, None, None)
     assert len(batches) == 1
-    assert [f.relpath for f in batches[0].files] == sorted(f.relpath for f in files)
+    assert [f[REL] for f in batches[0].files] == sorted(f[REL] for f in files)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -84,7 +87,7 @@ def test_files_per_batch_only_is_balanced(seed: int, n: int) -> None:
     sizes = [b.bytes for b in batches]
     assert len(batches) == -(-n // 100) and max(counts) <= 100
     assert max(counts) - min(counts) <= 1, counts
-    assert max(sizes) - min(sizes) <= max(f.size for f in files), sizes
+    assert max(sizes) - min(sizes) <= max(f[SIZE] for f in files), sizes
     shuffled = list(files)
     rng.shuffle(shuffled)
     assert make_batches(shuffled, 100, None) == batches
@@ -100,10 +103,10 @@ def test_bytes_per_batch_respected(seed: int, bytes_per_batch: int) -> None:
         # a file larger than the limit gets a batch of its own, else the limit holds
         assert b.bytes <= bytes_per_batch or len(b.files) == 1, (b.bytes, len(b.files))
     for f in files:
-        if f.size > bytes_per_batch:
+        if f[SIZE] > bytes_per_batch:
             assert any(b.files == (f,) for b in batches)
-    if all(f.size <= bytes_per_batch for f in files):
-        assert len(batches) >= -(-sum(f.size for f in files) // bytes_per_batch)
+    if all(f[SIZE] <= bytes_per_batch for f in files):
+        assert len(batches) >= -(-sum(f[SIZE] for f in files) // bytes_per_batch)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -123,8 +126,8 @@ def test_balanced_by_bytes(seed: int, limit_factor: float) -> None:
     """With only a byte limit, LPT keeps max - min batch bytes within the largest file."""
     rng = random.Random(seed)
     files = _files([rng.randint(1, 10**6) for _ in range(500)])
-    total = sum(f.size for f in files)
-    largest = max(f.size for f in files)
+    total = sum(f[SIZE] for f in files)
+    largest = max(f[SIZE] for f in files)
     bytes_per_batch = int(total / limit_factor) + largest
     batches = make_batches(files, None, bytes_per_batch)
     _check_partition(files, batches)
@@ -159,7 +162,7 @@ def test_oversized_file_gets_its_own_batch() -> None:
     files = _files([250, 40, 30, 20, 10])
     batches = make_batches(files, None, 100)
     _check_partition(files, batches)
-    big = [b for b in batches if any(f.size == 250 for f in b.files)]
+    big = [b for b in batches if any(f[SIZE] == 250 for f in b.files)]
     assert len(big) == 1 and len(big[0].files) == 1
     assert all(b.bytes <= 100 for b in batches if b is not big[0])
 
@@ -168,14 +171,14 @@ def test_lpt_small_example() -> None:
     files = _files([10, 9, 8, 7, 6, 5])  # total 45 -> 3 batches of 15
     batches = make_batches(files, None, 15)
     assert sorted(b.bytes for b in batches) == [15, 15, 15]
-    assert sorted(sorted(f.size for f in b.files) for b in batches) == [[5, 10], [6, 9], [7, 8]]
+    assert sorted(sorted(f[SIZE] for f in b.files) for b in batches) == [[5, 10], [6, 9], [7, 8]]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_deterministic_under_shuffling(seed: int) -> None:
     files = _random_files(seed, 300)
     # equal sizes force the relpath tie-break
-    files += [PlannedFile(f"tie/{i:02d}", f"tie/{i:02d}", 777, 0.0) for i in range(20)]
+    files += [(f"tie/{i:02d}", f"tie/{i:02d}", 777, 0.0) for i in range(20)]
     expected = make_batches(files, 25, 10**8)
     rng = random.Random(seed)
     for _ in range(3):
@@ -186,7 +189,7 @@ def test_deterministic_under_shuffling(seed: int) -> None:
 
 def test_batches_ordered_by_first_path() -> None:
     batches = make_batches(_random_files(3, 200), 20, None)
-    firsts = [b.files[0].relpath for b in batches]
+    firsts = [b.files[0][REL] for b in batches]
     assert firsts == sorted(firsts)
 
 
@@ -198,14 +201,14 @@ def _entries(*relpaths: str) -> list[Entry]:
 def test_name_files_plain() -> None:
     files, problems = name_files(_entries("a.fits", "raw/b.fits"), NamingConfig("dp1/", None))
     assert problems == []
-    assert files == [PlannedFile("a.fits", "dp1/a.fits", 1, 100.0),
-                     PlannedFile("raw/b.fits", "dp1/raw/b.fits", 2, 101.0)]
+    assert files == [("a.fits", "dp1/a.fits", 1, 100.0),
+                     ("raw/b.fits", "dp1/raw/b.fits", 2, 101.0)]
 
 
 def test_invalid_characters_reported_with_replace_invalid_hint() -> None:
     files, problems = name_files(_entries("ok.fits", "my file.fits", "Müller.fits"),
                                  NamingConfig("", None))
-    assert [f.relpath for f in files] == ["ok.fits"]
+    assert [f[REL] for f in files] == ["ok.fits"]
     assert [p.relpath for p in problems] == ["my file.fits", "Müller.fits"]
     assert problems[0].reason == ("the name contains characters Rucio does not allow: ' '; "
                                   'rename the file, exclude it, or set [naming] '
@@ -218,14 +221,14 @@ def test_replace_invalid_fixes_names() -> None:
     files, problems = name_files(_entries("my file.fits", "x/Müller.fits"),
                                  NamingConfig("", "_"))
     assert problems == []
-    assert [f.name for f in files] == ["my_file.fits", "x/M_ller.fits"]
-    assert [f.relpath for f in files] == ["my file.fits", "x/Müller.fits"]
+    assert [f[NAME] for f in files] == ["my_file.fits", "x/M_ller.fits"]
+    assert [f[REL] for f in files] == ["my file.fits", "x/Müller.fits"]
 
 
 def test_duplicates_after_replace_invalid_reported() -> None:
     files, problems = name_files(_entries("a b.fits", "a_b.fits", "a&b.fits", "c.fits"),
                                  NamingConfig("", "_"))
-    assert [(f.relpath, f.name) for f in files] == [("a b.fits", "a_b.fits"),
+    assert [(f[REL], f[NAME]) for f in files] == [("a b.fits", "a_b.fits"),
                                                    ("c.fits", "c.fits")]
     assert [p.relpath for p in problems] == ["a_b.fits", "a&b.fits"]
     assert problems[0].reason == ("gets the same Rucio name 'a_b.fits' as 'a b.fits'; "
@@ -235,9 +238,9 @@ def test_duplicates_after_replace_invalid_reported() -> None:
 def test_too_long_names_reported_with_shorten_fix() -> None:
     long_rel = "d/" + "x" * 240 + ".fits"  # 247 chars: fine alone, too long with a prefix
     files, problems = name_files(_entries(long_rel), NamingConfig("", None))
-    assert problems == [] and files[0].name == long_rel
+    assert problems == [] and files[0][NAME] == long_rel
     files, problems = name_files(_entries(long_rel, "ok"), NamingConfig("prefix/", None))
-    assert [f.name for f in files] == ["prefix/ok"]
+    assert [f[NAME] for f in files] == ["prefix/ok"]
     assert len(problems) == 1
     assert problems[0].relpath == long_rel
     assert "254 characters long, Rucio allows at most 250" in problems[0].reason
@@ -257,7 +260,7 @@ def test_name_files_takes_a_catalogue_files_columns() -> None:
     cols = Columns(*map(list, zip(*entries)))
     assert name_files(cols, NamingConfig("dp1/", None)) == \
         name_files(entries, NamingConfig("dp1/", None))
-    assert [f.name for f in name_files(cols, NamingConfig("", None))[0]] == \
+    assert [f[NAME] for f in name_files(cols, NamingConfig("", None))[0]] == \
         ["b/x.fits", "a.fits", "b.fits"]
 
 
@@ -268,7 +271,7 @@ def test_name_files_takes_a_catalogue_files_columns() -> None:
 def test_a_path_twice_is_refused(relpaths: tuple[str, ...]) -> None:
     files, problems = name_files(Columns(list(relpaths), [1, 2, 3], [1.0, 2.0, 3.0]),
                                  NamingConfig("", None))
-    assert [f.relpath for f in files] == ["a.fits", "b.fits"]
+    assert [f[REL] for f in files] == ["a.fits", "b.fits"]
     assert [p.reason for p in problems] == [
         "gets the same Rucio name 'a.fits' as 'a.fits'; rename one of them or change [naming]"]
 
