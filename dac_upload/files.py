@@ -91,18 +91,19 @@ def link_or_copy(source: Path, target: Path, block: int = 8 << 20) -> None:
 
 
 def write_files_atomically(items: Iterable[tuple[Path, str | bytes]], directory: Path,
-                           mode: int = 0o666, threads: int = 8) -> None:
-    """Many files of one directory, each atomically: all the texts are made first, then a
-    pool writes each to a temporary file and fsyncs it (the file system and the disk work
-    on several at once, and no writer waits for the GIL: writing from a pool while the next
-    texts were being made left the writers starved), then each is renamed into place and
-    the directory fsynced once. Nothing appears under its name before its bytes are on
-    disk; on failure the temporary files are removed. A million files' manifests: 90 MB
-    held for a moment, written in 0.2 s (0.3-0.7 s one after the other)."""
+                           mode: int = 0o666, threads: int = 8,
+                           group_bytes: int = 256 << 20) -> None:
+    """Many files of one directory, each atomically: texts are made up to ``group_bytes``
+    at a time, then a pool writes each to a temporary file and fsyncs it (the file system
+    and the disk work on several at once, and no writer waits for the GIL: writing from a
+    pool while the next texts were being made left the writers starved); once all are
+    written, each is renamed into place and the directory fsynced once. Nothing appears
+    under its name before its bytes are on disk; on failure the temporary files are
+    removed. A million files' manifests (90 MB, one group) are written in 0.2 s, against
+    0.3-0.7 s one after the other; a Butler source's sidecars (1-2 KB a file) make several
+    groups, so memory stays bounded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    texts = [(path, text.encode("utf-8") if isinstance(text, str) else text)
-             for path, text in items]
     temps: list[tuple[str, Path]] = []
 
     def write(item: tuple[Path, bytes]) -> None:
@@ -116,8 +117,16 @@ def write_files_atomically(items: Iterable[tuple[Path, str | bytes]], directory:
 
     try:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(write, texts))
-        del texts
+            group: list[tuple[Path, bytes]] = []
+            held = 0
+            for path, text in items:
+                group.append((path, text.encode("utf-8") if isinstance(text, str) else text))
+                held += len(group[-1][1])
+                if held >= group_bytes:
+                    list(pool.map(write, group))
+                    group, held = [], 0
+            list(pool.map(write, group))
+            del group
         for tmp, path in temps:
             os.chmod(tmp, mode & ~_UMASK)
             os.replace(tmp, path)

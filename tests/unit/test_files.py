@@ -243,3 +243,31 @@ def test_manifest_refuses_what_json_cannot_hold() -> None:
 
     with pytest.raises(ValueError, match="cannot write a manifest"):
         manifest_bytes({}, [("a", "a", 2**64, 1.0)])
+
+
+@pytest.mark.parametrize("group_bytes", [1, 10, 1 << 20])
+def test_write_files_atomically_in_groups(tmp_path: Path, group_bytes: int) -> None:
+    from dac_upload.files import write_files_atomically
+
+    items = [(tmp_path / f"f{i}.json", f"text {i}" if i % 2 else f"bytes {i}".encode())
+             for i in range(25)]
+    write_files_atomically(iter(items), tmp_path, group_bytes=group_bytes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p, _ in items)
+    for path, text in items:
+        assert path.read_bytes() == (text.encode() if isinstance(text, str) else text)
+
+
+def test_write_files_atomically_leaves_nothing_when_making_fails(tmp_path: Path) -> None:
+    """A text that cannot be made (after some groups were written) leaves no file, under
+    its name or as a temporary one."""
+    from dac_upload.files import write_files_atomically
+
+    def items():
+        for i in range(10):
+            if i == 7:
+                raise ValueError("cannot make it")
+            yield tmp_path / f"f{i}", b"x" * 100
+
+    with pytest.raises(ValueError):
+        write_files_atomically(items(), tmp_path, group_bytes=250)
+    assert list(tmp_path.iterdir()) == []
