@@ -10,14 +10,16 @@ RSE). Run as root with the services up (it acts as the unprivileged user 'dacuse
    stock CLI, one process) versus `dac-upload worker --run RUN --task 0` (one array task
    holding every file, run directly: planning and Slurm are not timed), each with a rule
    per file and each into a dataset (`rucio upload ... FILE... test:DATASET`, `[rucio]
-   dataset`). files/s and the ratios, like with like; `sync` before each timed run.
+   dataset`). files/s and the ratios, like with like; `sync` before each timed run; the
+   worker runs 3 times each way (a fresh set each time) and its median is compared.
 2. requests per file: lines the Rucio server's access log gained during each run.
 3. large files: --big-files files of --big-size: `cp FILES RSE_DIR/...; sync` versus the
    worker (checksums, copy, destination check, registration) `; sync`. MB/s and the ratio.
 4. planning at scale: a synthetic tree of --plan-files sparse files (1 KiB-1 GiB): `find
    ROOT -type f -printf '%s %T@ %p\\n'` versus `dac-upload plan JOB --offline --catalogue
    FILE` (the catalogue made first by `dac-upload catalogue JOB --out FILE`, which is timed
-   too, as is planning with the walk); seconds, the ratio, peak RSS (/usr/bin/time).
+   too, as is planning with the walk); seconds, the ratio, peak RSS (/usr/bin/time) and the
+   peak PSS of the plan's process tree.
 
 Each figure is printed with the command that produced it. Data is generated under --dir
 (default /tmp/dac-upload-bench) and removed at the end, except the plan tree (kept for the
@@ -96,6 +98,7 @@ def write_set(root: Path, sizes: list[int], tag: str, seed: int) -> list[Path]:
 
 
 CHUNK = {"size": 0}   # [upload] chunk_size for the worker; 0 = the tool's default
+BULK_RUNS = 3         # timed runs of the bulk worker each way (fresh names each time)
 
 
 def job_text(root: Path, prefix: str, files_per_batch: int, transfers: int,
@@ -178,8 +181,9 @@ def small_files(base: Path, n: int) -> None:
     tag = uuid.uuid4().hex[:8]
     stock_files = write_set(base / "stock", sizes, f"s{tag}", 7)
     stockds_files = write_set(base / "stockds", sizes, f"t{tag}", 7)
-    write_set(base / "bulk", sizes, f"b{tag}", 7)
-    write_set(base / "bulkds", sizes, f"d{tag}", 7)
+    for k in range(BULK_RUNS):   # the bulk worker runs 3 times each way: its median is used
+        write_set(base / f"bulk{k}", sizes, f"b{k}{tag}", 7)
+        write_set(base / f"bulkds{k}", sizes, f"d{k}{tag}", 7)
     cfg = base / "rucio.cfg"
     cfg.write_text(CLIENT_CFG.read_text().replace(str(CLIENT_CFG.parent.parent / "token"),
                                                   str(base / "token")))
@@ -190,14 +194,21 @@ def small_files(base: Path, n: int) -> None:
           "identical content under other names")
     stock_s, stock_requests, _ = stock_cli(base, stock_files, cfg, f"s{tag}-*", n)
     subprocess.run(["sync"], check=True)
-    bulk_s, bulk_requests, _, cmd = plan_worker(base, "small", base / "bulk", n, 4)
+    bulk_runs = []
+    for k in range(BULK_RUNS):
+        subprocess.run(["sync"], check=True)
+        bulk_runs.append(plan_worker(base, f"small{k}", base / f"bulk{k}", n, 4))
+    bulk_s, bulk_requests, _, cmd = sorted(bulk_runs)[BULK_RUNS // 2]
     # into a dataset, both ways: each file attached to it, its rule covering them (the
     # stock client then makes no rule per file either)
     sds_s, sds_requests, _ = stock_cli(base, stockds_files, cfg, f"t{tag}-*", n,
                                        f"{SCOPE}:bench_t{tag}")
-    subprocess.run(["sync"], check=True)
-    ds_s, ds_requests, ds_run, _ = plan_worker(base, "smallds", base / "bulkds", n, 4,
-                                               dataset=f"bench_{tag}")
+    ds_runs = []
+    for k in range(BULK_RUNS):
+        subprocess.run(["sync"], check=True)
+        ds_runs.append(plan_worker(base, f"smallds{k}", base / f"bulkds{k}", n, 4,
+                                   dataset=f"bench_{k}{tag}"))
+    ds_s, ds_requests, ds_run, _ = sorted(ds_runs)[BULK_RUNS // 2]
     # The server's floor: what a rule per file costs it, whoever asks. The dataset run's
     # files have no rule of their own (their dataset's rule covers them): rules for 100 of
     # them, in one request, as the bulk worker sends them.
@@ -212,7 +223,8 @@ def small_files(base: Path, n: int) -> None:
     print("   a rule per file:")
     print(f"   stock : {stock_s:7.2f} s  {n / stock_s:8.1f} files/s   "
           f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files>")
-    print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   {worker}")
+    print(f"   bulk  : {bulk_s:7.2f} s  {n / bulk_s:8.1f} files/s   {worker}   (median of "
+          f"{', '.join(f'{r[0]:.2f}' for r in sorted(bulk_runs))} s)")
     print(f"   ratio : {stock_s / bulk_s:.1f}x the files/s of the stock client (target >= 20x)")
     floor = per_rule * n
     print(f"   server: {per_rule * 1000:.1f} ms per rule (one request of rules for "
@@ -223,7 +235,8 @@ def small_files(base: Path, n: int) -> None:
     print(f"   stock : {sds_s:7.2f} s  {n / sds_s:8.1f} files/s   "
           f"$ rucio upload --rse {RSE} --scope {SCOPE} --register-after-upload <{n} files> "
           f"{SCOPE}:DATASET")
-    print(f"   bulk  : {ds_s:7.2f} s  {n / ds_s:8.1f} files/s   {worker}, [rucio] dataset")
+    print(f"   bulk  : {ds_s:7.2f} s  {n / ds_s:8.1f} files/s   {worker}, [rucio] dataset   "
+          f"(median of {', '.join(f'{r[0]:.2f}' for r in sorted(ds_runs))} s)")
     print(f"   ratio : {sds_s / ds_s:.1f}x the files/s of the stock client into a dataset "
           f"(target >= 20x); {stock_s / ds_s:.1f}x the stock client with a rule per file")
     print(f"\n2. server requests per file (lines added to {ACCESS_LOG.name} meanwhile)")
@@ -233,7 +246,8 @@ def small_files(base: Path, n: int) -> None:
     print(f"   stock into a dataset: {sds_requests / n:.3f} per file ({sds_requests} requests)")
     print(f"   bulk into a dataset: {ds_requests / n:.3f} per file ({ds_requests} requests; "
           "target <= 0.05)")
-    for d in ("stock", "stockds", "bulk", "bulkds"):
+    for d in ("stock", "stockds", *(f"bulk{k}" for k in range(BULK_RUNS)),
+              *(f"bulkds{k}" for k in range(BULK_RUNS))):
         shutil.rmtree(base / d)
 
 
@@ -395,8 +409,8 @@ runtime = "none"
           "1000-file batches, manifests, scripts, run directory)")
     print(f"   ratio             : {plan_s / find_s:.2f}x the time of find (target <= 1.5x, "
           "peak RSS <= 500 MB)")
-    print(f"   memory            : {plan_pss:7.0f} MB at most, the plan and its forked helper "
-          "together (PSS summed, sampled every 20 ms in a run of its own)")
+    print(f"   memory            : {plan_pss:7.0f} MB at most, the plan's process tree (PSS "
+          "summed, sampled every 20 ms in a run of its own)")
     print(f"   the walk itself   : {cat_runs[0]:7.2f} s   peak RSS {cat_rss:.0f} MB   "
           f"$ dac-upload catalogue JOB --out FILE   ({cat_runs[0] / find_s:.2f}x find)")
     print(f"   walk and plan     : {walk_runs[0]:7.2f} s   peak RSS {walk_rss:.0f} MB   "
