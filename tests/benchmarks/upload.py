@@ -450,12 +450,14 @@ def main() -> None:
                              text=True).stdout.strip()
     print(f"{version}; Rucio server {URL} ({SERVER}), RSE {RSE} (POSIX); "
           f"{os.cpu_count()} CPUs")
+    # planning first: the other parts delete gigabytes, whose discards (ext4 mounted with
+    # discard) slow the making of files for a while after (1.58x instead of 1.43x once)
+    if "plan" not in args.skip:
+        planning(base, args.plan_files)
     if "small" not in args.skip:
         small_files(base, args.files)
     if "large" not in args.skip:
         large_files(base, args.big_files, args.big_size)
-    if "plan" not in args.skip:
-        planning(base, args.plan_files)
     shutil.rmtree(base, ignore_errors=True)
 
 
