@@ -450,8 +450,9 @@ def main() -> None:
                              text=True).stdout.strip()
     print(f"{version}; Rucio server {URL} ({SERVER}), RSE {RSE} (POSIX); "
           f"{os.cpu_count()} CPUs")
-    # planning first: the other parts delete gigabytes, whose discards (ext4 mounted with
-    # discard) slow the making of files for a while after (1.58x instead of 1.43x once)
+    # planning first: the other parts write and delete gigabytes, which the disk is still
+    # busy with after them (ext4 mounted with discard): planning measured 1.58x after them
+    # and 1.43x on its own, an hour apart
     if "plan" not in args.skip:
         planning(base, args.plan_files)
     if "small" not in args.skip:
