@@ -333,7 +333,10 @@ def read_catalogue(path: Path) -> tuple[Catalogue, dict[str, Any]]:
         digest = hashlib.sha256(data).hexdigest()
         import orjson  # 0.24 s a million files, against 0.38 s for json
 
-        doc = orjson.loads(data)
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:   # stricter than JSON (lone surrogates, 1e400):
+            doc = json.loads(data)       # json reads those, and the checks below say why
     except OSError as exc:
         raise CatalogueFileError(f"{path}: cannot read the catalogue: {exc.strerror}") from None
     except ValueError as exc:

@@ -179,14 +179,32 @@ def read_manifest(path: Path) -> dict[str, Any]:
     whichever format it was written in: 2 (rows and a meta map, :func:`manifest_bytes`) or
     1 (an object per file: runs planned by earlier versions)."""
     manifest = read_json(path)
-    if manifest.get("manifest_format", 1) == 1:
+    fmt = manifest.get("manifest_format", 1) if isinstance(manifest, dict) else None
+    if fmt == 1:
         return manifest
-    columns, meta = manifest.pop("columns"), manifest.pop("meta")
-    manifest["files"] = [dict(zip(columns, row)) for row in manifest["files"]]
-    for entry in manifest["files"]:
-        if entry["relpath"] in meta:
-            entry["meta"] = meta[entry["relpath"]]
+    if fmt != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: manifest format {fmt!r}, which this dac-upload "
+                         f"{_version()} cannot read (it reads 1 and {MANIFEST_FORMAT}): run "
+                         "the worker of the dac-upload that planned the run (rebuild the "
+                         "Apptainer image)")
+    try:
+        columns, meta = manifest.pop("columns"), manifest.pop("meta")
+        width = len(columns)
+        if any(len(row) != width for row in manifest["files"]):
+            raise ValueError("a row does not match the columns")
+        manifest["files"] = [dict(zip(columns, row)) for row in manifest["files"]]
+        for entry in manifest["files"]:
+            if entry["relpath"] in meta:
+                entry["meta"] = meta[entry["relpath"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: a damaged manifest ({type(exc).__name__}: {exc})") from None
     return manifest
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o666,

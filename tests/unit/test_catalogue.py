@@ -326,10 +326,10 @@ def test_catalogue_text_is_what_json_dumps_writes(tmp_path: Path) -> None:
     ({"relpath": ["dir/"]}, "'dir/' is not a plain path"),
     ({"relpath": [""]}, "'' is not a plain path"),
     ({"relpath": ["a\x00b"]}, "is not a plain path"),
-    ({"relpath": ["a\udc80.fits"]}, "not JSON: invalid high surrogate"),   # orjson says so
+    ({"relpath": ["a\udc80.fits"]}, "is not a plain path"),
     ({"size": [-5]}, "damaged catalogue"),
     ({"size": [6]}, "damaged catalogue"),                  # bytes says 5
-    ({"mtime": [10**400]}, "not JSON: number is infinity"),
+    ({"mtime": [10**400]}, "damaged catalogue"),
 ])
 def test_hand_edited_catalogue_is_refused(tmp_path: Path, edit: dict, says: str) -> None:
     """The worker reads ROOT/relpath: a catalogue edited by hand must not lead it outside the

@@ -351,6 +351,27 @@ def test_missing_manifest_is_exit_2(run: tuple[RunLayout, JobConfig]) -> None:
     assert not layout.done_marker(5).exists()
 
 
+@pytest.mark.parametrize("change", [
+    {"manifest_format": 3},          # written by a later dac-upload
+    {"columns": None},               # damaged: no columns
+    {"files": [["x.dat", "p/x.dat"]]},   # damaged: a row shorter than the columns
+])
+def test_unknown_or_damaged_manifest_is_exit_2(run: tuple[RunLayout, JobConfig], change: dict,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """One line on stderr and exit 2, never a traceback, and nothing uploaded."""
+    layout, _ = run
+    manifest = json.loads(layout.manifest(0).read_text())
+    manifest.update(change)
+    if change.get("columns", 0) is None:
+        del manifest["columns"]
+    layout.manifest(0).write_text(json.dumps(manifest))
+    fake = FakeRucio()
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read run" in err and "Traceback" not in err
+    assert fake.uploads == [] and not layout.result(0).exists()
+
+
 def test_run_json_needs_only_what_the_worker_reads(tmp_path: Path) -> None:
     """A run directory written by hand (the documented minimum) works too."""
     root = tmp_path / "src"
