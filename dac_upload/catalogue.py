@@ -14,7 +14,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
@@ -51,6 +51,12 @@ class Columns(NamedTuple):
     size: list[int]
     mtime: list[float]
 
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> Columns:
+        """Entry tuples (a walk's) as columns."""
+        return cls(list(map(itemgetter(0), entries)), list(map(itemgetter(1), entries)),
+                   list(map(itemgetter(2), entries)))
+
 
 @dataclass
 class Catalogue:
@@ -65,11 +71,7 @@ class Catalogue:
 
     def files(self) -> Columns:
         """The files as columns, whichever way they were catalogued."""
-        if self.columns is not None:
-            return self.columns
-        return Columns(list(map(itemgetter(0), self.entries)),
-                       list(map(itemgetter(1), self.entries)),
-                       list(map(itemgetter(2), self.entries)))
+        return self.columns if self.columns is not None else Columns.of(self.entries)
 
     def file_entries(self) -> list[Entry]:
         """The files as Entry tuples, whichever way they were catalogued."""
