@@ -738,9 +738,10 @@ class Storage:
         """Rucio's POSIX protocol makes a file's directory with "if not exists: makedirs",
         so two concurrent copies into the same new directory race and one fails
         (FileExistsError, reported as KeyError: 'prefix'; one file in a thousand on the test
-        RSE). Made here first, race-free, once per directory (a set remembers them: most
-        files share their directory with many others); other protocols create directories
-        on the server side."""
+        RSE). Made here first, race-free, once per directory (a set remembers them: with
+        Rucio's "identity" paths a directory holds many files; with "hash" paths a
+        1,000-file task spreads over about as many directories, and the set rarely helps);
+        other protocols create directories on the server side."""
         if proto.attributes.get("scheme") == "file" and hasattr(proto, "pfn2path"):
             directory = os.path.dirname(proto.pfn2path(pfn))
             if directory not in self._made_dirs:
