@@ -31,18 +31,30 @@ def _current_umask() -> int:
 _UMASK = _current_umask()  # honoured like open() would: group-writable sites stay so
 
 
-def _atomic_write(path: Path, mode: int, write: Callable[[IO[Any]], None],
-                  text: bool, sync_dir: bool = True) -> None:
-    """``write(handle)`` into a same-directory temp file, fsync, rename over ``path``; then
-    fsync the directory, unless the caller does it once for many files (``sync_dir``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _synced_temp(path: Path, directory: Path, write: Callable[[IO[Any]], None],
+                 text: bool) -> str:
+    """``write(handle)`` into a new temporary file in ``directory`` named after ``path``,
+    flushed and fsynced; its name. On failure it is removed again."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with (os.fdopen(fd, "w", encoding="utf-8", newline="") if text
               else os.fdopen(fd, "wb")) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, mode: int, write: Callable[[IO[Any]], None],
+                  text: bool, sync_dir: bool = True) -> None:
+    """``write(handle)`` into a same-directory temp file, fsync, rename over ``path``; then
+    fsync the directory, unless the caller does it once for many files (``sync_dir``)."""
+    path = Path(path)
+    tmp = _synced_temp(path, path.parent, write, text)
+    try:
         os.chmod(tmp, mode & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
@@ -110,12 +122,8 @@ def write_files_atomically(items: Iterable[tuple[Path, str | bytes]], directory:
 
     def write(item: tuple[Path, bytes]) -> None:
         path, data = item
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        tmp = _synced_temp(path, directory, lambda handle: handle.write(data), text=False)
         temps.append((tmp, path))   # list.append is atomic: the pool shares the list
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
 
     try:
         with ThreadPoolExecutor(max_workers=threads) as pool:
