@@ -768,6 +768,8 @@ class Storage:
         return stat_size == size
 
 
-def _quiet_log(level: int, msg: str, *args: Any) -> None:
+def _quiet_log(level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+    """The logger Rucio's protocol objects are given: they call it as ``logging.log`` (Rucio's
+    formatted_logger passes ``stacklevel=``), and only warnings are worth keeping."""
     if level >= logging.WARNING:
-        _LOG.log(level, msg, *args)
+        _LOG.log(level, msg, *args, **kwargs)

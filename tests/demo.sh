@@ -6,6 +6,10 @@
 #
 #   DEMO_DIR    where the demo tree, job file and runs go (default /tmp/dac-upload-demo)
 #   DEMO_FILES  number of files (default 240)
+#   DEMO_STACK  plain (default): Rucio on plain HTTP with a password, a POSIX RSE;
+#               grid: the production-like stack (tests/services/start-grid.sh): Rucio on HTTPS
+#               with an RFC 3820 X.509 proxy, XRootD storage through gfal2, no rename
+#   DEMO_RSE    with DEMO_STACK=grid: ECHO_ROOT (root://, default) or ECHO_DAVS (davs://)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
@@ -14,7 +18,14 @@ DEMO_DIR=${DEMO_DIR:-/tmp/dac-upload-demo}
 DEMO_FILES=${DEMO_FILES:-240}
 [ "$(id -u)" = 0 ] || { echo "tests/demo.sh: run as root (sudo): it installs and starts Slurm and Rucio" >&2; exit 1; }
 
-DAC_RUCIO_PG=${DAC_RUCIO_PG:-0} bash "$HERE/services/up.sh"   # the demo needs no PostgreSQL server
+DEMO_STACK=${DEMO_STACK:-plain}
+case $DEMO_STACK in
+  plain) GRID=0 ;;
+  grid) GRID=1; DEMO_RSE=${DEMO_RSE:-ECHO_ROOT} ;;
+  *) echo "tests/demo.sh: DEMO_STACK is plain or grid, not '$DEMO_STACK'" >&2; exit 2 ;;
+esac
+# the demo needs no PostgreSQL server, and the grid stack only when asked for
+DAC_RUCIO_PG=${DAC_RUCIO_PG:-0} DAC_GRID=${DAC_GRID:-$GRID} bash "$HERE/services/up.sh"
 
 # a fresh demo area owned by the demo user; the test server's password in a file only it reads
 RUN_TAG=$(date -u +%Y%m%dT%H%M%S)
@@ -31,21 +42,32 @@ for i in range(n):
         fh.write(rng.randbytes(rng.randint(1024, 256 * 1024)))
 print(f"demo tree: {n} files under {root}")
 PY
+if [ "$DEMO_STACK" = grid ]; then
+  RUCIO_SECTION="[rucio]
+host = \"https://127.0.0.1:18443\"    # the local HTTPS Rucio (tests/services/start-grid.sh)
+account = \"dacuser\"
+auth_type = \"x509_proxy\"
+proxy = \"/home/dacuser/.globus/x509up_dac\"   # made by grid-proxy-init -rfc
+ca_dir = \"$CI_DIR/grid/ca/certificates\"      # the private test CA
+scope = \"test\"
+rse = \"$DEMO_RSE\"                  # XRootD through gfal2, rename denied as on Echo"
+else
+  RUCIO_SECTION="[rucio]
+host = \"http://127.0.0.1:18080\"     # the local test server (tests/services/start-rucio.sh)
+account = \"root\"
+auth_type = \"userpass\"
+username = \"ddmlab\"
+password_file = \"../rucio.password\"
+scope = \"test\"
+rse = \"LOCAL_DISK\""
+fi
 cat > "$DEMO_DIR/jobs/demo.toml" <<TOML
 # Demo job written by tests/demo.sh: upload the generated tree into the local Rucio.
 [source]
 root = "../data/$RUN_TAG"
 include = ["**/*.fits"]
 
-[rucio]
-host = "http://127.0.0.1:18080"     # the local test server (tests/services/start-rucio.sh)
-account = "root"
-auth_type = "userpass"
-username = "ddmlab"
-password_file = "../rucio.password"
-scope = "test"
-rse = "LOCAL_DISK"
-
+$RUCIO_SECTION
 [naming]
 prefix = "demo/$RUN_TAG/"
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # up.sh - bring up everything the demo and the integration tests need, as root, idempotently:
-# install.sh (Debian packages, user dacuser, the venv with this checkout), the local Slurm and
-# the local Rucio server. Every piece lives under DAC_CI_DIR (default /tmp/dac-upload-ci).
+# install.sh (Debian packages, user dacuser, the venv with this checkout), the local Slurm, the
+# plain-HTTP Rucio servers (SQLite, and PostgreSQL for DID metadata) and the production-like grid
+# stack (start-grid.sh: HTTPS + X.509 Rucio, XRootD over root:// and davs://, gfal2).
+# Every piece lives under DAC_CI_DIR (default /tmp/dac-upload-ci).
+#   DAC_RUCIO_PG=0  no PostgreSQL server     DAC_GRID=0  no grid stack (the plain demo needs neither)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI_DIR=${DAC_CI_DIR:-/tmp/dac-upload-ci}
@@ -28,5 +31,8 @@ if [ "${DAC_RUCIO_PG:-1}" = 1 ]; then
     || { cat "$CI_DIR/start-rucio-pg.log" >&2; exit 1; }
   grep '^\[start-rucio' "$CI_DIR/start-rucio-pg.log" | tail -n 1
   chown -R dacuser: "$PG_BASE/rse"
+fi
+if [ "${DAC_GRID:-1}" = 1 ]; then
+  bash "$HERE/start-grid.sh"
 fi
 echo "[up.sh] services up after $((SECONDS - T0)) s"
