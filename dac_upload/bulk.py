@@ -40,6 +40,7 @@ from .worker import (
     existing_verdict,
     local_record,
     not_attempted,
+    proxy_problem,
     retrying,
 )
 
@@ -314,10 +315,14 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
                 r.update(status=NOT_ATTEMPTED, cause="stopped",
                          error=f"task stopped before this file: {stop.reason}")
                 return r
+            expired = proxy_problem(s)
+            if expired:        # every further copy would fail, most with an opaque error
+                raise RucioFatal(expired)
             try:
                 r["pfn"], how = storage.put(s.root / r["relpath"], s.scope, r["name"],
                                             r["bytes"], r["adler32"],
                                             lambda: may_replace(r["name"]))
+                r["verified"] = storage.verification
                 if how != "copied":
                     r["note"] = ("registered the verified copy an earlier attempt left on "
                                  "the RSE" if how == "found" else
@@ -326,11 +331,17 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
             except RucioFatal:
                 raise
             except RucioTransient as exc:
+                expired = proxy_problem(s)
+                if expired:    # the proxy ran out during this copy: that is the cause
+                    raise RucioFatal(expired) from None
                 if i == s.retries:
                     r.update(status=FAILED, cause="transient", error=str(exc))
                     return r
                 _pause(s, stop, i, f"copying {s.scope}:{r['name']}", str(exc))
             except RucioFileError as exc:
+                expired = proxy_problem(s)
+                if expired:    # the proxy ran out during this copy: that is the cause
+                    raise RucioFatal(expired) from None
                 cause = "verify" if "does not match" in str(exc) else "rucio"
                 r.update(status=FAILED, cause=cause, error=str(exc))
                 return r

@@ -65,11 +65,12 @@ def _rucio_preflight(job: JobConfig, creds: Credentials) -> list[str]:
     problems = credentials.local_problems(creds)
     if problems:
         return problems
-    from .rucio_io import RucioFatal, RucioUnavailable, fresh_session
+    from .rucio_io import RucioFatal, RucioUnavailable, fresh_session, ping
 
     logging.getLogger("baseclient").setLevel(logging.CRITICAL)  # we report in one line
     ds = job.rucio.dataset_did
     try:
+        ping(creds)   # a TLS failure (CA, host name, a refused proxy) is said as such
         with fresh_session(creds) as rio:
             return rio.preflight(job.rucio.scope, job.rucio.rse, ds[0] if ds else None)
     except RucioUnavailable:

@@ -77,6 +77,7 @@ def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
                 "path": str(root / entry["relpath"]), "relpath": entry["relpath"],
                 "batch": task, "attempt": rec.get("attempt"), "status": rec["status"],
                 "cause": rec.get("cause"), "error": rec.get("error"),
+                "verified": rec.get("verified") if rec["status"] == UPLOADED else None,
             }
             if run.get("butler"):
                 files[key]["datasets"] = datasets.get(entry["relpath"], [])

@@ -26,7 +26,7 @@ UPLOAD_MODES = ("bulk", "stock")
 RENAME_MODES = ("auto", "never", "always")
 AUTH_TYPES = ("x509_proxy", "userpass", "token", "x509")
 # [rucio] keys that belong to one auth_type
-_USED_BY = {"proxy": "x509_proxy", "certificate": "x509", "key": "x509",
+_USED_BY = {"proxy": "x509_proxy", "voms": "x509_proxy", "certificate": "x509", "key": "x509",
             "username": "userpass", "password_file": "userpass", "token_file": "token"}
 SYMLINK_POLICIES = ("follow", "skip", "refuse")
 _SLURM_TIME_RE = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+")
@@ -73,6 +73,7 @@ class RucioConfig:
     auth_type: str | None = None
     ca_dir: Path | None = None
     proxy: Path | None = None
+    voms: str | None = None         # the VO whose VOMS attributes the proxy must carry
     certificate: Path | None = None
     key: Path | None = None
     username: str | None = None
@@ -343,6 +344,8 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
         "auth_type": (_choice(AUTH_TYPES), None, " or ".join(AUTH_TYPES)),
         "ca_dir": (_str, None, 'the CA directory, e.g. "/etc/grid-security/certificates"'),
         "proxy": (_str, None, 'the X.509 proxy file on a shared file system'),
+        "voms": (_str, None, 'the VO whose VOMS attributes the proxy must carry, e.g. "lsst" '
+                 '(storage that maps users by VO, as Echo does, refuses a proxy without)'),
         "certificate": (_str, None, "the X.509 certificate (auth_type x509)"),
         "key": (_str, None, "the X.509 private key (auth_type x509), mode 600"),
         "username": (_str, None, "the Rucio user name (auth_type userpass)"),
@@ -615,7 +618,7 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
                           dataset=r["dataset"], lifetime=r["lifetime"], config=rpath("config"),
                           retries=r["retries"], retry_wait=r["retry_wait"], host=r["host"],
                           auth_host=r["auth_host"], auth_type=r["auth_type"],
-                          ca_dir=rpath("ca_dir"), proxy=rpath("proxy"),
+                          ca_dir=rpath("ca_dir"), proxy=rpath("proxy"), voms=r["voms"],
                           certificate=rpath("certificate"), key=rpath("key"),
                           username=r["username"], password_file=rpath("password_file"),
                           token_file=rpath("token_file")),

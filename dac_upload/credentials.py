@@ -65,6 +65,7 @@ class Credentials:
     password_in_config: bool        # password_file is the user's rucio.cfg ([client] password)
     token_file: Path | None
     base_config: Path | None
+    voms: str | None = None         # the VO whose VOMS attributes the proxy must carry
 
     # ------------------------------------------------------------------ derived
     def secret_files(self) -> list[tuple[str, Path]]:
@@ -239,7 +240,8 @@ def resolve(rucio: RucioConfig, env: Mapping[str, str], uid: int, where: str) ->
         proxy=proxy, certificate=certificate, key=key, username=username,
         password_file=password_file, password_in_config=password_in_config,
         token_file=token_file,
-        base_config=Path(os.path.abspath(base_path)) if base_path else None)
+        base_config=Path(os.path.abspath(base_path)) if base_path else None,
+        voms=rucio.voms if auth == "x509_proxy" else None)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -291,15 +293,16 @@ def secret_file_problem(what: str, path: Path) -> str | None:
 
 def lifetime_problem(creds: Credentials, what: str, path: Path,
                      now: float | None = None) -> str | None:
-    """An expired (or unreadable) proxy, an expired JWT."""
+    """An expired (or unreadable) proxy, an expired JWT; a proxy that grid servers refuse
+    (not RFC 3820) or that lacks the VOMS attributes the job says the storage needs."""
     if what == "X.509 proxy":
-        left = proxy_seconds_left(path, now)
-        if left is None:
+        facts = proxy_facts(path, now)
+        if facts is None:
             return (f"cannot read the X.509 proxy {path} (openssl): renew it with "
                     f"voms-proxy-init --out {path}")
-        if left <= 0:
-            return (f"the X.509 proxy {path} has expired: renew it with voms-proxy-init "
-                    f"--valid 96:00 --out {path}")
+        if facts.seconds_left <= 0:
+            return proxy_expired_line(path)
+        return proxy_kind_problem(path, facts, creds.voms)
     if what == "token file":
         left = token_seconds_left(path, now)
         if left is not None and left <= 0:
@@ -330,20 +333,92 @@ def local_warnings(creds: Credentials) -> list[str]:
     return warnings
 
 
-def proxy_seconds_left(proxy: Path, now: float | None = None) -> float | None:
-    """Seconds until the X.509 proxy expires (openssl reads its first certificate, the proxy
-    itself); None if it cannot be read."""
+@dataclass(frozen=True)
+class ProxyFacts:
+    """What an X.509 proxy file says of itself (its first certificate, the proxy)."""
+
+    not_after: float                # seconds since the epoch
+    seconds_left: float
+    rfc3820: bool                   # it carries RFC 3820's ProxyCertInfo extension
+    legacy: bool                    # a pre-RFC Globus proxy: subject ends in CN=proxy
+    fqans: tuple[str, ...]          # its VOMS attributes (/vo/Role=.../Capability=...)
+
+    @property
+    def vos(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f.split("/")[1] for f in self.fqans))
+
+
+# RFC 3820 proxies carry this extension; openssl names it so in `-ext proxyCertInfo`
+_PROXY_CERT_INFO = "Proxy Certificate Information"
+# The VOMS attribute certificate extension (OID 1.3.6.1.4.1.8005.100.100.5), DER-encoded
+_VOMS_AC_OID = bytes.fromhex("2b06010401be45646405")
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+_FQAN = re.compile(rb"/[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*/Role=[A-Za-z0-9_.\-]+"
+                   rb"(/Capability=[A-Za-z0-9_.\-]+)?")
+
+
+def proxy_facts(proxy: Path, now: float | None = None) -> ProxyFacts | None:
+    """Expiry, kind and VOMS attributes of the X.509 proxy (openssl for the dates and
+    extensions, the FQANs read from the certificate's DER: what voms-proxy-info prints as
+    'attribute', without needing voms-clients inside the container); None if unreadable."""
     try:
-        out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(proxy)],
+        out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-subject", "-nameopt",
+                              "compat", "-ext", "proxyCertInfo", "-in", str(proxy)],
                              capture_output=True, text=True, timeout=30, check=True).stdout
+        with open(proxy, encoding="ascii", errors="replace") as handle:
+            pem = _PEM_CERT.search(handle.read())
     except (OSError, subprocess.SubprocessError):
         return None
-    value = out.strip().partition("=")[2]
+    lines = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
     try:
-        end = calendar.timegm(time.strptime(value, "%b %d %H:%M:%S %Y %Z"))  # always GMT
+        end = calendar.timegm(time.strptime(lines.get("notAfter", "").strip(),
+                                            "%b %d %H:%M:%S %Y %Z"))  # always GMT
     except ValueError:
         return None
-    return end - (time.time() if now is None else now)
+    subject = lines.get("subject", "").strip()
+    fqans: list[str] = []
+    if pem is not None:
+        try:
+            der = base64.b64decode("".join(pem.group(1).split()))
+        except ValueError:
+            der = b""
+        if _VOMS_AC_OID in der:   # each FQAN is an OCTET STRING: tag 4, a short length
+            for m in re.finditer(rb"\x04([\x01-\x7f])/", der):
+                value = der[m.end() - 1:m.end() - 1 + m.group(1)[0]]
+                if _FQAN.fullmatch(value):
+                    fqans.append(value.decode())
+    return ProxyFacts(not_after=end, seconds_left=end - (time.time() if now is None else now),
+                      rfc3820=_PROXY_CERT_INFO in out,
+                      legacy=subject.endswith(("/CN=proxy", "/CN=limited proxy")),
+                      fqans=tuple(dict.fromkeys(fqans)))
+
+
+def proxy_seconds_left(proxy: Path, now: float | None = None) -> float | None:
+    """Seconds until the X.509 proxy expires; None if it cannot be read."""
+    facts = proxy_facts(proxy, now)
+    return None if facts is None else facts.seconds_left
+
+
+def proxy_expired_line(path: Path) -> str:
+    return (f"the X.509 proxy {path} has expired: renew it with voms-proxy-init "
+            f"--valid 96:00 --out {path}")
+
+
+def proxy_kind_problem(path: Path, facts: ProxyFacts, voms: str | None) -> str | None:
+    """A proxy that is not RFC 3820 (OpenSSL verifies only those: a legacy one works only
+    where Globus' or GridSite's own code checks it), or one without the VOMS attributes of
+    the VO the job names ([rucio] voms)."""
+    fix = f"voms-proxy-init{' --voms ' + voms if voms else ''} -rfc --valid 96:00 --out {path}"
+    if not facts.rfc3820:
+        what = ("a legacy (pre-RFC 3820) Globus proxy, subject ending in CN=proxy"
+                if facts.legacy else "not a proxy (no RFC 3820 ProxyCertInfo extension)")
+        return (f"the X.509 proxy {path} is {what}, which current grid services need not "
+                f"accept: make an RFC 3820 proxy with {fix} (or grid-proxy-init -rfc)")
+    if voms and voms not in facts.vos:
+        has = f"attributes of {', '.join(facts.vos)} only" if facts.vos else "no VOMS attributes"
+        return (f"the X.509 proxy {path} carries {has}, but [rucio] voms = {voms!r} says the "
+                f"storage needs them: make it with {fix}")
+    return None
 
 
 def token_seconds_left(token_file: Path, now: float | None = None) -> float | None:

@@ -223,6 +223,8 @@ def _rucio_checks(job: JobConfig, creds: Credentials, probe: bool) -> list[Check
         version = ping(creds)
     except RucioUnavailable as exc:
         return [Check("rucio server", FAIL, str(exc), "check [rucio] host; is the server up?")]
+    except RucioFatal as exc:   # the TLS handshake failed: the line says what to fix
+        return [Check("rucio server", FAIL, str(exc))]
     out = [Check("rucio server", OK, f"{creds.host} answers (Rucio {version})")]
     ds = job.rucio.dataset_did
     try:
@@ -235,7 +237,7 @@ def _rucio_checks(job: JobConfig, creds: Credentials, probe: bool) -> list[Check
             elif any(not ok for _, ok, _ in results):
                 out.append(Check("probe", SKIP, "the Rucio checks above must pass first"))
             else:
-                out.append(_probe(job, rio))
+                out.append(_probe(job, creds, rio))
     except RucioUnavailable as exc:
         out.append(Check("rucio", FAIL, str(exc), "try again later"))
     except RucioFatal as exc:
@@ -246,22 +248,30 @@ def _rucio_checks(job: JobConfig, creds: Credentials, probe: bool) -> list[Check
     return out
 
 
-def _probe(job: JobConfig, rio: Any) -> Check:
-    """Upload one small file of our own, check its replica and read it back. It is left on
-    the RSE with a rule of PROBE_LIFETIME (Rucio's reaper removes it); nothing else is
-    touched, nothing is deleted."""
+def _probe(job: JobConfig, creds: Credentials, rio: Any) -> Check:
+    """Upload one small file of our own through the job's own upload path ([upload] mode:
+    the bulk path's copy, destination check and bulk registration, or the stock
+    UploadClient), with the job's RSE and settings, then check its replica and read it back.
+    It is left on the RSE with a rule of PROBE_LIFETIME (Rucio's reaper removes it); nothing
+    else is touched, nothing is deleted."""
     from .rucio_io import RucioFatal, RucioFileError
+    from .worker import UPLOADED, probe_record
 
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = (f"{job.naming.prefix}dac-upload-probe/{getpass.getuser()}-{stamp}-"
             f"{uuid.uuid4().hex[:8]}")
     payload = (f"dac-upload doctor probe {stamp} {uuid.uuid4()}\n".encode() * 32)[:1024]
     did = f"{job.rucio.scope}:{name}"
+    path = f"the {job.upload.mode} path"
     with tempfile.TemporaryDirectory(prefix="dac-upload-probe-") as tmp:
         src = Path(tmp) / "probe.dat"
         src.write_bytes(payload)
         try:
-            rio.upload(src, job.rucio.scope, name, job.rucio.rse, None, PROBE_LIFETIME)
+            rec = probe_record(rio, job, creds, src, name, PROBE_LIFETIME)
+            if rec["status"] != UPLOADED:
+                return Check("probe", FAIL, f"uploading {did} to {job.rucio.rse} through "
+                             f"{path} failed: {rec['error']}",
+                             "every file of this job would fail so: see the line above")
             rep = rio.replica(job.rucio.scope, name, job.rucio.rse)
             adler = f"{zlib.adler32(payload) & 0xFFFFFFFF:08x}"
             if rep is None or rep.state != "AVAILABLE" or rep.adler32 != adler:
@@ -271,10 +281,11 @@ def _probe(job: JobConfig, rio: Any) -> Check:
             same = back.read_bytes() == payload
         except (RucioFatal, RucioFileError, OSError) as exc:
             return Check("probe", FAIL, f"round trip of {did} through {job.rucio.rse} "
-                         f"failed: {exc}", "see the line above; ask the RSE's admins")
+                         f"({path}) failed: {exc}", "see the line above; ask the RSE's admins")
     if not same:
         return Check("probe", FAIL, f"{did} read back from {job.rucio.rse} differs",
                      "ask the RSE's admins")
-    return Check("probe", OK, f"uploaded {did} (1 KiB) to {job.rucio.rse} at {rep.pfn}, "
-                 "replica AVAILABLE, adler32 matches, read back identical; left there with "
+    return Check("probe", OK, f"uploaded {did} (1 KiB) to {job.rucio.rse} at {rep.pfn} "
+                 f"through {path} (copy checked by {rec.get('verified')}), replica "
+                 "AVAILABLE, adler32 matches, read back identical; left there with "
                  f"a {PROBE_LIFETIME // 3600} h rule (Rucio's reaper removes it)")

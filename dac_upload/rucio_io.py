@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -227,14 +228,54 @@ class _TokenFileClient(Client):
         return True
 
 
+def tls_problem(host: str, ca_dir: Path | None, proxy: Path | None, text: str) -> str | None:
+    """What a failed TLS handshake with ``host`` means, as one line with the fix; None when
+    ``text`` (the error's message) is not a TLS failure (pure). Rucio's own client hides
+    these behind "Cannot connect to the Rucio server", which sends people to the network."""
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl")[0]
+        detail = " ".join(detail.strip(" '\")").split())
+        if "mismatch" in detail or "not valid for" in detail:
+            return (f"the certificate of the Rucio server {host} does not name that host "
+                    f"({detail}): set [rucio] host to the name its certificate carries (the "
+                    "server's DNS name, not an address or an alias)")
+        if "expired" in detail:
+            return (f"the certificate of the Rucio server {host} has expired ({detail}): "
+                    "ask the server's admins")
+        return (f"the certificate of the Rucio server {host} is not signed by a CA in "
+                f"{ca_dir or 'the default CA bundle'} ({detail}): set [rucio] ca_dir to the "
+                "grid CA directory (/etc/grid-security/certificates, or "
+                "/cvmfs/grid.cern.ch/etc/grid-security/certificates)")
+    alert = re.search(r"(?:tlsv1|sslv3|tlsv13) alert ([a-z ]+)", text, re.IGNORECASE)
+    if alert:
+        why = alert.group(1).strip().lower()
+        who = f"the X.509 proxy {proxy}" if proxy else "our certificate"
+        fix = (f"make a fresh RFC 3820 proxy (voms-proxy-init -rfc --valid 96:00 --out "
+               f"{proxy})" if proxy else "check [rucio] certificate and key")
+        return (f"the Rucio server {host} refused {who} during the TLS handshake ({why}): "
+                f"{fix}; if that does not help, its admins must trust your CA")
+    if "SSL" in text or "TLS" in text:
+        return (f"the TLS handshake with the Rucio server {host} failed "
+                f"({' '.join(text.split())[:200]}): check [rucio] host and ca_dir")
+    return None
+
+
 def ping(creds: Credentials) -> str:
-    """The server's version from /ping (no login); RucioUnavailable if it does not answer."""
+    """The server's version from /ping; RucioUnavailable if it does not answer, RucioFatal
+    (one line with the fix) if the TLS handshake fails. The X.509 proxy or certificate is
+    presented as the tasks will present it, so a server that refuses it says so here."""
     verify: Any = str(creds.ca_cert) if creds.ca_cert else True
+    cert: Any = (str(creds.proxy) if creds.proxy and creds.proxy.is_file() else
+                 (str(creds.certificate), str(creds.key))
+                 if creds.certificate and creds.key else None)
     try:
-        reply = requests.get(f"{creds.host}/ping", timeout=30, verify=verify)
+        reply = requests.get(f"{creds.host}/ping", timeout=30, verify=verify, cert=cert)
         reply.raise_for_status()
         return str(reply.json().get("version", "?"))
-    except (requests.RequestException, ValueError) as exc:
+    except (requests.RequestException, ValueError, OSError) as exc:
+        line = tls_problem(str(creds.host), creds.ca_cert, creds.proxy, str(exc))
+        if line and isinstance(exc, (requests.exceptions.SSLError, OSError)):
+            raise RucioFatal(line) from None
         raise RucioUnavailable(f"cannot reach the Rucio server {creds.host}: "
                                f"{_describe(exc)}") from None
 
@@ -285,6 +326,8 @@ class RucioIO:
                              "check the password, proxy or token and [rucio] account") from None
         except Exception as exc:  # the client raises many types while configuring itself
             if _unreachable(exc):
+                if creds is not None and str(creds.host).startswith("https:"):
+                    ping(creds)   # a TLS failure raises RucioFatal, saying what to fix
                 raise RucioUnavailable(f"cannot reach the Rucio server: {_describe(exc)}; "
                                        "check rucio_host in your rucio.cfg, or try later") from None
             raise RucioFatal(f"cannot start a Rucio client: {_describe(exc)}; check "
@@ -690,9 +733,25 @@ class Storage:
         return proto
 
     @property
+    def verification(self) -> str:
+        """How _matches checks a copy: Rucio's POSIX protocol reads the copy back for its
+        adler32; every other protocol (gfal: root, davs, ...) asks the storage, which
+        computes it (XRootD's chksum), so the copy is not read again by us."""
+        from .worker import READ_BACK_VERIFIED, STORAGE_VERIFIED
+
+        scheme = self._protocol().attributes.get("scheme")
+        return READ_BACK_VERIFIED if scheme == "file" else STORAGE_VERIFIED
+
+    @property
     def renames(self) -> bool:
+        renaming = bool(self._protocol().renaming)
+        if self.rename_mode == "always" and not renaming:
+            impl = self._protocol().attributes.get("impl", "its protocol")
+            raise RucioFatal(f"RSE {self.settings.get('rse')} cannot rename ({impl}): set "
+                             "[upload] rename = \"auto\" (or \"never\"), which writes the final "
+                             "name and registers nothing before the copy there is verified")
         if self.rename_mode == "auto":
-            return bool(self._protocol().renaming)
+            return renaming
         return self.rename_mode == "always"
 
     def pfn(self, scope: str, name: str) -> str:
@@ -729,7 +788,7 @@ class Storage:
             if target != pfn:
                 proto.rename(target, pfn)
             return pfn, how
-        except RucioFileError:
+        except (RucioFileError, RucioFatal):
             raise
         except Exception as exc:
             raise _translate(exc, f"copying to {self.settings.get('rse')}") from None

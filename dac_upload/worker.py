@@ -38,6 +38,12 @@ FAILED = "failed"
 NOT_ATTEMPTED = "not_attempted"
 DONE_STATES = (UPLOADED, ALREADY_PRESENT)
 
+# How an uploaded file's copy was checked before it was registered (its record's "verified"):
+# the RSE's own checksum of the copy (root://, davs://: XRootD computes it), a second read of
+# the copy by the worker (a POSIX RSE), or Rucio's UploadClient ([upload] mode = "stock").
+STORAGE_VERIFIED, READ_BACK_VERIFIED, STOCK_VERIFIED = "storage checksum", "read back", \
+    "stock client"
+
 # Why a file failed. A permanent cause needs a person (resubmit leaves such files alone
 # unless asked); the others are worth another attempt.
 PERMANENT_CAUSES = ("conflict", "missing", "unreadable", "changed")
@@ -69,19 +75,56 @@ class Settings:
     transfers: int = 4
     rename: str = "auto"
     guid: bool = True            # [upload] guid (runs planned before it existed: True)
+    proxy: Path | None = None    # the X.509 proxy the tasks use, watched for its expiry
 
     @classmethod
     def from_run(cls, run: dict[str, Any]) -> Settings:
         r = run["rucio"]
         u = run.get("upload") or {}
         ds = r.get("dataset_did")
-        return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"),
+        proxy = (run.get("credentials") or {}).get("proxy")
+        return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"), proxy=(
+                   Path(proxy) if proxy else None),
                    dataset=(ds[0], ds[1]) if ds else None, lifetime=r.get("lifetime"),
                    root=Path(run["source"]["root"]), retries=int(r.get("retries", 4)),
                    retry_wait=float(r.get("retry_wait", 5)), mode=u.get("mode", "stock"),
                    chunk_size=int(u.get("chunk_size", 500)),
                    transfers=int(u.get("transfers", 4)), rename=u.get("rename", "auto"),
                    guid=bool(u.get("guid", True)))
+
+
+# proxy path -> ((inode, mtime, size), expiry): read again only when the file changes (a
+# renewal while the task runs is picked up)
+_PROXY_EXPIRY: dict[Path, tuple[tuple[int, int, int], float | None]] = {}
+PROXY_MARGIN = 60.0   # seconds: a copy or request started later might outlive the proxy
+
+
+def proxy_problem(s: Settings, now: float | None = None) -> str | None:
+    """Why no further file can be done with the task's X.509 proxy (expired, or about to
+    within PROXY_MARGIN), or None. Asked before each file or chunk: an expired proxy fails
+    every storage operation, usually as some opaque TLS or authentication error of gfal2,
+    XRootD or Rucio; this says the cause and the fix once."""
+    if s.proxy is None:
+        return None
+    from .credentials import proxy_facts
+
+    try:
+        st = os.stat(s.proxy)
+    except OSError:   # not there (yet): Rucio and the storage say what they make of that
+        return None
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    seen = _PROXY_EXPIRY.get(s.proxy)
+    if seen is None or seen[0] != key:
+        facts = proxy_facts(s.proxy)
+        seen = (key, facts.not_after if facts else None)
+        _PROXY_EXPIRY[s.proxy] = seen
+    end = seen[1]
+    if end is None or end - (time.time() if now is None else now) > PROXY_MARGIN:
+        return None
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end))
+    return (f"the X.509 proxy {s.proxy} {'expired' if end <= time.time() else 'expires'} at "
+            f"{when}: renew it (voms-proxy-init -rfc --valid 96:00 --out {s.proxy}, or "
+            f"grid-proxy-init -rfc -out {s.proxy}), then resubmit")
 
 
 def existing_verdict(size: int, adler32: str, did_bytes: int | None,
@@ -167,12 +210,35 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
                 f"checksum mismatch after upload: Rucio has bytes {rep.bytes} adler32 "
                 f"{rep.adler32}, the file {size} {adler32} (it changed while uploading?)"))
             return rec
-        rec.update(status=UPLOADED, pfn=rep.pfn or pfn, guid=guid)
+        rec.update(status=UPLOADED, pfn=rep.pfn or pfn, guid=guid, verified=STOCK_VERIFIED)
     except RucioTransient as exc:
         rec.update(cause="transient", error=str(exc))
     except RucioFileError as exc:
         rec.update(cause="rucio", error=str(exc))
     return rec
+
+
+def probe_record(rio: Any, job: Any, creds: Any, path: Path, name: str,
+                 lifetime: int) -> dict[str, Any]:
+    """Upload one file (doctor --probe) exactly as a task of ``job`` would, through its
+    [upload] mode (bulk: copy, destination check, bulk registration and rule; stock: the
+    UploadClient), with its RSE and settings, no dataset and a rule of ``lifetime``; its
+    result record. A probe that takes another path than the job proves nothing."""
+    st = path.stat()
+    s = Settings(scope=job.rucio.scope, rse=job.rucio.rse, account=creds.account, dataset=None,
+                 lifetime=lifetime, root=path.parent, retries=0, retry_wait=1.0,
+                 mode=job.upload.mode, chunk_size=1, transfers=1, rename=job.upload.rename,
+                 guid=job.upload.guid, proxy=creds.proxy)
+    entry = {"relpath": path.name, "name": name, "size": st.st_size, "mtime": st.st_mtime}
+    if s.mode == "stock":
+        return process_file(rio, s, entry)
+    from .bulk import bulk_records
+
+    why: list[str] = []
+    with StopRequest() as stop:
+        recs = list(bulk_records(rio, s, [entry], stop, why.append,
+                                 lambda: why[0] if why else None))
+    return recs[0]
 
 
 def permanent_failures(path: Path) -> set[str]:
@@ -290,6 +356,8 @@ def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: Stop
                    state: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """[upload] mode = "stock": file by file through Rucio's UploadClient."""
     for entry in todo:
+        if not state["aborted"] and (expired := proxy_problem(s)):
+            state["aborted"] = expired
         if state["aborted"]:
             yield not_attempted(s, entry, state["aborted"], "aborted")
         elif stop.reason:

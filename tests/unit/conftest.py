@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from unit_helpers import job_text, write_job, write_tree
+from unit_helpers import job_text, make_proxy, write_job, write_tree
 
 from dac_upload.config import JobConfig, load_job
 
@@ -23,15 +23,8 @@ def _no_rucio_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def proxy(tmp_path: Path) -> Path:
-    """A certificate valid for one day (openssl), mode 600, standing in for a proxy."""
-    import subprocess
-
-    cert = tmp_path / "x509up"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=test", "-keyout", str(tmp_path / "key"), "-out", str(cert)],
-                   check=True, capture_output=True)
-    cert.chmod(0o600)
-    return cert
+    """An RFC 3820 proxy valid for one day (openssl), mode 600."""
+    return make_proxy(tmp_path)
 
 
 @pytest.fixture

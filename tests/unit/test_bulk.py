@@ -40,6 +40,7 @@ class FakeStorage:
         self.puts: list[str] = []
         self.leftover: dict[str, bytes] = {}
         self.replace_asked: list[str] = []
+        self.verification = "storage checksum"
 
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
             may_replace: Callable[[], bool]) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from dac_upload.files import atomic_write_json
 from dac_upload.plan import RunLayout
 
 FILE_FIELDS = {"scope", "name", "bytes", "adler32", "md5", "rse", "pfn", "guid", "path",
-               "relpath", "batch", "attempt", "status", "cause", "error"}
+               "relpath", "batch", "attempt", "status", "cause", "error", "verified"}
 
 
 RUN_ID = "20240501T100000Z-0a1b2c"

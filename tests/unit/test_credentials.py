@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from unit_helpers import make_proxy
 
 from dac_upload import credentials
 from dac_upload.config import ConfigError, RucioConfig, parse_job
@@ -266,3 +267,30 @@ def test_x509_certificate_and_key_reach_the_storage_layer(tmp_path: Path) -> Non
     c = _resolve(tmp_path, host="http://r", auth_type="x509", certificate="/g/c.pem",
                  key="/g/k.pem")
     assert c.environment() == {"X509_USER_CERT": "/g/c.pem", "X509_USER_KEY": "/g/k.pem"}
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("rfc", None),
+    ("legacy", "is a legacy (pre-RFC 3820) Globus proxy"),
+    ("plain", "is not a proxy (no RFC 3820 ProxyCertInfo extension)"),
+])
+def test_only_rfc3820_proxies_pass(tmp_path: Path, kind: str, expect: str | None) -> None:
+    px = make_proxy(tmp_path / kind, kind)
+    facts = credentials.proxy_facts(px)
+    assert facts is not None and 0 < facts.seconds_left <= 86400 and facts.fqans == ()
+    problem = credentials.proxy_kind_problem(px, facts, None)
+    if expect is None:
+        assert problem is None
+    else:
+        assert problem is not None and expect in problem
+        assert f"voms-proxy-init -rfc --valid 96:00 --out {px}" in problem
+
+
+def test_a_proxy_without_the_vo_the_job_needs(tmp_path: Path) -> None:
+    px = make_proxy(tmp_path)
+    facts = credentials.proxy_facts(px)
+    assert facts is not None
+    problem = credentials.proxy_kind_problem(px, facts, "lsst")
+    assert problem == (f"the X.509 proxy {px} carries no VOMS attributes, but [rucio] voms = "
+                       "'lsst' says the storage needs them: make it with voms-proxy-init "
+                       f"--voms lsst -rfc --valid 96:00 --out {px}")
