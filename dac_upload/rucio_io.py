@@ -333,6 +333,7 @@ class RucioIO:
             raise RucioFatal(f"cannot start a Rucio client: {_describe(exc)}; check "
                              "RUCIO_CONFIG / rucio.cfg and your credentials") from None
         self._uploader: UploadClient | None = None
+        self._storages: dict[str, Storage | None] = {}
         self.rules_per_request = RULES_PER_REQUEST
 
     @classmethod
@@ -661,6 +662,7 @@ class RucioIO:
         fd, summary_path = tempfile.mkstemp(prefix=".upload-", suffix=".json")
         os.close(fd)
         try:
+            self._clear_unregistered_leftover(scope, name, rse)
             uploader.logger = logger.log
             with _stat_retries(0 if path.stat().st_size == 0 else None):
                 uploader.upload([item], summary_file_path=summary_path)
@@ -674,6 +676,35 @@ class RucioIO:
             raise _translate(exc, "upload failed") from None
         finally:
             Path(summary_path).unlink(missing_ok=True)
+
+    def _clear_unregistered_leftover(self, scope: str, name: str, rse: str) -> None:
+        """Rucio 41's UploadClient cannot replace what a crashed attempt left at a file's
+        PFN on an RSE whose protocol does not rename (gfal NoRename, as for Echo): it finds
+        the file, then deletes PFN.rucio.upload, which is not there, and fails the file for
+        good ("Unable to remove temporary file ...: 404"). Such a leftover, which no DID
+        points to (asked in that moment), is removed here, as UploadClient means to."""
+        if rse not in self._storages:
+            try:
+                self._storages[rse] = self.storage(rse)
+            except RucioFatal:          # signed URLs, not deterministic: UploadClient's own
+                self._storages[rse] = None
+        storage = self._storages[rse]
+        if storage is None:
+            return
+        proto = storage._protocol()
+        if proto.renaming:
+            return
+        try:
+            pfn = storage.pfn(scope, name)
+            if not proto.exists(pfn) or self.did(scope, name) is not None:
+                return
+            storage._protocol("delete").delete(pfn)
+        except RucioFatal:
+            raise
+        except Exception as exc:
+            raise _translate(exc, f"removing an unregistered leftover of {scope}:{name} on "
+                             f"{rse}") from None
+        _LOG.info("removed an unregistered leftover of %s:%s at %s", scope, name, pfn)
 
     def download(self, scope: str, name: str, rse: str, directory: Path) -> Path:
         """Read a file back from ``rse`` into ``directory`` (doctor --probe); its path."""

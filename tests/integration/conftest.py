@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ithelpers import CI_DIR, RUCIO_CFG, _services_problem, chown_user
+from ithelpers import (
+    CI_DIR,
+    GRID_PROXY,
+    RUCIO_CFG,
+    STACKS,
+    Stack,
+    _services_problem,
+    chown_user,
+    grid_problem,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -94,3 +104,74 @@ def pg_workdir(workdir: Path, pg_rucio_client: Any) -> Path:
     (workdir / "rucio.cfg").write_text(cfg)
     chown_user(workdir)
     return workdir
+
+
+def _client_of(cfg: Path) -> Any:
+    """A Rucio client configured by ``cfg``; the process's RUCIO_CONFIG is left as it was
+    (host, account and token file are read when the client is made, and kept)."""
+    from rucio.client import Client
+    from rucio.common.config import clean_cached_config
+
+    before = os.environ.get("RUCIO_CONFIG")
+    os.environ["RUCIO_CONFIG"] = str(cfg)
+    clean_cached_config()
+    try:
+        return Client()
+    finally:
+        if before is None:
+            os.environ.pop("RUCIO_CONFIG", None)
+        else:
+            os.environ["RUCIO_CONFIG"] = before
+        clean_cached_config()
+
+
+class StackUnderTest:
+    """The stack a parametrised test runs on (ithelpers.Stack's fields and methods) and an
+    admin client of its Rucio server: the independent checker."""
+
+    def __init__(self, stack: Stack, client: Any) -> None:
+        self.stack, self.client = stack, client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stack, name)
+
+
+_ADMIN_CLIENTS: dict[str, Any] = {}
+
+
+def _stack_for(request: pytest.FixtureRequest, workdir: Path) -> StackUnderTest:
+    stack = STACKS[request.param]
+    if stack.grid:
+        problem = grid_problem()
+        if problem:
+            if os.environ.get("CI"):
+                pytest.fail(f"grid stack unavailable in CI: {problem}")
+            pytest.skip(problem)
+        shutil.copy(GRID_PROXY, workdir / "x509up")   # the test's own: it may replace it
+        (workdir / "x509up").chmod(0o600)
+    (workdir / "rucio.cfg").write_text(stack.client_cfg(workdir))
+    (workdir / "rucio.cfg").chmod(0o600)
+    chown_user(workdir)
+    if stack.id not in _ADMIN_CLIENTS:
+        _ADMIN_CLIENTS[stack.id] = (_client_of(stack.admin_cfg) if stack.grid else None)
+    client = _ADMIN_CLIENTS[stack.id] or request.getfixturevalue("rucio_client")
+    return StackUnderTest(stack, client)
+
+
+@pytest.fixture(params=list(STACKS))
+def stack(request: pytest.FixtureRequest, workdir: Path) -> StackUnderTest:
+    """Each stack in turn: posix (plain HTTP, userpass, POSIX RSE), root and davs (HTTPS,
+    X.509 proxy, XRootD through gfal2, no rename). The workdir's rucio.cfg points at it."""
+    return _stack_for(request, workdir)
+
+
+@pytest.fixture(params=[s for s in STACKS if STACKS[s].grid])
+def grid_stack(request: pytest.FixtureRequest, workdir: Path) -> StackUnderTest:
+    """The grid stack only, over root:// and over davs://."""
+    return _stack_for(request, workdir)
+
+
+@pytest.fixture
+def posix_stack(workdir: Path, rucio_client: Any) -> StackUnderTest:
+    """The plain stack alone, for tests of what does not depend on the storage."""
+    return StackUnderTest(STACKS["posix"], rucio_client)

@@ -3,6 +3,11 @@
 The command under test runs as the unprivileged user ``dacuser`` (real users are never root,
 and only a non-root worker can meet an unreadable file), from the venv that
 tests/services/install.sh built with a non-editable install of this checkout.
+
+A test that takes the ``stack`` fixture runs once on each stack of STACKS: the plain-HTTP
+Rucio with a POSIX RSE, and the grid stack (HTTPS + X.509 proxy, XRootD over root:// and
+davs://, no rename). Its checks read Rucio through an admin client of that stack's server
+and the bytes on the storage's own disk, never the tool's reports.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import time
 import urllib.request
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 CI_DIR = Path(os.environ.get("DAC_CI_DIR", "/tmp/dac-upload-ci"))
 VENV_BIN = CI_DIR / "venv" / "bin"
@@ -25,6 +32,90 @@ RUCIO_URL = "http://127.0.0.1:18080"
 RSE = "LOCAL_DISK"
 SCOPE = "test"
 USER = "dacuser"
+SERVICES = Path(__file__).resolve().parents[1] / "services"
+GRID_DIR = CI_DIR / "grid"
+GRID_URL = "https://127.0.0.1:18443"
+GRID_CA = GRID_DIR / "ca" / "certificates"
+GRID_PROXY = Path(f"/home/{USER}/.globus/x509up_dac")   # made by tests/services/grid/ca.sh
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A Rucio server and an RSE of it, as the tests see them."""
+
+    id: str              # posix | root | davs
+    rse: str
+    url: str             # the Rucio server
+    data_dir: Path       # the storage's own disk: what a PFN's path is relative to
+    admin_cfg: Path      # a rucio.cfg for root on that server (the independent checker)
+
+    @property
+    def grid(self) -> bool:
+        return self.id != "posix"
+
+    def path_of(self, pfn: str) -> Path:
+        """The file on this machine's disk that holds a PFN's bytes."""
+        if not self.grid:
+            assert pfn.startswith("file://localhost/"), pfn
+            return Path(pfn[len("file://localhost"):])
+        url = urlparse(pfn)
+        assert url.scheme == self.id and url.hostname == "localhost", pfn
+        return self.data_dir / url.path.lstrip("/")
+
+    def files_under(self, scope: str, prefix: str) -> list[Path]:
+        """Every file on the storage under this test's names (temporary ones included)."""
+        top = self.data_dir / ("rucio" if self.grid else "") / scope
+        out = []
+        for dirpath, _, names in os.walk(top):
+            if f"/{prefix.rstrip('/')}" in dirpath + "/":
+                out.extend(Path(dirpath) / n for n in names)
+        return out
+
+    def stop_server(self) -> None:
+        script, env = (("stop-grid.sh", "rucio"), {}) if self.grid else \
+            (("stop-rucio.sh",), {"RUCIO_BASE": str(CI_DIR / "rucio")})
+        subprocess.run(["bash", str(SERVICES / script[0]), *script[1:]], check=True,
+                       capture_output=True, env=dict(os.environ, **env))
+
+    def start_server(self) -> None:
+        script, env = ("start-grid.sh", {}) if self.grid else \
+            ("start-rucio.sh", {"RUCIO_BASE": str(CI_DIR / "rucio")})
+        subprocess.run(["bash", str(SERVICES / script)], check=True, capture_output=True,
+                       env=dict(os.environ, **env))
+
+    def client_cfg(self, workdir: Path) -> str:
+        """The rucio.cfg a test's jobs use (``config = "../rucio.cfg"``), with the test's own
+        token cache (and, on the grid, the test's own copy of the proxy)."""
+        if not self.grid:
+            return RUCIO_CFG.read_text().replace(str(CI_DIR / "rucio" / "token"),
+                                                 str(workdir / "token"))
+        return (f"[client]\nrucio_host = {GRID_URL}\nauth_host = {GRID_URL}\n"
+                f"auth_type = x509_proxy\naccount = {USER}\nca_cert = {GRID_CA}\n"
+                f"client_x509_proxy = {workdir / 'x509up'}\nrequest_retries = 3\n"
+                f"auth_token_file_path = {workdir / 'token' / 'auth_token_for_account_dacuser'}\n")
+
+
+STACKS = {
+    "posix": Stack("posix", RSE, RUCIO_URL, CI_DIR / "rucio" / "rse", RUCIO_CFG),
+    "root": Stack("root", "ECHO_ROOT", GRID_URL, GRID_DIR / "xrootd" / "data",
+                  GRID_DIR / "rucio" / "etc" / "client-root.cfg"),
+    "davs": Stack("davs", "ECHO_DAVS", GRID_URL, GRID_DIR / "xrootd" / "data",
+                  GRID_DIR / "rucio" / "etc" / "client-root.cfg"),
+}
+
+
+def grid_problem() -> str | None:
+    """Why the grid stack cannot be used, or None."""
+    import ssl
+
+    try:
+        ctx = ssl.create_default_context(capath=str(GRID_CA))
+        urllib.request.urlopen(f"{GRID_URL}/ping", timeout=5, context=ctx).read()
+    except OSError as exc:
+        return f"the grid stack is not up ({exc}): run tests/services/start-grid.sh"
+    if not GRID_PROXY.is_file():
+        return f"no proxy {GRID_PROXY}: run tests/services/start-grid.sh"
+    return None
 
 
 def _services_problem() -> str | None:

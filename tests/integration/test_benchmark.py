@@ -3,10 +3,12 @@ script works; the figures themselves are not judged here (docs/performance.md)."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from ithelpers import CI_DIR
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "upload.py"
@@ -22,3 +24,25 @@ def test_upload_benchmark_small(workdir: Path) -> None:
         assert part in out, out
     assert out.count("   ratio : ") == 3
     assert "$ rucio upload --rse LOCAL_DISK" in out and "$ cp FILES" in out
+
+
+GRID_SCRIPT = SCRIPT.with_name("grid_upload.py")
+
+
+def test_grid_upload_benchmark_small(workdir: Path) -> None:
+    """grid_upload.py --small on the grid stack (tests/services/start-grid.sh), which up.sh
+    starts unless DAC_GRID=0: without it the test is skipped (outside CI)."""
+    proc = subprocess.run([sys.executable, str(GRID_SCRIPT), "--small", "--dir",
+                           str(CI_DIR / "tests" / f"gridbench-{workdir.name}")],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "run tests/services/start-grid.sh" in proc.stderr \
+            and not os.environ.get("CI"):
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for part in ("1. 20 files", "2. server requests per file", "3. 2 files"):
+        assert part in out, out
+    assert out.count("   ratio : ") == 4
+    for cmd in ("$ rucio upload --rse ECHO_ROOT", "$ dac-upload worker", "$ xrdcp ",
+                "$ gfal-copy "):
+        assert cmd in out, out

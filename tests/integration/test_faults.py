@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from ithelpers import (
-    CI_DIR,
     RSE,
     SCOPE,
     adler32_of,
@@ -29,9 +28,6 @@ from ithelpers import (
     write_job,
 )
 
-SERVICES = Path(__file__).resolve().parents[1] / "services"
-
-
 # The faults that must strike while a task is uploading (a kill, the server stopping, the
 # wall-time signal) use the stock path: at ~6 files/s it is slow enough to be caught mid-run.
 # The bulk path's own crash test is in test_bulk_upload.py.
@@ -39,10 +35,10 @@ STOCK = 'mode = "stock"'
 
 
 def job_file(workdir: Path, name: str, prefix: str, files_per_batch: int, max_running: int,
-             extra: str = "", upload: str = "") -> Path:
+             extra: str = "", upload: str = "", rse: str = RSE) -> Path:
     return write_job(workdir, name, job_toml(prefix, files_per_batch=files_per_batch,
                                              max_running=max_running, rucio=extra,
-                                             upload=upload))
+                                             upload=upload, rse=rse))
 
 
 def status_json(run_dir: Path, workdir: Path) -> dict[str, Any]:
@@ -67,26 +63,30 @@ def resubmit_and_wait(run_dir: Path, workdir: Path, *args: str) -> subprocess.Co
     return proc
 
 
-def assert_in_rucio_once(rucio_client: Any, prefix: str, files: dict[str, Path]) -> None:
-    """Every file: one DID, one AVAILABLE replica on the RSE with the right checksum and
-    bytes, protected by a rule; the RSE's disk holds exactly its bytes."""
+def assert_in_rucio_once(stack: Any, prefix: str, files: dict[str, Path]) -> None:
+    """Every file: one DID, one AVAILABLE replica on the stack's RSE with the right checksum
+    and bytes, protected by a rule; the storage's disk holds exactly its bytes, and nothing
+    else (no temporary or partial copy) is there under these names."""
     for rel, src in files.items():
         name = prefix + rel
-        reps = list(rucio_client.list_replicas([{"scope": SCOPE, "name": name}],
+        reps = list(stack.client.list_replicas([{"scope": SCOPE, "name": name}],
                                                all_states=True))
         assert len(reps) == 1, name
-        assert reps[0]["states"] == {RSE: "AVAILABLE"}, (name, reps[0]["states"])
+        assert reps[0]["states"] == {stack.rse: "AVAILABLE"}, (name, reps[0]["states"])
         assert reps[0]["adler32"] == adler32_of(src) and reps[0]["bytes"] == src.stat().st_size
-        pfn = reps[0]["rses"][RSE][0]
-        assert Path(pfn[len("file://localhost"):]).read_bytes() == src.read_bytes()
-        assert list(rucio_client.list_did_rules(SCOPE, name)), f"{name} has no rule"
+        pfn = reps[0]["rses"][stack.rse][0]
+        assert stack.path_of(pfn).read_bytes() == src.read_bytes()
+        assert list(stack.client.list_did_rules(SCOPE, name)), f"{name} has no rule"
+    on_disk = stack.files_under(SCOPE, prefix)
+    assert len(on_disk) == len(files), sorted(map(str, on_disk))
 
 
-def test_killed_task_is_finished_by_resubmit(workdir: Path, rucio_client: Any) -> None:
+def test_killed_task_is_finished_by_resubmit(workdir: Path, stack: Any) -> None:
     files = make_files(workdir / "src", 40)
     chown_user(workdir)
     prefix = unique_prefix()
-    proc = dac_upload(["submit", str(job_file(workdir, "kill", prefix, 10, 4, upload=STOCK))],
+    proc = dac_upload(["submit", str(job_file(workdir, "kill", prefix, 10, 4, upload=STOCK,
+                                               rse=stack.rse))],
                       cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     array_id, collector_id = parse_submitted(proc.stdout)
@@ -110,7 +110,7 @@ def test_killed_task_is_finished_by_resubmit(workdir: Path, rucio_client: Any) -
     summary = load_summary(run_dir)
     assert summary["complete"] is True
     assert [s["task_ids"] for s in summary["slurm"]["submissions"]] == ["0-3", "1"]
-    assert_in_rucio_once(rucio_client, prefix, files)
+    assert_in_rucio_once(stack, prefix, files)
     final = status_json(run_dir, workdir)
     assert {t["state"] for t in final["tasks"]} == {"done"}
     assert final["next"].startswith("nothing")
@@ -118,24 +118,22 @@ def test_killed_task_is_finished_by_resubmit(workdir: Path, rucio_client: Any) -
     assert nothing.returncode == 0 and "every task is complete" in nothing.stdout
 
 
-def test_rucio_server_down_and_back(workdir: Path, rucio_client: Any) -> None:
+def test_rucio_server_down_and_back(workdir: Path, stack: Any) -> None:
     files = make_files(workdir / "src", 30)
     chown_user(workdir)
     prefix = unique_prefix()
     job = job_file(workdir, "down", prefix, 10, 3, extra="retries = 1\nretry_wait = 1",
-                   upload=STOCK)
+                   upload=STOCK, rse=stack.rse)
     proc = dac_upload(["submit", str(job)], cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     array_id, collector_id = parse_submitted(proc.stdout)
     run_dir = run_dir_of(proc.stdout)
     wait_for_records(run_dir, 0, 2)
     try:
-        subprocess.run(["bash", str(SERVICES / "stop-rucio.sh")], check=True,
-                       capture_output=True, env=_service_env())
+        stack.stop_server()
         wait_for_jobs([array_id])                 # the tasks give up after their retries
     finally:
-        subprocess.run(["bash", str(SERVICES / "start-rucio.sh")], check=True,
-                       capture_output=True, env=_service_env())
+        stack.start_server()
     wait_for_jobs([collector_id])
     st = status_json(run_dir, workdir)
     assert any(t["state"] == "failed" for t in st["tasks"]), st
@@ -146,22 +144,22 @@ def test_rucio_server_down_and_back(workdir: Path, rucio_client: Any) -> None:
     again = resubmit_and_wait(run_dir, workdir)
     assert again.returncode == 0, again.stdout + again.stderr
     assert load_summary(run_dir)["complete"] is True
-    assert_in_rucio_once(rucio_client, prefix, files)
+    assert_in_rucio_once(stack, prefix, files)
 
 
-def test_bulk_tasks_wait_for_the_server_and_finish(workdir: Path, rucio_client: Any) -> None:
+def test_bulk_tasks_wait_for_the_server_and_finish(workdir: Path, stack: Any) -> None:
     """The bulk path: the server is down when the tasks start; they retry (doubling waits)
     and finish once it is back, every file registered once."""
     files = make_files(workdir / "src", 20)
     chown_user(workdir)
     prefix = unique_prefix()
-    job = job_file(workdir, "bulkdown", prefix, 10, 2, extra="retries = 4\nretry_wait = 2")
+    job = job_file(workdir, "bulkdown", prefix, 10, 2, extra="retries = 4\nretry_wait = 2",
+                   rse=stack.rse)
     planned = dac_upload(["plan", str(job)], cwd=workdir)      # preflight while it is up
     assert planned.returncode == 0, planned.stderr
     run_dir = run_dir_of(planned.stdout)
     try:
-        subprocess.run(["bash", str(SERVICES / "stop-rucio.sh")], check=True,
-                       capture_output=True, env=_service_env())
+        stack.stop_server()
         proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir)
         assert proc.returncode == 0, proc.stderr
         array_id, collector_id = parse_submitted(proc.stdout)
@@ -171,22 +169,15 @@ def test_bulk_tasks_wait_for_the_server_and_finish(workdir: Path, rucio_client: 
                 log.read_text() if log.exists() else ""):
             time.sleep(0.2)
     finally:
-        subprocess.run(["bash", str(SERVICES / "start-rucio.sh")], check=True,
-                       capture_output=True, env=_service_env())
+        stack.start_server()
     wait_for_jobs([array_id, collector_id])
     assert "retry 1/4 of connecting to Rucio" in log.read_text()
     summary = load_summary(run_dir)
     assert summary["complete"] is True and summary["counts"]["uploaded"] == len(files)
-    assert_in_rucio_once(rucio_client, prefix, files)
+    assert_in_rucio_once(stack, prefix, files)
 
 
-def _service_env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ, RUCIO_BASE=str(CI_DIR / "rucio"))
-
-
-def test_wall_time_warning_keeps_finished_files(workdir: Path, rucio_client: Any) -> None:
+def test_wall_time_warning_keeps_finished_files(workdir: Path, posix_stack: Any) -> None:
     """Slurm's warning signal (the one --signal=B:USR1@N sends to the batch shell, here sent
     at once with scancel): the task stops cleanly, resubmit does the rest."""
     files = make_files(workdir / "src", 40, size=2_000)
@@ -219,7 +210,7 @@ def test_wall_time_warning_keeps_finished_files(workdir: Path, rucio_client: Any
     summary = load_summary(run_dir)
     assert summary["complete"] is True and summary["counts"]["uploaded"] == 40
     assert {f["attempt"] for f in summary["files"].values()} == {1, 2}
-    assert_in_rucio_once(rucio_client, prefix, files)
+    assert_in_rucio_once(posix_stack, prefix, files)
 
 
 def test_bad_files_are_reported_and_not_retried_forever(workdir: Path) -> None:
@@ -248,29 +239,30 @@ def test_bad_files_are_reported_and_not_retried_forever(workdir: Path) -> None:
     assert len(run["submissions"]) == 1
 
 
-def test_name_conflict_is_reported_never_overwritten(workdir: Path, rucio_client: Any) -> None:
+def test_name_conflict_is_reported_never_overwritten(workdir: Path, stack: Any) -> None:
     prefix = unique_prefix()
     src = workdir / "src"
     src.mkdir()
     (src / "same.dat").write_bytes(b"first content")
     chown_user(workdir)
-    job = job_file(workdir, "one", prefix, 10, 1)
+    job = job_file(workdir, "one", prefix, 10, 1, rse=stack.rse)
     first = dac_upload(["submit", str(job), "--wait"], cwd=workdir)
     assert first.returncode == 0, first.stdout + first.stderr
-    before = list(rucio_client.list_replicas([{"scope": SCOPE, "name": prefix + "same.dat"}]))
-    pfn = before[0]["rses"][RSE][0]
+    before = list(stack.client.list_replicas([{"scope": SCOPE, "name": prefix + "same.dat"}]))
+    pfn = before[0]["rses"][stack.rse][0]
 
     (src / "same.dat").write_bytes(b"other content!")
     second = dac_upload(["submit", str(job), "--wait"], cwd=workdir)
     assert second.returncode == 1
     entry = load_summary(run_dir_of(second.stdout))["files"][f"{SCOPE}:{prefix}same.dat"]
     assert entry["status"] == "failed" and entry["error"].startswith("conflict:")
-    after = list(rucio_client.list_replicas([{"scope": SCOPE, "name": prefix + "same.dat"}]))
+    after = list(stack.client.list_replicas([{"scope": SCOPE, "name": prefix + "same.dat"}]))
     assert after[0]["adler32"] == before[0]["adler32"]
-    assert Path(pfn[len("file://localhost"):]).read_bytes() == b"first content"
+    assert stack.path_of(pfn).read_bytes() == b"first content"
+    assert len(stack.files_under(SCOPE, prefix)) == 1
 
 
-def test_run_larger_than_max_array_size(workdir: Path, rucio_client: Any) -> None:
+def test_run_larger_than_max_array_size(workdir: Path, posix_stack: Any) -> None:
     max_array = subprocess.run(["scontrol", "show", "config"], capture_output=True,
                                text=True).stdout
     if "MaxArraySize            = 5" not in max_array:
@@ -286,7 +278,7 @@ def test_run_larger_than_max_array_size(workdir: Path, rucio_client: Any) -> Non
     summary = load_summary(run_dir_of(proc.stdout))
     assert summary["complete"] and summary["counts"]["tasks"] == 12
     assert sorted({f["batch"] for f in summary["files"].values()}) == list(range(12))
-    assert_in_rucio_once(rucio_client, prefix, files)
+    assert_in_rucio_once(posix_stack, prefix, files)
 
 
 def test_garbage_in_results_is_reported_and_skipped(workdir: Path) -> None:
