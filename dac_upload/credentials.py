@@ -300,8 +300,8 @@ def lifetime_problem(creds: Credentials, what: str, path: Path,
         if facts is None:
             return (f"cannot read the X.509 proxy {path} (openssl): renew it with "
                     f"voms-proxy-init --out {path}")
-        if facts.seconds_left <= 0:
-            return proxy_expired_line(path)
+        if facts.seconds_left <= PROXY_MARGIN:   # the tasks would stop at their first file
+            return proxy_expired_line(path, facts.seconds_left)
         return proxy_kind_problem(path, facts, creds.voms)
     if what == "token file":
         left = token_seconds_left(path, now)
@@ -331,6 +331,11 @@ def local_warnings(creds: Credentials) -> list[str]:
                             "~/.globus/x509up) and set [rucio] "
                             + ("proxy" if what == "X.509 proxy" else "token_file"))
     return warnings
+
+
+# seconds: a proxy with less left is as good as expired (a copy or request started then
+# may outlive it); the worker stops before a file when its proxy gets there
+PROXY_MARGIN = 60.0
 
 
 @dataclass(frozen=True)
@@ -399,8 +404,9 @@ def proxy_seconds_left(proxy: Path, now: float | None = None) -> float | None:
     return None if facts is None else facts.seconds_left
 
 
-def proxy_expired_line(path: Path) -> str:
-    return (f"the X.509 proxy {path} has expired: renew it with voms-proxy-init "
+def proxy_expired_line(path: Path, seconds_left: float = 0.0) -> str:
+    when = "has expired" if seconds_left <= 0 else f"expires in {seconds_left:.0f} s"
+    return (f"the X.509 proxy {path} {when}: renew it with voms-proxy-init -rfc "
             f"--valid 96:00 --out {path}")
 
 

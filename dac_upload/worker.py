@@ -96,7 +96,6 @@ class Settings:
 # proxy path -> ((inode, mtime, size), expiry): read again only when the file changes (a
 # renewal while the task runs is picked up)
 _PROXY_EXPIRY: dict[Path, tuple[tuple[int, int, int], float | None]] = {}
-PROXY_MARGIN = 60.0   # seconds: a copy or request started later might outlive the proxy
 
 
 def proxy_problem(s: Settings, now: float | None = None) -> str | None:
@@ -106,7 +105,7 @@ def proxy_problem(s: Settings, now: float | None = None) -> str | None:
     XRootD or Rucio; this says the cause and the fix once."""
     if s.proxy is None:
         return None
-    from .credentials import proxy_facts
+    from .credentials import PROXY_MARGIN, proxy_facts
 
     try:
         st = os.stat(s.proxy)

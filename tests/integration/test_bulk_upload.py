@@ -1,21 +1,23 @@
 """The bulk upload path against the real Rucio and Slurm: every file AVAILABLE with the right
 size, adler32 and md5, protected by a rule (or attached to the dataset, whose rule covers it);
-a task killed between its copies and their registration, then resubmitted, ends with every
-file registered exactly once and nothing left on the RSE that Rucio does not know."""
+a task killed between its copies and their registration, or in the middle of a large file's
+copy, then resubmitted, ends with every file registered exactly once and nothing left on the
+RSE that Rucio does not know. Each test runs on every stack (posix, root, davs)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from ithelpers import (
-    CI_DIR,
-    RSE,
     SCOPE,
     adler32_of,
+    chown_user,
     dac_upload,
     job_toml,
     load_summary,
@@ -27,90 +29,83 @@ from ithelpers import (
     write_job,
 )
 
-RSE_DIR = CI_DIR / "rucio" / "rse"
-
 
 def _files(workdir: Path, n: int) -> dict[str, Path]:
     files = make_files(workdir / "src", n, size=3_000)
     (workdir / "src" / "empty.dat").write_bytes(b"")
     files["empty.dat"] = workdir / "src" / "empty.dat"
-    from ithelpers import chown_user
     chown_user(workdir)
     return files
 
 
-def _check_in_rucio(client: Any, prefix: str, files: dict[str, Path],
+def _check_in_rucio(stack: Any, prefix: str, files: dict[str, Path],
                     dataset: str | None = None, guid: bool = False) -> None:
     """One DID, one AVAILABLE replica with our size, adler32 and md5, the bytes on the RSE;
     protected by its own rule, or attached to ``dataset`` (and then no rule of its own); a
     GUID only with [upload] guid = true."""
+    client, rse = stack.client, stack.rse
     attached = ({c["name"] for c in client.list_content(SCOPE, dataset)} if dataset else set())
     for rel, src in files.items():
         name = prefix + rel
         data = src.read_bytes()
         reps = list(client.list_replicas([{"scope": SCOPE, "name": name}], all_states=True))
-        assert len(reps) == 1 and reps[0]["states"] == {RSE: "AVAILABLE"}, (name, reps)
+        assert len(reps) == 1 and reps[0]["states"] == {rse: "AVAILABLE"}, (name, reps)
         meta = client.get_metadata(SCOPE, name)
         assert (meta["bytes"], meta["adler32"], meta["md5"]) == (
             len(data), adler32_of(src), hashlib.md5(data).hexdigest()), name
         assert bool(meta["guid"]) is guid, (name, meta["guid"])
-        pfn = reps[0]["rses"][RSE][0]
-        assert Path(pfn[len("file://localhost"):]).read_bytes() == data
+        pfn = reps[0]["rses"][rse][0]
+        assert stack.path_of(pfn).read_bytes() == data
         rules = list(client.list_did_rules(SCOPE, name))
         if dataset:
             assert name in attached and not rules, name
         else:
-            assert [r["rse_expression"] for r in rules] == [RSE] and not rules[0]["expires_at"]
+            assert [r["rse_expression"] for r in rules] == [rse] and not rules[0]["expires_at"]
 
 
-def _on_rse(prefix: str) -> list[Path]:
-    """Every file on the RSE's disk under this test's names (temporary ones included)."""
-    out = []
-    for dirpath, _, names in os.walk(RSE_DIR / SCOPE):
-        if f"/{prefix.rstrip('/')}" in dirpath + "/":
-            out.extend(Path(dirpath) / n for n in names)
-    return out
-
-
-def test_bulk_upload_with_rules_and_with_a_dataset(workdir: Path, rucio_client: Any) -> None:
+def test_bulk_upload_with_rules_and_with_a_dataset(workdir: Path, stack: Any) -> None:
     files = _files(workdir, 40)
     prefix = unique_prefix()
-    job = write_job(workdir, "bulk", job_toml(prefix, files_per_batch=25, max_running=2,
+    job = write_job(workdir, "bulk", job_toml(prefix, rse=stack.rse, files_per_batch=25,
+                                              max_running=2,
                                               upload="chunk_size = 7\ntransfers = 3"))
     proc = dac_upload(["submit", str(job), "--wait", "--timeout", "300"], cwd=workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = load_summary(run_dir_of(proc.stdout))
     assert summary["complete"] and summary["counts"]["uploaded"] == len(files)
-    _check_in_rucio(rucio_client, prefix, files)
-    assert len(_on_rse(prefix)) == len(files)               # no temporary names left
+    _check_in_rucio(stack, prefix, files)
+    assert len(stack.files_under(SCOPE, prefix)) == len(files)   # no temporary names left
 
     # the same files into a dataset, never renaming on the RSE (Echo): all already present,
     # attached; then new names straight into the dataset
     dataset = f"{prefix.rstrip('/')}_ds"
-    again = write_job(workdir, "bulk2", job_toml(prefix, files_per_batch=25, max_running=2,
+    again = write_job(workdir, "bulk2", job_toml(prefix, rse=stack.rse, files_per_batch=25,
+                                                 max_running=2,
                                                  rucio=f'dataset = "{dataset}"',
                                                  upload='rename = "never"'))
     proc = dac_upload(["submit", str(again), "--wait", "--timeout", "300"], cwd=workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert load_summary(run_dir_of(proc.stdout))["counts"]["already_present"] == len(files)
-    assert {c["name"] for c in rucio_client.list_content(SCOPE, dataset)} == {
+    assert {c["name"] for c in stack.client.list_content(SCOPE, dataset)} == {
         prefix + rel for rel in files}
     prefix2 = unique_prefix()
-    new = write_job(workdir, "bulk3", job_toml(prefix2, files_per_batch=25, max_running=2,
+    new = write_job(workdir, "bulk3", job_toml(prefix2, rse=stack.rse, files_per_batch=25,
+                                               max_running=2,
                                                rucio=f'dataset = "{dataset}2"',
                                                upload='rename = "never"\nguid = true'))
     proc = dac_upload(["submit", str(new), "--wait", "--timeout", "300"], cwd=workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    _check_in_rucio(rucio_client, prefix2, files, dataset=f"{dataset}2", guid=True)
-    assert [r["rse_expression"] for r in rucio_client.list_did_rules(SCOPE, f"{dataset}2")] \
-        == [RSE]
+    _check_in_rucio(stack, prefix2, files, dataset=f"{dataset}2", guid=True)
+    assert [r["rse_expression"] for r in stack.client.list_did_rules(SCOPE, f"{dataset}2")] \
+        == [stack.rse]
 
 
 def test_crash_between_copies_and_registration_is_repaired(workdir: Path,
-                                                           rucio_client: Any) -> None:
+                                                           stack: Any) -> None:
     files = _files(workdir, 29)                               # 30 files, 1 task, 3 chunks
     prefix = unique_prefix()
-    job = write_job(workdir, "crash", job_toml(prefix, files_per_batch=30, max_running=1,
+    job = write_job(workdir, "crash", job_toml(prefix, rse=stack.rse, files_per_batch=30,
+                                               max_running=1,
                                                upload="chunk_size = 10"))
     planned = dac_upload(["plan", str(job)], cwd=workdir)
     assert planned.returncode == 0, planned.stderr
@@ -122,22 +117,70 @@ def test_crash_between_copies_and_registration_is_repaired(workdir: Path,
     assert proc.returncode == 0, proc.stderr
     wait_for_jobs(list(parse_submitted(proc.stdout)))
     # the task died after copying its first chunk: copies on the RSE, nothing registered
-    copies = _on_rse(prefix)
+    copies = stack.files_under(SCOPE, prefix)
     assert len(copies) == 10, copies
-    assert not list(rucio_client.list_dids(SCOPE, {"name": f"{prefix}*"}, did_type="file"))
+    assert not list(stack.client.list_dids(SCOPE, {"name": f"{prefix}*"}, did_type="file"))
     assert not (run_dir / "results" / "task-00000.done.json").exists()
 
     proc = dac_upload(["resubmit", str(run_dir), "--wait", "--timeout", "300"], cwd=workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = load_summary(run_dir)
     assert summary["complete"] and summary["counts"]["uploaded"] == len(files)
-    _check_in_rucio(rucio_client, prefix, files)
-    on_rse = sorted(_on_rse(prefix))
+    _check_in_rucio(stack, prefix, files)
+    on_rse = sorted(stack.files_under(SCOPE, prefix))
     assert len(on_rse) == len(files)                          # no orphan, no temporary name
     registered = set()
     for rel in files:
-        rep = next(iter(rucio_client.list_replicas([{"scope": SCOPE, "name": prefix + rel}])))
-        registered.add(Path(rep["rses"][RSE][0][len("file://localhost"):]))
+        rep = next(iter(stack.client.list_replicas([{"scope": SCOPE, "name": prefix + rel}])))
+        registered.add(stack.path_of(rep["rses"][stack.rse][0]))
     assert set(on_rse) == registered
     log = "".join(p.read_text() for p in (run_dir / "logs").glob("job*.out"))
     assert log.count("registered the verified copy an earlier attempt left on the RSE") == 10
+
+
+def test_worker_killed_mid_copy_of_a_large_file(workdir: Path, stack: Any) -> None:
+    """SIGKILL while a large file is being written to the storage (on a storage that cannot
+    rename, the partial copy sits at the file's final PFN): no replica is AVAILABLE with
+    wrong bytes, and after resubmit the file is registered once with its own bytes and no
+    partial copy is left anywhere."""
+    files = _files(workdir, 3)
+    big = workdir / "src" / "big.dat"
+    block = os.urandom(1 << 20)
+    with open(big, "wb") as fh:
+        for _ in range(768):                                   # 768 MiB
+            fh.write(block)
+    files["big.dat"] = big
+    size = big.stat().st_size
+    chown_user(workdir)
+    prefix = unique_prefix()
+    job = write_job(workdir, "bigkill", job_toml(prefix, rse=stack.rse, files_per_batch=10,
+                                                 max_running=1, upload="transfers = 1"))
+    proc = dac_upload(["submit", str(job)], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    array_id, collector_id = parse_submitted(proc.stdout)
+    run_dir = run_dir_of(proc.stdout)
+    partial = None
+    deadline = time.monotonic() + 300
+    while partial is None and time.monotonic() < deadline:
+        for p in stack.files_under(SCOPE, prefix):
+            if p.name.startswith("big.dat") and 0 < p.stat().st_size < size:
+                partial = p
+        time.sleep(0.01)
+    assert partial is not None, "never saw the large file half-written on the storage"
+    subprocess.run(["pkill", "-KILL", "-f", f"worker --run {run_dir} --task 0$"], check=True)
+    wait_for_jobs([array_id, collector_id])
+    name = prefix + "big.dat"
+    for rep in stack.client.list_replicas([{"scope": SCOPE, "name": name}], all_states=True):
+        if rep["states"].get(stack.rse) == "AVAILABLE":   # only ever with its whole bytes
+            assert stack.path_of(rep["rses"][stack.rse][0]).stat().st_size == size
+
+    again = dac_upload(["resubmit", str(run_dir), "--wait", "--timeout", "600"], cwd=workdir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = load_summary(run_dir)
+    assert summary["complete"] is True
+    _check_in_rucio(stack, prefix, files)
+    on_storage = stack.files_under(SCOPE, prefix)
+    assert len(on_storage) == len(files), sorted(map(str, on_storage))   # nothing partial
+    if stack.grid:   # the partial copy sat at the final name, held open by XRootD (POSC)
+        log = "".join(p.read_text() for p in (run_dir / "logs").glob("job*.out"))
+        assert "replaced an unregistered copy with other content on the RSE" in log, log

@@ -51,6 +51,10 @@ oss.localroot $X/data
 all.adminpath $X/admin
 all.pidpath $X/run
 xrootd.chksum max 4 adler32 md5
+# gfal2 writes with POSC (persist on successful close): a file whose writer dies is held
+# (other clients get EINPROGRESS or wait) for 'hold' seconds, then removed. XRootD's default
+# hold is 600 s; the tests use GRID_XRD_POSC_HOLD (default 20) to see both sides in time.
+ofs.persist manual hold ${GRID_XRD_POSC_HOLD:-20}
 
 # TLS for XrdHttp (https/davs) and for xroot's own TLS if a client asks
 xrd.tls $CA/xrd/xrdcert.pem $CA/xrd/xrdkey.pem
