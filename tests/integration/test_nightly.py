@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ithelpers import (
+    RSE,
     SCOPE,
     USER,
     VENV_BIN,
@@ -23,10 +24,12 @@ from ithelpers import (
     user_env,
     write_job,
 )
+from test_faults import assert_in_rucio_once
 
 
-def nightly_job(workdir: Path, prefix: str) -> Path:
-    return write_job(workdir, "night", job_toml(prefix, include="**/*.fits", max_running=4))
+def nightly_job(workdir: Path, prefix: str, rse: str = RSE) -> Path:
+    return write_job(workdir, "night", job_toml(prefix, include="**/*.fits", max_running=4,
+                                                rse=rse))
 
 
 def add_files(root: Path, names: list[str]) -> None:
@@ -46,12 +49,13 @@ def uploaded_relpaths(run_dir: Path) -> set[str]:
     return {f["relpath"] for f in summary["files"].values() if f["status"] == "uploaded"}
 
 
-def test_three_nights_upload_only_what_is_new(workdir: Path) -> None:
+def test_three_nights_upload_only_what_is_new(workdir: Path, stack: Any) -> None:
     src = workdir / "src"
     first = [f"2026-11-2{d}/img{i}.fits" for d in (1, 2) for i in range(5)]
     add_files(src, first)
     chown_user(workdir)
-    job = nightly_job(workdir, unique_prefix())
+    prefix = unique_prefix()
+    job = nightly_job(workdir, prefix, stack.rse)
 
     night1 = dac_upload(["nightly", str(job), "--wait"], cwd=workdir)
     assert night1.returncode == 0, night1.stdout + night1.stderr
@@ -72,6 +76,7 @@ def test_three_nights_upload_only_what_is_new(workdir: Path) -> None:
     assert len(runs(workdir)) == 2
     log = (workdir / "jobs" / "night" / "runs" / "nightly.log").read_text()
     assert "nothing new" in log and "13 files unchanged since the ledger" in log
+    assert_in_rucio_once(stack, prefix, {rel: src / rel for rel in first + new})
 
 
 def test_two_nightlies_at_once_make_one_run(workdir: Path) -> None:

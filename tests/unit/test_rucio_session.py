@@ -112,3 +112,35 @@ def test_slow_rule_requests_get_smaller(monkeypatch: pytest.MonkeyPatch) -> None
     assert rio.add_rules("s", [f"n{i}" for i in range(300)], "R", None) is True
     assert sizes == [100, 50, 25, 25, 25, 25, 25, 25]
     assert sum(sizes) == 300
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("HTTPSConnectionPool(host='h', port=443): Max retries exceeded (Caused by SSLError("
+     "SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+     "failed: self-signed certificate in certificate chain (_ssl.c:992)')))",
+     "is not signed by a CA in /ca (self-signed certificate in certificate chain): set "
+     "[rucio] ca_dir"),
+    ("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname mismatch, "
+     "certificate is not valid for 'alias.example'. (_ssl.c:992)",
+     "does not name that host (Hostname mismatch, certificate is not valid for "
+     "'alias.example'.): set [rucio] host"),
+    ("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca (_ssl.c:2580)",
+     "refused the X.509 proxy /px during the TLS handshake (unknown ca): make a fresh RFC "
+     "3820 proxy"),
+    ("Connection refused", None),
+])
+def test_tls_failures_say_what_to_fix(text: str, expect: str | None) -> None:
+    from dac_upload.rucio_io import tls_problem
+
+    line = tls_problem("https://h", Path("/ca"), Path("/px"), text)
+    assert (line is None) if expect is None else (line is not None and expect in line), line
+
+
+def test_a_file_still_being_written_is_no_verified_copy() -> None:
+    from rucio.common.exception import RSEChecksumUnavailable
+
+    from dac_upload.rucio_io import _still_written
+
+    assert _still_written(RSEChecksumUnavailable("Could not get the checksum (Operation now "
+                                                 "in progress)"))
+    assert not _still_written(RSEChecksumUnavailable("checksum not supported"))

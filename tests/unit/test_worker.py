@@ -545,3 +545,24 @@ def test_files_needing_a_person_wait_unless_told(run: tuple[RunLayout, JobConfig
     assert [u["name"] for u in fake.uploads] == ["b.fits"]
     last = [r for r in read_jsonl(layout.result(0)) if r["name"] == "b.fits"][-1]
     assert last["status"] == "uploaded"
+
+
+def test_a_proxy_near_its_end_stops_the_task_with_the_renewal(tmp_path: Path,
+                                                              proxy: Path) -> None:
+    from dac_upload.credentials import PROXY_MARGIN, proxy_facts
+    from dac_upload.worker import Settings, proxy_problem
+
+    s = Settings(scope="s", rse="R", account=None, dataset=None, lifetime=None,
+                 root=tmp_path, proxy=proxy)
+    facts = proxy_facts(proxy)
+    assert facts is not None
+    assert proxy_problem(s, now=facts.not_after - PROXY_MARGIN - 5) is None
+    why = proxy_problem(s, now=facts.not_after - PROXY_MARGIN + 5)
+    assert why is not None and why.startswith(f"the X.509 proxy {proxy} ")
+    assert f"grid-proxy-init -rfc -out {proxy}), then resubmit" in why
+    # no proxy, or one that is not there yet: Rucio and the storage say what they make of it
+    assert proxy_problem(Settings(scope="s", rse="R", account=None, dataset=None,
+                                  lifetime=None, root=tmp_path)) is None
+    assert proxy_problem(Settings(scope="s", rse="R", account=None, dataset=None,
+                                  lifetime=None, root=tmp_path,
+                                  proxy=tmp_path / "absent")) is None
