@@ -45,3 +45,11 @@ def test_files_cover_the_package_and_nothing_secret() -> None:
 
 def test_test_section_starts_the_worker() -> None:
     assert "dac-upload worker --help" in _sections()["test"]
+
+
+def test_test_section_proves_the_images_own_gfal2_has_the_grid_plugins() -> None:
+    """The worker reaches root:// and davs:// RSEs through the image's own gfal2: the image
+    test fails when its bindings or its xrootd/http plugins are missing."""
+    test = _sections()["test"]
+    assert "import gfal2" in test and "get_plugin_names()" in test
+    assert "('xrootd', 'http', 'file')" in test
