@@ -80,20 +80,7 @@ def pg_rucio_client(services: None) -> Any:
         if os.environ.get("CI"):
             pytest.fail(problem)
         pytest.skip(problem)
-    from rucio.client import Client
-    from rucio.common.config import clean_cached_config
-
-    before = os.environ.get("RUCIO_CONFIG")
-    os.environ["RUCIO_CONFIG"] = str(PG_CI_DIR / "etc" / "client.cfg")
-    clean_cached_config()
-    try:
-        return Client()   # host and token file are read now, and kept
-    finally:
-        if before is None:
-            os.environ.pop("RUCIO_CONFIG", None)
-        else:
-            os.environ["RUCIO_CONFIG"] = before
-        clean_cached_config()
+    return _client_of(PG_CI_DIR / "etc" / "client.cfg")
 
 
 @pytest.fixture

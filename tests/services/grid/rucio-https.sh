@@ -49,62 +49,8 @@ SP=$("$VENV/bin/python" -c "import rucio, os; print(os.path.dirname(rucio.__file
 DBURL="sqlite:///$R/db/rucio.db"
 
 # ---------------------------------------------------------------- 1. Rucio server config
-cat > "$R/etc/rucio.cfg" <<EOF
-[common]
-logdir = $R/log
-loglevel = INFO
-
-[database]
-default = $DBURL
-pool_reset_on_return = rollback
-echo = 0
-
-[bootstrap]
-userpass_identity = ddmlab
-userpass_pwd = secret
-userpass_email = root@localhost
-
-[alembic]
-cfg = $R/etc/alembic.ini
-
-[policy]
-permission = generic
-schema = generic
-lfn2pfn_algorithm_default = hash
-
-[monitor]
-enable_metrics = False
-EOF
-cat > "$R/etc/alembic.ini" <<EOF
-[alembic]
-sqlalchemy.url = $DBURL
-script_location = $SP/db/sqla/migrate_repo/
-[loggers]
-keys = root,sqlalchemy,alembic
-[handlers]
-keys = console
-[formatters]
-keys = generic
-[logger_root]
-level = WARN
-handlers = console
-qualname =
-[logger_sqlalchemy]
-level = WARN
-handlers =
-qualname = sqlalchemy.engine
-[logger_alembic]
-level = WARN
-handlers =
-qualname = alembic
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-level = NOTSET
-formatter = generic
-[formatter_generic]
-format = %(levelname)-5.5s [%(name)s] %(message)s
-EOF
+. "$(dirname "$0")/../rucio-server-config.sh"
+rucio_server_config "$R" "$DBURL" "$SP"
 # the WSGI entry point: sets RUCIO_CONFIG before rucio is imported (mod_wsgi's SetEnv does
 # not reach os.environ), and RUCIO_HTTPD_ENCODED_SLASHES_NO_DECODE=true because the vhost has
 # 'AllowEncodedSlashes NoDecode' (as Rucio's server image): Apache then hands the DID name in
