@@ -98,6 +98,7 @@ class UploadConfig:
     transfers: int = 4
     rename: str = "auto"
     guid: bool = False
+    md5: bool = True
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,8 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
                    '"never" (write the final name: Echo) or "always"'),
         "guid": (lambda v: _bool(v), False, "true or false (register a GUID with each new "
                  "file, as rucio upload does)"),
+        "md5": (lambda v: _bool(v), True, "true or false (compute and register each file's "
+                "md5 besides its adler32)"),
     },
     "naming": {
         "prefix": (_any_str, "", 'a string such as "dp1/"'),

@@ -499,7 +499,8 @@ class RucioIO:
         if not files:
             return
         body = [{"scope": scope, "name": f["name"], "bytes": f["bytes"],
-                 "adler32": f["adler32"], "md5": f["md5"], "pfn": f["pfn"], "state": "A",
+                 "adler32": f["adler32"], "pfn": f["pfn"], "state": "A",
+                 **({"md5": f["md5"]} if f.get("md5") else {}),   # none with [upload] md5 = false
                  **({"meta": {"guid": f["guid"]}} if f.get("guid") else {})} for f in files]
         try:
             self.client.add_replicas(rse=rse, files=body)

@@ -76,6 +76,7 @@ class Settings:
     rename: str = "auto"
     guid: bool = True            # [upload] guid (runs planned before it existed: True)
     proxy: Path | None = None    # the X.509 proxy the tasks use, watched for its expiry
+    md5: bool = True             # [upload] md5 (bulk only: UploadClient always computes it)
 
     @classmethod
     def from_run(cls, run: dict[str, Any]) -> Settings:
@@ -90,7 +91,7 @@ class Settings:
                    retry_wait=float(r.get("retry_wait", 5)), mode=u.get("mode", "stock"),
                    chunk_size=int(u.get("chunk_size", 500)),
                    transfers=int(u.get("transfers", 4)), rename=u.get("rename", "auto"),
-                   guid=bool(u.get("guid", True)))
+                   guid=bool(u.get("guid", True)), md5=bool(u.get("md5", True)))
 
 
 # proxy path -> ((inode, mtime, size), expiry): read again only when the file changes (a
@@ -156,7 +157,7 @@ def local_record(s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
                 f"changed since it was catalogued ({what}); not uploaded: plan a new run once "
                 "the file is final"))
             return rec
-        size, adler32, md5 = read_checksums(path)
+        size, adler32, md5 = read_checksums(path, md5=s.md5 or s.mode == "stock")
     except FileNotFoundError:
         rec.update(cause="missing", error="missing: the file vanished after it was catalogued")
         return rec
@@ -227,7 +228,7 @@ def probe_record(rio: Any, job: Any, creds: Any, path: Path, name: str,
     s = Settings(scope=job.rucio.scope, rse=job.rucio.rse, account=creds.account, dataset=None,
                  lifetime=lifetime, root=path.parent, retries=0, retry_wait=1.0,
                  mode=job.upload.mode, chunk_size=1, transfers=1, rename=job.upload.rename,
-                 guid=job.upload.guid, proxy=creds.proxy)
+                 guid=job.upload.guid, proxy=creds.proxy, md5=job.upload.md5)
     entry = {"relpath": path.name, "name": name, "size": st.st_size, "mtime": st.st_mtime}
     if s.mode == "stock":
         return process_file(rio, s, entry)

@@ -16,24 +16,26 @@ dacuser with X509_USER_PROXY and X509_CERT_DIR set, as in a grid user's shell.
    stock CLI, one process; the files it really registered are counted, its exit code is
    not trusted) versus `dac-upload worker --run RUN --task 0` (bulk mode, default settings:
    one array task holding every file, run directly: planning and Slurm are not timed) versus
-   `xrdcp --parallel 16 -r DIR/ root://.../DEST/` (one process, no registration and no
-   checksum, into one directory made beforehand, untimed: the fastest single-process xrdcp
-   found, --parallel 16 to 64 alike, 4 about 30% slower). `sync` before each; the worker
-   and xrdcp run 3 times each, alternately, a fresh set each time, and their medians are
-   compared. files/s and the ratios.
+   `XRD_CPUSEPGWRTRD=0 xrdcp --parallel 16 -r DIR/ root://.../DEST/` (one process, no
+   registration and no checksum, into one directory made beforehand, untimed: the fastest
+   single-process xrdcp found. --parallel 16 to 64 alike, 4 about 30% slower; without
+   XRD_CPUSEPGWRTRD=0 xrdcp writes pages with a CRC32c each, which neither gfal2 nor the
+   worker does, and takes twice as long). `sync` before each; the worker and xrdcp run 3
+   times each, alternately, a fresh set each time, and their medians are compared. files/s
+   and the ratios.
 2. requests per file: lines the Apache access log gained during each run, the server time
    they took (the log's %D) and, for the worker, what they were. Any other client of the
    server meanwhile counts too: a request the worker does not make shows it.
 3. large files: --big-files files of --big-size (a repeated random block, not sparse), the
-   same files each way, under fresh names: `xrdcp --parallel 16 -r` versus the worker
-   (checksums, copy, the storage's adler32, registration) versus `gfal-copy -r` (one
-   process, the files one after another), each followed by `sync`. MB/s and the ratios.
+   same files each way, under fresh names: xrdcp as above versus the worker (checksums,
+   copy, the storage's adler32, registration) versus `gfal-copy -r` (one process, the files
+   one after another), each followed by `sync`. MB/s and the ratios.
 
 xrdcp always goes over root:// (this xrdcp has no davs:// plugin); gfal-copy and the clients
 use the RSE's protocol. The worker asks XRootD for each copy's adler32; a server with all its
-checksum jobs busy (xrootd.chksum max 4) answers "wait 30 s", and a run that met one is
-mostly idle (its CPU seconds show it): --xrd-log counts those answers in the worker's XRootD
-client log (at Debug, which costs a little time).
+checksum jobs busy (xrootd.chksum max in grid/xrootd.sh: 4 made 30 s waits frequent) answers
+"wait 30 s", and a run that met one is mostly idle (its CPU seconds show it): --xrd-log
+counts those answers in the worker's XRootD client log (at Debug, which costs a little).
 
 Each figure is printed with the command that produced it, the CPU seconds of that command's
 processes and those Rucio's WSGI daemon and xrootd spent meanwhile (for any client), and the
@@ -77,7 +79,11 @@ GRID_ENV = {"X509_USER_PROXY": str(PROXY), "X509_CERT_DIR": str(CA_DIR),
             # gfal-copy takes the first python that imports gfal2_util: not the venv's
             "GFAL_PYTHONBIN": "/usr/bin/python3"}
 XRDCP_PARALLEL = 16
+# xrdcp writes in pages with a CRC32c each by default (XRootD 5): twice the time here, for
+# a check neither gfal2 nor the worker makes (they check the whole copy's adler32 instead)
+XRDCP_ENV = {"XRD_CPUSEPGWRTRD": "0"}
 XRD_LOG = False   # --xrd-log
+UPLOAD_LINES: list[str] = []   # --upload KEY=VALUE: more [upload] lines for the worker's job
 PLAIN_JOB_TEXT, PLAIN_AS_USER = upload.job_text, upload.as_user
 CPU: dict[str, str] = {}   # CPU seconds of the last command run as dacuser, and the servers'
 
@@ -99,7 +105,7 @@ rse = "{upload.RSE}"
                             PLAIN_JOB_TEXT(root, prefix, files_per_batch, transfers), flags=re.S)
     if swapped != 1:
         sys.exit("upload.job_text has no [rucio] table before [naming]: update grid_upload.py")
-    return text
+    return text.replace("[upload]\n", "[upload]\n" + "".join(f"{x}\n" for x in UPLOAD_LINES), 1)
 
 
 def service_cpu() -> tuple[float, float]:
@@ -126,13 +132,13 @@ def grid_as_user(args: list[str], cwd: Path, **env: str) -> tuple[float,
                                                                    subprocess.CompletedProcess]:
     """upload.as_user with the grid user's variables, noting the CPU time the command's
     processes took (runuser waits for them, so they count as our children) and the
-    servers' (a server restarted meanwhile makes theirs wrong)."""
+    servers' ("restarted" when a server was restarted meanwhile)."""
     before, servers = resource.getrusage(resource.RUSAGE_CHILDREN), service_cpu()
     out = PLAIN_AS_USER(args, cwd, **{**GRID_ENV, **env})
     after, (rucio, xrootd) = resource.getrusage(resource.RUSAGE_CHILDREN), service_cpu()
     own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    CPU[args[0]] = (f"{own:5.1f} s (Rucio {rucio - servers[0]:.1f} s, XRootD "
-                    f"{xrootd - servers[1]:.1f} s)")
+    spent = [f"{x - y:.1f} s" if x >= y else "restarted" for x, y in zip((rucio, xrootd), servers)]
+    CPU[args[0]] = f"{own:5.1f} s (Rucio {spent[0]}, XRootD {spent[1]})"
     return out
 
 
@@ -179,24 +185,30 @@ def timed_sync() -> float:
     return time.monotonic() - t0
 
 
-def copy_tool(base: Path, tool: str, src: Path, dest: str, n: int) -> tuple[float, list[str]]:
+def copy_tool(base: Path, tool: str, src: Path, dest: str, n: int) -> tuple[float, str]:
     """Time one xrdcp or gfal-copy process copying the directory ``src`` to the fresh storage
-    directory ``dest`` (under STORAGE); checks that all ``n`` files arrived."""
+    directory ``dest`` (under STORAGE); checks that all ``n`` files arrived, whole.
+    (seconds, the command as printed)."""
     if tool == "xrdcp":   # it wants an existing directory for several files
         _, made = grid_as_user(["xrdfs", XRD_HOST, "mkdir", "-p", dest], base)
         if made.returncode != 0:
             sys.exit(f"xrdfs mkdir {dest} failed: {made.stderr}")
         cmd = ["xrdcp", "--silent", "--parallel", str(XRDCP_PARALLEL), "-r", f"{src}/",
                f"{XROOT}/{dest}/"]
+        env, shown = XRDCP_ENV, (" ".join(f"{k}={v}" for k, v in XRDCP_ENV.items()) +
+                                 f" {' '.join(cmd[:-2])} DIR/ {XROOT}/rucio/DEST/")
     else:
         cmd = ["gfal-copy", "-p", "-r", str(src), f"{ENDPOINT[upload.RSE]}/{dest}"]
+        env, shown = {}, f"{' '.join(cmd[:-2])} DIR {ENDPOINT[upload.RSE]}/rucio/DEST"
     sync()
-    seconds, proc = grid_as_user(cmd, base)
-    arrived = sum(len(f) for _, _, f in os.walk(STORAGE / dest.lstrip("/")))
-    if proc.returncode != 0 or arrived != n:
-        sys.exit(f"{tool}: exit {proc.returncode}, {arrived}/{n} files arrived:\n"
+    seconds, proc = grid_as_user(cmd, base, **env)
+    arrived = [p.stat().st_size for p in (STORAGE / dest.lstrip("/")).rglob("*") if p.is_file()]
+    sent = sum(p.stat().st_size for p in src.iterdir())
+    if proc.returncode != 0 or len(arrived) != n or sum(arrived) != sent:
+        sys.exit(f"{tool}: exit {proc.returncode}, {len(arrived)}/{n} files and "
+                 f"{sum(arrived)}/{sent} bytes arrived:\n"
                  f"{proc.stdout[-1000:]}{proc.stderr[-2000:]}")
-    return seconds, cmd
+    return seconds, shown
 
 
 class Bulk(NamedTuple):
@@ -269,7 +281,7 @@ def small_files(base: Path, n: int, runs: int, tag: str) -> None:
           f"{bulk.cpu}   $ dac-upload worker --run RUN --task 0   ([upload] mode = "
           f"\"bulk\", defaults){median_of(bulk_runs)}{bulk.waits}")
     print(f"   xrdcp : {xrdcp_s:7.2f} s  {n / xrdcp_s:8.1f} files/s   cpu {xrdcp_cpu}   "
-          f"$ {' '.join(cmd[:-2])} DIR/ {XROOT}/rucio/DEST/   (copy only){median_of(xrdcp_runs)}")
+          f"$ {cmd}   (copy only){median_of(xrdcp_runs)}")
     print(f"   ratio : {stock_s / bulk.seconds:.1f}x the files/s of the stock client "
           "(target >= 20x)")
     print(f"   ratio : {xrdcp_s / bulk.seconds:.2f} of xrdcp's files/s, xrdcp's time / the "
@@ -317,12 +329,11 @@ def large_files(base: Path, k: int, size: int, tag: str) -> None:
         print(f"   {what:6}: {seconds:7.2f} s  {total / seconds / 1e6:8.1f} MB/s   "
               f"cpu {cpu}   $ {cmd} && sync")
 
-    line("xrdcp", xrdcp_s, xrdcp_cpu, f"{' '.join(xrdcp_cmd[:-2])} DIR/ {XROOT}/rucio/DEST/")
+    line("xrdcp", xrdcp_s, xrdcp_cpu, xrdcp_cmd)
     line("bulk", bulk_s, bulk.cpu, "dac-upload worker --run RUN --task 0   (adler32+md5 in "
          f"one read, copy, the storage's adler32, registration: {bulk.server:.2f} s of the "
          f"server{bulk.waits})")
-    line("gfal", gfal_s, CPU["gfal-copy"],
-         f"{' '.join(gfal_cmd[:-2])} DIR {ENDPOINT[upload.RSE]}/rucio/DEST")
+    line("gfal", gfal_s, CPU["gfal-copy"], gfal_cmd)
     print(f"   ratio : {xrdcp_s / bulk_s:.2f} of xrdcp's MB/s (target >= 0.8)")
     print(f"   ratio : {gfal_s / bulk_s:.2f} of gfal-copy's MB/s")
     print(f"   {load()}")
@@ -357,6 +368,8 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[], choices=["small", "large"],
                     help="leave a part out")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-gridbench"))
+    ap.add_argument("--upload", action="append", default=[], metavar="LINE",
+                    help='another [upload] line for the worker\'s job, e.g. "md5 = false"')
     args = ap.parse_args()
     runs = upload.BULK_RUNS
     if args.small:
@@ -365,6 +378,7 @@ def main() -> None:
     if problem:
         sys.exit(problem)
     XRDCP_PARALLEL, XRD_LOG = args.xrdcp_parallel, args.xrd_log
+    UPLOAD_LINES.extend(args.upload)
     use_grid(args.rse)
     base, tag = args.dir, uuid.uuid4().hex[:8]
     shutil.rmtree(base, ignore_errors=True)
@@ -374,7 +388,8 @@ def main() -> None:
                              text=True, check=False).stdout.strip()
     print(f"{version}; Rucio server {URL} (HTTPS, X.509 proxy, Apache + mod_wsgi, one "
           f"process, SQLite), RSE {args.rse} ({ENDPOINT[args.rse]}, XRootD, gfal2 NoRename); "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs" + (f"; [upload] {', '.join(args.upload)}" if args.upload
+                                      else ""))
     try:
         if "small" not in args.skip:
             small_files(base, args.files, runs, tag)

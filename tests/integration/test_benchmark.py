@@ -43,6 +43,6 @@ def test_grid_upload_benchmark_small(workdir: Path) -> None:
     for part in ("1. 20 files", "2. server requests per file", "3. 2 files"):
         assert part in out, out
     assert out.count("   ratio : ") == 4
-    for cmd in ("$ rucio upload --rse ECHO_ROOT", "$ dac-upload worker", "$ xrdcp ",
+    for cmd in ("$ rucio upload --rse ECHO_ROOT", "$ dac-upload worker", " xrdcp --silent",
                 "$ gfal-copy "):
         assert cmd in out, out

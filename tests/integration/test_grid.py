@@ -205,3 +205,21 @@ def test_doctor_probe_goes_through_the_jobs_own_upload_path(workdir: Path,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "through the bulk path (copy checked by storage checksum)" in proc.stdout
     assert USER  # the probes ran as the grid user (dac_upload runs everything as USER)
+
+
+def test_without_md5_the_files_are_registered_with_adler32_only(workdir: Path,
+                                                                grid_stack: Any) -> None:
+    """[upload] md5 = false (large files on few cores): no md5 is computed or registered;
+    adler32 (the storage's own, checked before registration) still protects each file."""
+    files = make_files(workdir / "src", 3)
+    chown_user(workdir)
+    prefix = unique_prefix()
+    job = write_job(workdir, "nomd5", job_toml(prefix, rse=grid_stack.rse, upload="md5 = false"))
+    proc = dac_upload(["submit", str(job), "--wait", "--timeout", "300"], cwd=workdir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = load_summary(run_dir_of(proc.stdout))
+    assert {(f["status"], f["md5"], f["verified"]) for f in summary["files"].values()} == {
+        ("uploaded", None, "storage checksum")}
+    for rel in files:
+        assert grid_stack.client.get_metadata(SCOPE, prefix + rel)["md5"] is None
+    assert_in_rucio_once(grid_stack, prefix, files)

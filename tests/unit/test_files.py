@@ -271,3 +271,15 @@ def test_write_files_atomically_leaves_nothing_when_making_fails(tmp_path: Path)
     with pytest.raises(ValueError):
         write_files_atomically(items(), tmp_path, group_bytes=250)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_checksums_without_md5(tmp_path: Path) -> None:
+    import zlib
+
+    from dac_upload.files import read_checksums
+
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 5_000_000)
+    assert read_checksums(p, md5=False) == (5_000_000, f"{zlib.adler32(p.read_bytes()):08x}",
+                                            None)
+    assert read_checksums(p)[2] is not None
