@@ -83,6 +83,7 @@ XRDCP_PARALLEL = 16
 # a check neither gfal2 nor the worker makes (they check the whole copy's adler32 instead)
 XRDCP_ENV = {"XRD_CPUSEPGWRTRD": "0"}
 XRD_LOG = False   # --xrd-log
+DATASET = False   # --dataset: both clients put the files into a dataset (no rule per file)
 UPLOAD_LINES: list[str] = []   # --upload KEY=VALUE: more [upload] lines for the worker's job
 PLAIN_JOB_TEXT, PLAIN_AS_USER = upload.job_text, upload.as_user
 CPU: dict[str, str] = {}   # CPU seconds of the last command run as dacuser, and the servers'
@@ -221,14 +222,15 @@ class Bulk(NamedTuple):
     waits: str         # with --xrd-log: how often XRootD told the worker to wait
 
 
-def bulk_run(base: Path, name: str, root: Path, n: int) -> Bulk:
+def bulk_run(base: Path, name: str, root: Path, n: int, dataset: str = "") -> Bulk:
     """upload.plan_worker on the grid, with XRootD's client log at Debug if XRD_LOG says so
     (its "come back in 30 s" answers are invisible otherwise)."""
     log = base / f"xrd-{name}.log"
     if XRD_LOG:
         GRID_ENV.update(XRD_LOGLEVEL="Debug", XRD_LOGFILE=str(log))
     try:
-        seconds, requests, _, _ = plan_worker(base, name, root, n, 4)   # 4: the default
+        seconds, requests, _, _ = plan_worker(base, name, root, n, 4,   # 4: the default
+                                              dataset)
     finally:
         GRID_ENV.pop("XRD_LOGLEVEL", None)
         GRID_ENV.pop("XRD_LOGFILE", None)
@@ -255,15 +257,19 @@ def small_files(base: Path, n: int, runs: int, tag: str) -> None:
     chown(base)
     cfg.chmod(0o600)
     print(f"\n1. {n} files of 1 KiB-1 MiB ({sum(sizes) / 1e6:.1f} MB), one process each, "
-          f"identical content under other names; {load()}")
+          f"identical content under other names"
+          f"{', each client into a dataset of its own' if DATASET else ', a rule per file'}; "
+          f"{load()}")
     first = log_lines()
     sync()
-    stock_s, stock_requests, _ = stock_cli(base, stock_files, cfg, f"s{tag}-*", n)
+    stock_s, stock_requests, _ = stock_cli(base, stock_files, cfg, f"s{tag}-*", n,
+                                           f"{SCOPE}:gb{tag}_stock" if DATASET else "")
     stock_cpu, (stock_server, _) = CPU[str(upload.RUCIO_CLI)], window(first, stock_requests)
     bulk_runs, xrdcp_runs = [], []
     for k in range(runs):   # alternately, so that a disturbance hits both alike
         sync()
-        bulk_runs.append(bulk_run(base, f"small{k}", base / f"bulk{k}", n))
+        bulk_runs.append(bulk_run(base, f"small{k}", base / f"bulk{k}", n,
+                                  f"gb{tag}_bulk{k}" if DATASET else ""))
         xrdcp_s, cmd = copy_tool(base, "xrdcp", base / f"xrdcp{k}",
                                  f"/rucio/gridbench-{tag}/xrdcp{k}", n)
         xrdcp_runs.append((xrdcp_s, CPU["xrdcp"]))
@@ -354,7 +360,7 @@ def grid_problem() -> str | None:
 
 
 def main() -> None:
-    global XRDCP_PARALLEL, XRD_LOG
+    global XRDCP_PARALLEL, XRD_LOG, DATASET
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="a few files, the worker once (CI)")
     ap.add_argument("--files", type=int, default=1000)
@@ -368,6 +374,8 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[], choices=["small", "large"],
                     help="leave a part out")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-gridbench"))
+    ap.add_argument("--dataset", action="store_true",
+                    help="both clients put the small files into a dataset (one rule)")
     ap.add_argument("--upload", action="append", default=[], metavar="LINE",
                     help='another [upload] line for the worker\'s job, e.g. "md5 = false"')
     args = ap.parse_args()
@@ -379,6 +387,7 @@ def main() -> None:
         sys.exit(problem)
     XRDCP_PARALLEL, XRD_LOG = args.xrdcp_parallel, args.xrd_log
     UPLOAD_LINES.extend(args.upload)
+    DATASET = args.dataset
     use_grid(args.rse)
     base, tag = args.dir, uuid.uuid4().hex[:8]
     shutil.rmtree(base, ignore_errors=True)
