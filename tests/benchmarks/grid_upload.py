@@ -106,6 +106,9 @@ rse = "{upload.RSE}"
                             PLAIN_JOB_TEXT(root, prefix, files_per_batch, transfers), flags=re.S)
     if swapped != 1:
         sys.exit("upload.job_text has no [rucio] table before [naming]: update grid_upload.py")
+    for line in UPLOAD_LINES:   # an --upload line replaces the key's own line, if any
+        key = line.split("=", 1)[0].strip()
+        text = re.sub(rf"^{re.escape(key)}\s*=.*\n", "", text, flags=re.M)
     return text.replace("[upload]\n", "[upload]\n" + "".join(f"{x}\n" for x in UPLOAD_LINES), 1)
 
 
