@@ -330,19 +330,15 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
                 return r
             except RucioFatal:
                 raise
-            except RucioTransient as exc:
+            except RucioFileError as exc:   # RucioTransient included
                 expired = proxy_problem(s)
                 if expired:    # the proxy ran out during this copy: that is the cause
                     raise RucioFatal(expired) from None
-                if i == s.retries:
-                    r.update(status=FAILED, cause="transient", error=str(exc))
-                    return r
-                _pause(s, stop, i, f"copying {s.scope}:{r['name']}", str(exc))
-            except RucioFileError as exc:
-                expired = proxy_problem(s)
-                if expired:    # the proxy ran out during this copy: that is the cause
-                    raise RucioFatal(expired) from None
-                cause = "verify" if "does not match" in str(exc) else "rucio"
+                if isinstance(exc, RucioTransient) and i < s.retries:
+                    _pause(s, stop, i, f"copying {s.scope}:{r['name']}", str(exc))
+                    continue
+                cause = ("transient" if isinstance(exc, RucioTransient) else
+                         "verify" if "does not match" in str(exc) else "rucio")
                 r.update(status=FAILED, cause=cause, error=str(exc))
                 return r
         return r

@@ -404,17 +404,21 @@ def proxy_seconds_left(proxy: Path, now: float | None = None) -> float | None:
     return None if facts is None else facts.seconds_left
 
 
+def renew_proxy_command(path: Path, voms: str | None = None) -> str:
+    """The command every proxy message gives: an RFC 3820 proxy at the same path, 4 days."""
+    return f"voms-proxy-init{' --voms ' + voms if voms else ''} -rfc --valid 96:00 --out {path}"
+
+
 def proxy_expired_line(path: Path, seconds_left: float = 0.0) -> str:
     when = "has expired" if seconds_left <= 0 else f"expires in {seconds_left:.0f} s"
-    return (f"the X.509 proxy {path} {when}: renew it with voms-proxy-init -rfc "
-            f"--valid 96:00 --out {path}")
+    return f"the X.509 proxy {path} {when}: renew it with {renew_proxy_command(path)}"
 
 
 def proxy_kind_problem(path: Path, facts: ProxyFacts, voms: str | None) -> str | None:
     """A proxy that is not RFC 3820 (OpenSSL verifies only those: a legacy one works only
     where Globus' or GridSite's own code checks it), or one without the VOMS attributes of
     the VO the job names ([rucio] voms)."""
-    fix = f"voms-proxy-init{' --voms ' + voms if voms else ''} -rfc --valid 96:00 --out {path}"
+    fix = renew_proxy_command(path, voms)
     if not facts.rfc3820:
         what = ("a legacy (pre-RFC 3820) Globus proxy, subject ending in CN=proxy"
                 if facts.legacy else "not a proxy (no RFC 3820 ProxyCertInfo extension)")

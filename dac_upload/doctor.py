@@ -205,7 +205,7 @@ def _credential_checks(job: JobConfig, creds: Credentials) -> list[Check]:
         status, fix = OK, ""
         if left is not None and left < need:
             status = WARN
-            fix = (f"renew it (voms-proxy-init --valid 96:00 --out {path}) before submitting"
+            fix = (f"renew it ({credentials.renew_proxy_command(path)}) before submitting"
                    if what == "X.509 proxy" else "make sure your token agent refreshes it")
             detail += f", less than one task's time limit ({job.slurm.time})"
         out.append(Check(what, status, detail, fix))

@@ -23,7 +23,13 @@ from rucio.client.uploadclient import UploadClient
 from rucio.common import config as rucio_config
 from rucio.common import exception as rexc
 
-from .credentials import RUCIO_AUTH_TYPE, Credentials, CredentialsError, read_password
+from .credentials import (
+    RUCIO_AUTH_TYPE,
+    Credentials,
+    CredentialsError,
+    read_password,
+    renew_proxy_command,
+)
 
 _LOG = logging.getLogger("dac_upload.rucio")
 
@@ -250,8 +256,8 @@ def tls_problem(host: str, ca_dir: Path | None, proxy: Path | None, text: str) -
     if alert:
         why = alert.group(1).strip().lower()
         who = f"the X.509 proxy {proxy}" if proxy else "our certificate"
-        fix = (f"make a fresh RFC 3820 proxy (voms-proxy-init -rfc --valid 96:00 --out "
-               f"{proxy})" if proxy else "check [rucio] certificate and key")
+        fix = (f"make a fresh RFC 3820 proxy ({renew_proxy_command(proxy)})" if proxy
+               else "check [rucio] certificate and key")
         return (f"the Rucio server {host} refused {who} during the TLS handshake ({why}): "
                 f"{fix}; if that does not help, its admins must trust your CA")
     if "SSL" in text or "TLS" in text:

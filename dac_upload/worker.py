@@ -84,8 +84,8 @@ class Settings:
         u = run.get("upload") or {}
         ds = r.get("dataset_did")
         proxy = (run.get("credentials") or {}).get("proxy")
-        return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"), proxy=(
-                   Path(proxy) if proxy else None),
+        return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"),
+                   proxy=Path(proxy) if proxy else None,
                    dataset=(ds[0], ds[1]) if ds else None, lifetime=r.get("lifetime"),
                    root=Path(run["source"]["root"]), retries=int(r.get("retries", 4)),
                    retry_wait=float(r.get("retry_wait", 5)), mode=u.get("mode", "stock"),
@@ -106,7 +106,7 @@ def proxy_problem(s: Settings, now: float | None = None) -> str | None:
     XRootD or Rucio; this says the cause and the fix once."""
     if s.proxy is None:
         return None
-    from .credentials import PROXY_MARGIN, proxy_facts
+    from .credentials import PROXY_MARGIN, proxy_facts, renew_proxy_command
 
     try:
         st = os.stat(s.proxy)
@@ -118,13 +118,13 @@ def proxy_problem(s: Settings, now: float | None = None) -> str | None:
         facts = proxy_facts(s.proxy)
         seen = (key, facts.not_after if facts else None)
         _PROXY_EXPIRY[s.proxy] = seen
-    end = seen[1]
-    if end is None or end - (time.time() if now is None else now) > PROXY_MARGIN:
+    end, now = seen[1], time.time() if now is None else now
+    if end is None or end - now > PROXY_MARGIN:
         return None
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end))
-    return (f"the X.509 proxy {s.proxy} {'expired' if end <= time.time() else 'expires'} at "
-            f"{when}: renew it (voms-proxy-init -rfc --valid 96:00 --out {s.proxy}, or "
-            f"grid-proxy-init -rfc -out {s.proxy}), then resubmit")
+    return (f"the X.509 proxy {s.proxy} {'expired' if end <= now else 'expires'} at {when}: "
+            f"renew it ({renew_proxy_command(s.proxy)}, or grid-proxy-init -rfc -out "
+            f"{s.proxy}), then resubmit")
 
 
 def existing_verdict(size: int, adler32: str, did_bytes: int | None,
