@@ -169,6 +169,13 @@ def test_worker_killed_mid_copy_of_a_large_file(workdir: Path, stack: Any) -> No
     assert partial is not None, "never saw the large file half-written on the storage"
     subprocess.run(["pkill", "-KILL", "-f", f"worker --run {run_dir} --task 0$"], check=True)
     wait_for_jobs([array_id, collector_id])
+    if stack.id == "root":   # XRootD holds a killed gfal2 writer's file (POSC) until its hold ends
+        # (20 s on the test stack), then removes it; a resubmit inside that window was seen
+        # to block in gfal2 for minutes (the closing note of issue 14): wait it out
+        deadline = time.monotonic() + 120
+        while partial.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not partial.exists(), f"XRootD still holds {partial}"
     name = prefix + "big.dat"
     for rep in stack.client.list_replicas([{"scope": SCOPE, "name": name}], all_states=True):
         if rep["states"].get(stack.rse) == "AVAILABLE":   # only ever with its whole bytes
@@ -181,6 +188,6 @@ def test_worker_killed_mid_copy_of_a_large_file(workdir: Path, stack: Any) -> No
     _check_in_rucio(stack, prefix, files)
     on_storage = stack.files_under(SCOPE, prefix)
     assert len(on_storage) == len(files), sorted(map(str, on_storage))   # nothing partial
-    if stack.grid:   # the partial copy sat at the final name, held open by XRootD (POSC)
+    if stack.id == "davs":   # the partial copy (no POSC over davs) sat at the final name
         log = "".join(p.read_text() for p in (run_dir / "logs").glob("job*.out"))
         assert "replaced an unregistered copy with other content on the RSE" in log, log
