@@ -329,8 +329,8 @@ def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> 
     for array in sub.arrays:
         click.echo(f"submitted array job {array['job_id']}: tasks {array['task_ids']}"
                    + (f" (+{array['offset']})" if array["offset"] else ""))
-    click.echo(f"submitted collector job {sub.collector_job_id} (afterany), attempt "
-               f"{sub.attempt}")
+    click.echo(f"submitted collector job {sub.collector_job_id} "
+               f"({'afterany' if sub.arrays else 'alone'}), attempt {sub.attempt}")
     if sub.left_over:
         click.echo(f"held back by [slurm] max_submit: tasks {sub.left_over}; submit them "
                    f"later with: dac-upload resubmit {target}")
@@ -349,12 +349,16 @@ def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> 
 
 
 def _report(run_dir: Path) -> None:
+    """The summary line of a collected run; exit 1 if it is not complete, or if the
+    summary is missing or was not made from the results as they are now."""
+    from .collect import COLLECTED, collection_state, read_run_json
     from .files import read_json
 
     summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        _fail(f"the collector finished but wrote no {summary_path}; see {run_dir / 'logs'}",
-              EXIT_FAILURES)
+    state, why = collection_state(run_dir, read_run_json(run_dir))
+    if state != COLLECTED:
+        _fail(f"the collector did not finish ({why}); see {run_dir / 'logs'}, then: "
+              f"dac-upload resubmit {run_dir} (or dac-upload collect {run_dir})", EXIT_FAILURES)
     s = read_json(summary_path)
     c = s["counts"]
     click.echo(f"{summary_path}: {c['files']} files, {c['uploaded']} uploaded, "
@@ -383,22 +387,20 @@ def worker(run_dir: str, task: int, retry_permanent: bool) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 def collect(run_dir: str) -> None:
-    """Merge the task results of RUN_DIR into summary.json (what the collector job runs)."""
-    import sqlite3
-
-    from .collect import collect as do_collect
-    from .collect import update_run_ledger
+    """Merge the task results of RUN_DIR into summary.json and the job's ledger (what the
+    collector job runs; run it by hand when a collector was killed or ran out of memory)."""
+    from .collect import RunReadError, collect_run
 
     target = Path(run_dir).resolve()
     try:
-        do_collect(target)
-    except (OSError, ValueError, KeyError) as exc:
-        _fail(f"cannot collect {run_dir}: {exc}", EXIT_USER)
-    try:  # summary.json is written; the ledger only saves a later nightly some work
-        update_run_ledger(target)
-    except (sqlite3.Error, OSError) as exc:
-        click.echo(f"warning: the job's ledger was not updated ({exc}); the next nightly "
-                   "will re-check these files with Rucio", err=True)
+        _, ledger_problem = collect_run(target)
+    except RunReadError as exc:
+        _fail(f"cannot collect: {exc}", EXIT_USER)
+    except OSError as exc:
+        _fail(f"cannot collect {target}: {exc}", EXIT_USER)
+    if ledger_problem:   # summary.json is written; the ledger only saves a nightly some work
+        click.echo(f"warning: the job's ledger was not updated ({ledger_problem}); the next "
+                   "nightly will re-check these files with Rucio", err=True)
     _report(target)
 
 
@@ -434,7 +436,7 @@ def status(run_dir: str, as_json: bool) -> None:
     import json
     from collections import Counter
 
-    from .status import MEANING, format_table, next_command
+    from .status import MEANING, collector_line, format_table, next_command
     from .status import as_json as tasks_json
 
     target = Path(run_dir).resolve()
@@ -442,10 +444,14 @@ def status(run_dir: str, as_json: bool) -> None:
     causes: Counter = Counter()
     for t in tasks:
         causes.update(t.causes)
-    nxt = next_command(tasks, str(target))
+    nxt = next_command(tasks, str(target), state.collection, state.collector)
     if as_json:
         click.echo(json.dumps({"run_dir": str(target), "tasks": tasks_json(tasks),
                                "causes": dict(sorted(causes.items())),
+                               "summary": {"state": state.collection[0],
+                                           "why": state.collection[1],
+                                           "collector_job_id": state.collector[0],
+                                           "collector_slurm_state": state.collector[1]},
                                "warnings": state.problems, "next": nxt}, indent=1))
         return
     files = sum(t.files for t in tasks)
@@ -460,6 +466,7 @@ def status(run_dir: str, as_json: bool) -> None:
     for t in tasks:
         if t.state in ("failed", "died") and t.log:
             click.echo(f"task {t.task} log: {target / t.log}")
+    click.echo(collector_line(state.collection, state.collector))
     for problem in state.problems:
         click.echo(f"warning: {problem}")
     for s in sorted(by_state):
@@ -483,32 +490,43 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
     """Submit again only the tasks of RUN_DIR that are not complete; a new collector merges
     every attempt. Inside a task only the files not yet done are tried."""
     from . import slurm
-    from .pipeline import compress_indices
-    from .status import tasks_to_retry
+    from .collect import COLLECTED
+    from .pipeline import compress_indices, submit_collector
+    from .status import ACTIVE_STATES, tasks_to_retry
 
     target = Path(run_dir).resolve()
     max_array = _max_array_size()
     max_submit = _run_setting(target, "max_submit")
     _check_run_credentials(target)
     with _locked_run(target):
-        _, tasks = _run_status(target, need_scheduler=True)
+        state, tasks = _run_status(target, need_scheduler=True)
         active = [t.task for t in tasks if t.state in ("pending", "running")]
         if active and not force:
             _fail(f"tasks {compress_indices(active)} of this run are still pending or "
                   "running; wait for them (dac-upload status), or use --force", EXIT_USER)
         retry = tasks_to_retry(tasks, retry_permanent)
-        if not retry:
+        job, job_state = state.collector
+        if not retry and state.collection[0] != COLLECTED \
+                and not (job and job_state in ACTIVE_STATES):
+            click.echo(f"every task is over but the run is not collected "
+                       f"({state.collection[1]}): submitting its collector")
+            sub = _submission(target, lambda: submit_collector(target, slurm.submit))
+        elif not retry:
             stuck = [t.task for t in tasks if not t.complete and t.permanent_only]
             if stuck:
                 click.echo(f"nothing submitted: tasks {compress_indices(stuck)} have only "
                            "files that failed for a reason a person must fix (see dac-upload "
                            "status); fix them, then: dac-upload resubmit --retry-permanent "
                            f"{target}")
+            elif job and job_state in ACTIVE_STATES:
+                click.echo(f"nothing to resubmit: every task is over and its collector (job "
+                           f"{job}) is {job_state}")
             else:
                 click.echo("nothing to resubmit: every task is complete")
             return
-        sub = _submission(target, lambda: submit_tasks(
-            target, retry, max_array, slurm.submit, max_submit, retry_permanent))
+        else:
+            sub = _submission(target, lambda: submit_tasks(
+                target, retry, max_array, slurm.submit, max_submit, retry_permanent))
     _after_submit(target, sub, wait, timeout)
 
 

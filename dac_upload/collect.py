@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .files import atomic_write_json, read_json, read_jsonl, read_manifest
+from .files import (
+    atomic_write_json,
+    read_json,
+    read_jsonl,
+    read_manifest,
+    read_result_records,
+    utc_now,
+)
 from .plan import RunLayout
 from .worker import (
     ALREADY_PRESENT,
@@ -132,22 +139,37 @@ def _butler_summary(b: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict
             "metadata_refused": metadata.count("refused")}
 
 
-def records_so_far(run_dir: Path) -> tuple[int, int]:
-    """(files with a result record, their bytes) over all tasks: progress while a run goes."""
-    files = nbytes = 0
-    for path in RunLayout(run_dir).results.glob("task-*.jsonl"):
-        for rec in read_jsonl(path):
-            files += 1
-            nbytes += rec.get("bytes") or 0
-    return files, nbytes
-
-
 def _from_markers(markers: dict[int, dict[str, Any]], key: str) -> str | None:
     """What the tasks saw (e.g. the Rucio host their client talked to): first one recorded."""
     for task in sorted(markers):
         if markers[task].get(key):
             return str(markers[task][key])
     return None
+
+
+class RunReadError(ValueError):
+    """A file of a run directory cannot be read or understood; the message names it and
+    says what to do (one line)."""
+
+
+def read_run_json(run_dir: Path) -> dict[str, Any]:
+    """run.json, or RunReadError naming it: every command that takes a run reads it here."""
+    path = RunLayout(run_dir).run_json
+    try:
+        run = read_json(path)
+    except FileNotFoundError:
+        raise RunReadError(f"{run_dir}: no run.json, so not a run directory (dac-upload plan "
+                           "JOB makes one)") from None
+    except OSError as exc:
+        raise RunReadError(f"{path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise RunReadError(f"{path}: damaged, not valid JSON ({exc}); restore it from a "
+                           "backup, or move the run aside and plan a new run") from None
+    if not isinstance(run, dict) or not isinstance(run.get("plan"), dict) \
+            or "run_id" not in run or "tasks" not in run["plan"]:
+        raise RunReadError(f"{path}: not the record of a dac-upload run (no run_id or "
+                           "plan.tasks); restore it from a backup, or plan a new run")
+    return run
 
 
 @dataclass
@@ -160,25 +182,37 @@ class RunState:
     markers: dict[int, dict[str, Any]]
     problems: list[str]   # files in results/ that are not ours, markers that do not parse
     datasets: dict[str, list[dict[str, Any]]]   # relpath -> Butler datasets (butler.jsonl)
+    collection: tuple[str, str] = ("", "")      # collection_state(): (state, why)
+    collector: tuple[str | None, str | None] = (None, None)  # latest collector: (job, state)
 
 
 def read_run(run_dir: Path) -> RunState:
     layout = RunLayout(run_dir)
-    run = read_json(layout.run_json)
+    run = read_run_json(run_dir)
     n = int(run["plan"]["tasks"])
-    manifests = {t: read_manifest(layout.manifest(t)) for t in range(n)}
-    results = {t: list(read_jsonl(layout.result(t))) for t in range(n)
-               if layout.result(t).exists()}
-    markers: dict[int, dict[str, Any]] = {}
     problems: list[str] = []
+    manifests = {}
+    for t in range(n):
+        try:
+            manifests[t] = read_manifest(layout.manifest(t))
+        except FileNotFoundError:
+            raise RunReadError(f"{layout.manifest(t)}: missing") from None
+        except ValueError as exc:
+            raise RunReadError(str(exc) if str(layout.manifest(t)) in str(exc) else
+                               f"{layout.manifest(t)}: damaged ({exc})") from None
+    results = {t: list(read_result_records(layout.result(t), problems,
+                                           f"results/{layout.result(t).name}"))
+               for t in range(n) if layout.result(t).exists()}
+    markers: dict[int, dict[str, Any]] = {}
     for t in range(n):
         if layout.done_marker(t).exists():
             try:
                 markers[t] = read_json(layout.done_marker(t))
             except ValueError:
-                problems.append(f"{layout.done_marker(t).name}: not valid JSON (ignored)")
-    ours = {layout.result(t).name for t in range(n)} | {layout.done_marker(t).name
-                                                        for t in range(n)}
+                problems.append(f"results/{layout.done_marker(t).name}: not valid JSON "
+                                "(ignored)")
+    ours = {p.name for t in range(n) for p in (layout.result(t), layout.done_marker(t),
+                                                 layout.copies(t))}
     for path in sorted(layout.results.iterdir()) if layout.results.exists() else []:
         if path.name not in ours and not path.name.startswith("."):
             problems.append(f"results/{path.name}: not a file of this run (ignored)")
@@ -187,7 +221,8 @@ def read_run(run_dir: Path) -> RunState:
     if butler and (layout.dir / butler["files"]).exists():
         datasets = {r["relpath"]: [{"in_zip": False, **d} for d in r["datasets"]]
                     for r in read_jsonl(layout.dir / butler["files"])}
-    return RunState(run, manifests, results, markers, problems, datasets)
+    return RunState(run, manifests, results, markers, problems, datasets,
+                    collection_state(run_dir, run))
 
 
 def collect(run_dir: Path) -> dict[str, Any]:
@@ -199,14 +234,83 @@ def collect(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def update_run_ledger(run_dir: Path) -> int:
-    """Record a collected run in its job's ledger (a no-op for runs without one)."""
+def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """What the collector job (and ``dac-upload collect``) does: summary.json, then the
+    job's ledger, then collected.json saying both are done and what they were made from.
+    Returns (summary, why the ledger was not updated or None). A collector killed on the
+    way leaves no collected.json (or one that no longer fits the results): status,
+    resubmit and nightly see the run as not collected, and collect again."""
+    import sqlite3
+
+    fingerprint = results_fingerprint(run_dir)   # before reading: a later write shows
     state = read_run(run_dir)
-    if not state.run.get("ledger"):
-        return 0
-    summary = read_json(RunLayout(run_dir).summary)
-    return update_ledger(Path(state.run["ledger"]), state.run["run_id"], state.manifests,
-                         summary)
+    summary = build_summary(state.run, state.manifests, state.results, state.markers,
+                            state.problems, state.datasets)
+    layout = RunLayout(run_dir)
+    atomic_write_json(layout.summary, summary)
+    ledger_problem = None
+    if state.run.get("ledger"):
+        try:
+            update_ledger(Path(state.run["ledger"]), state.run["run_id"], state.manifests,
+                          summary)
+        except (sqlite3.Error, OSError) as exc:
+            ledger_problem = str(exc)
+    atomic_write_json(layout.collected, {
+        "submissions": len(state.run.get("submissions", [])), "results": fingerprint,
+        "complete": summary["complete"], "ledger_problem": ledger_problem,
+        "collected_at": utc_now()})
+    return summary, ledger_problem
+
+
+def results_fingerprint(run_dir: Path) -> str:
+    """What the results of a run look like from outside (each task file's size and mtime):
+    a summary made from other results is stale. O(tasks) stat calls, no file read."""
+    import hashlib
+
+    layout = RunLayout(run_dir)
+    seen = []
+    for path in sorted(layout.results.iterdir()) if layout.results.exists() else []:
+        if path.name.startswith("."):
+            continue
+        st = path.stat()
+        seen.append(f"{path.name} {st.st_size} {st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(seen).encode()).hexdigest()
+
+
+COLLECTED, NOT_COLLECTED, STALE = "collected", "not collected", "stale"
+
+
+def collection_state(run_dir: Path, run: dict[str, Any]) -> tuple[str, str]:
+    """(state, why) of the run's summary.json: COLLECTED (made by a collector that finished,
+    from the results as they are now), NOT_COLLECTED (none, or the collector stopped before
+    finishing) or STALE (made before the latest results or submission)."""
+    layout = RunLayout(run_dir)
+    try:
+        done = read_json(layout.collected)
+    except (OSError, ValueError):
+        done = None
+    if done is None:
+        if layout.summary.exists():
+            return NOT_COLLECTED, ("the last collector stopped after writing summary.json and "
+                                   "before finishing (the job's ledger may lack this run)")
+        return NOT_COLLECTED, "no summary.json yet"
+    if int(done.get("submissions") or 0) < len(run.get("submissions", [])):
+        return STALE, "summary.json predates the latest submission"
+    if done.get("results") != results_fingerprint(run_dir):
+        return STALE, "summary.json predates the latest task results"
+    return COLLECTED, "summary.json is up to date"
+
+
+def records_so_far(run_dir: Path) -> tuple[int, int]:
+    """(files with a result record, their bytes) over all tasks: progress while a run goes."""
+    files = nbytes = 0
+    for path in RunLayout(run_dir).results.glob("task-*.jsonl"):
+        if path.name.endswith(".copies.jsonl"):
+            continue
+        for rec in read_jsonl(path):
+            files += 1
+            nbytes += rec.get("bytes") or 0
+    return files, nbytes
 
 
 def ledger_rows(manifests: dict[int, dict[str, Any]],

@@ -261,6 +261,34 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+def read_result_records(path: Path, problems: list[str] | None = None,
+                        shown: str | None = None) -> Iterator[dict[str, Any]]:
+    """The result records of a task's file (read_jsonl's torn lines skipped, as there); a
+    line that is JSON but no record (no string "name" and "status"), or that is no JSON and
+    was not torn, is skipped and said in ``problems`` with its line number, naming the file
+    as ``shown``: what is not understood is reported, never acted on."""
+    shown = shown or str(path)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.endswith("\n"):
+                return
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if problems is not None and not line.startswith("{"):
+                    problems.append(f"{shown} line {number}: not a result record (ignored)")
+                continue
+            if isinstance(record, dict) and isinstance(record.get("name"), str) \
+                    and isinstance(record.get("status"), str):
+                yield record
+            elif problems is not None:
+                problems.append(f"{shown} line {number}: not a result record (no name and "
+                                "status; ignored)")
+
+
 class JsonlAppender:
     """Append records to a JSON-lines file, each flushed to the kernel before returning;
     fsynced by the first append ``sync_every`` seconds or more after the last fsync, and on

@@ -52,11 +52,12 @@ def latest_run(job: JobConfig) -> Path | None:
     run only planned, never submitted, is nobody's previous run)."""
     if not job.runs_dir.is_dir():
         return None
+    from .collect import read_run_json
+
     for run_dir in sorted((p for p in job.runs_dir.iterdir() if (p / "run.json").is_file()),
                           reverse=True):
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads((run_dir / "run.json").read_text()).get("submissions"):
-                return run_dir
+        if read_run_json(run_dir).get("submissions"):   # a damaged one: RunReadError
+            return run_dir
     return None
 
 
@@ -197,8 +198,8 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
     if problem:
         say(problem, problem=True)
         return CREDENTIALS, None
-    previous = latest_run(job)
     try:
+        previous = latest_run(job)
         going = _older_run_going(job, previous)
         if going is not None:
             say(f"the earlier run {going.name} still has tasks queued: not starting another "
@@ -208,9 +209,9 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
     except slurm.SlurmError as exc:
         say(f"cannot ask Slurm about the job's runs: {exc}", problem=True)
         return SUBMIT_FAILED, None
-    except (OSError, ValueError, KeyError) as exc:
-        say(f"cannot read a run of this job ({exc}); move it aside if it is damaged",
-            problem=True)
+    except (OSError, ValueError, KeyError) as exc:   # RunReadError names the file
+        say(f"cannot read a run of this job: {exc}; nothing new is planned until it is "
+            "repaired or moved out of the runs folder", problem=True)
         return CONFIG_ERROR, None
     if ended is not None:
         return ended
@@ -259,9 +260,13 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
     except slurm.SlurmError as exc:
         say(str(exc), problem=True)
         return SUBMIT_FAILED
+    from .collect import COLLECTED, collection_state, read_run_json
+
     summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        say(f"the collector wrote no {summary_path}", problem=True)
+    done, why = collection_state(run_dir, read_run_json(run_dir))
+    if done != COLLECTED:
+        say(f"the collector of {run_dir.name} did not finish ({why}); the next night "
+            "collects it again", problem=True)
         return FAILURES
     s = read_json(summary_path)
     c = s["counts"]
@@ -312,7 +317,8 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
 def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,
                         max_array: int) -> tuple[int, tuple[str, Path] | None] | None:
     from . import slurm
-    from .pipeline import CollectorNotSubmitted, compress_indices, submit_tasks
+    from .collect import COLLECTED
+    from .pipeline import CollectorNotSubmitted, compress_indices, submit_collector, submit_tasks
     from .runview import run_view
     from .status import ACTIVE_STATES, tasks_to_retry
 
@@ -339,6 +345,19 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
     if give_up:
         _give_up(job, run_dir, state, give_up, say)
     retry = [t for t in retry if t not in give_up]
+    if not retry and state.collection[0] != COLLECTED:
+        # its files are in no up-to-date summary, and maybe not in the ledger: collect it
+        # before anything new is planned (else they would be looked up and planned again)
+        try:
+            sub = submit_collector(run_dir, slurm.submit)
+        except slurm.SlurmError as exc:
+            say(f"the previous run {run_dir.name} is not collected ({state.collection[1]}); "
+                f"submitting its collector failed: {exc}", problem=True)
+            return SUBMIT_FAILED, None
+        say(f"the previous run {run_dir.name} is not collected ({state.collection[1]}): "
+            f"collector resubmitted (job {sub.collector_job_id}); new files wait for the "
+            "next night", problem=True)
+        return OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
     if not retry:
         return None
     try:

@@ -530,6 +530,23 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
     return Submission(attempt, sub["arrays"], collector_id, sub["task_ids"], sub["left_over"])
 
 
+def submit_collector(run_dir: Path, submit: Callable[..., str]) -> Submission:
+    """Submit the run's collector alone (no dependency): every task is over, but no
+    collector finished since (killed, out of memory or time, cancelled). Recorded in
+    run.json as a submission without arrays."""
+    layout = RunLayout(run_dir)
+    run = read_json(layout.run_json)
+    attempt = len(run["submissions"]) + 1
+    opts = {k: v for k, v in run["slurm"]["collector"].items() if k != "dependency"}
+    job_id = submit(opts, _body_of(layout.collect_script), layout.dir,
+                    f"collect.submit{attempt}.sh")
+    run["submissions"].append({"attempt": attempt, "arrays": [], "collector_job_id": job_id,
+                               "task_ids": "", "left_over": "", "collector_only": True,
+                               "submitted_at": utc_now()})
+    atomic_write_json(layout.run_json, run)
+    return Submission(attempt, [], job_id, "", "")
+
+
 def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str],
                max_submit: int | None = None) -> Submission:
     """First submission of a planned run: every task."""

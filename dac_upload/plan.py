@@ -229,6 +229,12 @@ class RunLayout:
     def summary(self) -> Path:
         return self.dir / "summary.json"
 
+    @property
+    def collected(self) -> Path:
+        """Written last by ``collect``, after summary.json and the ledger: what they were made
+        from (see collect.collection_state)."""
+        return self.dir / "collected.json"
+
     def manifest(self, task: int) -> Path:
         return self.manifests / f"task-{task:05d}.json"
 
@@ -237,3 +243,8 @@ class RunLayout:
 
     def done_marker(self, task: int) -> Path:
         return self.results / f"task-{task:05d}.done.json"
+
+    def copies(self, task: int) -> Path:
+        """The names each attempt of the task began to copy onto the RSE, written before the
+        copies start: only a copy listed here may be adopted by a later attempt."""
+        return self.results / f"task-{task:05d}.copies.jsonl"

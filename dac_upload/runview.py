@@ -25,6 +25,12 @@ def run_view(run_dir: Path, scheduler: bool = True) -> tuple[RunState, list[Task
         for (array, index), st in known.items():
             if array == a["job_id"]:
                 sched[a["offset"] + index] = st
+    subs = state.run.get("submissions", [])
+    collector = subs[-1].get("collector_job_id") if subs else None
+    if collector and scheduler:
+        state.collector = (collector, slurm.job_state(collector))
+    elif collector:
+        state.collector = (collector, None)
     tasks = [task_status(t, state.manifests[t], state.results.get(t, []),
                          state.markers.get(t), sched.get(t)) for t in sorted(state.manifests)]
     for t in tasks:

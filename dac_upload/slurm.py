@@ -174,6 +174,20 @@ def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
     return parse_squeue_states(proc.stdout)
 
 
+def job_state(job_id: str) -> str | None:
+    """The state of one (non-array) job: squeue while slurmctld remembers it (MinJobAge),
+    else sacct when accounting is on; None when neither knows it any more."""
+    state = queue_states([job_id]).get(job_id)
+    if state is None:
+        with contextlib.suppress(SlurmError):  # accounting disabled or slurmdbd down
+            for line in _run(["sacct", "-n", "-P", "-X", "-j", job_id,
+                              "-o", "JobID,State"]).stdout.splitlines():
+                job, _, st = line.partition("|")
+                if job == job_id and st.strip():
+                    state = st.split()[0]
+    return state
+
+
 def array_states(array_ids: Sequence[str]) -> dict[tuple[str, int], str]:
     """Per-task states of these arrays: sacct when accounting is on (it remembers after the
     jobs leave the queue), merged with squeue (current, but forgets after MinJobAge). Without

@@ -87,15 +87,39 @@ def tasks_to_retry(tasks: list[TaskStatus], retry_permanent: bool = False) -> li
             and (retry_permanent or not t.permanent_only)]
 
 
-def next_command(tasks: list[TaskStatus], run_dir: str) -> str:
+def next_command(tasks: list[TaskStatus], run_dir: str, collection: tuple[str, str] = ("", ""),
+                 collector: tuple[str | None, str | None] = (None, None)) -> str:
+    """The one command to run next. ``collection`` is collect.collection_state's (state,
+    why); ``collector`` the latest collector's (job id, Slurm state or None)."""
+    from .collect import COLLECTED
+
     if any(t.state in ("pending", "running") for t in tasks):
         return f"wait for the tasks, then: dac-upload status {run_dir}"
     if tasks_to_retry(tasks):
         return f"dac-upload resubmit {run_dir}"
+    job, job_state = collector
+    if job and job_state in ACTIVE_STATES:
+        return f"wait for the collector (job {job}), then: dac-upload status {run_dir}"
+    if collection[0] and collection[0] != COLLECTED:
+        return (f"dac-upload resubmit {run_dir} (the run is not collected: {collection[1]}; "
+                "it submits the collector)")
     if any(not t.complete for t in tasks):
         return ("fix the files listed (see the causes), then: "
                 f"dac-upload resubmit --retry-permanent {run_dir}")
     return f"nothing: the run is complete ({run_dir}/summary.json)"
+
+
+def collector_line(collection: tuple[str, str],
+                   collector: tuple[str | None, str | None]) -> str:
+    """What status says of the run's summary and its latest collector."""
+    from .collect import COLLECTED
+
+    job, state = collector
+    where = (f"; collector job {job}: {state}" if job and state else
+             f"; collector job {job}: gone from the queue" if job else "")
+    if collection[0] == COLLECTED:
+        return f"summary: up to date{where}"
+    return f"summary: {collection[0]}: {collection[1]}{where}"
 
 
 def format_table(tasks: list[TaskStatus]) -> str:

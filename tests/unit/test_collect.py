@@ -199,7 +199,7 @@ def test_collect_writes_byte_identical_summary(tmp_path: Path) -> None:
 def test_collect_missing_manifest_raises(tmp_path: Path) -> None:
     layout = _write_run(tmp_path / "R1")
     layout.manifest(2).unlink()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match=r"task-00002\.json: missing"):
         collect(layout.dir)
     assert not layout.summary.exists()
 
@@ -209,3 +209,59 @@ def test_records_so_far(tmp_path: Path) -> None:
     # task 0: 3 records (10 + 20 + 10 bytes); task 1: 2 records and a torn line (30 + 40)
     assert records_so_far(layout.dir) == (5, 110)
     assert records_so_far(tmp_path / "nothing-yet") == (0, 0)
+
+
+def test_collection_state_follows_the_collector(tmp_path: Path) -> None:
+    """Not collected until collect_run finished (summary, ledger, then collected.json); stale
+    once a task writes again or the run is submitted again."""
+    import os
+
+    from dac_upload.collect import (
+        COLLECTED,
+        NOT_COLLECTED,
+        STALE,
+        collect_run,
+        collection_state,
+    )
+
+    layout = _write_run(tmp_path / "R1")
+    run = json.loads(layout.run_json.read_text())
+    assert collection_state(layout.dir, run) == (NOT_COLLECTED, "no summary.json yet")
+    collect(layout.dir)   # summary written, the rest not: a collector killed in between
+    state, why = collection_state(layout.dir, run)
+    assert state == NOT_COLLECTED and "ledger" in why
+    summary, ledger_problem = collect_run(layout.dir)
+    assert ledger_problem is None and summary["run_id"] == run["run_id"]
+    assert collection_state(layout.dir, run)[0] == COLLECTED
+    with open(layout.result(0), "a") as out:   # a task wrote after the collector
+        out.write(json.dumps({"name": "x", "status": "failed"}) + "\n")
+    os.utime(layout.result(0), ns=(1, 1))
+    assert collection_state(layout.dir, run) == (STALE, "summary.json predates the latest "
+                                                 "task results")
+    collect_run(layout.dir)
+    again = dict(run, submissions=[*run.get("submissions", []), {"arrays": []}])
+    assert collection_state(layout.dir, again)[0] == STALE
+
+
+def test_foreign_result_lines_are_named_not_fatal(tmp_path: Path) -> None:
+    """A line that is JSON but no record, or no JSON at all, is reported with its file and
+    line; the run still collects (a torn last line is not reported: a kill leaves one)."""
+    layout = _write_run(tmp_path / "R1")
+    with open(layout.result(0), "a") as out:
+        out.write('{"note": "by hand"}\nnot json\n')
+    summary = collect(layout.dir)
+    assert summary["warnings"] == [
+        "results/task-00000.jsonl line 4: not a result record (no name and status; ignored)",
+        "results/task-00000.jsonl line 5: not a result record (ignored)"]
+
+
+def test_damaged_run_json_is_named(tmp_path: Path) -> None:
+    from dac_upload.collect import RunReadError
+
+    layout = _write_run(tmp_path / "R1")
+    layout.run_json.write_text('{"run_id": ')
+    with pytest.raises(RunReadError, match=r"R1/run\.json: damaged, not valid JSON"):
+        collect(layout.dir)
+    layout.run_json.unlink()
+    with pytest.raises(RunReadError, match="no run.json, so not a run directory"):
+        collect(layout.dir)

@@ -167,8 +167,20 @@ def test_latest_run_skips_runs_never_submitted(tmp_path: Path) -> None:
     for run_id, subs in (("20261101T000000Z-a", [{"arrays": []}]),
                          ("20261102T000000Z-b", [])):
         (job.runs_dir / run_id).mkdir(parents=True)
-        (job.runs_dir / run_id / "run.json").write_text(json.dumps({"submissions": subs}))
+        (job.runs_dir / run_id / "run.json").write_text(json.dumps(
+            {"run_id": run_id, "plan": {"tasks": 1}, "submissions": subs}))
     assert latest_run(job).name == "20261101T000000Z-a"
+
+
+def test_latest_run_names_a_damaged_run_json(tmp_path: Path) -> None:
+    from dac_upload.collect import RunReadError
+    from dac_upload.nightly import latest_run
+
+    job = _job(tmp_path)
+    (job.runs_dir / "20261101T000000Z-a").mkdir(parents=True)
+    (job.runs_dir / "20261101T000000Z-a" / "run.json").write_text('{"run_id": "x", "pl')
+    with pytest.raises(RunReadError, match=r"20261101T000000Z-a/run.json: damaged"):
+        latest_run(job)
 
 
 def test_fixed_by_deleting_or_excluding_is_forgotten(tmp_path: Path) -> None:

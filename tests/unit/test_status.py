@@ -57,3 +57,18 @@ def test_permanent_failures_are_not_retried_unless_asked() -> None:
     assert next_command([perm, transient, done], "R") == "dac-upload resubmit R"
     assert "--retry-permanent" in next_command([perm, done], "R")
     assert next_command([done], "R").startswith("nothing")
+
+
+def test_next_command_sees_an_uncollected_run() -> None:
+    """Every task done but no collector finished: resubmit (which submits the collector);
+    while the collector is queued: wait for it."""
+    from dac_upload.collect import COLLECTED, NOT_COLLECTED
+
+    done = task_status(0, {"files": [{"name": "a", "size": 1}]},
+                       [{"name": "a", "status": "uploaded"}], {"attempt": 1}, "COMPLETED")
+    missing = (NOT_COLLECTED, "no summary.json yet")
+    assert next_command([done], "R", missing, ("7", "CANCELLED")).startswith(
+        "dac-upload resubmit R (the run is not collected: no summary.json yet")
+    assert next_command([done], "R", missing, ("7", "RUNNING")).startswith(
+        "wait for the collector (job 7)")
+    assert next_command([done], "R", (COLLECTED, "ok"), ("7", None)).startswith("nothing")
