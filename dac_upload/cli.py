@@ -62,21 +62,48 @@ def _load(job_file: str) -> JobConfig:
 def _rucio_preflight(job: JobConfig, creds: Credentials) -> list[str]:
     """Problems with the credential files, then what Rucio reports for this job (a real
     login, not a cached token); an unreachable server raises RucioUnavailable."""
+    ds = job.rucio.dataset_did
+    return _rucio_problems(creds, job.rucio.scope, job.rucio.rse, ds[0] if ds else None)
+
+
+def _rucio_problems(creds: Credentials, scope: str, rse: str,
+                    dataset_scope: str | None) -> list[str]:
     problems = credentials.local_problems(creds)
     if problems:
         return problems
     from .rucio_io import RucioFatal, RucioUnavailable, fresh_session, ping
 
     logging.getLogger("baseclient").setLevel(logging.CRITICAL)  # we report in one line
-    ds = job.rucio.dataset_did
     try:
         ping(creds)   # a TLS failure (CA, host name, a refused proxy) is said as such
         with fresh_session(creds) as rio:
-            return rio.preflight(job.rucio.scope, job.rucio.rse, ds[0] if ds else None)
+            return rio.preflight(scope, rse, dataset_scope)
     except RucioUnavailable:
         raise
     except RucioFatal as exc:
         return [str(exc)]
+
+
+def _check_run_rucio(run_dir: Path, what: str) -> None:
+    """Before Slurm gets tasks of a planned run: the server answers, the run's credentials
+    log in (a real login), its scope and RSE are usable. A submission that could only fail
+    would spend an attempt (and nightly's resubmission budget) for nothing."""
+    from .rucio_io import RucioUnavailable
+
+    run = _read_run_json(run_dir)
+    if not run.get("credentials"):
+        return   # planned by a version that recorded none: the tasks use RUCIO_CONFIG
+    r = run["rucio"]
+    ds = r.get("dataset_did")
+    try:
+        problems = _rucio_problems(Credentials.from_record(run["credentials"]), r["scope"],
+                                   r["rse"], ds[0] if ds else None)
+    except RucioUnavailable as exc:
+        _fail(f"{exc}; not {what}: the tasks could only fail (try again when it answers, "
+              "or --offline to submit anyway)", EXIT_SERVICE)
+    if problems:
+        _fail([*problems, f"not {what}: fix the above first (or --offline to submit anyway)"],
+              EXIT_USER)
 
 
 def _plan(job: JobConfig, offline: bool, catalogue_file: Path | None = None) -> PreparedRun:
@@ -224,7 +251,8 @@ def catalogue(job_file: str, out_file: str, overwrite: bool) -> None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True),
               help="Submit this already planned run instead of planning a new one.")
-@click.option("--offline", is_flag=True, help="Skip the Rucio checks when planning.")
+@click.option("--offline", is_flag=True,
+              help="Skip the Rucio checks (when planning, or of the run given by --run).")
 @click.option("--wait", is_flag=True,
               help="Wait for the collector to finish and report the outcome.")
 @click.option("--timeout", default=86400.0, show_default=True,
@@ -246,6 +274,8 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
     else:
         target = Path(run_dir).resolve()
         _check_run_credentials(target)
+        if not offline:
+            _check_run_rucio(target, "submitted")
     max_submit = _run_setting(target, "max_submit")
     with _locked_run(target):
         sub = _submission(target, lambda: submit_run(target, max_array, slurm.submit,
@@ -268,12 +298,7 @@ def _locked_run(run_dir: Path) -> Iterator[None]:
 def _check_run_credentials(run_dir: Path) -> None:
     """The credentials a planned run's tasks will use, checked again before Slurm gets tasks
     that could only fail (an expired proxy, a password file opened to others since)."""
-    from .files import read_json
-
-    try:
-        record = read_json(run_dir / "run.json").get("credentials")
-    except (OSError, ValueError):
-        return   # _run_setting reports an unreadable run
+    record = _read_run_json(run_dir).get("credentials")
     if not record:
         return
     creds = Credentials.from_record(record)
@@ -296,13 +321,17 @@ def _max_array_size() -> int:
 
 
 def _run_setting(run_dir: Path, key: str) -> int | None:
-    from .files import read_json
+    return _read_run_json(run_dir).get("slurm_limits", {}).get(key)
+
+
+def _read_run_json(run_dir: Path) -> dict[str, Any]:
+    """run.json, or exit 2 with the line that names what is wrong with it."""
+    from .collect import RunReadError, read_run_json
 
     try:
-        return read_json(run_dir / "run.json").get("slurm_limits", {}).get(key)
-    except (OSError, ValueError) as exc:
-        _fail(f"{run_dir} is not a planned run ({exc}); plan one with dac-upload plan JOB",
-              EXIT_USER)
+        return read_run_json(run_dir)
+    except RunReadError as exc:
+        _fail(str(exc), EXIT_USER)
     raise AssertionError("unreachable")
 
 
@@ -409,6 +438,7 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
     scheduler's view ``status`` still answers from the results; ``resubmit`` must not (it
     could start a second copy of a task that is running)."""
     from . import slurm
+    from .collect import RunReadError
     from .runview import run_view
 
     try:
@@ -419,10 +449,14 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
                   "(a running task could be started twice); try again", EXIT_SERVICE)
         click.echo(f"warning: no scheduler view ({exc}); states come from results only",
                    err=True)
+    except RunReadError as exc:
+        _fail(str(exc), EXIT_USER)
     except (OSError, ValueError, KeyError) as exc:
         _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
     try:
         return run_view(run_dir, scheduler=False)
+    except RunReadError as exc:
+        _fail(str(exc), EXIT_USER)
     except (OSError, ValueError, KeyError) as exc:
         _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
     raise AssertionError("unreachable")
@@ -485,8 +519,10 @@ def status(run_dir: str, as_json: bool) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the new collector and report.")
 @click.option("--timeout", default=86400.0, show_default=True,
               help="Seconds to wait with --wait.")
+@click.option("--offline", is_flag=True,
+              help="Skip the Rucio checks (server, login, scope, RSE) before submitting.")
 def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
-             timeout: float) -> None:
+             timeout: float, offline: bool) -> None:
     """Submit again only the tasks of RUN_DIR that are not complete; a new collector merges
     every attempt. Inside a task only the files not yet done are tried."""
     from . import slurm
@@ -525,6 +561,8 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
                 click.echo("nothing to resubmit: every task is complete")
             return
         else:
+            if not offline:
+                _check_run_rucio(target, "resubmitted")
             sub = _submission(target, lambda: submit_tasks(
                 target, retry, max_array, slurm.submit, max_submit, retry_permanent))
     _after_submit(target, sub, wait, timeout)

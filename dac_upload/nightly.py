@@ -205,7 +205,8 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
             say(f"the earlier run {going.name} still has tasks queued: not starting another "
                 "tonight")
             return STILL_GOING, None
-        ended = _previous_run(job, previous, opts, say, max_array) if previous else None
+        ended = (_previous_run(job, previous, opts, say, max_array,
+                               None if opts.offline else preflight) if previous else None)
     except slurm.SlurmError as exc:
         say(f"cannot ask Slurm about the job's runs: {exc}", problem=True)
         return SUBMIT_FAILED, None
@@ -301,13 +302,14 @@ def _older_run_going(job: JobConfig, latest: Path | None) -> Path | None:
 
 
 def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,
-                  max_array: int) -> tuple[int, tuple[str, Path] | None] | None:
+                  max_array: int, preflight: Any = None
+                  ) -> tuple[int, tuple[str, Path] | None] | None:
     """(exit code, what to wait for) if tonight ends with the previous run (still going, or
     resubmitted); None if tonight goes on to new files. Raises SlurmError without the
     scheduler's view (a running task must not be started twice)."""
     try:
         with run_submission_lock(run_dir):  # nobody resubmits this run while we judge it
-            return _judge_previous_run(job, run_dir, opts, say, max_array)
+            return _judge_previous_run(job, run_dir, opts, say, max_array, preflight)
     except LockError as exc:
         say(f"the previous run {run_dir.name} is being submitted by someone else ({exc}): "
             "not starting another tonight")
@@ -315,7 +317,8 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
 
 
 def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,
-                        max_array: int) -> tuple[int, tuple[str, Path] | None] | None:
+                        max_array: int, preflight: Any = None
+                        ) -> tuple[int, tuple[str, Path] | None] | None:
     from . import slurm
     from .collect import COLLECTED
     from .pipeline import CollectorNotSubmitted, compress_indices, submit_collector, submit_tasks
@@ -360,6 +363,10 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
         return OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
     if not retry:
         return None
+    refused = _rucio_refuses(job, preflight, say, f"resubmitting tasks "
+                             f"{compress_indices(retry)} of the previous run {run_dir.name}")
+    if refused is not None:
+        return refused, None
     try:
         sub = submit_tasks(run_dir, retry, max_array, slurm.submit, job.slurm.max_submit)
     except (slurm.SlurmError, CollectorNotSubmitted) as exc:
@@ -370,6 +377,30 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
         f"resubmitted (attempt {sub.attempt}; a task is given up after "
         f"{opts.max_resubmits + 1} runs); new files wait for the next night", problem=True)
     return OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
+
+
+def _rucio_refuses(job: JobConfig, preflight: Any, say: Reporter, what: str) -> int | None:
+    """The exit code if the Rucio server is down or refuses the job's credentials, scope or
+    RSE (said first), else None: a resubmission that can only fail spends one of the
+    task's allowed runs for nothing."""
+    if preflight is None:
+        return None
+    from .credentials import CredentialsError, resolve
+
+    try:
+        problems = preflight(job, resolve(job.rucio, os.environ, os.getuid(), str(job.path)))
+    except CredentialsError as exc:
+        problems = exc.lines
+    except Exception as exc:
+        from .rucio_io import RucioUnavailable
+
+        if not isinstance(exc, RucioUnavailable):
+            raise
+        say(f"not {what}: {exc}", problem=True)
+        return SUBMIT_FAILED
+    for line in problems:
+        say(f"not {what}: {line}", problem=True)
+    return CONFIG_ERROR if problems else None
 
 
 def _give_up(job: JobConfig, run_dir: Path, state: Any, tasks: list[int],

@@ -263,5 +263,5 @@ def test_damaged_run_json_is_named(tmp_path: Path) -> None:
     with pytest.raises(RunReadError, match=r"R1/run\.json: damaged, not valid JSON"):
         collect(layout.dir)
     layout.run_json.unlink()
-    with pytest.raises(RunReadError, match="no run.json, so not a run directory"):
+    with pytest.raises(RunReadError, match=r"no run\.json, so not a run directory"):
         collect(layout.dir)
