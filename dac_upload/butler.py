@@ -151,16 +151,9 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     if errors:
         raise ButlerError(errors)
     by_id: dict[Any, Any] = {}
+    lacking: dict[Any, tuple[str, ...]] = {}   # dataset id -> elements it has no record of
     for name in types:
-        try:
-            found = butler.query_datasets(name, collections=list(cfg.collections),
-                                          where=cfg.where, find_first=cfg.find_first,
-                                          with_dimension_records=True, explain=False,
-                                          limit=None)
-        except Exception as exc:
-            raise ButlerError([f"{where}: [butler] the query for {name!r} in "
-                               f"{list(cfg.collections)} failed: {_one_line(exc)}; check "
-                               "collections and where"]) from None
+        found = _query_datasets(butler, cfg, name, where, lacking)
         # a calibration dataset certified for several validity ranges comes once per range
         for ref in found:
             by_id.setdefault(ref.id, ref)
@@ -182,7 +175,7 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     files: dict[str, list[tuple[Any, Any, bool]]] = {}
     for ref, info, relpath, in_zip in _files_of(refs, records, root_uri, cat):
         files.setdefault(relpath, []).append((ref, info, in_zip))
-    _whole_zips(butler, records_of, root_uri, files, cat)
+    _whole_zips(butler, records_of, root_uri, files, cat, lacking)
     uid, groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
     root_real = os.path.realpath(root)
     datasets: dict[str, list[dict[str, Any]]] = {}
@@ -237,15 +230,98 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     if shared:
         notes.append(f"{shared} files hold more than one dataset: summary.json lists them all, "
                      "but the rubin_sidecar metadata carries the first only")
+    incomplete = [(ref.datasetType.name, _label(ref), lacking[ref.id]) for ref in kept
+                  if lacking.get(ref.id)]
+    if incomplete:
+        notes.append(missing_records_note(incomplete))
     return RepoSource(cat, datasets, sidecars, butler, kept, notes)
+
+
+def _query_datasets(butler: Any, cfg: ButlerConfig, name: str, where: str,
+                    lacking: dict[Any, tuple[str, ...]]) -> list[Any]:
+    """Every dataset of ``name`` the query matches, each with its dimension records.
+
+    ``with_dimension_records=True`` (what rucio_register asks) joins the record of every
+    element of the data ID, so a dataset whose data ID has an element without a record (a
+    visit without its visit_detector_region rows: common, daf_butler says, as different
+    processes write them) is left out without a word. The query without records finds those
+    too; they get the records the repository has, and ``lacking`` the names of the others."""
+    args: dict[str, Any] = {"collections": list(cfg.collections), "where": cfg.where,
+                            "find_first": cfg.find_first, "explain": False, "limit": None}
+    try:
+        complete = butler.query_datasets(name, with_dimension_records=True, **args)
+        every = butler.query_datasets(name, **args)
+        have = {ref.id for ref in complete}
+        rest = list({ref.id: ref for ref in every if ref.id not in have}.values())
+        expanded = with_records(butler, rest)
+    except Exception as exc:
+        raise ButlerError([f"{where}: [butler] the query for {name!r} in "
+                           f"{list(cfg.collections)} failed: {_one_line(exc)}; check "
+                           "collections and where"]) from None
+    for ref, missing in expanded:
+        if missing:
+            lacking[ref.id] = missing
+    return complete + [ref for ref, _ in expanded]
+
+
+def with_records(butler: Any, refs: list[Any]) -> list[tuple[Any, tuple[str, ...]]]:
+    """Each ref with the dimension records the repository has for its data ID (None for the
+    others), and the names of the elements it has none for: so that ``to_json`` (the
+    sidecar) and ``Butler.export`` (the dimension file) work. Daf_butler's own expansion
+    leaves a missing record out altogether, and both then fail with a KeyError."""
+    from lsst.daf.butler import DataCoordinate, DimensionDataAttacher
+
+    by_group: dict[Any, list[Any]] = {}
+    for ref in refs:
+        by_group.setdefault(ref.datasetType.dimensions, []).append(ref)
+    out: list[tuple[Any, tuple[str, ...]]] = []
+    for group, members in by_group.items():
+        with butler.query() as query:
+            attached = DimensionDataAttacher(dimensions=group).attach(
+                group, [ref.dataId for ref in members], query)
+        for ref, data_id in zip(members, attached):
+            records = {element: _record_or_none(data_id, element) for element in group.elements}
+            missing = tuple(e for e, record in records.items() if record is None)
+            full = DataCoordinate.from_full_values(group, data_id.full_values)
+            out.append((ref.expanded(full.expanded(records)), missing))
+    return out
+
+
+def _record_or_none(data_id: Any, element: str) -> Any:
+    try:
+        return data_id.records[element]
+    except KeyError:     # the attacher found none in the repository
+        return None
+
+
+def missing_records_note(incomplete: list[tuple[str, str, tuple[str, ...]]]) -> str:
+    """The plan's note on datasets whose data IDs lack dimension records in the source
+    (``incomplete``: dataset type, label, missing elements, per dataset). They are uploaded:
+    Butler ingests them without those records (a direct ingest and ingest-files alike), but
+    the destination lacks them too, which whoever uses it must know."""
+    by_type: dict[str, int] = {}
+    by_element: dict[str, int] = {}
+    for dataset_type, _, missing in incomplete:
+        by_type[dataset_type] = by_type.get(dataset_type, 0) + 1
+        for element in missing:
+            by_element[element] = by_element.get(element, 0) + 1
+    elements = " or ".join(e if len(by_element) == 1 else f"{e} ({n})"
+                           for e, n in sorted(by_element.items()))
+    types = ", ".join(f"{t}: {n}" for t, n in sorted(by_type.items()))
+    return (f"{len(incomplete)} datasets ({types}) have no {elements} record in the repository "
+            f"(e.g. {incomplete[0][1]}): they are uploaded with the records it has; the "
+            "destination will lack the same records, so Butler queries with dimension records "
+            "or by sky region will not find these datasets there (nor here) until those "
+            "records are added")
 
 
 def _whole_zips(butler: Any, records_of: Callable[[list[Any]], dict[Any, list[Any]]],
                 root_uri: Any, files: dict[str, list[tuple[Any, Any, bool]]],
-                cat: Catalogue) -> None:
+                cat: Catalogue, lacking: dict[Any, tuple[str, ...]]) -> None:
     """A zip (``butler ingest-zip``) is uploaded whole, and ``butler ingest-zip`` at the
     destination ingests every dataset of its index: so each zip lists all of them (and their
-    dimension records are exported), not only those the query selected."""
+    dimension records are exported), not only those the query selected. ``lacking`` gets the
+    record elements the extra datasets have no record of."""
     zips = [rel for rel, members in files.items() if members[0][2]]
     if not zips:
         return
@@ -262,7 +338,11 @@ def _whole_zips(butler: Any, records_of: Callable[[list[Any]], dict[Any, list[An
         missing = [i for i in index.refs.compact_refs if i not in have]
         if not missing:
             continue
-        extra = butler.get_many_datasets(missing)
+        extra = []
+        for ref, no_record in with_records(butler, butler.get_many_datasets(missing)):
+            extra.append(ref)
+            if no_record:
+                lacking[ref.id] = no_record
         extra_records = records_of(extra) if extra else {}
         for ref in extra:
             info = (extra_records.get(ref.id) or [None])[0]

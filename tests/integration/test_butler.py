@@ -6,7 +6,9 @@ ingest-files -t direct` ingests the tables `dac-upload butler-table` wrote, poin
 files on the test RSE: every dataset is there with the source's data ID, and reads back the
 same. A plain tree with a [[butler.map]] goes the same way; a file no map matches is
 reported, not dropped. On the SQLite Rucio (no JSON metadata plugin) the upload says once
-that the metadata was refused, and the files are uploaded all the same."""
+that the metadata was refused, and the files are uploaded all the same. Datasets of visits
+without visit_detector_region records (which a query with dimension records leaves out) are
+uploaded too, said in the plan, and ingest at the destination by both paths."""
 
 from __future__ import annotations
 
@@ -355,3 +357,132 @@ def test_doctor_looks_at_the_datastore_of_a_butler_source(pg_workdir: Path) -> N
     out = dac_upload(["doctor", str(bad)], pg_workdir)
     assert out.returncode == 1
     assert "FAIL source:" in out.stdout and "cannot be opened as a Butler repository" in out.stdout
+
+
+VISITS = (1, 2, 3, 4, 5)
+
+
+def _repo_without_some_regions(root: Path) -> dict[str, Any]:
+    """A source Butler with a vcfg dataset per visit and detector (15), whose visits 2-5 have
+    no visit_detector_region records (regions written for visit 1 only): the query with
+    dimension records finds 3 of the 15. Dataset id -> the object put."""
+    from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
+
+    Butler.makeRepo(str(root))
+    butler = Butler.from_config(str(root), writeable=True)
+    _add_dimension_records(butler)
+    reg = butler.registry
+    reg.insertDimensionData("visit", *[{"instrument": INSTRUMENT, "id": v, "name": f"v{v}",
+                                        "physical_filter": "dc-r", "day_obs": 20261125}
+                                       for v in VISITS])
+    region = ConvexPolygon.convexHull([UnitVector3d(LonLat.fromDegrees(ra, dec))
+                                       for ra, dec in ((10, 10), (11, 10), (11, 11))])
+    reg.insertDimensionData("visit_detector_region", *[{
+        "instrument": INSTRUMENT, "visit": 1, "detector": d, "region": region}
+        for d in range(3)])
+    reg.registerDatasetType(DatasetType("vcfg", ("instrument", "visit", "detector"),
+                                        "StructuredDataDict", universe=butler.dimensions))
+    reg.registerRun(RUN1)
+    put: dict[str, Any] = {}
+    for v in VISITS:
+        for d in range(3):
+            obj = {"visit": v, "detector": d}
+            ref = butler.put(obj, "vcfg", instrument=INSTRUMENT, visit=v, detector=d, run=RUN1)
+            put[str(ref.id)] = obj
+    assert len(butler.query_datasets("vcfg", collections=RUN1,
+                                     with_dimension_records=True)) == 3
+    butler.close()
+    return put
+
+
+def _regions_job(prefix: str, where: str = "") -> str:
+    return _butler_job(prefix, "../repo").replace(
+        f'"{RUN1}", "{RUN2}"', f'"{RUN1}"').replace(
+        'dataset_types = ["cfg", "tb*"]',
+        'dataset_types = ["vcfg"]' + (f'\nwhere = "{where}"' if where else ""))
+
+
+def _region_records(butler: Any) -> set[tuple[int, int]]:
+    return {(r.visit, r.detector) for r in butler.query_dimension_records(
+        "visit_detector_region", explain=False)}
+
+
+def test_datasets_whose_visits_lack_region_records_are_uploaded_said_and_ingest(
+        pg_workdir: Path, pg_rucio_client: Any) -> None:
+    """The issue: plan found 3 of 15 datasets, exit 0, nothing in skipped.jsonl. Now every
+    dataset is planned (none skipped), the plan says which records 12 of them lack, and the
+    destination ingests all 15 by the sidecar path (as lsst-dm/ctrl_ingestd does: import the
+    dim_file, DatasetRef.from_json, Butler.ingest) and by ingest.sh, lacking the same records
+    as the source."""
+    workdir, client = pg_workdir, pg_rucio_client
+    put = _repo_without_some_regions(workdir / "repo")
+    chown_user(workdir)
+    job = write_job(workdir, "regions", _regions_job(unique_prefix()))
+
+    out = dac_upload(["plan", str(job)], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = run_dir_of(out.stdout)
+    planned = [json.loads(line) for line in (run_dir / "butler.jsonl").read_text().splitlines()]
+    assert sorted(d["dataset_id"] for f in planned for d in f["datasets"]) == sorted(put)
+    assert (run_dir / "skipped.jsonl").read_text().strip() == ""
+    assert "skipped" not in out.stdout.splitlines()[0], out.stdout
+    assert ("note: 12 datasets (vcfg: 12) have no visit_detector_region record in the "
+            "repository") in out.stderr, out.stderr
+    assert "they are uploaded with the records it has" in out.stderr
+
+    sub = dac_upload(["submit", "--run", str(run_dir)], workdir)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    wait_for_jobs(list(parse_submitted(sub.stdout)))
+    summary = load_summary(run_dir)
+    assert summary["complete"] and summary["counts"]["uploaded"] == 16, summary["counts"]
+    assert summary["butler"]["datasets"] == 15 and summary["butler"]["metadata_set"] == 16
+    files = dict(summary["files"])
+    dim = files.pop(f"{SCOPE}:{summary['butler']['dimension_file']}")
+
+    # the sidecar path, as Rubin's ingest daemon takes it
+    dest = workdir / "dest-sidecar"
+    Butler.makeRepo(str(dest))
+    target = Butler.from_config(str(dest), writeable=True)
+    target.import_(filename=dim["pfn"][len("file://localhost"):])
+    refs = []
+    for f in files.values():
+        meta = client.get_metadata(SCOPE, f["name"], plugin="ALL")
+        refs.append(DatasetRef.from_json(meta["rubin_sidecar"], universe=target.dimensions))
+    target.registry.registerDatasetType(refs[0].datasetType)
+    target.ingest(*[daf_butler.FileDataset(path=f["pfn"], refs=[ref])
+                    for f, ref in zip(files.values(), refs)], transfer="direct")
+    got = target.query_datasets("vcfg", collections=RUN1)
+    assert {str(r.id) for r in got} == set(put)
+    assert all(target.get(r) == put[str(r.id)] for r in got)
+    assert _region_records(target) == {(1, d) for d in range(3)}   # as at the source
+    target.close()
+
+    # the ECSV path: butler-table, then ingest.sh (butler import + ingest-files -t direct)
+    made = dac_upload(["butler-table", str(run_dir)], workdir)
+    assert made.returncode == 0, made.stdout + made.stderr
+    dest = workdir / "dest-ecsv"
+    _destination(dest)
+    _ingest(workdir, run_dir / "butler-ingest" / "ingest.sh", dest)
+    target = Butler.from_config(str(dest))
+    got = target.query_datasets("vcfg", collections=RUN1)
+    by_key = {(r.dataId["visit"], r.dataId["detector"]): r for r in got}
+    assert sorted(by_key) == sorted((o["visit"], o["detector"]) for o in put.values())
+    assert all(target.get(r) == {"visit": v, "detector": d} for (v, d), r in by_key.items())
+    assert _region_records(target) == {(1, d) for d in range(3)}
+
+
+def test_a_dataset_type_whose_datasets_all_lack_region_records_is_planned_with_the_cause(
+        workdir: Path) -> None:
+    """dataset_types = ["vcfg"] where visit > 1: every dataset lacks its region records. This
+    was refused as 'finds no dataset'; now the 12 are planned and the note names the cause."""
+    put = _repo_without_some_regions(workdir / "repo")
+    chown_user(workdir)
+    job = write_job(workdir, "regions", _regions_job(
+        unique_prefix(), where=f"instrument = '{INSTRUMENT}' AND visit > 1"))
+    out = dac_upload(["plan", "--offline", str(job)], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "finds no dataset" not in out.stderr
+    assert ("note: 12 datasets (vcfg: 12) have no visit_detector_region record in the "
+            "repository") in out.stderr, out.stderr
+    planned = (run_dir_of(out.stdout) / "butler.jsonl").read_text().splitlines()
+    assert len(planned) == 12 == len(put) - 3

@@ -484,3 +484,106 @@ def test_a_zip_is_uploaded_whole_with_all_its_datasets(tmp_path: Path,
     export = tmp_path / "dims.yaml"
     src.write_dimension_export(export)
     assert "element: detector" in export.read_text()
+
+
+# ----------------------------------------------------------------------------- missing records
+def test_missing_records_note_counts_and_names_them() -> None:
+    from dac_upload.butler import missing_records_note
+
+    vdr = ("visit_detector_region",)
+    note = missing_records_note([("calexp", "calexp@{'visit': 2} in r", vdr),
+                                 ("calexp", "calexp@{'visit': 3} in r", vdr),
+                                 ("src", "src@{'visit': 2} in r", vdr)])
+    assert note.startswith("3 datasets (calexp: 2, src: 1) have no visit_detector_region "
+                           "record in the repository (e.g. calexp@{'visit': 2} in r)"), note
+    assert "they are uploaded" in note and "destination will lack the same records" in note
+    two = missing_records_note([("a", "a@1", ("x",)), ("a", "a@2", ("x", "y"))])
+    assert "have no x (2) or y (1) record" in two, two
+
+
+def _repo_without_some_regions(tmp: Path) -> Path:
+    """Five visits of three detectors, with visit_detector_region records for visit 1 only (as
+    when regions were written for some visits), and a dataset per visit and detector."""
+    from lsst.daf.butler import Butler, DatasetType
+    from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
+
+    region = ConvexPolygon.convexHull([UnitVector3d(LonLat.fromDegrees(ra, dec))
+                                       for ra, dec in ((10, 10), (11, 10), (11, 11))])
+    Butler.makeRepo(str(tmp / "repo"))
+    b = Butler.from_config(str(tmp / "repo"), writeable=True)
+    reg = b.registry
+    reg.insertDimensionData("instrument", {"name": "Cam", "visit_max": 10, "exposure_max": 10,
+                                           "detector_max": 10,
+                                           "class_name": "lsst.obs.base.Instrument"})
+    reg.insertDimensionData("detector", *[{"instrument": "Cam", "id": d, "full_name": f"d{d}"}
+                                          for d in range(3)])
+    reg.insertDimensionData("physical_filter", {"instrument": "Cam", "name": "r", "band": "r"})
+    reg.insertDimensionData("day_obs", {"instrument": "Cam", "id": 20261125})
+    reg.insertDimensionData("visit", *[{"instrument": "Cam", "id": v, "name": f"v{v}",
+                                        "physical_filter": "r", "day_obs": 20261125}
+                                       for v in range(1, 6)])
+    reg.insertDimensionData("visit_detector_region", *[{
+        "instrument": "Cam", "visit": 1, "detector": d, "region": region} for d in range(3)])
+    reg.registerDatasetType(DatasetType("vcfg", ("instrument", "visit", "detector"),
+                                        "StructuredDataDict", universe=b.dimensions))
+    reg.registerRun("run")
+    for v in range(1, 6):
+        for d in range(3):
+            b.put({"v": v, "d": d}, "vcfg", instrument="Cam", visit=v, detector=d, run="run")
+    b.close()
+    return tmp / "repo"
+
+
+@pytest.fixture(scope="module")
+def regionless_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _repo_without_some_regions(tmp_path_factory.mktemp("regions"))
+
+
+def test_datasets_without_some_dimension_records_are_catalogued_and_said(
+        tmp_path: Path, regionless_repo: Path) -> None:
+    """The query with dimension records finds 3 of the 15 datasets (daf_butler joins
+    visit_detector_region, which visits 2-5 lack): all of them are catalogued, with a note,
+    and their sidecars and the dimension export work."""
+    from lsst.daf.butler import Butler, DatasetRef
+
+    from dac_upload.butler import catalogue_from_repo
+
+    source = Butler.from_config(str(regionless_repo))
+    assert len(source.query_datasets("vcfg", collections="run",
+                                     with_dimension_records=True)) == 3
+    job = _repo_cfg(tmp_path, regionless_repo, '["run"]',
+                    'where = "instrument = \'Cam\' AND detector != 1"')
+    src = catalogue_from_repo(job.butler, "job.toml")
+    assert not src.catalogue.skipped and not src.catalogue.refused
+    found = {d["dataset_id"] for ds in src.datasets.values() for d in ds}
+    wanted = {str(r.id) for r in source.query_datasets("vcfg", collections="run",
+                                                       where="instrument = 'Cam' AND "
+                                                             "detector != 1")}
+    assert found == wanted and len(wanted) == 10
+    (note,) = src.notes
+    assert note.startswith("8 datasets (vcfg: 8) have no visit_detector_region record in the "
+                           "repository (e.g. vcfg@{'instrument': 'Cam', "), note
+    u = source.dimensions
+    for rel, (dataset,) in src.datasets.items():
+        back = DatasetRef.from_json(src.sidecars[rel], universe=u)
+        assert str(back.id) == dataset["dataset_id"] and back.dataId.hasRecords()
+        assert '"visit":{"definition":"visit"' in src.sidecars[rel]
+        assert ('"visit_detector_region"' in src.sidecars[rel]) == (back.dataId["visit"] == 1)
+    export = tmp_path / "dims.yaml"
+    src.write_dimension_export(export)
+    text = export.read_text()
+    assert "element: visit_detector_region" in text and "element: visit\n" in text
+    assert text.count("name: v") == 5                    # every visit's record went along
+
+
+def test_a_dataset_type_whose_datasets_all_lack_records_is_found(
+        tmp_path: Path, regionless_repo: Path) -> None:
+    """Once refused as 'finds no dataset': now catalogued, the note saying what is missing."""
+    from dac_upload.butler import catalogue_from_repo
+
+    job = _repo_cfg(tmp_path, regionless_repo, '["run"]',
+                    'dataset_types = ["vcfg"]\nwhere = "instrument = \'Cam\' AND visit > 1"')
+    src = catalogue_from_repo(job.butler, "job.toml")
+    assert len(src.catalogue.entries) == 12
+    (note,) = src.notes
+    assert note.startswith("12 datasets (vcfg: 12) have no visit_detector_region record")
