@@ -35,6 +35,7 @@ from .worker import (
     FAILED,
     NOT_ATTEMPTED,
     UPLOADED,
+    CopyLog,
     Settings,
     StopRequest,
     existing_verdict,
@@ -45,8 +46,10 @@ from .worker import (
 )
 
 Record = dict[str, Any]
-# how far a record got, kept on it while its chunk is under way (removed before writing)
-_REGISTERED, _PROTECTED = "_registered", "_protected"
+# how far a record got, kept on it while its chunk is under way (removed before writing):
+# its registration request sent, its replica read back as ours, its rule or attachment
+# confirmed; and whether that rule or attachment was found made by another upload
+_SENT, _REGISTERED, _PROTECTED, _BY_OTHER = "_sent", "_registered", "_protected", "_by_other"
 
 
 class TaskAborted(Exception):
@@ -88,7 +91,8 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 def bulk_records(rio: Any, s: Settings, todo: list[Record], stop: StopRequest,
                  abort: Callable[[str], None], aborted: Callable[[], str | None],
-                 crash_after_copy: Callable[[], None] | None = None) -> Iterator[Record]:
+                 crash_after_copy: Callable[[], None] | None = None,
+                 copies: CopyLog | None = None) -> Iterator[Record]:
     """Result records of ``todo`` in manifest order, chunk by chunk. ``abort(reason)`` stops
     the task (the rest become not_attempted, cause aborted). ``crash_after_copy`` is the
     tests' way to kill the task between its copies and their registration.
@@ -98,7 +102,11 @@ def bulk_records(rio: Any, s: Settings, todo: list[Record], stop: StopRequest,
     checksums and copies chunk N+1, whose name lookup was queued before N's registration:
     the server and the storage work at the same time. Chunk N's records are written once
     chunk N+1's copies are done (a task killed in between finds them already_present); after
-    a stop signal the next chunk is not read, so they are written at once."""
+    a stop signal the next chunk is not read, so they are written at once.
+
+    ``copies`` (the task's copies.jsonl) gets the names of a chunk before they are copied;
+    only a copy an earlier attempt listed there is registered as found on the RSE."""
+    copies = copies or CopyLog(None, 0)
     parts = list(chunks(todo, s.chunk_size))
     with ThreadPoolExecutor(max_workers=s.transfers, thread_name_prefix="copy") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="rucio") as lane:
@@ -121,12 +129,12 @@ def bulk_records(rio: Any, s: Settings, todo: list[Record], stop: StopRequest,
                 if i not in lookups:
                     lookups[i] = _lookup(lane, rio, s, chunk, stop)
                 recs, copied, present = _front(rio, storage, s, chunk, stop, pool, lane,
-                                               lookups.pop(i))
+                                               lookups.pop(i), copies)
                 if crash_after_copy is not None and copied:
                     crash_after_copy()
                 if i + 1 < len(parts) and not stop.reason:   # the next chunk's lookup goes
                     lookups[i + 1] = _lookup(lane, rio, s, parts[i + 1], stop)   # ahead
-                fut = lane.submit(_back, rio, s, copied, present, stop)
+                fut = lane.submit(_back, rio, s, copied, present, stop, storage)
             except Exception as exc:
                 if back is not None:
                     yield from _finish(back, s, abort, stop)
@@ -167,8 +175,14 @@ def _finish(back: tuple[Future[Any], list[Record]], s: Settings,
         reason, cause = _ended(exc, stop, abort)
         for r in recs:
             if r.get(_REGISTERED) and not r.get(_PROTECTED):
-                r.update(status=FAILED, cause="rucio", error=(
-                    f"registered but not protected ({reason}); a resubmission adds the rule"))
+                r.update(status=FAILED, cause="interrupted", error=(
+                    f"registered; the task stopped before its rule or dataset attachment was "
+                    f"confirmed ({reason}); a resubmission makes sure"))
+            elif r["status"] is None and r.get(_SENT):
+                r.update(status=FAILED, cause="interrupted", error=(
+                    f"copied and verified; the task stopped while registering it ({reason}):"
+                    " it may be registered, without a rule; a resubmission checks and "
+                    "finishes it"))
             elif r["status"] is None:
                 r.update(status=NOT_ATTEMPTED, cause=cause,
                          error=f"task stopped before registering this file: {reason}")
@@ -177,7 +191,7 @@ def _finish(back: tuple[Future[Any], list[Record]], s: Settings,
                     f"already present, but its rule or dataset attachment was not checked "
                     f"({reason}); a resubmission does it"))
     for r in recs:
-        for key in (_REGISTERED, _PROTECTED, "had_did"):
+        for key in (_REGISTERED, _PROTECTED, _SENT, _BY_OTHER, "had_did"):
             r.pop(key, None)
     yield from recs
 
@@ -190,26 +204,28 @@ def _lookup(lane: ThreadPoolExecutor, rio: Any, s: Settings, chunk: list[Record]
 
 
 def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopRequest,
-           pool: ThreadPoolExecutor, lane: ThreadPoolExecutor, lookup: Future[Any]
-           ) -> tuple[list[Record], list[Record], list[Record]]:
+           pool: ThreadPoolExecutor, lane: ThreadPoolExecutor, lookup: Future[Any],
+           copies: CopyLog) -> tuple[list[Record], list[Record], list[Record]]:
     """Read, ask, copy: (records of the chunk, copied, present). A file whose name Rucio
-    does not know is copied by the same thread right after its checksums (the lookup was
-    asked ahead), so reading one file and copying another overlap; the others wait for
-    the whole chunk."""
+    does not know is copied by the same thread right after its checksums, so reading one
+    file and copying another overlap; the others wait for the whole chunk. The names to
+    copy are written to copies.jsonl first (one fsync for the chunk)."""
     def no_replica_here(name: str) -> bool:
-        """Asked (in the lane, at that moment) before a different copy at the name's PFN is
-        overwritten: only an unregistered leftover may be."""
+        """Asked (in the lane, at that moment) before a copy at the name's PFN that is not
+        ours to register is overwritten: only an unregistered one may be."""
         reps = lane.submit(retrying, lambda: rio.replicas_bulk(s.scope, [name], s.rse), s,
                            stop, "listing replicas", True).result()
         return name not in reps
 
-    copy_one = _copier(storage, s, stop, no_replica_here)
+    copy_one = _copier(storage, s, stop, no_replica_here, copies.earlier)
+    known = lookup.result()
+    copies.started([e["name"] for e in chunk if e["name"] not in known])
 
     def local_then_copy(e: Record) -> tuple[Record, bool]:
         if stop.reason:                  # a stop signal: do not read the rest of the chunk
             return not_attempted(s, e, stop.reason, "stopped"), False
         r = local_record(s, e)
-        if r["status"] is None and e["name"] not in lookup.result():
+        if r["status"] is None and e["name"] not in known:
             return copy_one(r), True
         return r, False
 
@@ -217,7 +233,7 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopR
     recs = [r for r, _ in done]
     copied = [r for r, tried in done if tried and r["status"] is None]
     pending = [r for r, tried in done if not tried and r["status"] is None]
-    existing = lookup.result() if pending else {}
+    existing = known if pending else {}
     maybe_present, to_copy = [], []
     for r in pending:
         did = existing[r["name"]]
@@ -241,6 +257,11 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopR
                 to_copy.append(r)
             elif rep.state == "AVAILABLE":
                 r.update(status=ALREADY_PRESENT, pfn=rep.pfn)
+                if r["name"] in copies.earlier:   # an earlier attempt got this far, then died
+                    r.update(verified=storage.verification, note=(
+                        "uploaded by an earlier attempt of this task, which stopped before "
+                        "recording it"))
+                    r["_earlier"] = True
                 present.append(r)
             else:                        # Rucio knows a replica here: never touch its bytes
                 r.update(status=FAILED, cause="rucio", error=(
@@ -248,20 +269,68 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopR
                     "AVAILABLE: left alone, not overwritten; resubmit once Rucio has settled "
                     "it, or ask the RSE's admins"))
 
+    copies.started([r["name"] for r in to_copy])
     copied += [r for r in pool.map(copy_one, to_copy) if r["status"] is None]
+    present += _registered_meanwhile(rio, s, stop, lane, [
+        r for r, tried in done if tried and r["status"] == FAILED
+        and r.get("cause") in _COPY_CAUSES] + [r for r in to_copy if r["status"] == FAILED
+                                               and r.get("cause") in _COPY_CAUSES])
     return recs, copied, present
 
 
+_COPY_CAUSES = ("rucio", "verify", "transient")
+
+
+def _registered_meanwhile(rio: Any, s: Settings, stop: StopRequest,
+                          lane: ThreadPoolExecutor, failed: list[Record]) -> list[Record]:
+    """Files whose copy failed, asked again (two requests for all of them): one that is
+    AVAILABLE on the RSE by now with our bytes was uploaded meanwhile by someone else (a
+    second run writing the same names, whose rewrite of the copy made ours fail): it is
+    already_present, not failed. Returns those (to be protected like any present file)."""
+    out: list[Record] = []
+    for look in range(2):   # the other upload may register a moment later: look twice
+        if not failed or stop.reason:
+            break
+        if look:
+            stop.sleep(s.retry_wait)
+        asked = [r["name"] for r in failed]
+        dids = lane.submit(retrying, lambda n=asked: rio.dids_bulk(s.scope, n), s, stop,
+                           "looking up names", True).result()
+        same = [r for r in failed if r["name"] in dids and existing_verdict(
+            r["bytes"], r["adler32"], dids[r["name"]].bytes, dids[r["name"]].adler32) == "same"]
+        found = [r["name"] for r in same]
+        reps = lane.submit(retrying, lambda n=found: rio.replicas_bulk(s.scope, n, s.rse), s,
+                           stop, "listing replicas", True).result() if same else {}
+        for r in same:
+            rep = reps.get(r["name"])
+            if rep is not None and rep.state == "AVAILABLE":
+                r.update(status=ALREADY_PRESENT, cause=None, pfn=rep.pfn, verified=None,
+                         guid=dids[r["name"]].guid, note=(
+                             f"this run's copy failed ({r['error']}), but another upload "
+                             "registered the name meanwhile with these bytes"), error=None)
+                out.append(r)
+        failed = [r for r in failed if r["status"] == FAILED]
+    return out
+
+
 def _back(rio: Any, s: Settings, copied: list[Record], present: list[Record],
-          stop: StopRequest) -> None:
+          stop: StopRequest, storage: Any = None) -> None:
     """Register, read back, then protect (in the lane). Raises RucioFatal / TaskAborted to
-    stop; each record says how far it got."""
+    stop; each record says how far it got.
+
+    Which upload of a name counts is decided by its protection: Rucio registers a replica
+    that exists already without a word, but refuses a second rule of an account on an RSE
+    (DuplicateRule) and a second attachment to a dataset. A file whose rule or attachment
+    another upload made first (a second run writing the same names) is already_present,
+    never uploaded by both."""
     from .rucio_io import RucioFileError, RucioTransient
 
     if s.guid:   # the server sets it DID by DID: about 40 % of its registration time
         for r in copied:
             if not r.get("had_did"):
                 r["guid"] = uuid.uuid4().hex
+    for r in copied:
+        r[_SENT] = True
     try:
         retrying(lambda: rio.add_replicas(s.rse, s.scope, _replica_rows(copied)), s, stop,
                  "registering replicas", transient_too=True)
@@ -293,7 +362,14 @@ def _back(rio: Any, s: Settings, copied: list[Record], present: list[Record],
             r["pfn"] = rep.pfn or r["pfn"]
     _protect(rio, s, [r for r in copied if r.get(_REGISTERED)], present, stop)
     for r in copied:
-        if r.get(_PROTECTED):
+        if r.get(_PROTECTED) and r.get(_BY_OTHER):
+            r.update(status=ALREADY_PRESENT, verified=None, note=(
+                "another upload protected this name first (a second run writing the same "
+                "names?): counted there, not here"))
+        elif r.get(_PROTECTED):
+            r["status"] = UPLOADED
+    for r in present:
+        if r.pop("_earlier", False) and r.get(_PROTECTED):
             r["status"] = UPLOADED
 
 
@@ -303,9 +379,12 @@ def _replica_rows(recs: list[Record]) -> list[Record]:
 
 
 def _copier(storage: Any, s: Settings, stop: StopRequest,
-            may_replace: Callable[[str], bool]) -> Callable[[Record], Record]:
+            may_replace: Callable[[str], bool],
+            own: set[str] | frozenset[str] = frozenset()) -> Callable[[Record], Record]:
     """Copy one file onto the RSE (a storage that fails transiently is tried again like the
-    server); its record gets the pfn once the copy is verified there, or says why not."""
+    server); its record gets the pfn once the copy is verified there, or says why not.
+    ``own``: names an earlier attempt of this task began to copy (copies.jsonl), whose
+    verified copy found at the PFN may be registered as it is."""
     from .rucio_io import RucioFatal, RucioFileError, RucioTransient
     from .worker import _pause
 
@@ -321,12 +400,19 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
             try:
                 r["pfn"], how = storage.put(s.root / r["relpath"], s.scope, r["name"],
                                             r["bytes"], r["adler32"],
-                                            lambda: may_replace(r["name"]))
+                                            lambda: may_replace(r["name"]),
+                                            own=r["name"] in own)
                 r["verified"] = storage.verification
-                if how != "copied":
-                    r["note"] = ("registered the verified copy an earlier attempt left on "
-                                 "the RSE" if how == "found" else
-                                 "replaced an unregistered copy with other content on the RSE")
+                mine = r["name"] in own
+                if how == "found":
+                    r["note"] = ("registered the verified copy an earlier attempt of this "
+                                 "task left on the RSE" if mine else
+                                 "a verified copy was there and Rucio now has a replica")
+                elif how == "replaced":
+                    r["note"] = ("replaced the unregistered copy an earlier attempt of this "
+                                 "task left on the RSE (partial, or not verified)" if mine
+                                 else "replaced an unregistered copy on the RSE that this "
+                                 "task did not make")
                 return r
             except RucioFatal:
                 raise
@@ -359,33 +445,39 @@ def _protect(rio: Any, s: Settings, registered: list[Record], present: list[Reco
     def each(recs: list[Record], call: Callable[[Record], Any]) -> None:
         for r in recs:
             try:
-                call(r)
+                made = call(r)
                 r[_PROTECTED] = True
+                if made is False and r["status"] is None:   # ours to claim, but claimed
+                    r[_BY_OTHER] = True
             except RucioFileError as exc:
                 r.update(status=FAILED, cause="rucio", error=(
                     f"registered but not protected ({exc}); a resubmission adds the rule"
                     if r["status"] is None else
                     f"already present, but not protected ({exc}); a resubmission does it"))
 
-    def bulk(recs: list[Record], call: Callable[[list[str]], bool],
+    def bulk(recs: list[Record], call: Callable[[list[str]], list[str]],
              one: Callable[[Record], Any], what: str) -> None:
+        """``call(names)`` -> the names it could not protect in bulk: one by one."""
         if not recs:
             return
         try:
-            done = retrying(lambda: call([r["name"] for r in recs]), s, stop, what,
-                            transient_too=True)
+            left = set(retrying(lambda: call([r["name"] for r in recs]), s, stop, what,
+                                transient_too=True))
         except RucioFileError:
-            done = False
-        if done:
-            for r in recs:
+            left = {r["name"] for r in recs}
+        for r in recs:
+            if r["name"] not in left:
                 r[_PROTECTED] = True
-        else:
-            each(recs, one)
+        each([r for r in recs if r["name"] in left], one)
 
     if s.dataset:
         ds = s.dataset
-        bulk(new + older, lambda names: rio.attach_bulk(ds, s.scope, names),
-             lambda r: rio.attach(ds, s.scope, r["name"]), "attaching to the dataset")
+
+        def attach_all(names: list[str]) -> list[str]:
+            return [] if rio.attach_bulk(ds, s.scope, names) else names
+
+        bulk(new + older, attach_all, lambda r: rio.attach(ds, s.scope, r["name"]),
+             "attaching to the dataset")
         return
 
     def rule(r: Record) -> Any:

@@ -433,6 +433,49 @@ def collect(run_dir: str) -> None:
     _report(target)
 
 
+@main.command("remake-manifests")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def remake_manifests(run_dir: str) -> None:
+    """Restore the manifests of RUN_DIR that are missing or were changed after planning,
+    made again from the run's catalogue and job copy; each must match the digest run.json
+    recorded at planning, or it is left as it is (exit 2)."""
+    import hashlib
+
+    from .collect import manifest_problem
+    from .files import atomic_write_bytes
+    from .pipeline import remake_manifests as remake
+
+    target = Path(run_dir).resolve()
+    run = _read_run_json(target)
+    digests = run["plan"].get("manifest_sha256")
+    if not digests:
+        _fail(f"{target}: planned by a dac-upload that recorded no manifest digests: its "
+              "manifests cannot be checked or re-made; plan a new run", EXIT_USER)
+    bad = {t: why for t in range(int(run["plan"]["tasks"]))
+           if (why := manifest_problem(target, run, t))}
+    if not bad:
+        click.echo("every manifest is the one planned: nothing to do")
+        return
+    try:
+        made = remake(target)
+    except Exception as exc:
+        _fail(f"cannot make the manifests again from {target / 'catalogue.json'}: {exc}",
+              EXIT_USER)
+    failed = []
+    for t, why in sorted(bad.items()):
+        data = made.get(t)
+        if data is None or hashlib.sha256(data).hexdigest() != digests[t]:
+            failed.append(f"task {t}: {why}; made again it still differs from the plan "
+                          "(a Butler source's metadata is only in the repository): plan a "
+                          "new run for these files")
+            continue
+        atomic_write_bytes(target / "manifests" / f"task-{t:05d}.json", data)
+        click.echo(f"restored {target / 'manifests' / f'task-{t:05d}.json'} ({why})")
+    if failed:
+        _fail(failed, EXIT_USER)
+    click.echo(f"the manifests are as planned; next: dac-upload status {target}")
+
+
 def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[Any]]:
     """(RunState, [TaskStatus]) from the run directory and the scheduler's view. Without the
     scheduler's view ``status`` still answers from the results; ``resubmit`` must not (it

@@ -8,6 +8,7 @@ time of its own, only the times the tasks recorded).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,29 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
     return run
 
 
+def manifest_problem(run_dir: Path, run: dict[str, Any], task: int) -> str | None:
+    """Why the task's manifest is not the one planned (missing, or its sha256 differs from
+    run.json's), or None. Runs planned before digests were recorded are taken as they are."""
+    import hashlib
+
+    path = RunLayout(run_dir).manifest(task)
+    digests = (run.get("plan") or {}).get("manifest_sha256")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return f"{path}: missing"
+    except OSError as exc:
+        return f"{path}: cannot read it ({exc.strerror})"
+    if digests is None or task >= len(digests):
+        return None
+    if hashlib.sha256(data).hexdigest() != digests[task]:
+        return f"{path}: not the manifest planned (changed since: its sha256 differs)"
+    return None
+
+
+REMAKE_HINT = "re-make it from the run's catalogue: dac-upload remake-manifests"
+
+
 @dataclass
 class RunState:
     """Everything the run directory says about a run."""
@@ -192,14 +216,31 @@ def read_run(run_dir: Path) -> RunState:
     n = int(run["plan"]["tasks"])
     problems: list[str] = []
     manifests = {}
+    remade: dict[int, bytes] | None = None
     for t in range(n):
-        try:
-            manifests[t] = read_manifest(layout.manifest(t))
-        except FileNotFoundError:
-            raise RunReadError(f"{layout.manifest(t)}: missing") from None
-        except ValueError as exc:
-            raise RunReadError(str(exc) if str(layout.manifest(t)) in str(exc) else
-                               f"{layout.manifest(t)}: damaged ({exc})") from None
+        why = manifest_problem(run_dir, run, t)
+        if why is None:
+            try:
+                manifests[t] = read_manifest(layout.manifest(t))
+                continue
+            except ValueError as exc:   # a run planned without digests
+                why = str(exc) if str(layout.manifest(t)) in str(exc) else \
+                    f"{layout.manifest(t)}: damaged ({exc})"
+        if remade is None:   # what the planner wrote, from the catalogue and the job copy
+            from .pipeline import remake_manifests
+
+            try:
+                remade = remake_manifests(run_dir)
+            except Exception as exc:
+                raise RunReadError(f"{why}; and it cannot be made again from the run's "
+                                   f"catalogue ({exc})") from None
+        if t not in remade:
+            raise RunReadError(f"{why}; the run's catalogue gives no task {t}")
+        manifests[t] = json.loads(remade[t])
+        manifests[t]["files"] = [dict(zip(manifests[t]["columns"], row))
+                                 for row in manifests[t]["files"]]
+        problems.append(f"{why}: its files are reported from the manifest as planned (made "
+                        f"again from the catalogue); {REMAKE_HINT} {run_dir}")
     results = {t: list(read_result_records(layout.result(t), problems,
                                            f"results/{layout.result(t).name}"))
                for t in range(n) if layout.result(t).exists()}

@@ -359,10 +359,16 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     if found.repo is not None and job.butler.metadata:
         extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
 
-    write_files_atomically(((layout.manifest(batch.index), manifest_bytes(
-        {"run_id": run_id, "task": batch.index, "source_root": str(job.source.root),
-         "bytes": batch.bytes}, batch.files, meta, extra if batch.index == 0 else ()))
-        for batch in batches), layout.manifests)
+    digests: list[str] = []
+
+    def manifests() -> Iterator[tuple[Path, bytes]]:
+        for batch in batches:
+            data = _manifest_of(run_id, str(job.source.root), batch, meta,
+                                extra if batch.index == 0 else ())
+            digests.append(hashlib.sha256(data).hexdigest())
+            yield layout.manifest(batch.index), data
+
+    write_files_atomically(manifests(), layout.manifests)
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
             {"relpath": f[REL], "datasets": found.datasets[f[REL]]}
@@ -408,6 +414,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
                  "files_per_batch": job.batching.files_per_batch,
                  "bytes_per_batch": job.batching.bytes_per_batch,
                  "max_running": job.batching.max_running,
+                 "manifest_sha256": digests,   # the worker and submit refuse any other
                  "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
         "upload": {"mode": job.upload.mode, "chunk_size": job.upload.chunk_size,
                    "transfers": job.upload.transfers, "rename": job.upload.rename,
@@ -424,6 +431,38 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     atomic_write_json(layout.run_json, run)
     return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run,
                        notes)
+
+
+def _manifest_of(run_id: str, root: str, batch: Batch, meta: dict[str, Any],
+                 extra: Any) -> bytes:
+    return manifest_bytes({"run_id": run_id, "task": batch.index, "source_root": root,
+                           "bytes": batch.bytes}, batch.files, meta, extra)
+
+
+def remake_manifests(run_dir: Path) -> dict[int, bytes]:
+    """The run's manifests made again, as plan made them, from what the run directory keeps:
+    its catalogue and its copy of the job file (naming, batching). Byte-identical to the
+    planned ones except where a Butler source's metadata went into them (only the
+    repository's query gives that); the digests in run.json tell which are."""
+    import tomllib
+
+    from .catalogue import read_catalogue
+    from .collect import read_run_json
+    from .config import parse_job
+
+    layout = RunLayout(run_dir)
+    run = read_run_json(run_dir)
+    text = layout.job_copy.read_text(encoding="utf-8")
+    job = parse_job(tomllib.loads(text), Path(run["job"]["file"]), text)
+    cat, _ = read_catalogue(layout.catalogue)
+    files, _ = name_files(cat.files(), job.naming)
+    batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
+    extra = []
+    dim = (run.get("butler") or {}).get("dimension_file")
+    if dim and (layout.dir / DIMENSION_EXPORT).exists():
+        extra = [_dimension_file_entry(job, run["run_id"], layout.dir / DIMENSION_EXPORT)]
+    return {b.index: _manifest_of(run["run_id"], run["source"]["root"], b, {},
+                                  extra if b.index == 0 else ()) for b in batches}
 
 
 def _dimension_file_entry(job: JobConfig, run_id: str, export: Path) -> dict[str, Any]:
@@ -491,9 +530,15 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
 
     ``submit(options, body, run_dir, script_name) -> job id`` is slurm.submit in real use.
     """
+    from .collect import REMAKE_HINT, manifest_problem
+
     layout = RunLayout(run_dir)
     run = read_json(layout.run_json)
     indices = sorted(set(indices))
+    bad = [why for t in indices if (why := manifest_problem(run_dir, run, t))]
+    if bad:
+        raise PlanError([*bad[:MAX_PROBLEM_LINES], f"nothing submitted; {REMAKE_HINT} "
+                         f"{run_dir}"])
     left: list[int] = []
     if max_submit is not None and len(indices) > max_submit:
         indices, left = indices[:max_submit], indices[max_submit:]

@@ -6,10 +6,12 @@ into two exceptions: ``RucioFileError`` (this file failed, go on with the next) 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -76,6 +78,11 @@ class RucioTransient(RucioFileError):
     """The server failed this request (HTTP 5xx, database busy): trying again may work."""
 
 
+class StorageFull(RucioFatal):
+    """The RSE's storage has no room (or our quota there is used up): every further copy
+    would fail the same way, so the task stops and says so once."""
+
+
 @dataclass(frozen=True)
 class DidInfo:
     bytes: int | None
@@ -116,6 +123,74 @@ def _translate(exc: BaseException, what: str) -> Exception:
     return RucioFileError(f"{what}: {_describe(exc)}")
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or while handling (``__cause__``,
+    ``__context__``) and any exception Rucio wrapped as an argument
+    (``ServiceUnavailable(e)``): Rucio's protocols bury the storage's own error there. Its
+    POSIX protocol, for one, reads ``self.rse['prefix']`` (a key that is never there) in the
+    error path of ``put``, so ENOSPC or EACCES reaches us as ``KeyError: 'prefix'``, the
+    OSError only in its ``__context__``."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__,
+                 *(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))]
+
+
+# errno values, and the words storages use (gfal2/XRootD text, WebDAV's HTTP 507), that mean
+# the storage has no room for the file
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = ("no space left on device", "disk quota exceeded", "insufficient storage",
+               "not enough space", "out of space", "enospc", "edquot")
+
+
+def storage_full(exc: BaseException) -> str | None:
+    """What the storage said if ``exc`` means it is full ("No space left on device", "Disk
+    quota exceeded", ...), else None (pure)."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return os.strerror(e.errno)
+    for e in _chain(exc):
+        text = " ".join(str(e).split())
+        low = text.lower()
+        for word in _FULL_WORDS:
+            at = low.find(word)
+            if at >= 0:
+                return text[at:at + len(word)]
+    return None
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The storage's own OSError (one with an errno) behind ``exc``, if ``exc`` is not that
+    error itself but a wrapper saying less (``KeyError: 'prefix'``); else None."""
+    for e in _chain(exc):
+        if e is not exc and isinstance(e, OSError) and e.errno:
+            return e
+    return None
+
+
+def _full_message(rse: str, said: str, pfn: str) -> str:
+    return (f"the storage of RSE {rse} is full ({said}) writing {pfn}: no further file can "
+            "be copied there; ask the RSE's admins for space (or set another [rucio] rse), "
+            "then resubmit")
+
+
+def _storage_failure(exc: BaseException, what: str, rse: str, pfn: str) -> Exception:
+    """``_translate`` for a storage operation: a full storage stops the task (StorageFull);
+    otherwise the kind ``_translate`` gives, saying what the storage itself said."""
+    said = storage_full(exc)
+    if said:
+        return StorageFull(_full_message(rse, said, pfn))
+    out = _translate(exc, what)
+    real = storage_error(exc)
+    return type(out)(f"{what}: {_describe(real)}") if real is not None else out
+
+
 def _client_creds(creds: Credentials) -> dict[str, Any]:
     if creds.auth_type == "userpass":
         return {"username": creds.username, "password": read_password(creds)}
@@ -132,11 +207,21 @@ class _Capture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.INFO)
         self.messages: list[str] = []
+        self.errors: list[BaseException] = []   # logged with exc_info: the real chain
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
 
     def reason(self) -> str | None:
+        """The last failure UploadClient logged, as the storage said it when Rucio's
+        wrapper hides it (``RSE does not support requested operation. Details:
+        'prefix'``)."""
+        for exc in reversed(self.errors):
+            real = storage_error(exc)
+            if real is not None:
+                return _describe(real)
         for msg in reversed(self.messages):
             if msg.startswith("Exception:"):
                 return " ".join(msg[len("Exception:"):].split())
@@ -144,6 +229,15 @@ class _Capture(logging.Handler):
             if "fail" in msg.lower() or "error" in msg.lower():
                 return msg
         return None
+
+    def full(self) -> str | None:
+        """What the storage said, if a failure UploadClient logged means it is full."""
+        for exc in reversed(self.errors):
+            said = storage_full(exc)
+            if said:
+                return said
+        return next((said for msg in reversed(self.messages) if msg.startswith("Exception:")
+                     and (said := storage_full(Exception(msg)))), None)
 
 
 @contextlib.contextmanager
@@ -341,6 +435,7 @@ class RucioIO:
         self._uploader: UploadClient | None = None
         self._storages: dict[str, Storage | None] = {}
         self.rules_per_request = RULES_PER_REQUEST
+        self.ruled: set[tuple[str, str]] = set()   # DIDs this session made a rule for
 
     @classmethod
     def for_run(cls, run_dir: Path, run: dict[str, Any]) -> RucioIO:
@@ -513,15 +608,19 @@ class RucioIO:
         except Exception as exc:
             raise _translate(exc, f"registering {len(files)} replicas on {rse}") from None
 
-    def add_rules(self, scope: str, names: list[str], rse: str, lifetime: int | None) -> bool:
-        """One rule per DID on ``rse``, in requests of ``self.rules_per_request`` DIDs; False
-        if one of a request's DIDs already has a rule (that request made none), so the
-        caller can go file by file. A request that took more than RULE_SECONDS per rule
-        halves the size of the next ones (at least 10): see RULES_PER_REQUEST."""
-        made_all = True
+    def add_rules(self, scope: str, names: list[str], rse: str,
+                  lifetime: int | None) -> list[str]:
+        """One rule per DID on ``rse``, in requests of ``self.rules_per_request`` DIDs;
+        returns the names of the requests that made none because one of their DIDs already
+        had a rule (DuplicateRule), for the caller to take one by one. Names this session
+        has made a rule for are skipped (a request tried again after a failure). A request
+        that took more than RULE_SECONDS per rule halves the size of the next ones (at
+        least 10): see RULES_PER_REQUEST."""
+        refused: list[str] = []
+        todo = [n for n in names if (scope, n) not in self.ruled]
         i = 0
-        while i < len(names):
-            part = names[i:i + self.rules_per_request]
+        while i < len(todo):
+            part = todo[i:i + self.rules_per_request]
             i += len(part)
             t0 = time.monotonic()
             try:
@@ -529,12 +628,14 @@ class RucioIO:
                                                  1, rse, lifetime=lifetime,
                                                  account=self.account)
             except rexc.DuplicateRule:
-                made_all = False
+                refused += part
+                continue
             except Exception as exc:
                 raise _translate(exc, f"adding rules for {len(part)} files on {rse}") from None
+            self.ruled.update((scope, n) for n in part)
             if (time.monotonic() - t0) / len(part) > RULE_SECONDS:
                 self.rules_per_request = max(10, self.rules_per_request // 2)
-        return made_all
+        return refused
 
     def set_metadata_bulk(self, scope: str, items: list[tuple[str, dict[str, Any]]]) -> None:
         """Set each file DID's metadata (name, {key: value}) in one request; keys the DID
@@ -617,9 +718,12 @@ class RucioIO:
 
     def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None,
                     grouping: str = "NONE") -> bool:
-        """Add a rule for the DID on ``rse`` unless one already names that RSE; True if added.
+        """Add a rule for the DID on ``rse`` unless one already names that RSE; True if
+        this session added it (now or earlier), False if another one was there.
         UploadClient adds no rule when the DID existed before (a replica it adds to another
         RSE would otherwise be unprotected)."""
+        if (scope, name) in self.ruled:
+            return True
         try:
             if any(r.get("rse_expression") == rse
                    for r in self.client.list_did_rules(scope, name)):
@@ -631,20 +735,24 @@ class RucioIO:
             return False
         except Exception as exc:
             raise _translate(exc, f"adding a rule for {scope}:{name} on {rse}") from None
+        self.ruled.add((scope, name))
         return True
 
-    def attach(self, dataset: tuple[str, str], scope: str, name: str) -> None:
-        """Attach a file to the dataset; attaching it twice is not an error."""
+    def attach(self, dataset: tuple[str, str], scope: str, name: str) -> bool:
+        """Attach a file to the dataset; True if attached now, False if it was already
+        (attaching it twice is not an error)."""
         try:
             self.client.attach_dids(dataset[0], dataset[1], [{"scope": scope, "name": name}])
         except rexc.FileAlreadyExists:
-            return
+            return False
         except Exception as exc:
             raise _translate(exc, f"attaching to {dataset[0]}:{dataset[1]}") from None
+        return True
 
     # ------------------------------------------------------------------ upload
     def upload(self, path: Path, scope: str, name: str, rse: str,
-               dataset: tuple[str, str] | None, lifetime: int | None) -> tuple[str, str | None]:
+               dataset: tuple[str, str] | None, lifetime: int | None,
+               guid: str | None = None) -> tuple[str, str | None]:
         """Upload one file with Rucio's stock UploadClient; return (pfn, guid).
 
         ``register_after_upload``: no replica is registered before its bytes are on the RSE
@@ -661,15 +769,17 @@ class RucioIO:
         token = self.client.auth_token or ""   # a renewed JWT reaches the storage layer too
         uploader.auth_token = token if len(token.split(".")) == 3 else None
         item: dict[str, Any] = {"path": str(path), "rse": rse, "did_scope": scope,
-                                "did_name": name, "register_after_upload": True}
+                                "did_name": name, "register_after_upload": True,
+                                **({"guid": guid} if guid else {})}
         if dataset:
             item["dataset_scope"], item["dataset_name"] = dataset
         elif lifetime:
             item["lifetime"] = lifetime
         fd, summary_path = tempfile.mkstemp(prefix=".upload-", suffix=".json")
         os.close(fd)
+        free = False
         try:
-            self._clear_unregistered_leftover(scope, name, rse)
+            free = self._clear_unregistered_leftover(scope, name, rse)
             uploader.logger = logger.log
             with _stat_retries(0 if path.stat().st_size == 0 else None):
                 uploader.upload([item], summary_file_path=summary_path)
@@ -677,19 +787,51 @@ class RucioIO:
                 entry = json.load(handle).get(f"{scope}:{name}", {})
             return str(entry.get("pfn", "")), entry.get("guid")
         except (rexc.NoFilesUploaded, rexc.NotAllFilesUploaded):
+            pfn = self._remove_failed_copy(scope, name, rse, free)
+            said = capture.full()
+            if said:
+                raise StorageFull(_full_message(rse, said, pfn or f"{scope}:{name}")) from None
             reason = capture.reason() or "Rucio uploaded nothing and gave no reason"
             raise RucioFileError(f"upload failed: {reason}") from None
+        except (RucioFatal, RucioFileError):   # ours already (the leftover check)
+            raise
         except Exception as exc:
+            self._remove_failed_copy(scope, name, rse, free)
             raise _translate(exc, "upload failed") from None
         finally:
             Path(summary_path).unlink(missing_ok=True)
 
-    def _clear_unregistered_leftover(self, scope: str, name: str, rse: str) -> None:
+    def _remove_failed_copy(self, scope: str, name: str, rse: str, free: bool) -> str | None:
+        """After UploadClient failed: remove what it wrote and left behind, which it does not
+        itself (a copy that failed half-way, on a full storage say, stays as
+        ``PFN.rucio.upload``; on an RSE that cannot rename, at the PFN itself: removed only
+        if ``free``, nothing was there before this attempt), and only while no replica of the
+        name is registered on the RSE (asked now). Returns the PFN (None if unknown); a
+        removal that fails is logged, never raised over the upload's own error."""
+        storage = self._storages.get(rse)
+        if storage is None:
+            return None
+        pfn = None
+        try:
+            proto = storage._protocol()
+            pfn = storage.pfn(scope, name)
+            target = f"{pfn}.rucio.upload" if proto.renaming else pfn if free else None
+            if target and proto.exists(target) and self.replica(scope, name, rse) is None:
+                storage._protocol("delete").delete(target)
+                _LOG.info("removed %s, left by a failed upload of %s:%s", target, scope, name)
+        except Exception as exc:   # the upload's own error is what the caller must see
+            _LOG.warning("could not remove what a failed upload of %s:%s left on %s: %s",
+                         scope, name, rse, _describe(exc))
+        return pfn
+
+    def _clear_unregistered_leftover(self, scope: str, name: str, rse: str) -> bool:
         """Rucio 41's UploadClient cannot replace what a crashed attempt left at a file's
         PFN on an RSE whose protocol does not rename (gfal NoRename, as for Echo): it finds
         the file, then deletes PFN.rucio.upload, which is not there, and fails the file for
         good ("Unable to remove temporary file ...: 404"). Such a leftover, which no DID
-        points to (asked in that moment), is removed here, as UploadClient means to."""
+        points to (asked in that moment), is removed here, as UploadClient means to.
+        True when, on such an RSE, nothing is at the PFN now (so what a failed upload leaves
+        there is its own)."""
         if rse not in self._storages:
             try:
                 self._storages[rse] = self.storage(rse)
@@ -697,14 +839,16 @@ class RucioIO:
                 self._storages[rse] = None
         storage = self._storages[rse]
         if storage is None:
-            return
+            return False
         proto = storage._protocol()
         if proto.renaming:
-            return
+            return False
         try:
             pfn = storage.pfn(scope, name)
-            if not proto.exists(pfn) or self.did(scope, name) is not None:
-                return
+            if not proto.exists(pfn):
+                return True
+            if self.did(scope, name) is not None:
+                return False
             storage._protocol("delete").delete(pfn)
         except RucioFatal:
             raise
@@ -712,6 +856,7 @@ class RucioIO:
             raise _translate(exc, f"removing an unregistered leftover of {scope}:{name} on "
                              f"{rse}") from None
         _LOG.info("removed an unregistered leftover of %s:%s at %s", scope, name, pfn)
+        return True
 
     def download(self, scope: str, name: str, rse: str, directory: Path) -> Path:
         """Read a file back from ``rse`` into ``directory`` (doctor --probe); its path."""
@@ -743,7 +888,9 @@ class Storage:
 
     ``rename``: "auto" follows the RSE's protocol implementation (Rucio's NoRename classes
     say False), "never" writes straight to the final PFN (Echo cannot rename), "always"
-    writes ``PFN.rucio.upload`` and renames it once verified."""
+    writes ``PFN.TOKEN.rucio.upload`` and renames it once verified. ``temp_token`` is this
+    object's own (random, made once): two writers of one name (two tasks, two runs) never
+    share a temporary file, and neither removes the other's."""
 
     def __init__(self, settings: dict[str, Any], rename: str, client: Client) -> None:
         import threading
@@ -755,6 +902,7 @@ class Storage:
         self._creating = threading.Lock()
         self._made_dirs: set[str] = set()   # on a POSIX RSE, by _make_local_parent
         self._token = client.auth_token if len(client.auth_token.split(".")) == 3 else None
+        self.temp_token = secrets.token_hex(4)
 
     def _protocol(self, operation: str = "write") -> Any:
         from rucio.rse import rsemanager
@@ -796,29 +944,43 @@ class Storage:
         pfns = self._protocol().lfns2pfns({"scope": scope, "name": name})
         return str(next(iter(pfns.values())))
 
+    def temp_pfn(self, pfn: str) -> str:
+        """The temporary name this writer copies ``pfn`` to before renaming it."""
+        return f"{pfn}.{self.temp_token}.rucio.upload"
+
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
-            may_replace: Callable[[], bool]) -> tuple[str, str]:
+            may_replace: Callable[[], bool], *, own: bool = False) -> tuple[str, str]:
         """Copy ``path`` to its PFN and check the copy there; (pfn, how): "copied",
-        "found" (a verified copy of these bytes was already there, left by an attempt that
-        died before registering it: registered as it is), or "replaced" (what was there
-        differed and ``may_replace()`` said no replica of the name is registered on the
-        RSE: an unregistered leftover, overwritten). Raises RucioFileError."""
+        "found" or "replaced". Raises RucioFileError, or StorageFull (a RucioFatal) when the
+        storage has no room: every later copy would fail too.
+
+        Something already at the PFN is adopted ("found") only if it matches (size and
+        adler32) and ``own`` says this run's records show an earlier attempt of this task
+        started copying this name: matching bytes of unknown origin may be another
+        writer's, about to register them, or a stranger's. Otherwise ``may_replace()`` is
+        asked (no replica of the name registered on the RSE, at that moment): yes, it is an
+        unregistered leftover, removed and copied again ("replaced"); no, the registered
+        replica decides: "found" if the bytes match (the caller's registration finds that
+        replica), else RucioFileError (left alone).
+
+        What this attempt wrote (the temporary copy, or the final one when writing in place)
+        is removed again when the copy fails, so a failure leaves nothing behind."""
+        written: str | None = None   # what this attempt has started to write
+        pfn = ""
         try:
             proto = self._protocol()
             pfn = self.pfn(scope, name)
             how = "copied"
             if proto.exists(pfn):
-                if self._matches(proto, pfn, size, adler32):
+                if self._keep_existing(proto, pfn, size, adler32, may_replace, own):
                     return pfn, "found"
-                if not may_replace():
-                    raise RucioFileError(f"other bytes are at {pfn} and Rucio now has a "
-                                         "replica of that name there: left alone")
                 self._protocol("delete").delete(pfn)
                 how = "replaced"
-            target = f"{pfn}.rucio.upload" if self.renames else pfn
-            if target != pfn and proto.exists(target):
+            target = self.temp_pfn(pfn) if self.renames else pfn
+            if target != pfn and proto.exists(target):   # ours, from a try that failed
                 self._protocol("delete").delete(target)
             self._make_local_parent(proto, target)
+            written = target
             proto.put(str(path), target, None)
             if not self._matches(proto, target, size, adler32):
                 raise RucioFileError(f"the copy at {target} does not match the file (size or "
@@ -826,10 +988,37 @@ class Storage:
             if target != pfn:
                 proto.rename(target, pfn)
             return pfn, how
-        except (RucioFileError, RucioFatal):
-            raise
         except Exception as exc:
-            raise _translate(exc, f"copying to {self.settings.get('rse')}") from None
+            if written is not None:
+                self._discard(written)
+            if isinstance(exc, (RucioFileError, RucioFatal)):
+                raise
+            rse = str(self.settings.get("rse"))
+            raise _storage_failure(exc, f"copying to {rse}", rse,
+                                   pfn or f"{scope}:{name}") from None
+
+    def _keep_existing(self, proto: Any, pfn: str, size: int, adler32: str,
+                       may_replace: Callable[[], bool], own: bool) -> bool:
+        """put's decision on a file already at ``pfn``: True to keep it ("found"), False to
+        replace it; RucioFileError when it differs and a replica of the name is registered.
+        Not ours: Rucio is asked first, so a leftover about to be replaced is not read."""
+        if own and self._matches(proto, pfn, size, adler32):
+            return True
+        if may_replace():
+            return False
+        if not own and self._matches(proto, pfn, size, adler32):
+            return True
+        raise RucioFileError(f"other bytes are at {pfn} and Rucio now has a replica of that "
+                             "name there: left alone")
+
+    def _discard(self, pfn: str) -> None:
+        """Remove what a failed copy left at ``pfn`` (a partial or unverified copy nobody has
+        registered); a removal that fails is logged, the copy's own error is what counts."""
+        try:
+            if self._protocol().exists(pfn):
+                self._protocol("delete").delete(pfn)
+        except Exception as exc:
+            _LOG.warning("could not remove %s after a failed copy: %s", pfn, _describe(exc))
 
     def _make_local_parent(self, proto: Any, pfn: str) -> None:
         """Rucio's POSIX protocol makes a file's directory with "if not exists: makedirs",

@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,34 @@ def existing_verdict(size: int, adler32: str, did_bytes: int | None,
     return "conflict"
 
 
+class CopyLog:
+    """The task's copies.jsonl: before a copy onto the RSE starts, its name is appended
+    (fsynced, a line per chunk). A copy found at a name's PFN may be registered as it is
+    only if an earlier attempt of this task listed the name (``earlier``): anything else
+    there is not this run's, whoever left it."""
+
+    def __init__(self, path: Path | None, attempt: int) -> None:
+        """``path`` None: nothing is kept (doctor --probe)."""
+        self.path, self.attempt = path, attempt
+        self.earlier: set[str] = set()
+        if path is not None and path.exists():
+            for rec in read_jsonl(path):
+                if int(rec.get("attempt") or 0) < attempt:
+                    self.earlier.update(n for n in rec.get("names") or () if isinstance(n, str))
+        self._lock = threading.Lock()
+
+    def started(self, names: list[str]) -> None:
+        if not names or self.path is None:
+            return
+        import json
+
+        line = json.dumps({"attempt": self.attempt, "names": names}) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+
+
 def _log(msg: str) -> None:
     print(f"{utc_now()} {msg}", flush=True)
 
@@ -168,9 +197,14 @@ def local_record(s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
+def process_file(rio: Any, s: Settings, entry: dict[str, Any],
+                 copies: CopyLog | None = None) -> dict[str, Any]:
     """Upload one manifest entry with Rucio's stock UploadClient ([upload] mode = "stock");
-    return its result record (never raises RucioFileError)."""
+    return its result record (never raises RucioFileError). The file's GUID is ours: the
+    DID's GUID then says which upload registered it, so that two runs writing the same
+    name at once never both say "uploaded". A task stopped (credentials refused, server
+    gone) once the upload has begun gets a record saying the file may be in Rucio, under
+    "_fatal" the exception that stops the task."""
     from .rucio_io import RucioFileError, RucioTransient
 
     rec = local_record(s, entry)
@@ -178,6 +212,7 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
         return rec
     rec["status"] = FAILED
     path, size, adler32 = s.root / entry["relpath"], rec["bytes"], rec["adler32"]
+    begun = False
     try:
         did = rio.did(s.scope, entry["name"])
         if did is not None:
@@ -189,14 +224,28 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
                 return rec
             rep = rio.replica(s.scope, entry["name"], s.rse)
             if rep is not None and rep.state == "AVAILABLE":
-                if s.dataset:  # an earlier run may have uploaded it outside this dataset
-                    rio.attach(s.dataset, s.scope, entry["name"])
-                else:  # a crash between replica and rule must not leave it unprotected
-                    rio.ensure_rule(s.scope, entry["name"], s.rse, s.lifetime)
+                _protect_present(rio, s, entry["name"])
                 rec.update(status=ALREADY_PRESENT, pfn=rep.pfn,
                            guid=rio.guid(s.scope, entry["name"]))
+                if copies is not None and entry["name"] in copies.earlier:
+                    rec.update(status=UPLOADED, verified=STOCK_VERIFIED, note=(
+                        "uploaded by an earlier attempt of this task, which stopped before "
+                        "recording it"))
                 return rec
-        pfn, guid = rio.upload(path, s.scope, entry["name"], s.rse, s.dataset, s.lifetime)
+        guid = uuid.uuid4().hex
+        begun = True
+        if copies is not None:
+            copies.started([entry["name"]])
+        try:
+            pfn, _ = rio.upload(path, s.scope, entry["name"], s.rse, s.dataset, s.lifetime,
+                                guid=guid)
+        except RucioTransient:
+            raise
+        except RucioFileError as exc:   # maybe another upload of the name won a race
+            settled = _settled_elsewhere(rio, s, entry, rec, guid, str(exc))
+            if settled is None:
+                raise
+            return settled
         if did is not None and not s.dataset:  # Rucio made no rule for a DID that existed
             rio.ensure_rule(s.scope, entry["name"], s.rse, s.lifetime)
         rep = rio.replica(s.scope, entry["name"], s.rse)
@@ -210,12 +259,62 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any]) -> dict[str, Any]
                 f"checksum mismatch after upload: Rucio has bytes {rep.bytes} adler32 "
                 f"{rep.adler32}, the file {size} {adler32} (it changed while uploading?)"))
             return rec
-        rec.update(status=UPLOADED, pfn=rep.pfn or pfn, guid=guid, verified=STOCK_VERIFIED)
+        registered = rio.guid(s.scope, entry["name"])
+        if did is None and registered not in (None, guid):
+            rec.update(status=ALREADY_PRESENT, pfn=rep.pfn or pfn, guid=registered, note=(
+                "another upload registered this name first (a second run writing the same "
+                "names?); this run's copy of the same bytes was not registered"))
+            return rec
+        rec.update(status=UPLOADED, pfn=rep.pfn or pfn,
+                   guid=guid if did is None else registered, verified=STOCK_VERIFIED)
     except RucioTransient as exc:
         rec.update(cause="transient", error=str(exc))
     except RucioFileError as exc:
         rec.update(cause="rucio", error=str(exc))
+    except Exception as exc:   # RucioFatal (credentials, server gone) or a bug
+        from .rucio_io import StorageFull
+
+        if not begun or isinstance(exc, StorageFull):   # a full storage registered nothing
+            raise
+        rec.update(cause="interrupted", error=(
+            f"the task stopped while uploading this file ({exc}): Rucio may hold it, "
+            "registered; a resubmission checks and finishes it"))
+        rec["_fatal"] = exc
     return rec
+
+
+def _protect_present(rio: Any, s: Settings, name: str) -> None:
+    """A file found in Rucio: attached to the dataset (an earlier run may have uploaded it
+    outside it), or given a rule (a crash between replica and rule must not leave it
+    unprotected)."""
+    if s.dataset:
+        rio.attach(s.dataset, s.scope, name)
+    else:
+        rio.ensure_rule(s.scope, name, s.rse, s.lifetime)
+
+
+def _settled_elsewhere(rio: Any, s: Settings, entry: dict[str, Any], rec: dict[str, Any],
+                       guid: str, error: str) -> dict[str, Any] | None:
+    """After a failed upload: the record Rucio's state says it should have, if the name is
+    now AVAILABLE on the RSE with our bytes (registered by us before a later step failed,
+    or by another upload writing the same name at that moment); None if it is not."""
+    name = entry["name"]
+    did = rio.did(s.scope, name)
+    if did is None or existing_verdict(rec["bytes"], rec["adler32"], did.bytes,
+                                       did.adler32) != "same":
+        return None
+    rep = rio.replica(s.scope, name, s.rse)
+    if rep is None or rep.state != "AVAILABLE":
+        return None
+    _protect_present(rio, s, name)
+    registered = rio.guid(s.scope, name)
+    if registered == guid:
+        return {**rec, "status": UPLOADED, "pfn": rep.pfn, "guid": guid, "cause": None,
+                "error": None, "verified": STOCK_VERIFIED,
+                "note": f"registered; Rucio's client then reported: {error}"}
+    return {**rec, "status": ALREADY_PRESENT, "pfn": rep.pfn, "guid": registered,
+            "cause": None, "error": None,
+            "note": f"another upload registered this name meanwhile; this run's: {error}"}
 
 
 def probe_record(rio: Any, job: Any, creds: Any, path: Path, name: str,
@@ -263,9 +362,23 @@ def run_task(run_dir: Path, task: int,
              rucio_factory: Callable[[str | None], Any] | None = None,
              retry_permanent: bool = False) -> int:
     """Process one manifest; return the task's exit code (0 only if every file is done)."""
+    from .collect import REMAKE_HINT, manifest_problem
+
     layout = RunLayout(run_dir)
     try:
         run = read_json(layout.run_json)
+        why = manifest_problem(run_dir, run, task)
+        planned = int((run.get("plan") or {}).get("tasks") or 0)
+        if why is not None and task < planned:   # edited or cut after planning: refused
+            why = f"{why}; {REMAKE_HINT} {run_dir}, then resubmit"
+            layout.results.mkdir(exist_ok=True)
+            atomic_write_json(layout.done_marker(task), {
+                "task": task, "attempt": _previous_attempt(layout.done_marker(task),
+                                                           layout.result(task)) + 1,
+                "host": socket.gethostname(), "started_at": utc_now(),
+                "finished_at": utc_now(), "exit_code": EXIT_BAD_INPUT, "aborted": why,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+            raise ValueError(why)
         manifest = read_manifest(layout.manifest(task))
     except (OSError, ValueError) as exc:
         print(f"dac-upload worker: cannot read run {run_dir} task {task}: {exc}",
@@ -308,7 +421,8 @@ def run_task(run_dir: Path, task: int,
                         if done == "exists" and settings.lifetime else ""))
         except Exception as exc:
             aborted = str(exc)
-        state: dict[str, Any] = {"aborted": aborted}
+        state: dict[str, Any] = {"aborted": aborted,
+                                 "copies": CopyLog(layout.copies(task), attempt)}
         if os.environ.get(CRASH_AFTER_COPY) == run.get("run_id"):   # the tests' crash
             state["crash_after_copy"] = lambda: os._exit(137)
         records = (_stock_records(rio, settings, todo, stop, state)
@@ -364,15 +478,22 @@ def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: Stop
             yield not_attempted(s, entry, stop.reason, "stopped")
         else:
             try:
-                rec = _with_retries(rio, s, entry, stop)
+                rec = _with_retries(rio, s, entry, stop, state.get("copies"))
             except Exception as exc:  # RucioFatal, or a bug: stop, say why once
-                state["aborted"] = str(exc) if _is_fatal(exc) else (
-                    f"internal error {type(exc).__name__}: {exc}")
+                state["aborted"] = _abort_reason(exc)
                 rec = not_attempted(s, entry, state["aborted"], "aborted")
             else:
-                if rec.get("cause") == "transient":  # failed through every retry: the
+                fatal = rec.pop("_fatal", None)
+                if fatal is not None:   # stopped half-way through this file: it says so
+                    state["aborted"] = _abort_reason(fatal)
+                elif rec.get("cause") == "transient":  # failed through every retry: the
                     state["aborted"] = f"the Rucio server keeps failing: {rec['error']}"
             yield rec
+
+
+def _abort_reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, Exception) and _is_fatal(exc) else (
+        f"internal error {type(exc).__name__}: {exc}")
 
 
 def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
@@ -441,7 +562,7 @@ def _bulk(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,
         state["aborted"] = reason
 
     yield from bulk_records(rio, s, todo, stop, abort, lambda: state["aborted"],
-                            state.get("crash_after_copy"))
+                            state.get("crash_after_copy"), state.get("copies"))
 
 
 class StopRequest:
@@ -505,25 +626,34 @@ def _pause(s: Settings, stop: StopRequest, i: int, what: str, why: str) -> None:
     stop.sleep(wait)
 
 
-def _with_retries(rio: Any, s: Settings, entry: dict[str, Any],
-                  stop: StopRequest) -> dict[str, Any]:
+def _with_retries(rio: Any, s: Settings, entry: dict[str, Any], stop: StopRequest,
+                  copies: CopyLog | None = None) -> dict[str, Any]:
     """process_file, again after a pause (doubling, at most 5 min) when the server was
     unreachable or failed the request; an unreachable server after the last try aborts
-    the task (raises RucioUnavailable), a failing one fails this file (cause transient)."""
+    the task (raises RucioUnavailable, or returns the file's record under "_fatal" when
+    its upload had begun), a failing one fails this file (cause transient)."""
     from .rucio_io import RucioUnavailable
 
+    interrupted: dict[str, Any] | None = None   # a try cut short after its upload began
     for i in range(s.retries + 1):
         last = i == s.retries or stop.reason is not None
         try:
-            rec = process_file(rio, s, entry)
-        except RucioUnavailable as exc:
-            if last:
+            rec = process_file(rio, s, entry, copies)
+        except Exception as exc:   # before any upload of this try: nothing new to say
+            if interrupted is not None and (last or not isinstance(exc, RucioUnavailable)):
+                interrupted["_fatal"] = exc   # what an earlier try began is still unknown
+                return interrupted
+            if last or not isinstance(exc, RucioUnavailable):
                 raise
             why = str(exc)
         else:
-            if rec.get("cause") != "transient" or last:
+            fatal = rec.get("_fatal")
+            if isinstance(fatal, RucioUnavailable) and not last:
+                interrupted, why = rec, str(fatal)   # the next try looks at what Rucio holds
+            elif rec.get("cause") != "transient" or last:
                 return rec
-            why = rec["error"]
+            else:
+                why = rec["error"]
         _pause(s, stop, i, f"{s.scope}:{entry['name']}", why)
     raise AssertionError("unreachable")
 
@@ -547,6 +677,8 @@ def _previous_attempt(marker: Path, results: Path) -> int:
     seen = 0
     with contextlib.suppress(OSError, ValueError):
         seen = int(read_json(marker).get("attempt") or 0)
-    if results.exists():
-        seen = max([seen, *(int(r.get("attempt") or 0) for r in read_jsonl(results))])
+    copies = results.with_name(results.name.replace(".jsonl", ".copies.jsonl"))
+    for path in (results, copies):   # a killed attempt may have listed copies, nothing else
+        if path.exists():
+            seen = max([seen, *(int(r.get("attempt") or 0) for r in read_jsonl(path))])
     return seen

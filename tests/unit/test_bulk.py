@@ -4,6 +4,7 @@ which requests are made per chunk, what each file ends as, and failures at every
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -43,14 +44,18 @@ class FakeStorage:
         self.verification = "storage checksum"
 
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
-            may_replace: Callable[[], bool]) -> tuple[str, str]:
+            may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
+        """As Storage.put: a matching copy is registered as found only if ``own`` (an
+        earlier attempt of the task listed it), or if Rucio has a replica by now."""
         if name in self.rio.put_errors:
             raise self.rio.put_errors[name]
         data = Path(path).read_bytes()
         how = "copied"
         if name in self.leftover:
-            if self.leftover[name] == data:
+            if self.leftover[name] == data and (own or not may_replace()):
                 how = "found"
+            elif self.leftover[name] == data:
+                how = "replaced"
             else:
                 self.replace_asked.append(name)
                 if not may_replace():
@@ -70,6 +75,7 @@ class FakeBulk:
         self.dids: dict[str, DidInfo] = {}
         self.replicas: dict[str, ReplicaInfo] = {}
         self.rules: set[str] = set()
+        self.made: set[str] = set()        # rules this session made
         self.calls: list[tuple[str, int]] = []
         self.on_disk: dict[str, bytes] = {}
         self.put_errors: dict[str, Exception] = {}
@@ -118,17 +124,28 @@ class FakeBulk:
                 self.replicas[f["name"]] = ReplicaInfo("AVAILABLE", f["pfn"], f["bytes"],
                                                        f["adler32"])
 
-    def add_rules(self, scope: str, names: list[str], rse: str, lifetime: int | None) -> bool:
+    def add_rules(self, scope: str, names: list[str], rse: str,
+                  lifetime: int | None) -> list[str]:
+        """As RucioIO.add_rules: the names of a request refused (DuplicateRule) come back;
+        names this session made a rule for are skipped."""
         self.calls.append(("add_rules", len(names)))
         self._maybe_fail("add_rules")
-        if any(n in self.rules for n in names):
-            return False
-        self.rules.update(names)
-        return True
+        todo = [n for n in names if n not in self.made]
+        if any(n in self.rules for n in todo):
+            return todo
+        self.rules.update(todo)
+        self.made.update(todo)
+        return []
 
     def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None) -> bool:
+        """True if this session made the rule (now or before), False if one was there."""
         self.ensured.append(name)
+        if name in self.made:
+            return True
+        if name in self.rules:
+            return False
         self.rules.add(name)
+        self.made.add(name)
         return True
 
     def attach_bulk(self, dataset: tuple[str, str], scope: str, names: list[str]) -> bool:
@@ -267,8 +284,8 @@ def test_stop_signal_during_copies_registers_what_was_copied(
     real_put = rio.storage_obj.put
 
     def put_then_warn(path: Path, scope: str, name: str, size: int, adler32: str,
-                      may_replace: Callable[[], bool]) -> tuple[str, str]:
-        out = real_put(path, scope, name, size, adler32, may_replace)
+                      may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
+        out = real_put(path, scope, name, size, adler32, may_replace, own)
         if len(rio.storage_obj.puts) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.3)   # the handler runs in the main thread: let it, before going on
@@ -303,10 +320,10 @@ def test_name_registered_meanwhile_by_someone_else_is_not_ours(
     real_put = rio.storage_obj.put
 
     def put_racing(path: Path, scope: str, name: str, size: int, adler32: str,
-                   may_replace: Callable[[], bool]) -> tuple[str, str]:
+                   may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
         if name == "f2.dat":
             rio.add_existing("f2.dat", b"someone else's bytes")
-        return real_put(path, scope, name, size, adler32, may_replace)
+        return real_put(path, scope, name, size, adler32, may_replace, own)
 
     rio.storage_obj.put = put_racing  # type: ignore[method-assign]
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
@@ -343,9 +360,10 @@ def test_fatal_error_after_registration_keeps_what_each_file_got_to(
     recs = _recs(layout)
     assert recs["f0.dat"]["cause"] == "conflict"                 # decided before: kept
     for name in ("f1.dat", "f2.dat", "f3.dat", "f4.dat"):
-        assert recs[name]["status"] == "failed" and recs[name]["cause"] == "rucio"
-        assert recs[name]["error"].startswith("registered but not protected "
-                                              "(InsufficientAccountLimit: none left)")
+        assert recs[name]["status"] == "failed" and recs[name]["cause"] == "interrupted"
+        assert recs[name]["error"].startswith(
+            "registered; the task stopped before its rule or dataset attachment was "
+            "confirmed (InsufficientAccountLimit: none left)")
         assert "had_did" not in recs[name] and "_registered" not in recs[name]
 
 
@@ -371,3 +389,72 @@ def test_chunk_sizes_cover_every_file_within_the_size(size: int) -> None:
         assert sum(sizes) == n and all(1 <= c <= size for c in sizes), (n, sizes)
         if len(sizes) > 2 and size >= 100:
             assert sizes[0] == sizes[-1] and min(sizes[1:-1]) >= sizes[0], (n, sizes)
+
+
+def test_a_name_another_run_protected_first_is_not_uploaded_here(
+        job: Callable[..., RunLayout]) -> None:
+    """Two runs writing the same names at once: Rucio registers both replicas as one without
+    a word, but only one rule per account and RSE. The run whose rule came second says
+    already_present, never uploaded."""
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    real_put = rio.storage_obj.put
+
+    def put_racing(path: Path, scope: str, name: str, size: int, adler32: str,
+                   may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
+        out = real_put(path, scope, name, size, adler32, may_replace, own)
+        if name == "f1.dat":        # the other run registers and protects f1 meanwhile
+            rio.add_existing("f1.dat", CONTENT["f1.dat"])
+            rio.rules.add("f1.dat")
+        return out
+
+    rio.storage_obj.put = put_racing  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    recs = _recs(layout)
+    assert recs["f1.dat"]["status"] == "already_present"
+    assert "another upload protected this name first" in recs["f1.dat"]["note"]
+    assert recs["f1.dat"]["verified"] is None
+    assert {n for n, r in recs.items() if r["status"] == "uploaded"} == set(CONTENT) - {"f1.dat"}
+
+
+def test_only_a_copy_this_task_started_is_registered_as_found(
+        job: Callable[..., RunLayout]) -> None:
+    """A verified copy at the PFN that no attempt of this task began (another run's, live
+    or left) is copied over before registration; one an earlier attempt listed in
+    copies.jsonl is registered as it is."""
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    rio.storage_obj.leftover = {"f0.dat": CONTENT["f0.dat"], "f1.dat": CONTENT["f1.dat"]}
+    layout.results.mkdir(exist_ok=True)
+    layout.copies(0).write_text('{"attempt": 0, "names": ["f1.dat"]}\n')
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    recs = _recs(layout)
+    assert "that this task did not make" in recs["f0.dat"]["note"]
+    assert "an earlier attempt of this task left" in recs["f1.dat"]["note"]
+    assert {r["status"] for r in recs.values()} == {"uploaded"}
+    # this attempt listed what it copied, before copying it
+    logged = [json.loads(line) for line in layout.copies(0).read_text().splitlines()]
+    assert logged[-1] == {"attempt": 1, "names": sorted(CONTENT)}
+
+
+def test_registration_cut_short_says_the_file_may_be_registered(
+        job: Callable[..., RunLayout]) -> None:
+    """The registration request was sent when the credentials were refused: the files are
+    not "not attempted" (a record never says less than was done) but failed, interrupted,
+    saying they may be in Rucio; a resubmission finds them."""
+    layout, rio = job("chunk_size = 10"), FakeBulk()
+    real_add = rio.add_replicas
+
+    def add_then_refuse(rse: str, scope: str, files: list[dict[str, Any]]) -> None:
+        real_add(rse, scope, files)   # the server registered them, then the answer was lost
+        raise RucioFatal("CannotAuthenticate: the password is no longer valid")
+
+    rio.add_replicas = add_then_refuse  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 3
+    recs = _recs(layout)
+    assert {(r["status"], r["cause"]) for r in recs.values()} == {("failed", "interrupted")}
+    assert all("it may be registered" in r["error"] for r in recs.values())
+    rio.add_replicas = real_add  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    again = [r for r in read_jsonl(layout.result(0)) if r["attempt"] == 2]
+    # registered by attempt 1 (copies.jsonl lists them), protected by attempt 2: uploaded
+    assert {r["status"] for r in again} == {"uploaded"}
+    assert all("earlier attempt" in r["note"] for r in again)

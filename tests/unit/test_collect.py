@@ -265,3 +265,40 @@ def test_damaged_run_json_is_named(tmp_path: Path) -> None:
     layout.run_json.unlink()
     with pytest.raises(RunReadError, match=r"no run\.json, so not a run directory"):
         collect(layout.dir)
+
+
+def test_a_manifest_changed_after_planning_is_refused_reported_and_restored(
+        make_job: Any) -> None:
+    """A manifest cut short or edited after planning: the worker and submit refuse it (its
+    sha256 is not run.json's), the summary still lists every catalogued file (from the
+    manifest as planned, made again from the catalogue), and remake-manifests restores it
+    byte for byte."""
+    from click.testing import CliRunner
+
+    from dac_upload.cli import main
+    from dac_upload.pipeline import PlanError, prepare_run, submit_tasks
+    from dac_upload.worker import run_task
+
+    files = {f"f{i}.dat": bytes([i]) * 3 for i in range(6)}
+    job = make_job(files, batching="files_per_batch = 2")
+    layout = prepare_run(job, preflight=None).layout
+    planned = layout.manifest(1).read_bytes()
+    doc = json.loads(planned)
+    doc["files"] = doc["files"][:1]               # a row dropped: still valid JSON
+    layout.manifest(1).write_text(json.dumps(doc))
+    assert run_task(layout.dir, 1, rucio_factory=lambda _a: None) == 2
+    marker = json.loads(layout.done_marker(1).read_text())
+    assert "not the manifest planned" in marker["aborted"]
+    assert "remake-manifests" in marker["aborted"]
+    with pytest.raises(PlanError, match=r"task-00001\.json: not the manifest planned"):
+        submit_tasks(layout.dir, [1], 1000, lambda *a: "1")
+    summary = collect(layout.dir)
+    assert summary["counts"]["files"] == 6
+    assert {f["relpath"] for f in summary["files"].values()} == set(files)
+    assert any("task-00001.json: not the manifest planned" in w and "remake-manifests" in w
+               for w in summary["warnings"])
+    out = CliRunner().invoke(main, ["remake-manifests", str(layout.dir)])
+    assert out.exit_code == 0, out.output
+    assert layout.manifest(1).read_bytes() == planned
+    again = CliRunner().invoke(main, ["remake-manifests", str(layout.dir)])
+    assert "nothing to do" in again.output

@@ -107,9 +107,9 @@ def test_slow_rule_requests_get_smaller(monkeypatch: pytest.MonkeyPatch) -> None
     clock = [0.0]
     monkeypatch.setattr(rucio_io.time, "monotonic", lambda: clock[0])
     rio = object.__new__(rucio_io.RucioIO)
-    rio.client, rio.rules_per_request = SlowClient(), 100
+    rio.client, rio.rules_per_request, rio.ruled = SlowClient(), 100, set()
     monkeypatch.setattr(rucio_io.RucioIO, "account", property(lambda self: "a"))
-    assert rio.add_rules("s", [f"n{i}" for i in range(300)], "R", None) is True
+    assert rio.add_rules("s", [f"n{i}" for i in range(300)], "R", None) == []
     assert sizes == [100, 50, 25, 25, 25, 25, 25, 25]
     assert sum(sizes) == 300
 

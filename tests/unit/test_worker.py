@@ -49,8 +49,10 @@ class FakeRucio:
         self.factory_calls.append(account)
         return self
 
-    def add_existing(self, name: str, data: bytes, state: str = "AVAILABLE") -> None:
-        self.dids[name] = DidInfo(len(data), _adler(data), hashlib.md5(data).hexdigest())
+    def add_existing(self, name: str, data: bytes, state: str = "AVAILABLE",
+                     guid: str | None = None) -> None:
+        self.dids[name] = DidInfo(len(data), _adler(data), hashlib.md5(data).hexdigest(),
+                                  guid or f"guid-{name}")
         self.replicas[name] = ReplicaInfo(state, f"davs://se/{name}", len(data), _adler(data))
 
     def did(self, scope: str, name: str) -> DidInfo | None:
@@ -62,29 +64,36 @@ class FakeRucio:
         return self.replicas.get(name)
 
     def guid(self, scope: str, name: str) -> str | None:
-        return f"guid-{name}" if name in self.dids else None
+        return self.dids[name].guid if name in self.dids else None
 
     def ensure_dataset(self, dataset: tuple[str, str], rse: str, lifetime: int | None) -> bool:
         self.datasets.append((dataset, rse, lifetime))
         return len(self.datasets) == 1
 
-    def attach(self, dataset: tuple[str, str], scope: str, name: str) -> None:
+    def attach(self, dataset: tuple[str, str], scope: str, name: str) -> bool:
         self.attached.append((dataset, name))
+        return True
 
     def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None) -> bool:
         self.rules.append((name, rse, lifetime))
         return True
 
     def upload(self, path: Path, scope: str, name: str, rse: str,
-               dataset: tuple[str, str] | None, lifetime: int | None) -> tuple[str, str | None]:
+               dataset: tuple[str, str] | None, lifetime: int | None,
+               guid: str | None = None) -> tuple[str, str | None]:
         self.uploads.append({"path": Path(path), "scope": scope, "name": name, "rse": rse,
-                             "dataset": dataset, "lifetime": lifetime})
+                             "dataset": dataset, "lifetime": lifetime, "guid": guid})
         if name in self.upload_errors:
             raise self.upload_errors[name]
-        self.add_existing(name, Path(path).read_bytes())
+        data = Path(path).read_bytes()
+        if name not in self.dids:   # as Rucio: an existing DID keeps its GUID
+            self.add_existing(name, data, guid=guid)
+        else:
+            self.replicas[name] = ReplicaInfo("AVAILABLE", f"davs://se/{name}", len(data),
+                                              _adler(data))
         if name in self.replica_after_upload:
             self.replicas[name] = self.replica_after_upload[name]
-        return f"davs://se/{name}?upload", f"guid-{name}"
+        return f"davs://se/{name}?upload", guid or f"guid-{name}"
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +151,9 @@ def test_all_uploaded(run: tuple[RunLayout, JobConfig]) -> None:
         assert r["adler32"] == _adler(data)
         assert r["md5"] == hashlib.md5(data).hexdigest()
         assert r["pfn"] == f"davs://se/{rel}"
-        assert r["guid"] == f"guid-{rel}"
+        # the GUID is the worker's own, given to UploadClient: the DID's says who registered
+        (upload,) = [u for u in fake.uploads if u["name"] == rel]
+        assert r["guid"] == upload["guid"] == fake.dids[rel].guid
         assert (r["scope"], r["rse"], r["relpath"]) == (SCOPE, RSE, rel)
         assert r["path"] == str(job.source.root / rel)
         assert (r["task"], r["attempt"]) == (0, 1)
@@ -215,14 +226,20 @@ def test_rucio_fatal_stops_the_task(run: tuple[RunLayout, JobConfig]) -> None:
     assert [u["name"] for u in fake.uploads] == ["a.fits", "b.fits"]
     recs = _records(layout)
     assert recs["a.fits"]["status"] == "uploaded"
-    for name in ("b.fits", "sub/c.fits", "sub/d.fits"):
+    # the file in hand when the credentials were refused may be in Rucio: said, never
+    # "not attempted" (a record must not say less than was done)
+    assert (recs["b.fits"]["status"], recs["b.fits"]["cause"]) == ("failed", "interrupted")
+    assert recs["b.fits"]["error"] == (
+        "the task stopped while uploading this file (upload failed: CannotAuthenticate: "
+        "expired): Rucio may hold it, registered; a resubmission checks and finishes it")
+    for name in ("sub/c.fits", "sub/d.fits"):
         assert recs[name]["status"] == "not_attempted"
         assert recs[name]["error"] == ("task stopped before this file: upload failed: "
                                        "CannotAuthenticate: expired")
     marker = read_json(layout.done_marker(0))
     assert marker["exit_code"] == 3
     assert marker["aborted"] == "upload failed: CannotAuthenticate: expired"
-    assert (marker["uploaded"], marker["failed"], marker["not_attempted"]) == (1, 0, 3)
+    assert (marker["uploaded"], marker["failed"], marker["not_attempted"]) == (1, 1, 2)
 
 
 def test_unexpected_exception_aborts_as_internal_error(run: tuple[RunLayout, JobConfig]) -> None:
@@ -457,11 +474,12 @@ def test_transient_server_error_is_retried_then_succeeds(
     real_upload = fake.upload
     failures = {"b.fits": 2}
 
-    def flaky(path: Path, scope: str, name: str, *args: Any) -> tuple[str, str | None]:
+    def flaky(path: Path, scope: str, name: str, *args: Any,
+              **kw: Any) -> tuple[str, str | None]:
         if failures.get(name):
             failures[name] -= 1
             raise RucioTransient("upload failed: DatabaseException: database is locked")
-        return real_upload(path, scope, name, *args)
+        return real_upload(path, scope, name, *args, **kw)
 
     fake.upload = flaky  # type: ignore[method-assign]
     assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0
@@ -495,8 +513,8 @@ def test_wall_time_signal_stops_after_the_current_file(run: tuple[RunLayout, Job
     fake = FakeRucio()
     real_upload = fake.upload
 
-    def upload_then_signal(path: Path, scope: str, name: str, *args: Any):
-        result = real_upload(path, scope, name, *args)
+    def upload_then_signal(path: Path, scope: str, name: str, *args: Any, **kw: Any):
+        result = real_upload(path, scope, name, *args, **kw)
         if name == "b.fits":
             os.kill(os.getpid(), signal.SIGUSR1)
         return result
@@ -566,3 +584,50 @@ def test_a_proxy_near_its_end_stops_the_task_with_the_renewal(tmp_path: Path,
     assert proxy_problem(Settings(scope="s", rse="R", account=None, dataset=None,
                                   lifetime=None, root=tmp_path,
                                   proxy=tmp_path / "absent")) is None
+
+
+def test_stock_upload_another_run_registered_first_is_already_present(
+        run: tuple[RunLayout, JobConfig]) -> None:
+    """Two runs uploading the same name at once both succeed in UploadClient; the DID's
+    GUID says whose registration counted: the other run's, so not uploaded here."""
+    layout, _ = run
+    fake = FakeRucio()
+    real_upload = fake.upload
+
+    def upload_racing(path: Path, scope: str, name: str, *args: Any, **kw: Any):
+        if name == "a.fits":    # the other run's registration came first
+            fake.add_existing("a.fits", CONTENT["a.fits"], guid="theirs")
+        return real_upload(path, scope, name, *args, **kw)
+
+    fake.upload = upload_racing  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0
+    rec = _records(layout)["a.fits"]
+    assert (rec["status"], rec["guid"]) == ("already_present", "theirs")
+    assert "another upload registered this name first" in rec["note"]
+
+
+def test_stock_upload_that_failed_after_rucio_got_the_file_says_so(
+        run: tuple[RunLayout, JobConfig]) -> None:
+    """UploadClient fails (a rename race, a rule it could not add) but Rucio has the file
+    AVAILABLE with our bytes: registered by us (our GUID) is uploaded, by another upload
+    already_present; neither is failed."""
+    layout, _ = run
+    fake = FakeRucio()
+    real_upload = fake.upload
+
+    def upload_then_fail(path: Path, scope: str, name: str, *args: Any, **kw: Any):
+        if name == "a.fits":      # another run's copy won the rename
+            fake.add_existing("a.fits", CONTENT["a.fits"], guid="theirs")
+            raise RucioFileError("upload failed: Unable to rename the tmp file")
+        if name == "b.fits":      # ours registered, then the rule failed
+            real_upload(path, scope, name, *args, **kw)
+            raise RucioFileError("upload failed: DuplicateRule")
+        return real_upload(path, scope, name, *args, **kw)
+
+    fake.upload = upload_then_fail  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=fake.factory) == 0
+    recs = _records(layout)
+    assert recs["a.fits"]["status"] == "already_present"
+    assert "Unable to rename" in recs["a.fits"]["note"]
+    assert recs["b.fits"]["status"] == "uploaded"
+    assert "DuplicateRule" in recs["b.fits"]["note"]
