@@ -246,19 +246,24 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     with a newline before appending); every complete record is still valid. A torn record
     was never finished, so skipping it means its file is simply done again.
     """
+    for _, line in _complete_lines(path):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of each complete, non-empty line; a torn last line (no
+    newline: a writer killed mid-line) ends the file."""
     with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             if not line.endswith("\n"):
                 return
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                yield record
+            if line.strip():
+                yield number, line.strip()
 
 
 def read_result_records(path: Path, problems: list[str] | None = None,
@@ -268,25 +273,19 @@ def read_result_records(path: Path, problems: list[str] | None = None,
     was not torn, is skipped and said in ``problems`` with its line number, naming the file
     as ``shown``: what is not understood is reported, never acted on."""
     shown = shown or str(path)
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.endswith("\n"):
-                return
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                if problems is not None and not line.startswith("{"):
-                    problems.append(f"{shown} line {number}: not a result record (ignored)")
-                continue
-            if isinstance(record, dict) and isinstance(record.get("name"), str) \
-                    and isinstance(record.get("status"), str):
-                yield record
-            elif problems is not None:
-                problems.append(f"{shown} line {number}: not a result record (no name and "
-                                "status; ignored)")
+    for number, line in _complete_lines(path):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if problems is not None and not line.startswith("{"):
+                problems.append(f"{shown} line {number}: not a result record (ignored)")
+            continue
+        if isinstance(record, dict) and isinstance(record.get("name"), str) \
+                and isinstance(record.get("status"), str):
+            yield record
+        elif problems is not None:
+            problems.append(f"{shown} line {number}: not a result record (no name and "
+                            "status; ignored)")
 
 
 class JsonlAppender:
