@@ -217,9 +217,11 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopR
                            stop, "listing replicas", True).result()
         return name not in reps
 
-    copy_one = _copier(storage, s, stop, no_replica_here, copies.earlier)
+    copy_one = _copier(storage, s, stop, no_replica_here, copies.earlier,
+                       copies.earlier_temps)
     known = lookup.result()
-    copies.started([e["name"] for e in chunk if e["name"] not in known])
+    temp = getattr(storage, "temp_token", None)
+    copies.started([e["name"] for e in chunk if e["name"] not in known], temp)
 
     def local_then_copy(e: Record) -> tuple[Record, bool]:
         if stop.reason:                  # a stop signal: do not read the rest of the chunk
@@ -269,7 +271,7 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopR
                     "AVAILABLE: left alone, not overwritten; resubmit once Rucio has settled "
                     "it, or ask the RSE's admins"))
 
-    copies.started([r["name"] for r in to_copy])
+    copies.started([r["name"] for r in to_copy], temp)
     copied += [r for r in pool.map(copy_one, to_copy) if r["status"] is None]
     present += _registered_meanwhile(rio, s, stop, lane, [
         r for r, tried in done if tried and r["status"] == FAILED
@@ -380,7 +382,8 @@ def _replica_rows(recs: list[Record]) -> list[Record]:
 
 def _copier(storage: Any, s: Settings, stop: StopRequest,
             may_replace: Callable[[str], bool],
-            own: set[str] | frozenset[str] = frozenset()) -> Callable[[Record], Record]:
+            own: set[str] | frozenset[str] = frozenset(),
+            stale_temps: set[str] | frozenset[str] = frozenset()) -> Callable[[Record], Record]:
     """Copy one file onto the RSE (a storage that fails transiently is tried again like the
     server); its record gets the pfn once the copy is verified there, or says why not.
     ``own``: names an earlier attempt of this task began to copy (copies.jsonl), whose
@@ -401,7 +404,9 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
                 r["pfn"], how = storage.put(s.root / r["relpath"], s.scope, r["name"],
                                             r["bytes"], r["adler32"],
                                             lambda: may_replace(r["name"]),
-                                            own=r["name"] in own)
+                                            own=r["name"] in own,
+                                            stale_temps=stale_temps if r["name"] in own
+                                            else ())
                 r["verified"] = storage.verification
                 mine = r["name"] in own
                 if how == "found":

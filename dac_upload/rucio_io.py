@@ -14,7 +14,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -949,7 +949,8 @@ class Storage:
         return f"{pfn}.{self.temp_token}.rucio.upload"
 
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
-            may_replace: Callable[[], bool], *, own: bool = False) -> tuple[str, str]:
+            may_replace: Callable[[], bool], *, own: bool = False,
+            stale_temps: Collection[str] = ()) -> tuple[str, str]:
         """Copy ``path`` to its PFN and check the copy there; (pfn, how): "copied",
         "found" or "replaced". Raises RucioFileError, or StorageFull (a RucioFatal) when the
         storage has no room: every later copy would fail too.
@@ -964,7 +965,10 @@ class Storage:
         replica), else RucioFileError (left alone).
 
         What this attempt wrote (the temporary copy, or the final one when writing in place)
-        is removed again when the copy fails, so a failure leaves nothing behind."""
+        is removed again when the copy fails, so a failure leaves nothing behind.
+        ``stale_temps``: the temporary-name tokens of earlier attempts of this task that
+        began this name (copies.jsonl); a killed one's ``PFN.<token>.rucio.upload`` is
+        removed."""
         written: str | None = None   # what this attempt has started to write
         pfn = ""
         try:
@@ -977,6 +981,10 @@ class Storage:
                 self._protocol("delete").delete(pfn)
                 how = "replaced"
             target = self.temp_pfn(pfn) if self.renames else pfn
+            for token in set(stale_temps) - {self.temp_token} if target != pfn else ():
+                stale = f"{pfn}.{token}.rucio.upload"   # a killed earlier attempt's
+                if proto.exists(stale):
+                    self._protocol("delete").delete(stale)
             if target != pfn and proto.exists(target):   # ours, from a try that failed
                 self._protocol("delete").delete(target)
             self._make_local_parent(proto, target)

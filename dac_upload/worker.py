@@ -146,18 +146,24 @@ class CopyLog:
         """``path`` None: nothing is kept (doctor --probe)."""
         self.path, self.attempt = path, attempt
         self.earlier: set[str] = set()
+        self.earlier_temps: set[str] = set()   # their writers' temporary-name tokens
         if path is not None and path.exists():
             for rec in read_jsonl(path):
                 if int(rec.get("attempt") or 0) < attempt:
                     self.earlier.update(n for n in rec.get("names") or () if isinstance(n, str))
+                    if isinstance(rec.get("temp"), str):
+                        self.earlier_temps.add(rec["temp"])
         self._lock = threading.Lock()
 
-    def started(self, names: list[str]) -> None:
+    def started(self, names: list[str], temp: str | None = None) -> None:
+        """``temp``: the token of the temporary names the copies use (Storage.temp_token),
+        so that a later attempt can remove what a killed one left under them."""
         if not names or self.path is None:
             return
         import json
 
-        line = json.dumps({"attempt": self.attempt, "names": names}) + "\n"
+        line = json.dumps({"attempt": self.attempt, "names": names,
+                           **({"temp": temp} if temp else {})}) + "\n"
         with self._lock, open(self.path, "a", encoding="utf-8") as out:
             out.write(line)
             out.flush()

@@ -44,7 +44,8 @@ class FakeStorage:
         self.verification = "storage checksum"
 
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
-            may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
+            may_replace: Callable[[], bool], own: bool = False,
+            stale_temps: Any = ()) -> tuple[str, str]:
         """As Storage.put: a matching copy is registered as found only if ``own`` (an
         earlier attempt of the task listed it), or if Rucio has a replica by now."""
         if name in self.rio.put_errors:
@@ -284,7 +285,8 @@ def test_stop_signal_during_copies_registers_what_was_copied(
     real_put = rio.storage_obj.put
 
     def put_then_warn(path: Path, scope: str, name: str, size: int, adler32: str,
-                      may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
+                      may_replace: Callable[[], bool], own: bool = False,
+                      **kw: Any) -> tuple[str, str]:
         out = real_put(path, scope, name, size, adler32, may_replace, own)
         if len(rio.storage_obj.puts) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -320,7 +322,8 @@ def test_name_registered_meanwhile_by_someone_else_is_not_ours(
     real_put = rio.storage_obj.put
 
     def put_racing(path: Path, scope: str, name: str, size: int, adler32: str,
-                   may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
+                   may_replace: Callable[[], bool], own: bool = False,
+                   **kw: Any) -> tuple[str, str]:
         if name == "f2.dat":
             rio.add_existing("f2.dat", b"someone else's bytes")
         return real_put(path, scope, name, size, adler32, may_replace, own)
@@ -400,7 +403,8 @@ def test_a_name_another_run_protected_first_is_not_uploaded_here(
     real_put = rio.storage_obj.put
 
     def put_racing(path: Path, scope: str, name: str, size: int, adler32: str,
-                   may_replace: Callable[[], bool], own: bool = False) -> tuple[str, str]:
+                   may_replace: Callable[[], bool], own: bool = False,
+                   **kw: Any) -> tuple[str, str]:
         out = real_put(path, scope, name, size, adler32, may_replace, own)
         if name == "f1.dat":        # the other run registers and protects f1 meanwhile
             rio.add_existing("f1.dat", CONTENT["f1.dat"])

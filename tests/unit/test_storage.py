@@ -309,6 +309,21 @@ def test_temporary_name_is_the_writers_own(tmp_path: Path, rse: Path,
     assert sorted(_files(rse)) == sorted([final, theirs])
 
 
+
+def test_a_killed_attempts_temporary_is_removed_by_the_next(tmp_path: Path,
+                                                             rse: Path) -> None:
+    """An earlier attempt of the task (its token in copies.jsonl) was killed mid-copy: its
+    PFN.TOKEN.rucio.upload is removed by the next attempt's copy of that name."""
+    src, adler = _source(tmp_path)
+    killed, storage = _storage(rse, "always"), _storage(rse, "always")
+    left = _place(killed, "f.dat", b"half")
+    left = left.rename(left.with_name(f"{left.name}.{killed.temp_token}.rucio.upload"))
+    pfn = storage.pfn("test", "f.dat")
+    assert storage.put(src, "test", "f.dat", 10_000, adler, Asked(True), own=True,
+                       stale_temps={killed.temp_token}) == (pfn, "copied")
+    assert _files(rse) == [Path(storage._protocol().pfn2path(pfn))]
+
+
 # ---------------------------------------------------------------- the stock path (UploadClient)
 
 class _Client:
