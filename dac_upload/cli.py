@@ -377,18 +377,27 @@ def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> 
         _report(target)
 
 
+def _collected(run_dir: Path) -> dict[str, Any]:
+    """The collected run's counts, complete and tasks_missing_result: from collected.json
+    (a few lines), not from summary.json (hundreds of MB for a million files); from the
+    summary only for a run collected before collected.json carried them."""
+    from .files import read_json
+
+    done = read_json(run_dir / "collected.json")
+    return done if "counts" in done else read_json(run_dir / "summary.json")
+
+
 def _report(run_dir: Path) -> None:
     """The summary line of a collected run; exit 1 if it is not complete, or if the
     summary is missing or was not made from the results as they are now."""
     from .collect import COLLECTED, collection_state, read_run_json
-    from .files import read_json
 
     summary_path = run_dir / "summary.json"
     state, why = collection_state(run_dir, read_run_json(run_dir))
     if state != COLLECTED:
         _fail(f"the collector did not finish ({why}); see {run_dir / 'logs'}, then: "
               f"dac-upload resubmit {run_dir} (or dac-upload collect {run_dir})", EXIT_FAILURES)
-    s = read_json(summary_path)
+    s = _collected(run_dir)
     c = s["counts"]
     click.echo(f"{summary_path}: {c['files']} files, {c['uploaded']} uploaded, "
                f"{c['already_present']} already present, {c['failed']} failed, "

@@ -9,12 +9,14 @@ time of its own, only the times the tasks recorded).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .files import (
+    atomic_write_blocks,
     atomic_write_json,
     read_json,
     read_jsonl,
@@ -45,99 +47,119 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
-                  results: dict[int, list[dict[str, Any]]],
-                  markers: dict[int, dict[str, Any]],
-                  warnings: list[str] | None = None,
-                  datasets: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """Pure: everything known about a run -> the summary document. ``datasets`` (relpath
-    -> Butler datasets, from butler.jsonl) adds each file's Butler fields."""
-    datasets = datasets or {}
-    warnings = list(warnings or [])
-    refused = sorted({m["metadata_refused"] for m in markers.values()
-                      if m.get("metadata_refused")})
-    warnings += [f"Butler metadata was not set: {why}" for why in refused]
-    scope, rse = run["rucio"]["scope"], run["rucio"]["rse"]
-    root = Path(run["source"]["root"])
-    files: dict[str, dict[str, Any]] = {}
-    missing_tasks: list[int] = []
-    counts = {"files": 0, "bytes": 0, UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0,
-              NOT_ATTEMPTED: 0, "bytes_uploaded": 0}
-    for task in sorted(manifests):
-        merged = merge_records(results.get(task, []))
-        if task not in markers:
-            missing_tasks.append(task)
-        for entry in manifests[task]["files"]:
+class SummaryBuilder:
+    """summary.json made task by task: ``entries`` gives one task's file entries (and counts
+    them), ``header`` everything else once every task has been through. Memory is the
+    markers (one small dict per task) plus the task in hand, whatever the run's size; a
+    Butler source's datasets (relpath -> datasets, from butler.jsonl) are the exception."""
+
+    def __init__(self, run: dict[str, Any], markers: dict[int, dict[str, Any]],
+                 datasets: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        self.run, self.markers, self.datasets = run, markers, datasets or {}
+        self.scope, self.rse = run["rucio"]["scope"], run["rucio"]["rse"]
+        self.root = Path(run["source"]["root"])
+        self.counts = {"files": 0, "bytes": 0, UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0,
+                       NOT_ATTEMPTED: 0, "bytes_uploaded": 0}
+        self.missing_tasks: list[int] = []
+        self.tasks = 0
+        self.butler = {"files_with_datasets": 0, "files_without_datasets": 0, "datasets": 0,
+                       "metadata_set": 0, "metadata_refused": 0}
+
+    def entries(self, task: int, manifest: dict[str, Any],
+                records: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """("scope:name", entry) of each file of the task's manifest, in its order."""
+        merged = merge_records(records)
+        self.tasks += 1
+        if task not in self.markers:
+            self.missing_tasks.append(task)
+        butler, counts = self.run.get("butler"), self.counts
+        for entry in manifest["files"]:
             rec = merged.get(entry["name"])
             if rec is None:
                 why = ("the task wrote no result (it never ran, or died before this file): "
-                       "see dac-upload status for its log") if task not in markers else \
+                       "see dac-upload status for its log") if task not in self.markers else \
                       "the task finished without a record for this file"
                 rec = {"status": NOT_ATTEMPTED, "cause": "no result", "error": why,
-                       "bytes": entry["size"],
-                       "adler32": None, "md5": None, "pfn": None, "guid": None,
-                       "attempt": None}
-            key = f"{scope}:{entry['name']}"
-            files[key] = {
-                "scope": scope, "name": entry["name"], "bytes": rec.get("bytes"),
-                "adler32": rec.get("adler32"), "md5": rec.get("md5"), "rse": rse,
+                       "bytes": entry["size"], "adler32": None, "md5": None, "pfn": None,
+                       "guid": None, "attempt": None}
+            out = {
+                "scope": self.scope, "name": entry["name"], "bytes": rec.get("bytes"),
+                "adler32": rec.get("adler32"), "md5": rec.get("md5"), "rse": self.rse,
                 "pfn": rec.get("pfn"), "guid": rec.get("guid"),
-                "path": str(root / entry["relpath"]), "relpath": entry["relpath"],
+                "path": str(self.root / entry["relpath"]), "relpath": entry["relpath"],
                 "batch": task, "attempt": rec.get("attempt"), "status": rec["status"],
                 "cause": rec.get("cause"), "error": rec.get("error"),
                 "verified": rec.get("verified") if rec["status"] == UPLOADED else None,
             }
-            if run.get("butler"):
-                files[key]["datasets"] = datasets.get(entry["relpath"], [])
-                files[key]["metadata"] = (rec.get("metadata") if entry.get("meta")
-                                          else None)
+            if butler:
+                ds = self.datasets.get(entry["relpath"], [])
+                out["datasets"] = ds
+                out["metadata"] = rec.get("metadata") if entry.get("meta") else None
+                if entry["name"] != butler.get("dimension_file"):
+                    self.butler["files_with_datasets" if ds else "files_without_datasets"] += 1
+                self.butler["datasets"] += len(ds)
+                if out["metadata"] in ("set", "refused"):
+                    self.butler[f"metadata_{out['metadata']}"] += 1
             counts["files"] += 1
             counts["bytes"] += entry["size"]
             counts[rec["status"]] += 1
             if rec["status"] == UPLOADED:
                 counts["bytes_uploaded"] += rec.get("bytes") or 0
-    n_refused = sum(1 for f in files.values() if f.get("metadata") == "refused")
-    if n_refused and not refused:   # the marker that said why was replaced by a later one
-        warnings.append(f"Butler metadata was not set on {n_refused} files: the Rucio server "
-                        "refused it (see the tasks' logs)")
-    finished = [m["finished_at"] for m in markers.values() if m.get("finished_at")]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "dac-upload", "version": __version__},
-        "job": run["job"]["name"],
-        "run_id": run["run_id"],
-        "created_at": run["created_at"],
-        "finished_at": max(finished) if finished else None,
-        "source_root": str(root),
-        "rucio": {"host": _from_markers(markers, "rucio_host"),
-                  "account": run["rucio"].get("account") or _from_markers(markers,
-                                                                          "rucio_account"),
-                  **{k: run["rucio"].get(k) for k in ("scope", "rse", "dataset", "lifetime")}},
-        "slurm": {"submissions": run.get("submissions", [])},
-        "complete": counts[UPLOADED] + counts[ALREADY_PRESENT] == counts["files"],
-        "counts": {**counts, "tasks": len(manifests),
-                   "tasks_with_result": len(manifests) - len(missing_tasks),
-                   "tasks_missing_result": len(missing_tasks)},
-        "tasks_missing_result": missing_tasks,
-        "failed_tasks": sorted(t for t, m in markers.items() if m.get("exit_code")),
-        "warnings": warnings,
-        **({"butler": _butler_summary(run["butler"], files)} if run.get("butler") else {}),
-        "files": files,
-    }
+            yield f"{self.scope}:{entry['name']}", out
+
+    def header(self, warnings: list[str] | None = None) -> dict[str, Any]:
+        """The summary without "files" (call once every task's entries were taken)."""
+        run, markers, counts = self.run, self.markers, self.counts
+        warnings = list(warnings or [])
+        refused = sorted({m["metadata_refused"] for m in markers.values()
+                          if m.get("metadata_refused")})
+        warnings += [f"Butler metadata was not set: {why}" for why in refused]
+        if self.butler["metadata_refused"] and not refused:   # its marker was replaced
+            warnings.append(f"Butler metadata was not set on {self.butler['metadata_refused']}"
+                            " files: the Rucio server refused it (see the tasks' logs)")
+        finished = [m["finished_at"] for m in markers.values() if m.get("finished_at")]
+        missing = self.missing_tasks
+        head = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "dac-upload", "version": __version__},
+            "job": run["job"]["name"],
+            "run_id": run["run_id"],
+            "created_at": run["created_at"],
+            "finished_at": max(finished) if finished else None,
+            "source_root": str(self.root),
+            "rucio": {"host": _from_markers(markers, "rucio_host"),
+                      "account": run["rucio"].get("account") or _from_markers(
+                          markers, "rucio_account"),
+                      **{k: run["rucio"].get(k) for k in ("scope", "rse", "dataset",
+                                                          "lifetime")}},
+            "slurm": {"submissions": run.get("submissions", [])},
+            "complete": counts[UPLOADED] + counts[ALREADY_PRESENT] == counts["files"],
+            "counts": {**counts, "tasks": self.tasks,
+                       "tasks_with_result": self.tasks - len(missing),
+                       "tasks_missing_result": len(missing)},
+            "tasks_missing_result": missing,
+            "failed_tasks": sorted(t for t, m in markers.items() if m.get("exit_code")),
+            "warnings": warnings,
+        }
+        if run.get("butler"):
+            keys = ("kind", "repo", "collections", "dataset_types", "where", "find_first",
+                    "metadata", "raw_dataset_types", "maps", "dimension_export",
+                    "dimension_file")
+            head["butler"] = {**{k: run["butler"].get(k) for k in keys}, **self.butler}
+        return head
 
 
-def _butler_summary(b: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Run-level Butler facts: where the datasets came from, and how many files have them."""
-    keys = ("kind", "repo", "collections", "dataset_types", "where", "find_first",
-            "metadata", "raw_dataset_types", "maps", "dimension_export", "dimension_file")
-    metadata = [f.get("metadata") for f in files.values()]
-    data = [f for f in files.values() if f["name"] != b.get("dimension_file")]
-    return {**{k: b.get(k) for k in keys},
-            "files_with_datasets": sum(1 for f in data if f.get("datasets")),
-            "files_without_datasets": sum(1 for f in data if not f.get("datasets")),
-            "datasets": sum(len(f.get("datasets") or ()) for f in files.values()),
-            "metadata_set": metadata.count("set"),
-            "metadata_refused": metadata.count("refused")}
+def build_summary(run: dict[str, Any], manifests: dict[int, dict[str, Any]],
+                  results: dict[int, list[dict[str, Any]]],
+                  markers: dict[int, dict[str, Any]],
+                  warnings: list[str] | None = None,
+                  datasets: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Pure: everything known about a run -> the summary document, held whole (tests and
+    small runs; ``collect`` streams the same document to disk)."""
+    builder = SummaryBuilder(run, markers, datasets)
+    files = {key: entry for task in sorted(manifests)
+             for key, entry in builder.entries(task, manifests[task], results.get(task, []))}
+    return {**builder.header(warnings), "files": files}
 
 
 def _from_markers(markers: dict[int, dict[str, Any]], key: str) -> str | None:
@@ -196,13 +218,34 @@ def manifest_problem(run_dir: Path, run: dict[str, Any], task: int) -> str | Non
 REMAKE_HINT = "re-make it from the run's catalogue: dac-upload remake-manifests"
 
 
+class _PerTask(Mapping[int, Any]):
+    """task -> what ``read(task)`` gives, read when asked and not kept: a run's manifests
+    and records are never all in memory at once."""
+
+    def __init__(self, tasks: list[int], read: Callable[[int], Any]) -> None:
+        self._tasks, self._known, self._read = tasks, set(tasks), read
+
+    def __getitem__(self, task: int) -> Any:
+        if task not in self._known:
+            raise KeyError(task)
+        return self._read(task)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
 @dataclass
 class RunState:
-    """Everything the run directory says about a run."""
+    """Everything the run directory says about a run. ``manifests`` and ``results`` are read
+    task by task when asked (see _PerTask); what reading them finds wrong is added to
+    ``problems`` (once per task)."""
 
     run: dict[str, Any]
-    manifests: dict[int, dict[str, Any]]
-    results: dict[int, list[dict[str, Any]]]
+    manifests: Mapping[int, dict[str, Any]]
+    results: Mapping[int, list[dict[str, Any]]]
     markers: dict[int, dict[str, Any]]
     problems: list[str]   # files in results/ that are not ours, markers that do not parse
     datasets: dict[str, list[dict[str, Any]]]   # relpath -> Butler datasets (butler.jsonl)
@@ -210,40 +253,57 @@ class RunState:
     collector: tuple[str | None, str | None] = (None, None)  # latest collector: (job, state)
 
 
-def read_run(run_dir: Path) -> RunState:
+MAX_LINE_PROBLEMS = 20   # per results file: a damaged file of millions of lines says enough
+
+
+def read_run(run_dir: Path, datasets: bool = True) -> RunState:
+    """The run as its directory says; ``datasets=False`` skips a Butler source's
+    butler.jsonl (one line per file: the summary needs it, status does not)."""
     layout = RunLayout(run_dir)
     run = read_run_json(run_dir)
     n = int(run["plan"]["tasks"])
     problems: list[str] = []
-    manifests = {}
-    remade: dict[int, bytes] | None = None
-    for t in range(n):
+    said: set[tuple[str, int]] = set()
+    remade: dict[int, bytes] = {}
+
+    def manifest(t: int) -> dict[str, Any]:
         why = manifest_problem(run_dir, run, t)
         if why is None:
             try:
-                manifests[t] = read_manifest(layout.manifest(t))
-                continue
+                return read_manifest(layout.manifest(t))
             except ValueError as exc:   # a run planned without digests
                 why = str(exc) if str(layout.manifest(t)) in str(exc) else \
                     f"{layout.manifest(t)}: damaged ({exc})"
-        if remade is None:   # what the planner wrote, from the catalogue and the job copy
+        if not remade:   # what the planner wrote, from the catalogue and the job copy
             from .pipeline import remake_manifests
 
             try:
-                remade = remake_manifests(run_dir)
+                remade.update(remake_manifests(run_dir))
             except Exception as exc:
                 raise RunReadError(f"{why}; and it cannot be made again from the run's "
                                    f"catalogue ({exc})") from None
         if t not in remade:
             raise RunReadError(f"{why}; the run's catalogue gives no task {t}")
-        manifests[t] = json.loads(remade[t])
-        manifests[t]["files"] = [dict(zip(manifests[t]["columns"], row))
-                                 for row in manifests[t]["files"]]
-        problems.append(f"{why}: its files are reported from the manifest as planned (made "
-                        f"again from the catalogue); {REMAKE_HINT} {run_dir}")
-    results = {t: list(read_result_records(layout.result(t), problems,
-                                           f"results/{layout.result(t).name}"))
-               for t in range(n) if layout.result(t).exists()}
+        doc = json.loads(remade[t])
+        doc["files"] = [dict(zip(doc["columns"], row)) for row in doc["files"]]
+        if ("manifest", t) not in said:
+            said.add(("manifest", t))
+            problems.append(f"{why}: its files are reported from the manifest as planned "
+                            f"(made again from the catalogue); {REMAKE_HINT} {run_dir}")
+        return doc
+
+    def records(t: int) -> list[dict[str, Any]]:
+        found: list[str] = []
+        recs = list(read_result_records(layout.result(t), found,
+                                        f"results/{layout.result(t).name}"))
+        if found and ("records", t) not in said:
+            said.add(("records", t))
+            problems.extend(found[:MAX_LINE_PROBLEMS])
+            if len(found) > MAX_LINE_PROBLEMS:
+                problems.append(f"results/{layout.result(t).name}: ... and "
+                                f"{len(found) - MAX_LINE_PROBLEMS} more such lines")
+        return recs
+
     markers: dict[int, dict[str, Any]] = {}
     for t in range(n):
         if layout.done_marker(t).exists():
@@ -257,50 +317,111 @@ def read_run(run_dir: Path) -> RunState:
     for path in sorted(layout.results.iterdir()) if layout.results.exists() else []:
         if path.name not in ours and not path.name.startswith("."):
             problems.append(f"results/{path.name}: not a file of this run (ignored)")
-    datasets: dict[str, list[dict[str, Any]]] = {}
+    with_results = [t for t in range(n) if layout.result(t).exists()]
+    by_relpath: dict[str, list[dict[str, Any]]] = {}
     butler = run.get("butler")
-    if butler and (layout.dir / butler["files"]).exists():
-        datasets = {r["relpath"]: [{"in_zip": False, **d} for d in r["datasets"]]
-                    for r in read_jsonl(layout.dir / butler["files"])}
-    return RunState(run, manifests, results, markers, problems, datasets,
-                    collection_state(run_dir, run))
+    if datasets and butler and (layout.dir / butler["files"]).exists():
+        by_relpath = {r["relpath"]: [{"in_zip": False, **d} for d in r["datasets"]]
+                      for r in read_jsonl(layout.dir / butler["files"])}
+    return RunState(run, _PerTask(list(range(n)), manifest), _PerTask(with_results, records),
+                    markers, problems, by_relpath, collection_state(run_dir, run))
+
+
+def _write_summary(run_dir: Path, state: RunState,
+                   on_task: Callable[[int, list[dict[str, Any]]], None] | None = None
+                   ) -> dict[str, Any]:
+    """Stream summary.json: one pass over the tasks, each task's manifest and records read,
+    turned into file entries and written out before the next; then the header (counts and
+    warnings are known only then) and the entries, one per line, into the final file,
+    atomically. ``on_task(task, [(manifest entry, summary entry)])`` sees each task's files
+    as they go (the ledger). Returns the summary without "files"."""
+    import os
+    import tempfile
+
+    layout = RunLayout(run_dir)
+    builder = SummaryBuilder(state.run, state.markers, state.datasets)
+    fd, tmp = tempfile.mkstemp(dir=layout.dir, prefix=".summary-files.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            sep = "\n"
+            for task in state.manifests:
+                manifest = state.manifests[task]
+                pairs = []
+                for (key, entry), planned in zip(builder.entries(
+                        task, manifest, state.results.get(task, [])), manifest["files"]):
+                    out.write(f"{sep}  {json.dumps(key, ensure_ascii=False)}: "
+                              f"{json.dumps(entry, sort_keys=True, ensure_ascii=False)}")
+                    sep = ",\n"
+                    if on_task is not None:
+                        pairs.append((planned, entry))
+                if on_task is not None:
+                    on_task(task, pairs)
+                del manifest, pairs
+        header = builder.header(state.problems)
+        head = json.dumps(header, indent=1, sort_keys=True, ensure_ascii=False)
+
+        def blocks() -> Iterator[bytes]:
+            yield (head[:-2] + ',\n "files": {').encode("utf-8")
+            with open(tmp, "rb") as entries:
+                while block := entries.read(8 << 20):
+                    yield block
+            yield b"\n }\n}\n"
+
+        atomic_write_blocks(layout.summary, blocks())
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return header
 
 
 def collect(run_dir: Path) -> dict[str, Any]:
-    """Read every manifest, result and marker of the run, write summary.json atomically."""
-    state = read_run(run_dir)
-    summary = build_summary(state.run, state.manifests, state.results, state.markers,
-                            state.problems, state.datasets)
-    atomic_write_json(RunLayout(run_dir).summary, summary)
-    return summary
+    """Write summary.json from the run's manifests, results and markers (streamed, see
+    _write_summary); returns it without "files"."""
+    return _write_summary(run_dir, read_run(run_dir))
 
 
 def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:
-    """What the collector job (and ``dac-upload collect``) does: summary.json, then the
-    job's ledger, then collected.json saying both are done and what they were made from.
-    Returns (summary, why the ledger was not updated or None). A collector killed on the
-    way leaves no collected.json (or one that no longer fits the results): status,
-    resubmit and nightly see the run as not collected, and collect again."""
+    """What the collector job (and ``dac-upload collect``) does: summary.json and the job's
+    ledger (task by task, as the summary is written), then collected.json saying both are
+    done, what they were made from and the counts. Returns (the summary without "files",
+    why the ledger was not updated or None). A collector killed on the way leaves no
+    collected.json (or one that no longer fits the results): status, resubmit and nightly
+    see the run as not collected, and collect again."""
     import sqlite3
+
+    from .ledger import Ledger
 
     fingerprint = results_fingerprint(run_dir)   # before reading: a later write shows
     state = read_run(run_dir)
-    summary = build_summary(state.run, state.manifests, state.results, state.markers,
-                            state.problems, state.datasets)
-    layout = RunLayout(run_dir)
-    atomic_write_json(layout.summary, summary)
     ledger_problem = None
+    ledger = None
     if state.run.get("ledger"):
         try:
-            update_ledger(Path(state.run["ledger"]), state.run["run_id"], state.manifests,
-                          summary)
+            ledger = Ledger(Path(state.run["ledger"]))
         except (sqlite3.Error, OSError) as exc:
             ledger_problem = str(exc)
-    atomic_write_json(layout.collected, {
+
+    def to_ledger(task: int, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        nonlocal ledger, ledger_problem
+        if ledger is None:
+            return
+        try:
+            ledger.record(ledger_rows(pairs), state.run["run_id"])
+        except (sqlite3.Error, OSError) as exc:
+            ledger_problem = str(exc)
+            ledger.close()
+            ledger = None
+
+    try:
+        header = _write_summary(run_dir, state, to_ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    atomic_write_json(RunLayout(run_dir).collected, {
         "submissions": len(state.run.get("submissions", [])), "results": fingerprint,
-        "complete": summary["complete"], "ledger_problem": ledger_problem,
-        "collected_at": utc_now()})
-    return summary, ledger_problem
+        "complete": header["complete"], "counts": header["counts"],
+        "tasks_missing_result": header["tasks_missing_result"],
+        "ledger_problem": ledger_problem, "collected_at": utc_now()})
+    return header, ledger_problem
 
 
 def results_fingerprint(run_dir: Path) -> str:
@@ -354,29 +475,18 @@ def records_so_far(run_dir: Path) -> tuple[int, int]:
     return files, nbytes
 
 
-def ledger_rows(manifests: dict[int, dict[str, Any]],
-                summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """What the ledger learns from a run: done files, and failures only a person can fix
-    (so that a nightly run does not try them again while they are unchanged)."""
-    scope = summary["rucio"]["scope"]
+def ledger_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
+    """What the ledger learns from a task's files ((manifest entry, summary entry) pairs):
+    done files, and failures only a person can fix (so that a nightly run does not try
+    them again while they are unchanged)."""
     rows = []
-    for manifest in manifests.values():
-        for entry in manifest["files"]:
-            f = summary["files"][f"{scope}:{entry['name']}"]
-            if f["status"] in DONE_STATES:
-                status = f["status"]
-            elif f["status"] == FAILED and f.get("cause") in PERMANENT_CAUSES:
-                status = f"failed:{f['cause']}"
-            else:
-                continue
-            rows.append({"relpath": entry["relpath"], "size": entry["size"],
-                         "mtime": entry["mtime"], "name": entry["name"], "status": status})
+    for planned, f in pairs:
+        if f["status"] in DONE_STATES:
+            status = f["status"]
+        elif f["status"] == FAILED and f.get("cause") in PERMANENT_CAUSES:
+            status = f"failed:{f['cause']}"
+        else:
+            continue
+        rows.append({"relpath": planned["relpath"], "size": planned["size"],
+                     "mtime": planned["mtime"], "name": planned["name"], "status": status})
     return rows
-
-
-def update_ledger(path: Path, run_id: str, manifests: dict[int, dict[str, Any]],
-                  summary: dict[str, Any]) -> int:
-    from .ledger import Ledger
-
-    with Ledger(path) as ledger:
-        return ledger.record(ledger_rows(manifests, summary), run_id)

@@ -269,7 +269,7 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
         say(f"the collector of {run_dir.name} did not finish ({why}); the next night "
             "collects it again", problem=True)
         return FAILURES
-    s = read_json(summary_path)
+    s = read_json(run_dir / "collected.json")
     c = s["counts"]
     say(f"{summary_path}: {c['uploaded']} uploaded, {c['already_present']} already present,"
         f" {c['failed']} failed, {c['not_attempted']} not attempted",
@@ -285,9 +285,8 @@ def _older_run_going(job: JobConfig, latest: Path | None) -> Path | None:
     for run_dir in sorted(job.runs_dir.iterdir()) if job.runs_dir.is_dir() else []:
         if run_dir == latest or not (run_dir / "run.json").is_file():
             continue
-        summary = run_dir / "summary.json"
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(summary.read_text()).get("complete"):
+        with contextlib.suppress(OSError, ValueError):   # a few lines, not the summary
+            if json.loads((run_dir / "collected.json").read_text()).get("complete"):
                 continue  # complete runs never go again by themselves
         with contextlib.suppress(OSError, ValueError):
             if not json.loads((run_dir / "run.json").read_text()).get("submissions"):

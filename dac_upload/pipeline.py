@@ -415,6 +415,8 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
                  "bytes_per_batch": job.batching.bytes_per_batch,
                  "max_running": job.batching.max_running,
                  "manifest_sha256": digests,   # the worker and submit refuse any other
+                 "task_files": [len(b.files) for b in batches],   # status without reading
+                 "task_bytes": [b.bytes for b in batches],        # the manifests
                  "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
         "upload": {"mode": job.upload.mode, "chunk_size": job.upload.chunk_size,
                    "transfers": job.upload.transfers, "rename": job.upload.rename,

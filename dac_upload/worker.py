@@ -28,6 +28,7 @@ from .files import (
     read_json,
     read_jsonl,
     read_manifest,
+    read_result_records,
     utc_now,
 )
 from .plan import RunLayout
@@ -462,6 +463,7 @@ def run_task(run_dir: Path, task: int,
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "rucio_host": getattr(rio, "host", None),
               "rucio_account": getattr(rio, "account", None)}
+    marker["index"] = task_index(task, manifest, result_path)
     atomic_write_json(layout.done_marker(task), marker)
     _log(f"task {task} finished: {counts[UPLOADED]} uploaded ({human_bytes(nbytes)}, "
          f"{nbytes / elapsed / 1e6:.1f} MB/s, {counts[UPLOADED] / elapsed:.1f} files/s), "
@@ -470,6 +472,22 @@ def run_task(run_dir: Path, task: int,
          + (f"; aborted: {aborted}" if aborted else "")
          + (f"; stopped: {stop.reason}" if stop.reason else "") + f"; exit {code}")
     return code
+
+
+def task_index(task: int, manifest: dict[str, Any], result_path: Path) -> dict[str, Any]:
+    """What ``status`` needs of the task after this attempt (every attempt's records merged),
+    kept in its marker so that status reads one small file per task, not every record:
+    files and bytes, done and all, the causes of the files not done, whether only a person
+    can fix them, and the size of the results file it was made from (a later attempt that
+    died after writing records makes the index stale: status then reads the records)."""
+    from .status import task_status
+
+    records = list(read_result_records(result_path)) if result_path.exists() else []
+    t = task_status(task, manifest, records, None, None)
+    return {"files": t.files, "bytes": t.bytes, "files_done": t.files_done,
+            "bytes_done": t.bytes_done, "causes": dict(sorted(t.causes.items())),
+            "permanent_only": t.permanent_only,
+            "results_bytes": result_path.stat().st_size if result_path.exists() else 0}
 
 
 def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,

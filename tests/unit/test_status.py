@@ -72,3 +72,33 @@ def test_next_command_sees_an_uncollected_run() -> None:
     assert next_command([done], "R", missing, ("7", "RUNNING")).startswith(
         "wait for the collector (job 7)")
     assert next_command([done], "R", (COLLECTED, "ok"), ("7", None)).startswith("nothing")
+
+
+def test_status_reads_markers_not_records(make_job: Any, monkeypatch: Any) -> None:
+    """A task whose marker carries its index, and a task never run, cost status no manifest
+    and no record read (O(tasks) at millions of files); a task whose results grew after its
+    marker (a later attempt died) is read."""
+    import dac_upload.collect as collect_mod
+    from dac_upload.pipeline import prepare_run
+    from dac_upload.runview import run_view
+    from dac_upload.worker import run_task
+    from test_worker import STOCK, FakeRucio
+
+    job = make_job({f"f{i}.dat": bytes([i]) * 5 for i in range(4)},
+                   batching="files_per_batch = 2", upload=STOCK)
+    layout = prepare_run(job, preflight=None).layout
+    assert run_task(layout.dir, 0, rucio_factory=FakeRucio().factory) == 0
+
+    def refuse(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("status read a manifest or records")
+
+    with monkeypatch.context() as m:
+        m.setattr(collect_mod, "read_manifest", refuse)
+        m.setattr(collect_mod, "read_result_records", refuse)
+        _, tasks = run_view(layout.dir, scheduler=False)
+    assert [(t.state, t.files, t.files_done, t.bytes) for t in tasks] == [
+        ("done", 2, 2, 10), ("not started", 2, 0, 10)]
+    with open(layout.result(0), "a") as out:   # a later attempt wrote, then died
+        out.write('{"name": "f0.dat", "status": "failed", "attempt": 2}\n')
+    _, tasks = run_view(layout.dir, scheduler=False)
+    assert (tasks[0].state, tasks[0].files_done) == ("done", 2)   # read: the success counts
