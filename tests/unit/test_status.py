@@ -78,11 +78,12 @@ def test_status_reads_markers_not_records(make_job: Any, monkeypatch: Any) -> No
     """A task whose marker carries its index, and a task never run, cost status no manifest
     and no record read (O(tasks) at millions of files); a task whose results grew after its
     marker (a later attempt died) is read."""
+    from test_worker import STOCK, FakeRucio
+
     import dac_upload.collect as collect_mod
     from dac_upload.pipeline import prepare_run
     from dac_upload.runview import run_view
     from dac_upload.worker import run_task
-    from test_worker import STOCK, FakeRucio
 
     job = make_job({f"f{i}.dat": bytes([i]) * 5 for i in range(4)},
                    batching="files_per_batch = 2", upload=STOCK)
