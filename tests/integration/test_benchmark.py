@@ -46,3 +46,19 @@ def test_grid_upload_benchmark_small(workdir: Path) -> None:
     for cmd in ("$ rucio upload --rse ECHO_ROOT", "$ dac-upload worker", " xrdcp --silent",
                 "$ gfal-copy "):
         assert cmd in out, out
+
+
+SCALE_SCRIPT = SCRIPT.with_name("scale.py")
+
+
+def test_scale_benchmark_small(workdir: Path) -> None:
+    """scale.py --small: the bookkeeping steps of a 3,000-file run, each beside its anchor
+    (the figures at millions of files are in docs/performance.md)."""
+    proc = subprocess.run([sys.executable, str(SCALE_SCRIPT), "--small", "--dir",
+                           str(CI_DIR / "tests" / f"scale-{workdir.name}")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for step in ("find", "plan", "json.loads", "collect", "status --json", "resubmit view"):
+        assert f"  {step} " in out, out
+    assert out.count("x of ") == 2

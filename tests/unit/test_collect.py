@@ -305,3 +305,25 @@ def test_a_manifest_changed_after_planning_is_refused_reported_and_restored(
     assert layout.manifest(1).read_bytes() == planned
     again = CliRunner().invoke(main, ["remake-manifests", str(layout.dir)])
     assert "nothing to do" in again.output
+
+
+def test_summary_streams_as_documented(tmp_path: Path) -> None:
+    """The reader in docs/summary-schema.md gets the same header and files as json.load."""
+    layout = _write_run(tmp_path / "R1")
+    collect(layout.dir)
+    whole = json.loads(layout.summary.read_text())
+    files = {}
+    with open(layout.summary, encoding="utf-8") as f:
+        head = []
+        for line in f:
+            if line == ' "files": {\n':
+                break
+            head.append(line)
+        header = json.loads("".join(head).rstrip().rstrip(",") + "}")
+        for line in f:
+            if line.startswith(" }"):
+                break
+            (key, entry), = json.loads("{" + line.rstrip().rstrip(",") + "}").items()
+            files[key] = entry
+    assert header == {k: v for k, v in whole.items() if k != "files"}
+    assert files == whole["files"] and len(files) == whole["counts"]["files"]

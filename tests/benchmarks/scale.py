@@ -1,0 +1,199 @@
+"""Benchmark: a run's bookkeeping at millions of files, each step side by side with `find`.
+
+For each --files N it builds (once, kept in --dir) a tree of N sparse files (5,000 per
+directory, sizes 1 KiB - 1 GiB made by ftruncate: no data blocks) and a job file, then
+measures each step in a fresh process (wall seconds; peak RSS of that process):
+
+  find      find ROOT -type f -printf '%s %T@ %p\\n' > /dev/null (the anchor of plan)
+  plan      dac-upload plan --offline JOB (the walk included)
+
+then fills results/ as the array tasks would, with the worker's own code: each file's
+record made by worker.not_attempted and completed as the bulk path completes an uploaded
+file, appended by files.JsonlAppender; each task's marker with worker.task_index. Then:
+
+  json      one json.loads per result line, over every task's results (the anchor of
+            collect: the least any reader of the records does)
+  collect   dac-upload collect RUN (summary.json, the ledger, collected.json)
+  status    dac-upload status RUN, and status RUN --json
+  resubmit  what resubmit computes before submitting (runview.run_view, tasks_to_retry)
+
+    python tests/benchmarks/scale.py --files 1000000 5000000
+    python tests/benchmarks/scale.py --small          # 3,000 files: that it works (CI)
+
+Page cache warm: the tree is walked once by `find` before anything is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PER_DIR = 5000
+GIB = 1 << 30
+
+# run in a child: peak RSS (ru_maxrss, KiB) of the command it runs, printed last
+MEASURE = r"""
+import resource, subprocess, sys, time
+t0 = time.monotonic()
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+wall = time.monotonic() - t0
+print(rc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+FILL = r"""
+import sys
+from pathlib import Path
+from dac_upload.files import JsonlAppender, atomic_write_json, read_manifest, utc_now
+from dac_upload.plan import RunLayout
+from dac_upload.worker import UPLOADED, Settings, not_attempted, task_index, STORAGE_VERIFIED
+from dac_upload.files import read_json
+run_dir = Path(sys.argv[1])
+layout = RunLayout(run_dir)
+run = read_json(layout.run_json)
+s = Settings.from_run(run)
+layout.results.mkdir(exist_ok=True)
+for task in range(int(run["plan"]["tasks"])):
+    manifest = read_manifest(layout.manifest(task))
+    with JsonlAppender(layout.result(task), sync_every=60.0) as out:
+        for i, entry in enumerate(manifest["files"]):
+            rec = not_attempted(s, entry, "", "")
+            rec.update(status=UPLOADED, cause=None, error=None, adler32=f"{i:08x}",
+                       md5=f"{i:032x}", pfn=f"root://echo.example:1094/rucio/{entry['name']}",
+                       verified=STORAGE_VERIFIED, task=task, attempt=1,
+                       finished_at=utc_now())
+            out.append(rec)
+    atomic_write_json(layout.done_marker(task), {
+        "task": task, "attempt": 1, "exit_code": 0, "finished_at": utc_now(),
+        "index": task_index(task, manifest, layout.result(task))})
+"""
+
+JSON_PASS = r"""
+import json, sys
+from pathlib import Path
+n = 0
+for path in sorted(Path(sys.argv[1]).glob("task-*[0-9].jsonl")):
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            json.loads(line)
+            n += 1
+print(n)
+"""
+
+RESUBMIT = r"""
+import sys
+from pathlib import Path
+from dac_upload.runview import run_view
+from dac_upload.status import tasks_to_retry
+_, tasks = run_view(Path(sys.argv[1]), scheduler=False)
+print(len(tasks_to_retry(tasks)))
+"""
+
+
+def build(base: Path, files: int) -> Path:
+    """The tree (kept: a marker file says it is complete)."""
+    root = base / "tree"
+    marker = base / f"built-{files}"
+    if marker.exists():
+        return root
+    shutil.rmtree(base, ignore_errors=True)
+    root.mkdir(parents=True)
+    t0 = time.monotonic()
+    for d in range(-(-files // PER_DIR)):
+        sub = root / f"visit{d:05d}"
+        sub.mkdir()
+        for i in range(min(PER_DIR, files - d * PER_DIR)):
+            fd = os.open(sub / f"calexp_{i:05d}.fits", os.O_CREAT | os.O_WRONLY, 0o644)
+            os.ftruncate(fd, 1024 + (i * 2654435761) % GIB)   # sparse: no data blocks
+            os.close(fd)
+    print(f"built {files:,} sparse files in {time.monotonic() - t0:.0f} s", flush=True)
+    marker.touch()
+    return root
+
+
+def job_file(base: Path, root: Path) -> Path:
+    path = base / "scale.toml"
+    path.write_text(f"""
+[job]
+runs_dir = "{base / 'runs'}"
+[source]
+root = "{root}"
+[rucio]
+scope = "bench"
+rse = "ECHO"
+host = "http://rucio.invalid"
+[naming]
+prefix = "scale/"
+[batching]
+files_per_batch = 1000
+max_running = 50
+[slurm]
+time = "04:00:00"
+mem = "4G"
+[container]
+runtime = "none"
+""")
+    return path
+
+
+def measure(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of ``args`` in a fresh process; exits if it fails."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True,
+                         text=True, env=env)
+    rc, wall, rss = out.stdout.split()
+    if rc != "0":
+        sys.exit(f"failed ({rc}): {' '.join(args)}\n{out.stderr}")
+    return float(wall), int(rss) / 1024
+
+
+def row(step: str, wall: float, rss: float, anchor: float | None = None,
+        what: str = "") -> None:
+    ratio = f"{wall / anchor:6.2f}x {what}" if anchor else ""
+    print(f"  {step:<14} {wall:8.1f} s  {rss:8.0f} MB  {ratio}", flush=True)
+
+
+def one_size(base: Path, files: int) -> None:
+    root = build(base, files)
+    job = job_file(base, root)
+    dac = shutil.which("dac-upload") or str(Path(sys.executable).with_name("dac-upload"))
+    subprocess.run(["find", str(root), "-type", "f"], stdout=subprocess.DEVNULL, check=True)
+    print(f"\n{files:,} files ({-(-files // 1000):,} tasks of 1,000)")
+    print(f"  {'step':<14} {'wall':>10}  {'peak RSS':>11}  ratio")
+    find = measure(["sh", "-c", f"find '{root}' -type f -printf '%s %T@ %p\\n' > /dev/null"])
+    row("find", *find)
+    shutil.rmtree(base / "runs", ignore_errors=True)
+    plan = measure([dac, "plan", "--offline", str(job)])
+    row("plan", *plan, find[0], "of find")
+    (run_dir,) = [p for p in (base / "runs").iterdir() if (p / "run.json").is_file()]
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", FILL, str(run_dir)], check=True)
+    print(f"  (results of {files:,} files written by the worker's code in "
+          f"{time.monotonic() - t0:.0f} s)", flush=True)
+    anchor = measure([sys.executable, "-c", JSON_PASS, str(run_dir / "results")])
+    row("json.loads", *anchor)
+    collect = measure([dac, "collect", str(run_dir)])
+    row("collect", *collect, anchor[0], "of json.loads")
+    size = (run_dir / "summary.json").stat().st_size
+    print(f"  (summary.json {size / 1e6:,.0f} MB)")
+    row("status", *measure([dac, "status", str(run_dir)]))
+    row("status --json", *measure([dac, "status", str(run_dir), "--json"]))
+    row("resubmit view", *measure([sys.executable, "-c", RESUBMIT, str(run_dir)]))
+    shutil.rmtree(run_dir)   # GBs of results and summary: the tree is what is kept
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, nargs="+", default=[1_000_000, 5_000_000])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-scale"))
+    ap.add_argument("--small", action="store_true", help="3,000 files: that it works")
+    a = ap.parse_args()
+    for n in [3000] if a.small else a.files:
+        one_size(a.dir / str(n), n)
+
+
+if __name__ == "__main__":
+    main()
