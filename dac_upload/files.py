@@ -268,17 +268,21 @@ def _complete_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def read_result_records(path: Path, problems: list[str] | None = None,
                         shown: str | None = None) -> Iterator[dict[str, Any]]:
-    """The result records of a task's file (read_jsonl's torn lines skipped, as there); a
-    line that is JSON but no record (no string "name" and "status"), or that is no JSON and
-    was not torn, is skipped and said in ``problems`` with its line number, naming the file
-    as ``shown``: what is not understood is reported, never acted on."""
+    """The result records of a task's file (a torn last line skipped, as read_jsonl does:
+    its writer is gone or still writing); any other line that is not a record (no JSON, a
+    record cut short by a kill that a later attempt ended with a newline, JSON without a
+    string "name" and "status") is skipped and said in ``problems`` with its line number,
+    naming the file as ``shown``: what is not understood is reported, never acted on."""
     shown = shown or str(path)
     for number, line in _complete_lines(path):
         try:
             record = json.loads(line)
         except ValueError:
-            if problems is not None and not line.startswith("{"):
-                problems.append(f"{shown} line {number}: not a result record (ignored)")
+            if problems is not None:
+                problems.append(f"{shown} line {number}: " + (
+                    "an incomplete record (a task stopped while writing it; ignored: the "
+                    "file's record from a later attempt counts)" if line.startswith("{")
+                    else "not a result record (ignored)"))
             continue
         if isinstance(record, dict) and isinstance(record.get("name"), str) \
                 and isinstance(record.get("status"), str):

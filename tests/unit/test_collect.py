@@ -327,3 +327,17 @@ def test_summary_streams_as_documented(tmp_path: Path) -> None:
             files[key] = entry
     assert header == {k: v for k, v in whole.items() if k != "files"}
     assert files == whole["files"] and len(files) == whole["counts"]["files"]
+
+
+def test_a_torn_line_inside_a_results_file_is_reported_and_the_rest_kept(
+        tmp_path: Path) -> None:
+    """A task killed mid-line whose next attempt ended the line and went on: that line is
+    named, every complete record before and after it counts."""
+    layout = _write_run(tmp_path / "R1")
+    text = layout.result(1).read_text()          # ends with a torn '{"name": "torn'
+    layout.result(1).write_text(text + "\n" + json.dumps(
+        {"name": "e", "status": "uploaded", "bytes": 50, "attempt": 3}) + "\n")
+    collect(layout.dir)
+    summary = json.loads(layout.summary.read_text())
+    assert "results/task-00001.jsonl line 3: an incomplete record" in summary["warnings"][0]
+    assert summary["files"]["user.t:e"]["status"] == "uploaded"
