@@ -412,7 +412,8 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
                 if how == "found":
                     r["note"] = ("registered the verified copy an earlier attempt of this "
                                  "task left on the RSE" if mine else
-                                 "a verified copy was there and Rucio now has a replica")
+                                 "a verified copy of these bytes that this task did not "
+                                 "write was at the PFN (another upload of the name?): kept")
                 elif how == "replaced":
                     r["note"] = ("replaced the unregistered copy an earlier attempt of this "
                                  "task left on the RSE (partial, or not verified)" if mine

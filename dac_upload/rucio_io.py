@@ -955,17 +955,18 @@ class Storage:
         "found" or "replaced". Raises RucioFileError, or StorageFull (a RucioFatal) when the
         storage has no room: every later copy would fail too.
 
-        Something already at the PFN is adopted ("found") only if it matches (size and
-        adler32) and ``own`` says this run's records show an earlier attempt of this task
-        started copying this name: matching bytes of unknown origin may be another
-        writer's, about to register them, or a stranger's. Otherwise ``may_replace()`` is
-        asked (no replica of the name registered on the RSE, at that moment): yes, it is an
-        unregistered leftover, removed and copied again ("replaced"); no, the registered
-        replica decides: "found" if the bytes match (the caller's registration finds that
-        replica), else RucioFileError (left alone).
+        Something already at the PFN that matches (size and adler32) is kept and "found",
+        whoever wrote it (``own``: an earlier attempt of this task, by copies.jsonl; else
+        another writer of the same name, such as a second run, whose copy may be registered
+        at any moment): bytes that may be a registered replica's are never deleted. Which
+        upload counts is then decided by the registration's protection (bulk._back), not
+        by who wrote the bytes. Anything else there is replaced only if ``may_replace()``
+        says no replica of the name is registered on the RSE at that moment (an
+        unregistered leftover, partial or other bytes), else RucioFileError (left alone).
 
-        What this attempt wrote (the temporary copy, or the final one when writing in place)
-        is removed again when the copy fails, so a failure leaves nothing behind.
+        What this attempt wrote is removed again when the copy fails: its temporary copy,
+        or, written in place, the final one unless the bytes there are the file's by now or
+        Rucio has a replica there (another writer of the name finished meanwhile).
         ``stale_temps``: the temporary-name tokens of earlier attempts of this task that
         began this name (copies.jsonl); a killed one's ``PFN.<token>.rucio.upload`` is
         removed."""
@@ -997,7 +998,8 @@ class Storage:
                 proto.rename(target, pfn)
             return pfn, how
         except Exception as exc:
-            if written is not None:
+            if written is not None and (written != pfn or self._discardable(
+                    pfn, size, adler32, may_replace)):
                 self._discard(written)
             if isinstance(exc, (RucioFileError, RucioFatal)):
                 raise
@@ -1010,14 +1012,27 @@ class Storage:
         """put's decision on a file already at ``pfn``: True to keep it ("found"), False to
         replace it; RucioFileError when it differs and a replica of the name is registered.
         Not ours: Rucio is asked first, so a leftover about to be replaced is not read."""
-        if own and self._matches(proto, pfn, size, adler32):
-            return True
+        if self._matches(proto, pfn, size, adler32):
+            return True   # whoever wrote these bytes: never deleted (see put)
         if may_replace():
             return False
-        if not own and self._matches(proto, pfn, size, adler32):
-            return True
         raise RucioFileError(f"other bytes are at {pfn} and Rucio now has a replica of that "
                              "name there: left alone")
+
+    def _discardable(self, pfn: str, size: int, adler32: str,
+                     may_replace: Callable[[], bool]) -> bool:
+        """Whether a failed copy written in place (no rename) may be removed: not if the
+        bytes there now are the file's (another writer of the same name finished meanwhile:
+        its copy may be registered already), nor if Rucio has a replica there by now."""
+        try:
+            if self._matches(self._protocol(), pfn, size, adler32):
+                return False
+        except Exception:   # no checksum, gone: fall through to Rucio's answer
+            pass
+        try:
+            return bool(may_replace())
+        except Exception:
+            return False
 
     def _discard(self, pfn: str) -> None:
         """Remove what a failed copy left at ``pfn`` (a partial or unverified copy nobody has

@@ -53,10 +53,8 @@ class FakeStorage:
         data = Path(path).read_bytes()
         how = "copied"
         if name in self.leftover:
-            if self.leftover[name] == data and (own or not may_replace()):
+            if self.leftover[name] == data:   # kept, whoever wrote it
                 how = "found"
-            elif self.leftover[name] == data:
-                how = "replaced"
             else:
                 self.replace_asked.append(name)
                 if not may_replace():
@@ -422,16 +420,16 @@ def test_a_name_another_run_protected_first_is_not_uploaded_here(
 
 def test_only_a_copy_this_task_started_is_registered_as_found(
         job: Callable[..., RunLayout]) -> None:
-    """A verified copy at the PFN that no attempt of this task began (another run's, live
-    or left) is copied over before registration; one an earlier attempt listed in
-    copies.jsonl is registered as it is."""
+    """A verified copy at the PFN is registered as it is, whoever wrote it (bytes that may
+    be another writer's registered replica are never deleted); the note says whether an
+    earlier attempt of this task (copies.jsonl) made it."""
     layout, rio = job("chunk_size = 10"), FakeBulk()
     rio.storage_obj.leftover = {"f0.dat": CONTENT["f0.dat"], "f1.dat": CONTENT["f1.dat"]}
     layout.results.mkdir(exist_ok=True)
     layout.copies(0).write_text('{"attempt": 0, "names": ["f1.dat"]}\n')
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
     recs = _recs(layout)
-    assert "that this task did not make" in recs["f0.dat"]["note"]
+    assert "that this task did not write" in recs["f0.dat"]["note"]
     assert "an earlier attempt of this task left" in recs["f1.dat"]["note"]
     assert {r["status"] for r in recs.values()} == {"uploaded"}
     # this attempt listed what it copied, before copying it

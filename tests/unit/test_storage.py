@@ -240,18 +240,34 @@ def test_own_matching_copy_is_adopted(tmp_path: Path, rse: Path) -> None:
     assert asked.count == 0 and path.stat().st_mtime == 0
 
 
-def test_matching_copy_not_ours_is_replaced_without_a_replica(tmp_path: Path,
-                                                              rse: Path) -> None:
-    """Matching bytes nobody of this run wrote (another writer's, a stranger's): replaced
-    when no replica is registered, never adopted."""
+def test_matching_copy_not_ours_is_kept(tmp_path: Path, rse: Path) -> None:
+    """Matching bytes nobody of this task wrote (another writer's of the same name, whose
+    copy may be registered at any moment): kept and "found", never deleted, Rucio not even
+    asked; the registration's protection decides which upload counts."""
     src, adler = _source(tmp_path)
     storage = _storage(rse)
     path = _place(storage, "f.dat", src.read_bytes())
     asked = Asked(True)
-    assert storage.put(src, "test", "f.dat", 10_000, adler, asked)[1] == "replaced"
-    assert asked.count == 1
-    assert path.stat().st_mtime > 0 and path.read_bytes() == src.read_bytes()
-    assert _files(rse) == [path]
+    assert storage.put(src, "test", "f.dat", 10_000, adler, asked)[1] == "found"
+    assert asked.count == 0 and path.stat().st_mtime == 0
+
+
+def test_failed_copy_in_place_keeps_bytes_another_writer_finished(
+        tmp_path: Path, rse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written in place (no rename), our copy fails; meanwhile another writer of the name
+    put the file's bytes there (its replica may be registered): they are not removed."""
+    src, adler = _source(tmp_path)
+    storage = _storage(rse, "never")
+    proto = storage._protocol()
+
+    def put_then_fail(source: str, target: str, source_dir: str | None = None) -> None:
+        Path(proto.pfn2path(target)).write_bytes(src.read_bytes())   # the other writer's
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(proto, "put", put_then_fail)
+    with pytest.raises(rucio_io.RucioFileError):
+        storage.put(src, "test", "f.dat", 10_000, adler, Asked(True))
+    assert Path(proto.pfn2path(storage.pfn("test", "f.dat"))).read_bytes() == src.read_bytes()
 
 
 def test_matching_copy_not_ours_with_a_replica_is_found(tmp_path: Path, rse: Path) -> None:
