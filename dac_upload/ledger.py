@@ -62,15 +62,21 @@ class Ledger:
                                (reldir,))
         return {base: (size, mtime, status) for base, size, mtime, status in rows}
 
-    def record(self, rows: Iterable[dict[str, Any]], run_id: str) -> int:
-        """Insert or replace rows {relpath, size, mtime, name, status}; return how many."""
+    def record(self, rows: Iterable[dict[str, Any]], run_id: str, commit: bool = True) -> int:
+        """Insert or replace rows {relpath, size, mtime, name, status}; return how many.
+        ``commit=False`` leaves them in the open transaction (the collector commits once at
+        the end: a commit per task cost 4.8 s of fsyncs at a million files)."""
         now = utc_now()
         data = [(*split(r["relpath"]), r["size"], r["mtime"], r["name"], r["status"], run_id,
                  now) for r in rows]
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                data)
+        self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            data)
+        if commit:
+            self.db.commit()
         return len(data)
+
+    def commit(self) -> None:
+        self.db.commit()
 
     def forget(self, relpaths: Iterable[str]) -> None:
         with self.db:
