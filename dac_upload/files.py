@@ -273,7 +273,7 @@ def read_result_records(path: Path, problems: list[str] | None = None,
     record cut short by a kill that a later attempt ended with a newline, JSON without a
     string "name" and "status") is skipped and said in ``problems`` with its line number,
     naming the file as ``shown``: what is not understood is reported, never acted on."""
-    import orjson  # twice json's speed on records; json still reads what it refuses
+    import orjson  # the faster decoder; json still reads what orjson refuses
 
     shown = shown or str(path)
     for number, line in _complete_lines(path):
