@@ -322,6 +322,9 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
         raise PlanError(errors)
 
     batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
+    errors += _collector_problems(job, len(files), max(len(b.files) for b in batches))
+    if errors:
+        raise PlanError(errors)
     run_id = new_run_id()
     job.runs_dir.mkdir(parents=True, exist_ok=True)
     export_tmp = job.runs_dir / f".{run_id}.{DIMENSION_EXPORT}"
@@ -433,6 +436,24 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     atomic_write_json(layout.run_json, run)
     return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run,
                        notes)
+
+
+def _collector_problems(job: JobConfig, files: int, largest_task: int) -> list[str]:
+    """The collector job gets the array's [slurm] time and mem: refuse a plan whose
+    collector could not finish in them (collect.collector_fit)."""
+    from .collect import collector_fit
+    from .config import slurm_time_seconds
+
+    text = str(job.slurm.mem).strip()
+    try:   # Slurm's sizes: a bare number is MB, the suffixes K M G T are powers of 1024
+        unit = 1 << {"K": 10, "M": 20, "G": 30, "T": 40}[text[-1].upper()] \
+            if text[-1:].isalpha() else 1 << 20
+        mem: int | None = int(float(text[:-1] if text[-1:].isalpha() else text) * unit)
+    except (ValueError, KeyError, IndexError):
+        mem = None   # a form Slurm knows and we do not: its own check decides
+    return [f"{job.path}: {line}" for line in collector_fit(
+        files, largest_task, job.butler.kind is not None,
+        slurm_time_seconds(job.slurm.time), mem)]
 
 
 def _manifest_of(run_id: str, root: str, batch: Batch, meta: dict[str, Any],

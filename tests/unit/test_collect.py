@@ -341,3 +341,14 @@ def test_a_torn_line_inside_a_results_file_is_reported_and_the_rest_kept(
     summary = json.loads(layout.summary.read_text())
     assert "results/task-00001.jsonl line 3: an incomplete record" in summary["warnings"][0]
     assert summary["files"]["user.t:e"]["status"] == "uploaded"
+
+
+def test_collector_fit() -> None:
+    """The collector's [slurm] time and mem are checked at plan time against the run."""
+    from dac_upload.collect import collector_fit
+
+    assert collector_fit(1_000_000, 1000, False, 3600, 2 << 30) == []
+    (line,) = collector_fit(50_000_000, 1000, False, 600, 2 << 30)
+    assert line.startswith("[slurm] time (600 s) is shorter than the collector of 50,000,000")
+    (line,) = collector_fit(1_000_000, 1000, True, 86400, 1 << 30)
+    assert "most of it the Butler datasets" in line
