@@ -47,9 +47,9 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-# What the collector job needs, as planned (collector_fit): collect measured 10 s and 52-60
-# MB at 1M and 5M files on the 2-core test machine (tests/benchmarks/scale.py); a cluster
-# node reading Lustre is given five times the time. Its memory is a constant plus the
+# What the collector job needs, as planned (collector_fit): collect took 8.3 s and 51 MB at
+# 1M files, 50 s and 61 MB at 5M, on the 2-core test machine (tests/benchmarks/scale.py,
+# docs/performance.md): 50 µs a file is five times that, for a node reading Lustre. Its memory is a constant plus the
 # largest task's records, plus a Butler source's butler.jsonl, held whole.
 COLLECT_SECONDS_PER_FILE = 50e-6
 COLLECT_BASE_SECONDS = 120
