@@ -156,7 +156,7 @@ prefix = "{prefix}"
 [upload]
 mode = "stock"
 [batching]
-files_per_batch = 15
+files_per_batch = 40
 max_running = 2
 [slurm]
 time = "00:10:00"
@@ -184,7 +184,7 @@ def test_password_revoked_mid_run_never_under_reports(workdir: Path, posix_stack
     resubmission with the password still refused is refused before Slurm gets anything;
     with the identity back, resubmit finishes the run."""
     client = posix_stack.client
-    files = make_files(workdir / "src", 30)
+    files = make_files(workdir / "src", 80)   # stock mode: the revocation lands mid-run
     chown_user(workdir)
     prefix = unique_prefix()
     job, username, password = _password_job(workdir, client, prefix)
