@@ -49,8 +49,9 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 # What the collector job needs, as planned (collector_fit): collect took 8.3 s and 51 MB at
 # 1M files, 50 s and 61 MB at 5M, on the 2-core test machine (tests/benchmarks/scale.py,
-# docs/performance.md): 50 µs a file is five times that, for a node reading Lustre. Its memory is a constant plus the
-# largest task's records, plus a Butler source's butler.jsonl, held whole.
+# docs/performance.md): 50 µs a file is five times that, for a node reading Lustre. Its
+# memory is a constant plus the largest task's records, plus a Butler source's
+# butler.jsonl, held whole.
 COLLECT_SECONDS_PER_FILE = 50e-6
 COLLECT_BASE_SECONDS = 120
 COLLECT_BASE_BYTES = 256 << 20
