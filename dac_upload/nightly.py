@@ -242,6 +242,8 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
     say(f"run {prep.run_id}: {prep.files:,} new or changed files "
         + (f"({keep.unchanged:,} unchanged) " if keep else "") + f"in {len(prep.batches)} "
         f"tasks: {prep.layout.dir}")
+    for note in prep.notes:   # what plan prints too (Butler datasets without records, ...)
+        say(f"note: {note}")
     try:
         sub = submit_run(prep.layout.dir, max_array, slurm.submit, job.slurm.max_submit)
     except (slurm.SlurmError, PlanError, CollectorNotSubmitted) as exc:
