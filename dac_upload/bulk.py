@@ -105,7 +105,7 @@ def bulk_records(rio: Any, s: Settings, todo: list[Record], stop: StopRequest,
     a stop signal the next chunk is not read, so they are written at once.
 
     ``copies`` (the task's copies.jsonl) gets the names of a chunk before they are copied;
-    only a copy an earlier attempt listed there is registered as found on the RSE."""
+    what an earlier attempt listed there is this task's own (see _copier)."""
     copies = copies or CopyLog(None, 0)
     parts = list(chunks(todo, s.chunk_size))
     with ThreadPoolExecutor(max_workers=s.transfers, thread_name_prefix="copy") as pool, \
@@ -386,8 +386,9 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
             stale_temps: set[str] | frozenset[str] = frozenset()) -> Callable[[Record], Record]:
     """Copy one file onto the RSE (a storage that fails transiently is tried again like the
     server); its record gets the pfn once the copy is verified there, or says why not.
-    ``own``: names an earlier attempt of this task began to copy (copies.jsonl), whose
-    verified copy found at the PFN may be registered as it is."""
+    ``own``: names an earlier attempt of this task began to copy (copies.jsonl): the note
+    says whose a copy found at the PFN was, and that attempt's temporary copies
+    (``stale_temps``, their tokens) are removed."""
     from .rucio_io import RucioFatal, RucioFileError, RucioTransient
     from .worker import _pause
 
@@ -404,7 +405,6 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
                 r["pfn"], how = storage.put(s.root / r["relpath"], s.scope, r["name"],
                                             r["bytes"], r["adler32"],
                                             lambda: may_replace(r["name"]),
-                                            own=r["name"] in own,
                                             stale_temps=stale_temps if r["name"] in own
                                             else ())
                 r["verified"] = storage.verification

@@ -377,27 +377,17 @@ def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> 
         _report(target)
 
 
-def _collected(run_dir: Path) -> dict[str, Any]:
-    """The collected run's counts, complete and tasks_missing_result: from collected.json
-    (a few lines), not from summary.json (hundreds of MB for a million files); from the
-    summary only for a run collected before collected.json carried them."""
-    from .files import read_json
-
-    done = read_json(run_dir / "collected.json")
-    return done if "counts" in done else read_json(run_dir / "summary.json")
-
-
 def _report(run_dir: Path) -> None:
     """The summary line of a collected run; exit 1 if it is not complete, or if the
     summary is missing or was not made from the results as they are now."""
-    from .collect import COLLECTED, collection_state, read_run_json
+    from .collect import COLLECTED, collected_counts, collection_state, read_run_json
 
     summary_path = run_dir / "summary.json"
     state, why = collection_state(run_dir, read_run_json(run_dir))
     if state != COLLECTED:
         _fail(f"the collector did not finish ({why}); see {run_dir / 'logs'}, then: "
               f"dac-upload resubmit {run_dir} (or dac-upload collect {run_dir})", EXIT_FAILURES)
-    s = _collected(run_dir)
+    s = collected_counts(run_dir)
     c = s["counts"]
     click.echo(f"{summary_path}: {c['files']} files, {c['uploaded']} uploaded, "
                f"{c['already_present']} already present, {c['failed']} failed, "
@@ -453,6 +443,7 @@ def remake_manifests(run_dir: str) -> None:
     from .collect import manifest_problem
     from .files import atomic_write_bytes
     from .pipeline import remake_manifests as remake
+    from .plan import RunLayout
 
     target = Path(run_dir).resolve()
     run = _read_run_json(target)
@@ -478,8 +469,8 @@ def remake_manifests(run_dir: str) -> None:
                           "(a Butler source's metadata is only in the repository): plan a "
                           "new run for these files")
             continue
-        atomic_write_bytes(target / "manifests" / f"task-{t:05d}.json", data)
-        click.echo(f"restored {target / 'manifests' / f'task-{t:05d}.json'} ({why})")
+        atomic_write_bytes(RunLayout(target).manifest(t), data)
+        click.echo(f"restored {RunLayout(target).manifest(t)} ({why})")
     if failed:
         _fail(failed, EXIT_USER)
     click.echo(f"the manifests are as planned; next: dac-upload status {target}")

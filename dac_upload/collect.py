@@ -266,6 +266,9 @@ class _PerTask(Mapping[int, Any]):
             raise KeyError(task)
         return self._read(task)
 
+    def __contains__(self, task: object) -> bool:   # Mapping's would read the task
+        return task in self._known
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._tasks)
 
@@ -506,6 +509,15 @@ def collection_state(run_dir: Path, run: dict[str, Any]) -> tuple[str, str]:
     if done.get("results") != results_fingerprint(run_dir):
         return STALE, "summary.json predates the latest task results"
     return COLLECTED, "summary.json is up to date"
+
+
+def collected_counts(run_dir: Path) -> dict[str, Any]:
+    """The collected run's counts, complete and tasks_missing_result: from collected.json
+    (a few lines), not from summary.json (hundreds of MB for a million files); from the
+    summary only for a run collected before collected.json carried them."""
+    layout = RunLayout(run_dir)
+    done = read_json(layout.collected)
+    return done if "counts" in done else read_json(layout.summary)
 
 
 def records_so_far(run_dir: Path) -> tuple[int, int]:

@@ -232,6 +232,18 @@ def slurm_time_seconds(value: str) -> int:
     return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
+def slurm_mem_bytes(value: str) -> int | None:
+    """Slurm's --mem sizes (a bare number is MB; K, M, G, T are powers of 1024) -> bytes;
+    None for a form this does not know (sbatch's own check decides on it)."""
+    text = str(value).strip()
+    try:
+        unit = 1 << {"K": 10, "M": 20, "G": 30, "T": 40}[text[-1].upper()] \
+            if text[-1:].isalpha() else 1 << 20
+        return int(float(text[:-1] if text[-1:].isalpha() else text) * unit)
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
 def parse_duration(value: Any) -> int:
     """``3600``, ``"30d"``, ``"12h"`` -> seconds."""
     if isinstance(value, bool):

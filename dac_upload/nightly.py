@@ -256,14 +256,13 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
 
 def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> int:
     from . import slurm
-    from .files import read_json
 
     try:
         slurm.wait_until_gone(collector, opts.timeout, poll=2.0)
     except slurm.SlurmError as exc:
         say(str(exc), problem=True)
         return SUBMIT_FAILED
-    from .collect import COLLECTED, collection_state, read_run_json
+    from .collect import COLLECTED, collected_counts, collection_state, read_run_json
 
     summary_path = run_dir / "summary.json"
     done, why = collection_state(run_dir, read_run_json(run_dir))
@@ -271,7 +270,7 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
         say(f"the collector of {run_dir.name} did not finish ({why}); the next night "
             "collects it again", problem=True)
         return FAILURES
-    s = read_json(run_dir / "collected.json")
+    s = collected_counts(run_dir)
     c = s["counts"]
     say(f"{summary_path}: {c['uploaded']} uploaded, {c['already_present']} already present,"
         f" {c['failed']} failed, {c['not_attempted']} not attempted",
@@ -282,13 +281,14 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
 def _older_run_going(job: JobConfig, latest: Path | None) -> Path | None:
     """An older run (not the latest submitted one) that still has tasks queued: a run can
     be planned before another and submitted after it, or be resubmitted by hand."""
+    from .plan import RunLayout
     from .runview import run_view
 
     for run_dir in sorted(job.runs_dir.iterdir()) if job.runs_dir.is_dir() else []:
         if run_dir == latest or not (run_dir / "run.json").is_file():
             continue
         with contextlib.suppress(OSError, ValueError):   # a few lines, not the summary
-            if json.loads((run_dir / "collected.json").read_text()).get("complete"):
+            if json.loads(RunLayout(run_dir).collected.read_text()).get("complete"):
                 continue  # complete runs never go again by themselves
         with contextlib.suppress(OSError, ValueError):
             if not json.loads((run_dir / "run.json").read_text()).get("submissions"):

@@ -442,18 +442,11 @@ def _collector_problems(job: JobConfig, files: int, largest_task: int) -> list[s
     """The collector job gets the array's [slurm] time and mem: refuse a plan whose
     collector could not finish in them (collect.collector_fit)."""
     from .collect import collector_fit
-    from .config import slurm_time_seconds
+    from .config import slurm_mem_bytes, slurm_time_seconds
 
-    text = str(job.slurm.mem).strip()
-    try:   # Slurm's sizes: a bare number is MB, the suffixes K M G T are powers of 1024
-        unit = 1 << {"K": 10, "M": 20, "G": 30, "T": 40}[text[-1].upper()] \
-            if text[-1:].isalpha() else 1 << 20
-        mem: int | None = int(float(text[:-1] if text[-1:].isalpha() else text) * unit)
-    except (ValueError, KeyError, IndexError):
-        mem = None   # a form Slurm knows and we do not: its own check decides
     return [f"{job.path}: {line}" for line in collector_fit(
         files, largest_task, job.butler.kind is not None,
-        slurm_time_seconds(job.slurm.time), mem)]
+        slurm_time_seconds(job.slurm.time), slurm_mem_bytes(job.slurm.mem))]
 
 
 def _manifest_of(run_id: str, root: str, batch: Batch, meta: dict[str, Any],

@@ -944,21 +944,22 @@ class Storage:
         pfns = self._protocol().lfns2pfns({"scope": scope, "name": name})
         return str(next(iter(pfns.values())))
 
-    def temp_pfn(self, pfn: str) -> str:
-        """The temporary name this writer copies ``pfn`` to before renaming it."""
-        return f"{pfn}.{self.temp_token}.rucio.upload"
+    def temp_pfn(self, pfn: str, token: str | None = None) -> str:
+        """The temporary name this writer (or the writer of ``token``) copies ``pfn`` to
+        before renaming it."""
+        return f"{pfn}.{token or self.temp_token}.rucio.upload"
 
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
-            may_replace: Callable[[], bool], *, own: bool = False,
+            may_replace: Callable[[], bool], *,
             stale_temps: Collection[str] = ()) -> tuple[str, str]:
         """Copy ``path`` to its PFN and check the copy there; (pfn, how): "copied",
         "found" or "replaced". Raises RucioFileError, or StorageFull (a RucioFatal) when the
         storage has no room: every later copy would fail too.
 
         Something already at the PFN that matches (size and adler32) is kept and "found",
-        whoever wrote it (``own``: an earlier attempt of this task, by copies.jsonl; else
-        another writer of the same name, such as a second run, whose copy may be registered
-        at any moment): bytes that may be a registered replica's are never deleted. Which
+        whoever wrote it (an earlier attempt of this task, or another writer of the same
+        name, such as a second run, whose copy may be registered at any moment): bytes that
+        may be a registered replica's are never deleted. Which
         upload counts is then decided by the registration's protection (bulk._back), not
         by who wrote the bytes. Anything else there is replaced only if ``may_replace()``
         says no replica of the name is registered on the RSE at that moment (an
@@ -977,13 +978,13 @@ class Storage:
             pfn = self.pfn(scope, name)
             how = "copied"
             if proto.exists(pfn):
-                if self._keep_existing(proto, pfn, size, adler32, may_replace, own):
+                if self._keep_existing(proto, pfn, size, adler32, may_replace):
                     return pfn, "found"
                 self._protocol("delete").delete(pfn)
                 how = "replaced"
             target = self.temp_pfn(pfn) if self.renames else pfn
             for token in set(stale_temps) - {self.temp_token} if target != pfn else ():
-                stale = f"{pfn}.{token}.rucio.upload"   # a killed earlier attempt's
+                stale = self.temp_pfn(pfn, token)   # a killed earlier attempt's
                 if proto.exists(stale):
                     self._protocol("delete").delete(stale)
             if target != pfn and proto.exists(target):   # ours, from a try that failed
@@ -1008,10 +1009,9 @@ class Storage:
                                    pfn or f"{scope}:{name}") from None
 
     def _keep_existing(self, proto: Any, pfn: str, size: int, adler32: str,
-                       may_replace: Callable[[], bool], own: bool) -> bool:
+                       may_replace: Callable[[], bool]) -> bool:
         """put's decision on a file already at ``pfn``: True to keep it ("found"), False to
-        replace it; RucioFileError when it differs and a replica of the name is registered.
-        Not ours: Rucio is asked first, so a leftover about to be replaced is not read."""
+        replace it; RucioFileError when it differs and a replica of the name is registered."""
         if self._matches(proto, pfn, size, adler32):
             return True   # whoever wrote these bytes: never deleted (see put)
         if may_replace():

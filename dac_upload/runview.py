@@ -13,7 +13,7 @@ from typing import Any
 from . import slurm
 from .collect import RunState, read_run
 from .plan import RunLayout
-from .status import ACTIVE_STATES, RAN_STATES, TaskStatus, task_status
+from .status import TaskStatus, task_state, task_status
 
 
 def _indexed(task: int, marker: dict[str, Any] | None, slurm_state: str | None,
@@ -28,10 +28,7 @@ def _indexed(task: int, marker: dict[str, Any] | None, slurm_state: str | None,
     size = result.stat().st_size if result.exists() else 0
     if size != index.get("results_bytes"):
         return None
-    if slurm_state in ACTIVE_STATES:
-        state = "running" if slurm_state != "PENDING" else "pending"
-    else:
-        state = "done" if index["files_done"] == index["files"] else "failed"
+    state = task_state(slurm_state, index["files_done"] == index["files"], True, True)
     return TaskStatus(task=task, state=state, files=index["files"],
                       files_done=index["files_done"], bytes=index["bytes"],
                       bytes_done=index["bytes_done"], slurm_state=slurm_state,
@@ -47,12 +44,7 @@ def _untouched(task: int, plan: dict[str, Any], marker: dict[str, Any] | None,
     if marker is not None or files is None or nbytes is None or task >= len(files) \
             or RunLayout(run_dir).result(task).exists():
         return None
-    if slurm_state in ACTIVE_STATES:
-        state = "running" if slurm_state != "PENDING" else "pending"
-    elif files[task] == 0:
-        state = "done"
-    else:
-        state = "died" if slurm_state in RAN_STATES else "not started"
+    state = task_state(slurm_state, files[task] == 0, False, False)
     return TaskStatus(task=task, state=state, files=files[task], files_done=0,
                       bytes=nbytes[task], bytes_done=0, slurm_state=slurm_state,
                       causes=Counter({"no record": files[task]}) if files[task] else Counter())

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .collect import merge_records
+from .collect import COLLECTED, merge_records
 from .worker import DONE_STATES, PERMANENT_CAUSES
 
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING",
@@ -58,20 +58,27 @@ def task_status(task: int, manifest: dict[str, Any], records: list[dict[str, Any
     todo = [f for f in files if merged.get(f["name"], {}).get("status") not in DONE_STATES]
     causes = Counter((merged.get(f["name"]) or {}).get("cause") or "no record" for f in todo)
     permanent_only = bool(todo) and all(c in PERMANENT_CAUSES for c in causes)
-    if slurm_state in ACTIVE_STATES:
-        state = "running" if slurm_state != "PENDING" else "pending"
-    elif len(done) == len(files):
-        state = "done"
-    elif marker is not None and _marker_is_latest(marker, records):
-        state = "failed"
-    elif records or slurm_state in RAN_STATES:
-        state = "died"
-    else:
-        state = "not started"
+    state = task_state(slurm_state, len(done) == len(files),
+                       marker is not None and _marker_is_latest(marker, records),
+                       bool(records))
     return TaskStatus(task=task, state=state, files=len(files), files_done=len(done),
                       bytes=sum(f["size"] for f in files),
                       bytes_done=sum(f["size"] for f in done), slurm_state=slurm_state,
                       causes=causes, permanent_only=permanent_only)
+
+
+def task_state(slurm_state: str | None, complete: bool, finished: bool,
+               has_records: bool) -> str:
+    """A task's state (MEANING) from the scheduler's state, whether all its files are
+    done, whether its latest attempt finished (wrote the marker last), and whether any
+    attempt wrote records (pure)."""
+    if slurm_state in ACTIVE_STATES:
+        return "running" if slurm_state != "PENDING" else "pending"
+    if complete:
+        return "done"
+    if finished:
+        return "failed"
+    return "died" if has_records or slurm_state in RAN_STATES else "not started"
 
 
 def _marker_is_latest(marker: dict[str, Any], records: list[dict[str, Any]]) -> bool:
@@ -91,8 +98,6 @@ def next_command(tasks: list[TaskStatus], run_dir: str, collection: tuple[str, s
                  collector: tuple[str | None, str | None] = (None, None)) -> str:
     """The one command to run next. ``collection`` is collect.collection_state's (state,
     why); ``collector`` the latest collector's (job id, Slurm state or None)."""
-    from .collect import COLLECTED
-
     if any(t.state in ("pending", "running") for t in tasks):
         return f"wait for the tasks, then: dac-upload status {run_dir}"
     if tasks_to_retry(tasks):
@@ -112,8 +117,6 @@ def next_command(tasks: list[TaskStatus], run_dir: str, collection: tuple[str, s
 def collector_line(collection: tuple[str, str],
                    collector: tuple[str | None, str | None]) -> str:
     """What status says of the run's summary and its latest collector."""
-    from .collect import COLLECTED
-
     job, state = collector
     where = (f"; collector job {job}: {state}" if job and state else
              f"; collector job {job}: gone from the queue" if job else "")

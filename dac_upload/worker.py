@@ -139,9 +139,9 @@ def existing_verdict(size: int, adler32: str, did_bytes: int | None,
 
 class CopyLog:
     """The task's copies.jsonl: before a copy onto the RSE starts, its name is appended
-    (fsynced, a line per chunk). A copy found at a name's PFN may be registered as it is
-    only if an earlier attempt of this task listed the name (``earlier``): anything else
-    there is not this run's, whoever left it."""
+    (fsynced, a line per chunk). What an earlier attempt of this task listed (``earlier``)
+    is this run's own: a file that Rucio holds by now is recorded uploaded by this run, and
+    that attempt's temporary copies (``earlier_temps``) are removed."""
 
     def __init__(self, path: Path | None, attempt: int) -> None:
         """``path`` None: nothing is kept (doctor --probe)."""

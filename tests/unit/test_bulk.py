@@ -44,10 +44,9 @@ class FakeStorage:
         self.verification = "storage checksum"
 
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
-            may_replace: Callable[[], bool], own: bool = False,
-            stale_temps: Any = ()) -> tuple[str, str]:
-        """As Storage.put: a matching copy is registered as found only if ``own`` (an
-        earlier attempt of the task listed it), or if Rucio has a replica by now."""
+            may_replace: Callable[[], bool], stale_temps: Any = ()) -> tuple[str, str]:
+        """As Storage.put: a matching copy is kept and found, whoever wrote it; other bytes
+        are replaced only while Rucio has no replica of the name."""
         if name in self.rio.put_errors:
             raise self.rio.put_errors[name]
         data = Path(path).read_bytes()
@@ -283,9 +282,8 @@ def test_stop_signal_during_copies_registers_what_was_copied(
     real_put = rio.storage_obj.put
 
     def put_then_warn(path: Path, scope: str, name: str, size: int, adler32: str,
-                      may_replace: Callable[[], bool], own: bool = False,
-                      **kw: Any) -> tuple[str, str]:
-        out = real_put(path, scope, name, size, adler32, may_replace, own)
+                      may_replace: Callable[[], bool], **kw: Any) -> tuple[str, str]:
+        out = real_put(path, scope, name, size, adler32, may_replace, **kw)
         if len(rio.storage_obj.puts) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.3)   # the handler runs in the main thread: let it, before going on
@@ -320,11 +318,10 @@ def test_name_registered_meanwhile_by_someone_else_is_not_ours(
     real_put = rio.storage_obj.put
 
     def put_racing(path: Path, scope: str, name: str, size: int, adler32: str,
-                   may_replace: Callable[[], bool], own: bool = False,
-                   **kw: Any) -> tuple[str, str]:
+                   may_replace: Callable[[], bool], **kw: Any) -> tuple[str, str]:
         if name == "f2.dat":
             rio.add_existing("f2.dat", b"someone else's bytes")
-        return real_put(path, scope, name, size, adler32, may_replace, own)
+        return real_put(path, scope, name, size, adler32, may_replace, **kw)
 
     rio.storage_obj.put = put_racing  # type: ignore[method-assign]
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
@@ -401,9 +398,8 @@ def test_a_name_another_run_protected_first_is_not_uploaded_here(
     real_put = rio.storage_obj.put
 
     def put_racing(path: Path, scope: str, name: str, size: int, adler32: str,
-                   may_replace: Callable[[], bool], own: bool = False,
-                   **kw: Any) -> tuple[str, str]:
-        out = real_put(path, scope, name, size, adler32, may_replace, own)
+                   may_replace: Callable[[], bool], **kw: Any) -> tuple[str, str]:
+        out = real_put(path, scope, name, size, adler32, may_replace, **kw)
         if name == "f1.dat":        # the other run registers and protects f1 meanwhile
             rio.add_existing("f1.dat", CONTENT["f1.dat"])
             rio.rules.add("f1.dat")

@@ -530,3 +530,11 @@ def test_dataset_needs_a_scope_before_the_colon(tmp_path: Path) -> None:
            "container": {"runtime": "none"}}
     with pytest.raises(ConfigError, match=r"\[rucio\] dataset = ':name'"):
         parse_job(raw, path=tmp_path / "j.toml")
+
+
+def test_slurm_mem_bytes() -> None:
+    from dac_upload.config import slurm_mem_bytes
+
+    assert slurm_mem_bytes("2G") == 2 << 30 and slurm_mem_bytes("500") == 500 << 20
+    assert slurm_mem_bytes("1.5T") == 3 << 39 and slurm_mem_bytes("64k") == 64 << 10
+    assert slurm_mem_bytes("lots") is None and slurm_mem_bytes("") is None

@@ -230,16 +230,6 @@ class Asked:
         return self.answer
 
 
-def test_own_matching_copy_is_adopted(tmp_path: Path, rse: Path) -> None:
-    src, adler = _source(tmp_path)
-    storage = _storage(rse)
-    path = _place(storage, "f.dat", src.read_bytes())
-    asked = Asked(True)
-    assert storage.put(src, "test", "f.dat", 10_000, adler, asked, own=True) == (
-        storage.pfn("test", "f.dat"), "found")
-    assert asked.count == 0 and path.stat().st_mtime == 0
-
-
 def test_matching_copy_not_ours_is_kept(tmp_path: Path, rse: Path) -> None:
     """Matching bytes nobody of this task wrote (another writer's of the same name, whose
     copy may be registered at any moment): kept and "found", never deleted, Rucio not even
@@ -248,7 +238,8 @@ def test_matching_copy_not_ours_is_kept(tmp_path: Path, rse: Path) -> None:
     storage = _storage(rse)
     path = _place(storage, "f.dat", src.read_bytes())
     asked = Asked(True)
-    assert storage.put(src, "test", "f.dat", 10_000, adler, asked)[1] == "found"
+    assert storage.put(src, "test", "f.dat", 10_000, adler, asked) == (
+        storage.pfn("test", "f.dat"), "found")
     assert asked.count == 0 and path.stat().st_mtime == 0
 
 
@@ -280,16 +271,14 @@ def test_matching_copy_not_ours_with_a_replica_is_found(tmp_path: Path, rse: Pat
     assert path.stat().st_mtime == 0
 
 
-@pytest.mark.parametrize("own", [True, False])
-def test_other_bytes_replaced_only_without_a_replica(tmp_path: Path, rse: Path,
-                                                     own: bool) -> None:
+def test_other_bytes_replaced_only_without_a_replica(tmp_path: Path, rse: Path) -> None:
     src, adler = _source(tmp_path)
     storage = _storage(rse)
     path = _place(storage, "f.dat", b"other bytes")
     with pytest.raises(rucio_io.RucioFileError, match=r"other bytes are at .* left alone"):
-        storage.put(src, "test", "f.dat", 10_000, adler, Asked(False), own=own)
+        storage.put(src, "test", "f.dat", 10_000, adler, Asked(False))
     assert path.read_bytes() == b"other bytes"
-    assert storage.put(src, "test", "f.dat", 10_000, adler, Asked(True), own=own)[1] == \
+    assert storage.put(src, "test", "f.dat", 10_000, adler, Asked(True))[1] == \
         "replaced"
     assert path.read_bytes() == src.read_bytes()
 
@@ -335,7 +324,7 @@ def test_a_killed_attempts_temporary_is_removed_by_the_next(tmp_path: Path,
     left = _place(killed, "f.dat", b"half")
     left = left.rename(left.with_name(f"{left.name}.{killed.temp_token}.rucio.upload"))
     pfn = storage.pfn("test", "f.dat")
-    assert storage.put(src, "test", "f.dat", 10_000, adler, Asked(True), own=True,
+    assert storage.put(src, "test", "f.dat", 10_000, adler, Asked(True),
                        stale_temps={killed.temp_token}) == (pfn, "copied")
     assert _files(rse) == [Path(storage._protocol().pfn2path(pfn))]
 
