@@ -220,10 +220,10 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
         sidecars[relpath] = members[0][0].to_json()
         kept.extend(ref for ref, _, _ in members)
         shared += len(members) > 1 and not members[0][2]
-        cat.entries.append(Entry(relpath, st.st_size, st.st_mtime))
+        cat.columns.add(relpath, st.st_size, st.st_mtime)
         nbytes += st.st_size
         if progress is not None:
-            progress.update(len(cat.entries), nbytes)
+            progress.update(cat.file_count, nbytes)
     if progress is not None:
         progress.done()
     notes = []

@@ -39,6 +39,7 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 _INVALID = object()  # stands for a value already reported as invalid
+WALKERS = 4   # [source] walkers: processes that list and stat directories (catalogue.walk)
 
 
 class ConfigError(Exception):
@@ -55,6 +56,7 @@ class SourceConfig:
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     symlinks: str
+    walkers: int = WALKERS   # processes listing directories for a large walk
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
         "include": (_str_list, ("**/*",), 'a list of globs such as ["**/*.fits"]'),
         "exclude": (_str_list, (), 'a list of globs such as ["**/tmp/**"]'),
         "symlinks": (_choice(SYMLINK_POLICIES), "follow", " or ".join(SYMLINK_POLICIES)),
+        "walkers": (_int_pos, WALKERS, "a number of processes such as 4 (1: no helper processes)"),
     },
     "rucio": {
         "scope": (_str, ..., 'a Rucio scope such as "user.jbloggs"'),
@@ -628,7 +631,8 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
         text=text,
         runs_dir=runs_dir,
         source=SourceConfig(root=root, include=v["source"]["include"],
-                            exclude=v["source"]["exclude"], symlinks=v["source"]["symlinks"]),
+                            exclude=v["source"]["exclude"], symlinks=v["source"]["symlinks"],
+                            walkers=v["source"]["walkers"]),
         rucio=RucioConfig(scope=r["scope"], rse=r["rse"], account=r["account"],
                           dataset=r["dataset"], lifetime=r["lifetime"], config=rpath("config"),
                           retries=r["retries"], retry_wait=r["retry_wait"], host=r["host"],

@@ -9,7 +9,7 @@ error that Rucio would give file by file, inside a batch job, into one line befo
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 NAME_MAX = 250
@@ -41,16 +41,25 @@ _ANY_BAD_CHAR_RE = re.compile(r"[^/A-Za-z0-9._\-\n]")       # one class: a fast 
 _ANY_BAD_START_RE = re.compile(r"\n[._\-\n]")
 
 
-def all_names_valid(names: list[str]) -> bool:
-    """True if :func:`name_problem` finds nothing in any of ``names``: one regex search over
-    them all, joined by newlines (which no valid name contains), and their longest length."""
-    if not names or max(map(len, names)) > NAME_MAX:
+def all_names_valid(rels: Sequence[str], prefix: str = "") -> bool:
+    """True if :func:`name_problem` finds nothing in any of the names ``prefix + rel``,
+    without making them: one regex search over the relpaths, joined by newlines (which no
+    valid name contains) 65,536 at a time, the prefix's own test, and the longest length."""
+    if not rels or len(prefix) + max(map(len, rels)) > NAME_MAX:
         return False
-    joined = "\n".join(names)
-    return (joined.count("\n") == len(names) - 1
-            and joined[:1] not in ("", ".", "_", "-", "\n") and joined[-1:] != "\n"
-            and _ANY_BAD_CHAR_RE.search(joined) is None
-            and _ANY_BAD_START_RE.search(joined) is None)
+    if prefix and ("\n" in prefix or prefix[0] in "._-"
+                   or _ANY_BAD_CHAR_RE.search(prefix) is not None):
+        return False
+    step = 1 << 16
+    for i in range(0, len(rels), step):
+        part = rels[i:i + step]
+        joined = "\n".join(part)
+        if joined.count("\n") != len(part) - 1 or _ANY_BAD_CHAR_RE.search(joined) is not None:
+            return False
+        if not prefix and (joined[:1] in ("", ".", "_", "-", "\n") or joined[-1:] == "\n"
+                           or _ANY_BAD_START_RE.search(joined) is not None):
+            return False
+    return True
 
 
 def scope_problem(scope: str) -> str | None:
@@ -153,7 +162,8 @@ def glob_matcher(pattern: str) -> Callable[[str], bool]:
             # ends with the suffix (which holds no "/", so it lies within the name)
             return rel[:1] != "." and "/." not in rel and rel.endswith(suffix)
 
-        return visible_with_suffix
+        visible_with_suffix.visible_suffix = suffix  # type: ignore[attr-defined]
+        return visible_with_suffix   # (the walk tests a whole directory's names with it)
     rx = glob_regex(pattern)
     return lambda rel: rx.fullmatch(rel) is not None
 

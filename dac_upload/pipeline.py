@@ -43,7 +43,7 @@ from .files import (
     write_files_atomically,
 )
 from .naming import glob_regex
-from .plan import REL, Batch, PlannedFile, RunLayout, compress_indices, make_batches, name_files
+from .plan import Batch, FileTable, RunLayout, compress_indices, make_batches, name_files
 from .progress import Progress
 
 MAX_PROBLEM_LINES = 20
@@ -205,12 +205,12 @@ def _catalogue(job: JobConfig, progress: Progress | None,
     return job, _Found(cat, datasets, unmatched=unmatched, catalogue_sha256=digest)
 
 
-def _butler_record(job: JobConfig, found: _Found, planned: list[PlannedFile],
+def _butler_record(job: JobConfig, found: _Found, planned: FileTable,
                    dimension_file: str | None) -> dict[str, Any] | None:
     b = job.butler
     if b.kind is None:
         return None
-    files = sum(1 for f in planned if f[REL] in found.datasets)
+    files = sum(1 for rel in planned.rels if rel in found.datasets)
     return {"kind": b.kind, "repo": b.repo, "collections": list(b.collections),
             "dataset_types": list(b.dataset_types), "where": b.where,
             "find_first": b.find_first, "metadata": b.metadata and b.kind == "repo",
@@ -322,7 +322,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
         raise PlanError(errors)
 
     batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
-    errors += _collector_problems(job, len(files), max(len(b.files) for b in batches))
+    errors += _collector_problems(job, len(files), max(b.count for b in batches))
     if errors:
         raise PlanError(errors)
     run_id = new_run_id()
@@ -354,7 +354,6 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     else:
         catalogue_sha256 = write_catalogue(layout.catalogue, cat, job.source, utc_now(),
                                            f"dac-upload {__version__}")
-    cat.entries, cat.columns = [], None   # written, and named in files: less to hold
     atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
                                         for p in cat.skipped))
     meta = _metadata_of(job, found)
@@ -374,8 +373,8 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     write_files_atomically(manifests(), layout.manifests)
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
-            {"relpath": f[REL], "datasets": found.datasets[f[REL]]}
-            for f in sorted(files) if f[REL] in found.datasets))
+            {"relpath": rel, "datasets": found.datasets[rel]}
+            for rel in sorted(files.rels) if rel in found.datasets))
 
     ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
                                 creds)
@@ -418,7 +417,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
                  "bytes_per_batch": job.batching.bytes_per_batch,
                  "max_running": job.batching.max_running,
                  "manifest_sha256": digests,   # the worker and submit refuse any other
-                 "task_files": [len(b.files) for b in batches],   # status without reading
+                 "task_files": [b.count for b in batches],   # status without reading
                  "task_bytes": [b.bytes for b in batches],        # the manifests
                  "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
         "upload": {"mode": job.upload.mode, "chunk_size": job.upload.chunk_size,

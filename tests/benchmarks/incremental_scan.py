@@ -37,10 +37,10 @@ if mode == "nightly":
     with Ledger(Path(ledger_path)) as ledger:
         keep = UnchangedFilter(ledger)
         cat = walk(source, keep=keep)
-        print(len(cat.entries), keep.unchanged)
+        print(cat.file_count, keep.unchanged)
 else:
     cat = walk(source)
-    print(len(cat.entries), 0)
+    print(cat.file_count, 0)
 """
 
 

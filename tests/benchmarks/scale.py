@@ -94,25 +94,37 @@ print(len(tasks_to_retry(tasks)))
 """
 
 
-def build(base: Path, files: int) -> Path:
-    """The tree (kept: a marker file says it is complete)."""
+def build(base: Path, sizes: list[int]) -> dict[int, Path]:
+    """The trees, one root per size, nested so that each holds the one before it: the files
+    of size N that are not in the smaller tree go into ROOT_N/more (5,000 per directory), and
+    the smaller tree is ROOT_N/part. 1M, 5M and 10M then cost 10M inodes, not 16M. Kept: a
+    marker file says a tree is complete; a missing or different one is built again."""
+    sizes = sorted(set(sizes))
+    roots: dict[int, Path] = {}
     root = base / "tree"
-    marker = base / f"built-{files}"
+    for n in reversed(sizes):   # the largest is the outermost
+        roots[n] = root
+        root = root / "part"
+    marker = base / ("built-" + "-".join(map(str, sizes)))
     if marker.exists():
-        return root
+        return roots
     shutil.rmtree(base, ignore_errors=True)
-    root.mkdir(parents=True)
     t0 = time.monotonic()
-    for d in range(-(-files // PER_DIR)):
-        sub = root / f"visit{d:05d}"
-        sub.mkdir()
-        for i in range(min(PER_DIR, files - d * PER_DIR)):
-            fd = os.open(sub / f"calexp_{i:05d}.fits", os.O_CREAT | os.O_WRONLY, 0o644)
-            os.ftruncate(fd, 1024 + (i * 2654435761) % GIB)   # sparse: no data blocks
-            os.close(fd)
-    print(f"built {files:,} sparse files in {time.monotonic() - t0:.0f} s", flush=True)
+    previous = 0
+    for n in sizes:
+        more = roots[n] / "more"
+        more.mkdir(parents=True)
+        for d in range(-(-(n - previous) // PER_DIR)):
+            sub = more / f"visit{d:05d}"
+            sub.mkdir()
+            for i in range(min(PER_DIR, n - previous - d * PER_DIR)):
+                fd = os.open(sub / f"calexp_{i:05d}.fits", os.O_CREAT | os.O_WRONLY, 0o644)
+                os.ftruncate(fd, 1024 + (i * 2654435761) % GIB)   # sparse: no data blocks
+                os.close(fd)
+        previous = n
+    print(f"built {sizes[-1]:,} sparse files in {time.monotonic() - t0:.0f} s", flush=True)
     marker.touch()
-    return root
+    return roots
 
 
 def job_file(base: Path, root: Path) -> Path:
@@ -156,8 +168,8 @@ def row(step: str, wall: float, rss: float, anchor: float | None = None,
     print(f"  {step:<14} {wall:8.1f} s  {rss:8.0f} MB  {ratio}", flush=True)
 
 
-def one_size(base: Path, files: int) -> None:
-    root = build(base, files)
+def one_size(base: Path, root: Path, files: int) -> None:
+    base.mkdir(parents=True, exist_ok=True)
     job = job_file(base, root)
     dac = shutil.which("dac-upload") or str(Path(sys.executable).with_name("dac-upload"))
     subprocess.run(["find", str(root), "-type", "f"], stdout=subprocess.DEVNULL, check=True)
@@ -191,8 +203,10 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-scale"))
     ap.add_argument("--small", action="store_true", help="3,000 files: that it works")
     a = ap.parse_args()
-    for n in [3000] if a.small else a.files:
-        one_size(a.dir / str(n), n)
+    sizes = [3000] if a.small else a.files
+    roots = build(a.dir, sizes)
+    for n in sorted(set(sizes)):
+        one_size(a.dir / f"work-{n}", roots[n], n)
 
 
 if __name__ == "__main__":

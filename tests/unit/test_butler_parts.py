@@ -409,7 +409,7 @@ def test_catalogue_from_a_real_repository(tmp_path: Path, real_repo: tuple[Path,
     src = catalogue_from_repo(job.butler, "job.toml")
     cat = src.catalogue
     assert cat.root == repo and not cat.refused and not cat.skipped
-    rel = {e.relpath: e for e in cat.entries}
+    rel = {e.relpath: e for e in cat.file_entries()}
     zips = [r for r in rel if r.startswith("zips/")]
     assert len(zips) == 1 and zips[0].endswith(".zip")           # two datasets, one zip
     assert [d["in_zip"] for d in src.datasets[zips[0]]] == [True, True]
@@ -419,7 +419,7 @@ def test_catalogue_from_a_real_repository(tmp_path: Path, real_repo: tuple[Path,
     assert len(calib) == 1 and len(calib[0]) == 1                # once, not once per range
     assert calib[0][0]["is_calibration"]
     assert outside.as_posix() in cat.outside_targets              # the symlink's target dir
-    assert len(cat.entries) == 5 and len(src.refs) == 7
+    assert cat.file_count == 5 and len(src.refs) == 7
     # the compact ref in the datasets, the full one (with records) as the sidecar
     some = next(r for r, ds in src.datasets.items() if not ds[0]["in_zip"])
     assert '"records"' in src.sidecars[some] and '"records"' not in src.datasets[some][0]["ref"]
@@ -584,6 +584,6 @@ def test_a_dataset_type_whose_datasets_all_lack_records_is_found(
     job = _repo_cfg(tmp_path, regionless_repo, '["run"]',
                     'dataset_types = ["vcfg"]\nwhere = "instrument = \'Cam\' AND visit > 1"')
     src = catalogue_from_repo(job.butler, "job.toml")
-    assert len(src.catalogue.entries) == 12
+    assert src.catalogue.file_count == 12
     (note,) = src.notes
     assert note.startswith("12 datasets (vcfg: 12) have no visit_detector_region record")

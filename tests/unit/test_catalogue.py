@@ -13,6 +13,7 @@ from unit_helpers import write_tree
 from dac_upload.catalogue import (
     Catalogue,
     CatalogueFileError,
+    Columns,
     Entry,
     Problem,
     read_catalogue,
@@ -28,7 +29,7 @@ def _source(root: Path, include: tuple[str, ...] = ("**/*",), exclude: tuple[str
 
 
 def _rels(cat: Catalogue) -> list[str]:
-    return [e.relpath for e in cat.entries]
+    return [e.relpath for e in cat.file_entries()]
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_walk_everything_in_deterministic_order(tree: Path) -> None:
     assert cat.root == tree
     assert cat.pattern_hits == {"**/*": 10}
     assert cat.total_bytes == 10 + 4 + 0 + 5 + 2 + 3 + 1 + 1 + 1 + 1
-    by_rel = {e.relpath: e for e in cat.entries}
+    by_rel = {e.relpath: e for e in cat.file_entries()}
     assert by_rel["empty.fits"].size == 0
     assert by_rel["raw/r2.fits"].size == 3
     st = os.stat(tree / "raw/r2.fits")
@@ -90,7 +91,7 @@ def test_pattern_hits_count_the_first_matching_pattern(tree: Path) -> None:
     # documented in pipeline.check_catalogue, which looks again before calling a 0 an error
     cat = walk(_source(tree, include=("**/*.fits", "raw/*.fits")))
     assert cat.pattern_hits == {"**/*.fits": 8, "raw/*.fits": 0}
-    assert len(cat.entries) == 8
+    assert cat.file_count == 8
 
 
 def test_exclude_file_pattern_does_not_prune(tree: Path) -> None:
@@ -107,7 +108,7 @@ def test_directory_symlink_is_listed_and_not_descended(tree: Path, tmp_path: Pat
     os.symlink(tree / "raw", tree / "calib" / "loop")
     cat = walk(_source(tree))
     assert not any(r.startswith(("link-out", "calib/loop")) for r in _rels(cat))
-    assert len(cat.entries) == 10
+    assert cat.file_count == 10
     # the root's entries are scanned before calib/'s
     assert cat.skipped == [Problem("link-out", "directory symlink not followed"),
                            Problem("calib/loop", "directory symlink not followed")]
@@ -126,7 +127,7 @@ def linked(tmp_path: Path) -> Path:
 
 def test_file_symlink_followed(linked: Path) -> None:
     cat = walk(_source(linked, symlinks="follow"))
-    by_rel = {e.relpath: e for e in cat.entries}
+    by_rel = {e.relpath: e for e in cat.file_entries()}
     assert sorted(by_rel) == ["link.fits", "real.fits"]
     assert by_rel["link.fits"].size == len(b"target content")  # the target's size
     assert cat.refused == [] and cat.skipped == []
@@ -202,13 +203,13 @@ def test_unreadable_file_refused(tmp_path: Path) -> None:
 def test_empty_root(tmp_path: Path) -> None:
     (tmp_path / "e").mkdir()
     cat = walk(_source(tmp_path / "e", include=("*.fits",)))
-    assert cat.entries == [] and cat.total_bytes == 0
+    assert cat.file_entries() == [] and cat.total_bytes == 0
     assert cat.pattern_hits == {"*.fits": 0}
 
 
 def test_missing_root_is_refused_not_raised(tmp_path: Path) -> None:
     cat = walk(_source(tmp_path / "missing"))
-    assert cat.entries == []
+    assert cat.file_entries() == []
     assert len(cat.refused) == 1 and cat.refused[0].relpath == "."
     assert cat.refused[0].reason.startswith("cannot list directory: ")
 
@@ -241,21 +242,21 @@ def _job_source(root: Path) -> SourceConfig:
 
 def test_catalogue_round_trip(tmp_path: Path, tree: Path) -> None:
     cat = walk(_source(tree))
-    cat.entries.append(Entry("ünïcode/naïve name.fits", 12345678901, 1700000000.123456789))
+    cat.columns.add("ünïcode/naïve name.fits", 12345678901, 1700000000.123456789)
     cat.skipped.append(Problem("dirlink", "directory symlink not followed"))
     cat.outside_targets.add("/elsewhere")
     path = tmp_path / "catalogue.json"
     digest = write_catalogue(path, cat, _job_source(tree), "2026-11-25T00:00:00Z", "t 1")
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     back, header = read_catalogue(path)
-    assert back.entries == [] and back.file_entries() == cat.entries and back.root == cat.root
+    assert back.file_entries() == cat.file_entries() and back.root == cat.root
     assert back.files() == cat.files() and back.total_bytes == cat.total_bytes
-    assert back.file_count == cat.file_count == len(cat.entries)
+    assert back.file_count == cat.file_count == len(cat.file_entries())
     assert back.skipped == cat.skipped and back.outside_targets == {"/elsewhere"}
     assert back.pattern_hits == cat.pattern_hits
     assert header["source"] == {"root": str(tree), "include": ["**/*"], "exclude": [],
                                 "symlinks": "follow"}
-    assert (header["files"], header["bytes"]) == (len(cat.entries), cat.total_bytes)
+    assert (header["files"], header["bytes"]) == (cat.file_count, cat.total_bytes)
     doc = json.loads(path.read_text(encoding="utf-8"))   # plain JSON, three columns
     assert doc["relpath"][-1] == "ünïcode/naïve name.fits"
     assert (doc["size"][-1], doc["mtime"][-1]) == (12345678901, 1700000000.1234567)
@@ -294,11 +295,12 @@ def test_damaged_catalogue_is_refused(tmp_path: Path, tree: Path) -> None:
         read_catalogue(path)
 
 
-def test_catalogue_text_is_what_json_dumps_writes(tmp_path: Path) -> None:
-    """Streamed in chunks of 65,536 files, the text is json.dumps of the whole document."""
+def test_catalogue_text_is_one_json_document_and_the_same_bytes_again(tmp_path: Path) -> None:
+    """Streamed in chunks of 65,536 files, the text is the whole document (floats exactly);
+    the same catalogue, read back and written again, gives the same bytes."""
     entries = [Entry(f'd{i % 7}/quo"te\\ü {i}.fits', i * 3, 1700000000.123456789 + i)
                for i in range(70_000)]
-    cat = Catalogue(root=tmp_path, entries=entries, pattern_hits={"**/*": 70_000},
+    cat = Catalogue(root=tmp_path, columns=Columns.of(entries), pattern_hits={"**/*": 70_000},
                     skipped=[Problem("l", "directory symlink not followed")])
     path = tmp_path / "c.json"
     write_catalogue(path, cat, _job_source(tmp_path), "now", "t")
@@ -310,8 +312,9 @@ def test_catalogue_text_is_what_json_dumps_writes(tmp_path: Path) -> None:
            "outside_targets": [], "pattern_hits": {"**/*": 70_000},
            "relpath": [e.relpath for e in entries], "size": [e.size for e in entries],
            "mtime": [e.mtime for e in entries]}
-    assert path.read_text(encoding="utf-8") == json.dumps(doc, sort_keys=True,
-                                                          ensure_ascii=False) + "\n"
+    text = path.read_text(encoding="utf-8")
+    assert json.loads(text) == doc and text.endswith("}\n") and text.count("\n") == 1
+    assert text.startswith(json.dumps(doc, sort_keys=True, ensure_ascii=False)[:40])
     back, _ = read_catalogue(path)   # held as columns: written again, the same text
     again = tmp_path / "again.json"
     write_catalogue(again, back, _job_source(tmp_path), "now", "t")
@@ -335,7 +338,7 @@ def test_hand_edited_catalogue_is_refused(tmp_path: Path, edit: dict, says: str)
     """The worker reads ROOT/relpath: a catalogue edited by hand must not lead it outside the
     root, nor carry sizes or mtimes that cannot be a file's."""
     path = tmp_path / "c.json"
-    cat = Catalogue(root=tmp_path, entries=[Entry("a.fits", 5, 1700000000.5)])
+    cat = Catalogue(root=tmp_path, columns=Columns.of([Entry("a.fits", 5, 1700000000.5)]))
     write_catalogue(path, cat, _job_source(tmp_path), "now", "t")
     doc = json.loads(path.read_text())
     doc.update(edit)
@@ -343,3 +346,56 @@ def test_hand_edited_catalogue_is_refused(tmp_path: Path, edit: dict, says: str)
     with pytest.raises(CatalogueFileError) as exc:
         read_catalogue(path)
     assert says in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("include", [("**/*",), ("**/*.fits",), ("raw/*.fits",), ("**",)])
+def test_whole_directory_and_file_by_file_walks_agree(tmp_path: Path,
+                                                      include: tuple[str, ...]) -> None:
+    """One include pattern and no exclude takes a directory whole (C loops); a second
+    pattern that matches nothing sends every directory file by file: the same catalogue."""
+    root = tmp_path / "t"
+    write_tree(root, {"a.fits": b"1", ".hidden.fits": b"22", "b.txt": b"333",
+                      "raw/r.fits": b"4444", "raw/.h/x.fits": b"5", "raw/s.fitsx": b"66",
+                      ".dot/d.fits": b"7", "raw/deep/q.fits": b"88", "raw/deep/w.txt": b"9"})
+    os.symlink(root / "a.fits", root / "raw" / "link.fits")   # that directory: file by file
+    whole = walk(_source(root, include=include))
+    single = walk(_source(root, include=(*include, "no/such/*")))
+    assert whole.file_entries() == single.file_entries() and whole.file_entries()
+    assert (whole.refused, whole.skipped) == (single.refused, single.skipped)
+    assert whole.pattern_hits[include[0]] == single.pattern_hits[include[0]]
+
+
+def test_helper_processes_give_the_same_catalogue(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directories listed by helper processes (from the first entry on, here) or by the walk
+    itself: the same files, refusals and skipped entries, in the same order."""
+    import dac_upload.catalogue as catalogue_mod
+
+    root = tmp_path / "t"
+    files = {f"d{i}/sub{j}/f{k}.fits": b"x" * k for i in range(4) for j in range(3)
+             for k in range(5)}
+    files.update({"top.fits": b"1", "d1/.hidden/h.fits": b"2", "d2/n.txt": b"3"})
+    write_tree(root, files)
+    os.symlink(root / "top.fits", root / "d0" / "link.fits")
+    os.symlink(root / "d1", root / "d2" / "dirlink")
+    os.symlink(root / "gone", root / "d3" / "dangling.fits")
+    os.mkfifo(root / "d1" / "fifo.fits")
+    used = []
+    close = catalogue_mod._Helpers.close
+
+    def spy(self: catalogue_mod._Helpers) -> None:
+        used.append(len(self.ahead) if self.pool is not None else None)
+        close(self)
+
+    monkeypatch.setattr(catalogue_mod._Helpers, "close", spy)
+    for include in [("**/*.fits",), ("**/*", "d1/**")]:
+        alone = walk(_source(root, include=include))
+        monkeypatch.setattr(catalogue_mod, "POOL_AFTER", 0)
+        helped = walk(SourceConfig(root=root, include=include, exclude=(), symlinks="follow",
+                                   walkers=2))
+        monkeypatch.setattr(catalogue_mod, "POOL_AFTER", 10**9)
+        assert helped == alone and alone.file_count > 60
+        assert {p.reason for p in alone.refused} == {"dangling symlink", "not a regular file"}
+        assert [p.relpath for p in alone.skipped] == ["d2/dirlink"]
+    if len(os.sched_getaffinity(0)) > 1:   # the helpers did list (nothing left unread)
+        assert used == [None, 0, None, 0]

@@ -257,3 +257,25 @@ def test_all_names_valid_equals_name_problem_name_by_name() -> None:
         assert all_names_valid(names) == all(name_problem(x) is None for x in names), names
     assert all_names_valid(["a" * 250]) and not all_names_valid(["a" * 251])
     assert not all_names_valid([])
+
+
+def test_all_names_valid_with_a_prefix_equals_name_problem_of_the_whole_name() -> None:
+    """plan tests prefix and relpaths apart (no name is made): the same answer as the whole
+    name's, also across the 65,536-name blocks it joins."""
+    import random
+
+    from dac_upload.naming import all_names_valid
+
+    chars = ["a", "Z", "0", "/", ".", "_", "-", " ", "é", "\n"]
+    rng = random.Random(3)
+    for _ in range(20000):
+        prefix = "".join(rng.choice(chars) for _ in range(rng.randint(0, 3)))
+        rels = ["".join(rng.choice(chars) for _ in range(rng.randint(0, 5)))
+                for _ in range(rng.randint(1, 4))]
+        assert all_names_valid(rels, prefix) == \
+            all(name_problem(prefix + r) is None for r in rels), (prefix, rels)
+    many = [f"d/f{i}" for i in range(70000)]
+    assert all_names_valid(many, "p/")
+    assert not all_names_valid([*many[:65536], ".x", *many[65536:]])
+    assert not all_names_valid([*many[:65535], "x y", *many[65535:]], "p/")
+    assert not all_names_valid(["a" * 249], "p/") and all_names_valid(["a" * 249], "p")
