@@ -171,7 +171,7 @@ class _WalkContext:
     def whole_directory(self, rel_dir: str, listing: _Listing) -> bool:
         """The directory's matching files appended in C loops, if nothing in it needs a word
         (True); False, with nothing appended, sends it file by file."""
-        if self.only_matcher is None or self.keep is not None or listing.errors:
+        if self.only_matcher is None or listing.errors:
             return False
         names = listing.names
         prefix = f"{rel_dir}/" if rel_dir else ""
@@ -203,11 +203,15 @@ class _WalkContext:
             return False
         if self.uid != 0 and set(map(_READ_ALL.__and__, modes)) != {_READ_ALL}:
             return False   # someone cannot read one: the file-by-file path looks closer
+        self.hits += len(chosen)
+        if self.keep is not None:   # nightly: only the files new or changed since the ledger
+            kept = list(map(self.keep, chosen, sizes, mtimes))
+            chosen, sizes, mtimes = (list(compress(col, kept))
+                                     for col in (chosen, sizes, mtimes))
         cols = self.cat.columns
         cols.relpath.extend(chosen)
         cols.size.extend(sizes)     # type: ignore[attr-defined]
         cols.mtime.extend(mtimes)   # type: ignore[attr-defined]
-        self.hits += len(chosen)
         return True
 
     def file_by_file(self, rel_dir: str, path: str, listing: _Listing) -> None:

@@ -571,7 +571,7 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
     from . import slurm
     from .collect import COLLECTED
     from .pipeline import compress_indices, submit_collector
-    from .status import ACTIVE_STATES, tasks_to_retry
+    from .status import ACTIVE_STATES, OUT_OF_RESOURCES, tasks_to_retry
 
     target = Path(run_dir).resolve()
     max_array = _max_array_size()
@@ -585,6 +585,10 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
                   "running; wait for them (dac-upload status), or use --force", EXIT_USER)
         retry = tasks_to_retry(tasks, retry_permanent)
         job, job_state = state.collector
+        if not retry and state.collection[0] != COLLECTED and job_state in OUT_OF_RESOURCES:
+            _fail(f"every task is over but the collector (job {job}) ended {job_state}, and a "
+                  f"new one would too: collect the run here: dac-upload collect {target}",
+                  EXIT_USER)
         if not retry and state.collection[0] != COLLECTED \
                 and not (job and job_state in ACTIVE_STATES):
             click.echo(f"every task is over but the run is not collected "

@@ -12,12 +12,13 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from . import __version__
 from .files import (
-    atomic_write_blocks,
+    append_file,
     atomic_write_json,
+    atomic_write_stream,
     read_json,
     read_jsonl,
     read_manifest,
@@ -108,8 +109,10 @@ class SummaryBuilder:
         if task not in self.markers:
             self.missing_tasks.append(task)
         butler, counts = self.run.get("butler"), self.counts
+        scope, rse, root, found = self.scope, self.rse, self._root, merged.get
         for entry in manifest["files"]:
-            rec = merged.get(entry["name"])
+            name, relpath = entry["name"], entry["relpath"]
+            rec = found(name)
             if rec is None:
                 why = ("the task wrote no result (it never ran, or died before this file): "
                        "see dac-upload status for its log") if task not in self.markers else \
@@ -117,15 +120,15 @@ class SummaryBuilder:
                 rec = {"status": NOT_ATTEMPTED, "cause": "no result", "error": why,
                        "bytes": entry["size"], "adler32": None, "md5": None, "pfn": None,
                        "guid": None, "attempt": None}
+            get, status = rec.get, rec["status"]
             out = {
-                "scope": self.scope, "name": entry["name"], "bytes": rec.get("bytes"),
-                "adler32": rec.get("adler32"), "md5": rec.get("md5"), "rse": self.rse,
-                "pfn": rec.get("pfn"), "guid": rec.get("guid"),
-                "path": (entry["relpath"] if entry["relpath"].startswith("/") else
-                         self._root + entry["relpath"]), "relpath": entry["relpath"],
-                "batch": task, "attempt": rec.get("attempt"), "status": rec["status"],
-                "cause": rec.get("cause"), "error": rec.get("error"),
-                "verified": rec.get("verified") if rec["status"] == UPLOADED else None,
+                "scope": scope, "name": name, "bytes": get("bytes"),
+                "adler32": get("adler32"), "md5": get("md5"), "rse": rse,
+                "pfn": get("pfn"), "guid": get("guid"),
+                "path": relpath if relpath[:1] == "/" else root + relpath,
+                "relpath": relpath, "batch": task, "attempt": get("attempt"),
+                "status": status, "cause": get("cause"), "error": get("error"),
+                "verified": get("verified") if status == UPLOADED else None,
             }
             if butler:
                 ds = self.datasets.get(entry["relpath"], [])
@@ -138,10 +141,10 @@ class SummaryBuilder:
                     self.butler[f"metadata_{out['metadata']}"] += 1
             counts["files"] += 1
             counts["bytes"] += entry["size"]
-            counts[rec["status"]] += 1
-            if rec["status"] == UPLOADED:
-                counts["bytes_uploaded"] += rec.get("bytes") or 0
-            yield f"{self.scope}:{entry['name']}", out
+            counts[status] += 1
+            if status == UPLOADED:
+                counts["bytes_uploaded"] += get("bytes") or 0
+            yield f"{scope}:{name}", out
 
     def header(self, warnings: list[str] | None = None) -> dict[str, Any]:
         """The summary without "files" (call once every task's entries were taken)."""
@@ -402,14 +405,12 @@ def _write_summary(run_dir: Path, state: RunState,
         header = builder.header(state.problems)
         head = json.dumps(header, indent=1, sort_keys=True, ensure_ascii=False)
 
-        def blocks() -> Iterator[bytes]:
-            yield (head[:-2] + ',\n "files": {').encode("utf-8")
-            with open(tmp, "rb") as entries:
-                while block := entries.read(8 << 20):
-                    yield block
-            yield b"\n }\n}\n"
+        def write(out: IO[bytes]) -> None:
+            out.write((head[:-2] + ',\n "files": {').encode("utf-8"))
+            append_file(out, Path(tmp))   # in the kernel: the entries are most of the bytes
+            out.write(b"\n }\n}\n")
 
-        atomic_write_blocks(layout.summary, blocks())
+        atomic_write_stream(layout.summary, write)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return header
@@ -421,6 +422,120 @@ def collect(run_dir: Path) -> dict[str, Any]:
     return _write_summary(run_dir, read_run(run_dir))
 
 
+class LedgerWriter:
+    """The ledger's rows, task by task, in one transaction committed by ``finish``. SQLite's
+    inserts were a third of collecting a million files (rows come in no order of its key:
+    a task's files are spread over the tree), so a forked child process writes them while
+    this one makes the summary, on another CPU where the job has one (the collector asks
+    for two); the rows go through a pipe (which holds back this process when the child is
+    behind: memory stays bounded). In this process instead where a fork is unsafe (another
+    thread is running) or impossible."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        import threading
+
+        self.problem: str | None = None
+        self.local: Any = None
+        self.conn: Any = None
+        self.child: Any = None
+        if threading.active_count() == 1:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("fork")
+            try:
+                self.conn, theirs = ctx.Pipe()
+                self.child = ctx.Process(target=_ledger_child, args=(theirs, path, run_id),
+                                         name="dac-upload ledger", daemon=True)
+                self.child.start()
+                theirs.close()
+                return
+            except OSError:
+                self.conn = self.child = None
+        self.run_id = run_id
+        try:
+            self.local = _open_ledger(path)
+        except Exception as exc:
+            self.problem = _ledger_error(exc)
+
+    def put(self, task: int, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        if self.problem is not None:
+            return
+        rows = ledger_rows(pairs)
+        try:
+            if self.conn is not None:
+                import orjson
+
+                self.conn.send_bytes(orjson.dumps(rows))
+            else:
+                self.local.record_rows(rows, self.run_id, commit=False)
+        except (OSError, EOFError) as exc:   # the child gone, a pipe broken
+            self.problem = f"the ledger's writer stopped ({exc})"
+        except Exception as exc:
+            self.problem = _ledger_error(exc)
+
+    def finish(self, commit: bool = True) -> str | None:
+        """Every row written and committed (or all of them dropped); why the ledger was not
+        updated, or None."""
+        if self.conn is not None:
+            try:
+                self.conn.send_bytes(b"" if commit else b"!")
+                said = self.conn.recv()
+            except (OSError, EOFError):
+                said = "the ledger's writer stopped before it committed"
+            self.conn.close()
+            self.child.join()
+            self.problem = self.problem or said
+        elif self.local is not None:
+            try:
+                if self.problem is None and commit:
+                    self.local.commit()
+            except Exception as exc:
+                self.problem = _ledger_error(exc)
+            finally:
+                self.local.close()
+        return self.problem
+
+
+def _open_ledger(path: Path) -> Any:
+    from .ledger import Ledger
+
+    return Ledger(path)
+
+
+def _ledger_error(exc: BaseException) -> str:
+    import sqlite3
+
+    return str(exc) if isinstance(exc, (sqlite3.Error, OSError)) else repr(exc)
+
+
+def _ledger_child(conn: Any, path: Path, run_id: str) -> None:
+    """The ledger writer's process: rows until an empty message, then commit ("!": drop
+    them all); answers None or why the ledger was not updated (the rest of the rows are
+    read and dropped)."""
+    import orjson
+
+    problem = ledger = None
+    try:
+        ledger = _open_ledger(path)
+    except Exception as exc:
+        problem = _ledger_error(exc)
+    while (data := conn.recv_bytes()) not in (b"", b"!"):
+        if problem is None:
+            try:
+                ledger.record_rows(orjson.loads(data), run_id, commit=False)
+            except Exception as exc:
+                problem = _ledger_error(exc)
+    if problem is None and data == b"":
+        try:
+            ledger.commit()
+        except Exception as exc:
+            problem = _ledger_error(exc)
+    if ledger is not None:
+        ledger.close()
+    conn.send(problem)
+    conn.close()
+
+
 def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     """What the collector job (and ``dac-upload collect``) does: summary.json and the job's
     ledger (task by task, as the summary is written), then collected.json saying both are
@@ -428,42 +543,18 @@ def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     why the ledger was not updated or None). A collector killed on the way leaves no
     collected.json (or one that no longer fits the results): status, resubmit and nightly
     see the run as not collected, and collect again."""
-    import sqlite3
-
-    from .ledger import Ledger
-
     fingerprint = results_fingerprint(run_dir)   # before reading: a later write shows
     state = read_run(run_dir)
-    ledger_problem = None
-    ledger = None
-    if state.run.get("ledger"):
-        try:
-            ledger = Ledger(Path(state.run["ledger"]))
-        except (sqlite3.Error, OSError) as exc:
-            ledger_problem = str(exc)
-
-    def to_ledger(task: int, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        nonlocal ledger, ledger_problem
-        if ledger is None:
-            return
-        try:
-            ledger.record(ledger_rows(pairs), state.run["run_id"], commit=False)
-        except (sqlite3.Error, OSError) as exc:
-            ledger_problem = str(exc)
-            ledger.close()
-            ledger = None
-
+    writer = LedgerWriter(Path(state.run["ledger"]), state.run["run_id"]) \
+        if state.run.get("ledger") else None
     try:
-        header = _write_summary(run_dir, state, to_ledger)
-        if ledger is not None:
-            ledger.commit()   # before collected.json: a run collected is in the ledger
-    except (sqlite3.Error, OSError) as exc:
-        if ledger is None or not isinstance(exc, sqlite3.Error):
-            raise
-        ledger_problem = str(exc)
-    finally:
-        if ledger is not None:
-            ledger.close()
+        header = _write_summary(run_dir, state, writer.put if writer else None)
+    except BaseException:
+        if writer:
+            writer.finish(commit=False)
+        raise
+    # every row committed (before collected.json: a run collected is in the ledger), or why
+    ledger_problem = writer.finish() if writer else None
     atomic_write_json(RunLayout(run_dir).collected, {
         "submissions": len(state.run.get("submissions", [])), "results": fingerprint,
         "complete": header["complete"], "counts": header["counts"],
@@ -532,7 +623,8 @@ def records_so_far(run_dir: Path) -> tuple[int, int]:
     return files, nbytes
 
 
-def ledger_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
+def ledger_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]
+                ) -> list[tuple[str, int, float, str, str]]:
     """What the ledger learns from a task's files ((manifest entry, summary entry) pairs):
     done files, and failures only a person can fix (so that a nightly run does not try
     them again while they are unchanged)."""
@@ -544,6 +636,6 @@ def ledger_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict
             status = f"failed:{f['cause']}"
         else:
             continue
-        rows.append({"relpath": planned["relpath"], "size": planned["size"],
-                     "mtime": planned["mtime"], "name": planned["name"], "status": status})
+        rows.append((planned["relpath"], planned["size"], planned["mtime"], planned["name"],
+                     status))
     return rows

@@ -15,7 +15,7 @@ which some NFS/Lustre mounts do not honour, is not relied on.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.db = sqlite3.connect(str(self.path), timeout=60)
+        # up to 64 MB of pages held (SQLite's default is 2 MB): a collector's rows come in
+        # no order of the key (a task's files are spread over the tree), and a million of
+        # them took 5.5 s to insert with 2 MB, 3.6 s with 64 MB
+        self.db.execute("PRAGMA cache_size = -65536")
         self.db.execute(_SCHEMA)
 
     def close(self) -> None:
@@ -66,9 +70,15 @@ class Ledger:
         """Insert or replace rows {relpath, size, mtime, name, status}; return how many.
         ``commit=False`` leaves them in the open transaction (the collector commits once at
         the end: a commit per task cost 4.8 s of fsyncs at a million files)."""
+        return self.record_rows([(r["relpath"], r["size"], r["mtime"], r["name"], r["status"])
+                                 for r in rows], run_id, commit)
+
+    def record_rows(self, rows: Iterable[Sequence[Any]], run_id: str,
+                    commit: bool = True) -> int:
+        """record() of (relpath, size, mtime, name, status) rows."""
         now = utc_now()
-        data = [(*split(r["relpath"]), r["size"], r["mtime"], r["name"], r["status"], run_id,
-                 now) for r in rows]
+        data = [(*split(rel), size, mtime, name, status, run_id, now)
+                for rel, size, mtime, name, status in rows]
         self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             data)
         if commit:

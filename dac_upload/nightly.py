@@ -321,10 +321,10 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
                         max_array: int, preflight: Any = None
                         ) -> tuple[int, tuple[str, Path] | None] | None:
     from . import slurm
-    from .collect import COLLECTED
+    from .collect import COLLECTED, RunReadError, collect_run
     from .pipeline import CollectorNotSubmitted, compress_indices, submit_collector, submit_tasks
     from .runview import run_view
-    from .status import ACTIVE_STATES, tasks_to_retry
+    from .status import ACTIVE_STATES, OUT_OF_RESOURCES, tasks_to_retry
 
     state, tasks = run_view(run_dir)
     run = state.run
@@ -349,6 +349,21 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
     if give_up:
         _give_up(job, run_dir, state, give_up, say)
     retry = [t for t in retry if t not in give_up]
+    if not retry and state.collection[0] != COLLECTED \
+            and state.collector[1] in OUT_OF_RESOURCES:
+        # a collector job that ran out of memory or time would again: collect it here
+        say(f"the previous run {run_dir.name} is not collected: its collector (job "
+            f"{state.collector[0]}) ended {state.collector[1]}; collecting it here")
+        try:
+            _, ledger_problem = collect_run(run_dir)
+        except (RunReadError, OSError) as exc:
+            say(f"collecting the previous run {run_dir.name} failed: {exc}; fix it, then: "
+                f"dac-upload collect {run_dir}", problem=True)
+            return SUBMIT_FAILED, None
+        if ledger_problem:
+            say(f"the ledger was not updated from {run_dir.name} ({ledger_problem})",
+                problem=True)
+        return None
     if not retry and state.collection[0] != COLLECTED:
         # its files are in no up-to-date summary, and maybe not in the ledger: collect it
         # before anything new is planned (else they would be looked up and planned again)

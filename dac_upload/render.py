@@ -156,7 +156,7 @@ def collector_options(job: JobConfig, array_job_id: str | None) -> dict[str, Any
             "output": "logs/collect.job%j.out",
             "open_mode": "append"}
     opts.update(_common_options(job))
-    opts["cpus_per_task"] = 1
+    opts["cpus_per_task"] = 2   # the ledger is written by a second process (collect.py)
     return opts
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from .collect import COLLECTED, merge_records
 from .worker import DONE_STATES, PERMANENT_CAUSES
 
+OUT_OF_RESOURCES = ("OUT_OF_MEMORY", "TIMEOUT")   # a collector's end a resubmit would repeat
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING",
                  "SUSPENDED", "SIGNALING", "STAGE_OUT")
 
@@ -106,6 +107,9 @@ def next_command(tasks: list[TaskStatus], run_dir: str, collection: tuple[str, s
     if job and job_state in ACTIVE_STATES:
         return f"wait for the collector (job {job}), then: dac-upload status {run_dir}"
     if collection[0] and collection[0] != COLLECTED:
+        if job_state in OUT_OF_RESOURCES:   # the same job would stop the same way again
+            return (f"dac-upload collect {run_dir} (the collector job {job} ended "
+                    f"{job_state}: collect on this node, which is not held to its limits)")
         return (f"dac-upload resubmit {run_dir} (the run is not collected: {collection[1]}; "
                 "it submits the collector)")
     if any(not t.complete for t in tasks):

@@ -89,6 +89,49 @@ def test_killed_collector_is_seen_and_collected_again(workdir: Path, posix_stack
     assert_in_rucio_once(posix_stack, prefix, files)
 
 
+def test_collector_out_of_time_is_collected_here(workdir: Path, posix_stack: Any) -> None:
+    """A collector that Slurm stops for its time limit (a real TIMEOUT: its script made to
+    outlive a limit lowered to a minute) would stop again if resubmitted: status says so
+    and names `dac-upload collect`, resubmit refuses with that command, and nightly collects
+    the run itself before planning anything new."""
+    files = make_files(workdir / "src", 4)
+    chown_user(workdir)
+    prefix = unique_prefix()
+    job = write_job(workdir, "oot", job_toml(prefix, files_per_batch=4))
+    proc = dac_upload(["plan", str(job)], cwd=workdir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = run_dir_of(proc.stdout)
+    script = run_dir / "collect.sh"
+    script.write_text(script.read_text().replace(
+        "set -uo pipefail\n", "set -uo pipefail\nsleep 600   # the test: outlive the limit\n", 1))
+    proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = re.findall(r"submitted (?:array|collector) job (\d+)", proc.stdout)
+    subprocess.run(["scontrol", "update", f"JobId={ids[-1]}", "TimeLimit=1"], check=True)
+    wait_for_jobs(ids, timeout=400)
+    st = status_json(run_dir, workdir)
+    assert {t["state"] for t in st["tasks"]} == {"done"}
+    assert st["summary"]["state"] == "not collected"
+    assert st["summary"]["collector_slurm_state"] == "TIMEOUT"
+    assert st["next"].startswith(f"dac-upload collect {run_dir} (the collector job {ids[-1]} "
+                                 "ended TIMEOUT")
+    resub = dac_upload(["resubmit", str(run_dir)], cwd=workdir)
+    assert resub.returncode == 2 and "submitted" not in resub.stdout, resub.stdout
+    assert f"ended TIMEOUT, and a new one would too: collect the run here: dac-upload " \
+           f"collect {run_dir}" in resub.stderr
+    night = dac_upload(["nightly", str(job)], cwd=workdir)
+    assert night.returncode == 0, night.stdout + night.stderr
+    assert "ended TIMEOUT; collecting it here" in night.stdout + night.stderr
+    summary = load_summary(run_dir)
+    assert summary["complete"] is True and summary["counts"]["uploaded"] == 4
+    ledger = Path(json.loads((run_dir / "run.json").read_text())["ledger"])
+    with sqlite3.connect(ledger) as db:
+        assert db.execute("SELECT COUNT(*) FROM files WHERE status = 'uploaded'"
+                          ).fetchone() == (4,)
+    assert status_json(run_dir, workdir)["next"].startswith("nothing")
+    assert_in_rucio_once(posix_stack, prefix, files)
+
+
 def _concurrent_runs(workdir: Path, stack: Any, upload: str, n: int = 60) -> None:
     """Two job files (same root, scope, RSE and prefix) whose arrays start at the same
     moment (the node is drained while both are submitted), so that their tasks write the

@@ -283,3 +283,23 @@ def test_read_checksums_without_md5(tmp_path: Path) -> None:
     assert read_checksums(p, md5=False) == (5_000_000, f"{zlib.adler32(p.read_bytes()):08x}",
                                             None)
     assert read_checksums(p)[2] is not None
+
+
+def test_result_records_across_blocks_name_the_right_line(tmp_path: Path) -> None:
+    """Records are parsed 8 MB of lines at a time: a bad line far into a large file is
+    named by its own line number, and every other record is kept, in order."""
+    from dac_upload.files import read_result_records
+
+    pad = "x" * 480
+    lines = [json.dumps({"name": f"f{i}", "status": "uploaded", "pad": pad})
+             for i in range(40_000)]                       # about 20 MB: three blocks
+    lines[30_000] = '{"name": "f30000", "status": "uplo'  # cut short, then a newline
+    lines[30_001] = ""                                     # a blank line is no problem
+    path = tmp_path / "task-00000.jsonl"
+    path.write_text("\n".join(lines) + '\n{"name": "torn')
+    problems: list[str] = []
+    names = [r["name"] for r in read_result_records(path, problems, "results/t.jsonl")]
+    assert names == [f"f{i}" for i in range(40_000) if i not in (30_000, 30_001)]
+    assert problems == ["results/t.jsonl line 30001: an incomplete record (a task stopped "
+                        "while writing it; ignored: the file's record from a later attempt "
+                        "counts)"]

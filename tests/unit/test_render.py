@@ -74,7 +74,7 @@ COLLECT_HEADER = """\
 #!/bin/bash
 
 #SBATCH --account             DIRAC-DP002-CPU
-#SBATCH --cpus-per-task       1
+#SBATCH --cpus-per-task       2
 #SBATCH --dependency          afterany:12345
 #SBATCH --job-name            dacu-csd3-collect
 #SBATCH --mem                 4G
@@ -286,7 +286,7 @@ def test_collector_options() -> None:
     opts = render.collector_options(job, "12345")
     assert opts["dependency"] == "afterany:12345"
     assert opts["job_name"] == "dacu-csd3-collect"
-    assert opts["cpus_per_task"] == 1  # the collector needs one CPU whatever the job says
+    assert opts["cpus_per_task"] == 2  # itself and the ledger's writer, whatever the job says
     assert opts["output"] == "logs/collect.job%j.out"
     placeholder = render.collector_options(job, None)["dependency"]
     assert placeholder == "afterany:ARRAY_JOB_ID"

@@ -72,6 +72,10 @@ def test_next_command_sees_an_uncollected_run() -> None:
     assert next_command([done], "R", missing, ("7", "RUNNING")).startswith(
         "wait for the collector (job 7)")
     assert next_command([done], "R", (COLLECTED, "ok"), ("7", None)).startswith("nothing")
+    for ended in ("OUT_OF_MEMORY", "TIMEOUT"):   # by hand, where the job's limits do not hold
+        assert next_command([done], "R", missing, ("7", ended)) == (
+            f"dac-upload collect R (the collector job 7 ended {ended}: collect on this node, "
+            "which is not held to its limits)")
 
 
 def test_status_reads_markers_not_records(make_job: Any, monkeypatch: Any) -> None:
