@@ -17,8 +17,16 @@ file, appended by files.JsonlAppender; each task's marker with worker.task_index
   status    dac-upload status RUN, and status RUN --json
   resubmit  what resubmit computes before submitting (runview.run_view, tasks_to_retry)
 
-    python tests/benchmarks/scale.py --files 1000000 5000000
+With --big-task N (N one of the --files sizes) it also plans that tree as one task of N
+files, fills its one results file (several GB at 5M), cuts one record in the middle short
+(as a kill that a later attempt ended with a newline leaves it), and collects: the line is
+reported, every other record kept (checked in summary.json's counts).
+
+    python tests/benchmarks/scale.py --files 1000000 5000000 10000000 --big-task 5000000
     python tests/benchmarks/scale.py --small          # 3,000 files: that it works (CI)
+
+collect's peak RSS is that of the larger of its two processes (the summary's, and the
+ledger's writer, which holds at most SQLite's 64 MB page cache besides the rows in hand).
 
 Page cache warm: the tree is walked once by `find` before anything is counted.
 """
@@ -152,12 +160,14 @@ runtime = "none"
     return path
 
 
-def measure(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``args`` in a fresh process; exits if it fails."""
+def measure(args: list[str], env: dict[str, str] | None = None,
+            ok: tuple[str, ...] = ("0",)) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of ``args`` in a fresh process; exits if it fails
+    (an exit code not in ``ok``)."""
     out = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True,
                          text=True, env=env)
     rc, wall, rss = out.stdout.split()
-    if rc != "0":
+    if rc not in ok:
         sys.exit(f"failed ({rc}): {' '.join(args)}\n{out.stderr}")
     return float(wall), int(rss) / 1024
 
@@ -197,16 +207,68 @@ def one_size(base: Path, root: Path, files: int) -> None:
     shutil.rmtree(run_dir)   # GBs of results and summary: the tree is what is kept
 
 
+TEAR = r"""
+import sys
+from pathlib import Path
+path = Path(sys.argv[1])
+size = path.stat().st_size
+with open(path, "r+b") as handle:
+    handle.seek(size // 2)
+    handle.readline()                      # to the start of a line in the middle
+    start = handle.tell()
+    line = handle.readline()
+    rest = handle.read()
+    handle.seek(start)
+    handle.write(line[: len(line) // 2] + b"\n" + rest)   # one record cut short
+    handle.truncate()
+"""
+
+
+def big_task(base: Path, root: Path, files: int, dac: str) -> None:
+    """One task of ``files`` files: its results file of several GB with a torn record in
+    the middle still collects; the line is named, the rest kept."""
+    import json
+
+    base.mkdir(parents=True, exist_ok=True)
+    job = job_file(base, root)
+    text = job.read_text().replace("files_per_batch = 1000", f"files_per_batch = {files}")
+    job.write_text(text.replace('mem = "4G"', 'mem = "64G"').replace('time = "04:00:00"',
+                                                                     'time = "24:00:00"'))
+    shutil.rmtree(base / "runs", ignore_errors=True)
+    plan = measure([dac, "plan", "--offline", str(job)])
+    (run_dir,) = [p for p in (base / "runs").iterdir() if (p / "run.json").is_file()]
+    subprocess.run([sys.executable, "-c", FILL, str(run_dir)], check=True)
+    result = run_dir / "results" / "task-00000.jsonl"
+    print(f"\none task of {files:,} files: plan {plan[0]:.1f} s; its results file "
+          f"{result.stat().st_size / 1e9:.2f} GB, one record in the middle cut short")
+    subprocess.run([sys.executable, "-c", TEAR, str(result)], check=True)
+    row("collect", *measure([dac, "collect", str(run_dir)], ok=("1",)))   # 1: not complete
+    with open(run_dir / "summary.json", "rb") as handle:   # the header: its first lines
+        head = handle.read(1 << 20).decode("utf-8", "replace")
+    summary = json.loads(head[:head.index(',\n "files"')] + "}")
+    said = [w for w in summary["warnings"] if " line " in w]
+    print(f"  uploaded {summary['counts']['uploaded']:,} of {summary['counts']['files']:,};"
+          f" warnings: {said}")
+    assert summary["counts"]["uploaded"] == files - 1 and len(said) == 1, summary["counts"]
+    shutil.rmtree(run_dir)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-scale"))
     ap.add_argument("--small", action="store_true", help="3,000 files: that it works")
+    ap.add_argument("--big-task", type=int, help="also one task of this many files (one of "
+                    "--files) with a torn record in the middle of its results")
     a = ap.parse_args()
     sizes = [3000] if a.small else a.files
     roots = build(a.dir, sizes)
     for n in sorted(set(sizes)):
         one_size(a.dir / f"work-{n}", roots[n], n)
+    big = 3000 if a.small else a.big_task
+    if big:
+        dac = shutil.which("dac-upload") or str(Path(sys.executable).with_name("dac-upload"))
+        big_task(a.dir / f"big-{big}", roots[big], big, dac)
 
 
 if __name__ == "__main__":
