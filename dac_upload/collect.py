@@ -48,15 +48,16 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-# What the collector job needs, as planned (collector_fit): collect took 8.3 s and 51 MB at
-# 1M files, 50 s and 61 MB at 5M, on the 2-core test machine (tests/benchmarks/scale.py,
-# docs/performance.md): 50 µs a file is five times that, for a node reading Lustre. Its
-# memory is a constant plus the largest task's records, plus a Butler source's
-# butler.jsonl, held whole.
+# What the collector job needs, as planned (collector_fit): collect took 6.5 s at 1M files,
+# 45 s at 5M and 73 s at 10M, in about 100 MB, on the 2-core test machine
+# (tests/benchmarks/scale.py, docs/performance.md): 50 µs a file is more than five times
+# that, for a node reading Lustre. Its memory is a constant plus the largest task's records
+# (one task of 5M files: 18.9 GB, 4.0 KB a file), plus a Butler source's butler.jsonl, held
+# whole.
 COLLECT_SECONDS_PER_FILE = 50e-6
 COLLECT_BASE_SECONDS = 120
 COLLECT_BASE_BYTES = 256 << 20
-COLLECT_BYTES_PER_TASK_FILE = 4 << 10      # a record, its entry and its manifest row
+COLLECT_BYTES_PER_TASK_FILE = 6 << 10      # a record, its entry and its manifest row
 COLLECT_BYTES_PER_BUTLER_FILE = 4 << 10    # its datasets from butler.jsonl
 
 

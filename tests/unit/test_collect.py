@@ -352,3 +352,47 @@ def test_collector_fit() -> None:
     assert line.startswith("[slurm] time (600 s) is shorter than the collector of 50,000,000")
     (line,) = collector_fit(1_000_000, 1000, True, 86400, 1 << 30)
     assert "most of it the Butler datasets" in line
+
+
+@pytest.mark.parametrize("forked", [True, False])
+def test_ledger_writer_forked_or_here_writes_the_same_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked: bool) -> None:
+    """The ledger's rows go to a forked writer (or, with another thread running, are written
+    here): every done row and every permanent failure
+    lands once, committed by finish(); finish(commit=False) leaves the ledger as it was."""
+    import sqlite3
+    import threading
+
+    from dac_upload.collect import LedgerWriter
+
+    if not forked:
+        monkeypatch.setattr(threading, "active_count", lambda: 2)
+
+    def pairs(task: int) -> list[tuple[dict, dict]]:
+        out = []
+        for i in range(4):
+            rel = f"d{i}/t{task}.fits"
+            status = ("uploaded", "already_present", "failed", "failed")[i]
+            cause = "conflict" if i == 2 else "rucio" if i == 3 else None
+            out.append(({"relpath": rel, "size": i, "mtime": 1.5, "name": "p/" + rel},
+                        {"status": status, "cause": cause}))
+        return out
+
+    path = tmp_path / "ledger.sqlite"
+    writer = LedgerWriter(path, "R1")
+    assert (writer.child is not None) == forked
+    for task in (2, 0, 1):
+        writer.put(task, pairs(task))
+    assert writer.finish() is None
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT dir, base, size, mtime, name, status, run_id FROM files "
+                          "ORDER BY dir, base").fetchall()
+    assert rows == [(f"d{i}", f"t{t}.fits", i, 1.5, f"p/d{i}/t{t}.fits",
+                     ("uploaded", "already_present", "failed:conflict")[i], "R1")
+                    for i in range(3) for t in range(3)]   # a transient failure: no row
+    dropped = LedgerWriter(path, "R2")
+    dropped.put(0, [({"relpath": "new.fits", "size": 1, "mtime": 1.0, "name": "p/new"},
+                     {"status": "uploaded", "cause": None})] * 4)
+    assert dropped.finish(commit=False) is None
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (9,)
