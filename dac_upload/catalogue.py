@@ -261,14 +261,14 @@ class _WalkContext:
                 continue
             if keep is not None and not keep(rel, st.st_size, st.st_mtime):
                 continue
-            path = os.path.join(self.cat.root, rel)
+            file_path = os.path.join(path, name)
             if mode & _READ_ALL != _READ_ALL and not _readable(st, self.uid, self.groups) \
-                    and not os.access(path, os.R_OK):
+                    and not os.access(file_path, os.R_OK):
                 cat.refused.append(Problem(rel, "not readable by you; fix its permissions "
                                            "(chmod u+r or g+r) or exclude it"))
                 continue
             if is_link:
-                target_dir = os.path.dirname(os.path.realpath(path))
+                target_dir = os.path.dirname(os.path.realpath(file_path))
                 if not _inside(target_dir, self.root_real):
                     cat.outside_targets.add(target_dir)
             cols.add(rel, st.st_size, st.st_mtime)

@@ -399,3 +399,15 @@ def test_helper_processes_give_the_same_catalogue(tmp_path: Path,
         assert [p.relpath for p in alone.skipped] == ["d2/dirlink"]
     if len(os.sched_getaffinity(0)) > 1:   # the helpers did list (nothing left unread)
         assert used == [None, 0, None, 0]
+
+
+def test_a_symlink_after_regular_files_of_its_directory_is_followed(tmp_path: Path) -> None:
+    """File by file, each entry is looked at under its own directory, whatever came before
+    it (a symlink after regular files, and a regular file after it)."""
+    root = tmp_path / "t"
+    write_tree(root, {"a.fits": b"1", "c.fits": b"333", "sub/x.fits": b"22"})
+    os.symlink(root / "sub" / "x.fits", root / "b.fits")
+    cat = walk(_source(root))
+    assert [(e.relpath, e.size) for e in cat.file_entries()] == [
+        ("a.fits", 1), ("b.fits", 2), ("c.fits", 3), ("sub/x.fits", 2)]
+    assert cat.refused == []
