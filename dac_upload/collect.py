@@ -48,12 +48,12 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-# What the collector job needs, as planned (collector_fit): collect took 6.5 s at 1M files,
-# 45 s at 5M and 73 s at 10M, in about 100 MB, on the 2-core test machine
-# (tests/benchmarks/scale.py, docs/performance.md): 50 µs a file is more than five times
-# that, for a node reading Lustre. Its memory is a constant plus the largest task's records
-# (one task of 5M files: 18.9 GB, 4.0 KB a file), plus a Butler source's butler.jsonl, held
-# whole.
+# What the collector job needs, as planned (collector_fit): collect took 12 s at 1M files and
+# 127 s at 5M (sizes unrelated to the path: 25 µs a file, the ledger's inserts growing with
+# it), in about 100 MB, on the 2-core test machine (tests/benchmarks/scale.py,
+# docs/performance.md): 50 µs a file is twice that at 5M, not measured beyond. Its memory
+# is a constant plus the largest task's records (one task of 5M files: 18.9 GB, 4.0 KB a
+# file), plus a Butler source's butler.jsonl, held whole.
 COLLECT_SECONDS_PER_FILE = 50e-6
 COLLECT_BASE_SECONDS = 120
 COLLECT_BASE_BYTES = 256 << 20
