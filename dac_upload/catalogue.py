@@ -236,6 +236,7 @@ class _WalkContext:
                                            else f"cannot stat: {failed[1]}"))
                 continue
             lst = listing.stat(i)
+            file_path = os.path.join(path, name)
             is_link = stat.S_ISLNK(lst.st_mode)   # directory symlinks never get here
             if is_link:
                 if symlinks == "skip":
@@ -246,7 +247,7 @@ class _WalkContext:
                                                "remove it or set symlinks = \"follow\""))
                     continue
                 try:
-                    st: Any = os.stat(os.path.join(path, name))
+                    st: Any = os.stat(file_path)
                 except FileNotFoundError:
                     cat.refused.append(Problem(rel, "dangling symlink"))
                     continue
@@ -261,7 +262,6 @@ class _WalkContext:
                 continue
             if keep is not None and not keep(rel, st.st_size, st.st_mtime):
                 continue
-            file_path = os.path.join(path, name)
             if mode & _READ_ALL != _READ_ALL and not _readable(st, self.uid, self.groups) \
                     and not os.access(file_path, os.R_OK):
                 cat.refused.append(Problem(rel, "not readable by you; fix its permissions "
@@ -376,8 +376,7 @@ def _scan(root: Path, exclude: tuple[str, ...], cat: Catalogue, walkers: int = 1
             modes = listing.modes
             if any(map(stat.S_ISDIR, modes)) or any(map(stat.S_ISLNK, modes)):
                 keep = []
-                for i, name in enumerate(listing.names):
-                    mode = 0 if i in listing.errors else modes[i]
+                for name, mode in zip(listing.names, modes):   # 0: its lstat failed
                     child = f"{rel}/{name}" if rel else name
                     if stat.S_ISDIR(mode):
                         if not dir_pruned(child, exclude):

@@ -436,7 +436,7 @@ class LedgerWriter:
         import threading
 
         self.problem: str | None = None
-        self.local: Any = None
+        self.local: _LedgerRows | None = None
         self.conn: Any = None
         self.child: Any = None
         if threading.active_count() == 1:
@@ -452,23 +452,21 @@ class LedgerWriter:
                 return
             except OSError:
                 self.conn = self.child = None
-        self.run_id = run_id
-        try:
-            self.local = _open_ledger(path)
-        except Exception as exc:
-            self.problem = _ledger_error(exc)
+        self.local = _LedgerRows(path, run_id)
+        self.problem = self.local.problem
 
     def put(self, task: int, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
         if self.problem is not None:
             return
         rows = ledger_rows(pairs)
+        if self.local is not None:
+            self.local.add(rows)
+            self.problem = self.local.problem
+            return
         try:
-            if self.conn is not None:
-                import orjson
+            import orjson
 
-                self.conn.send_bytes(orjson.dumps(rows))
-            else:
-                self.local.record_rows(rows, self.run_id, commit=False)
+            self.conn.send_bytes(orjson.dumps(rows))
         except (OSError, EOFError) as exc:   # the child gone, a pipe broken
             self.problem = f"the ledger's writer stopped ({exc})"
         except Exception as exc:
@@ -477,30 +475,51 @@ class LedgerWriter:
     def finish(self, commit: bool = True) -> str | None:
         """Every row written and committed (or all of them dropped); why the ledger was not
         updated, or None."""
-        if self.conn is not None:
-            try:
-                self.conn.send_bytes(b"" if commit else b"!")
-                said = self.conn.recv()
-            except (OSError, EOFError):
-                said = "the ledger's writer stopped before it committed"
-            self.conn.close()
-            self.child.join()
-            self.problem = self.problem or said
-        elif self.local is not None:
-            try:
-                if self.problem is None and commit:
-                    self.local.commit()
-            except Exception as exc:
-                self.problem = _ledger_error(exc)
-            finally:
-                self.local.close()
+        if self.local is not None:
+            return self.local.end(commit)
+        try:
+            self.conn.send_bytes(b"" if commit else b"!")
+            said = self.conn.recv()
+        except (OSError, EOFError):
+            said = "the ledger's writer stopped before it committed"
+        self.conn.close()
+        self.child.join()
+        self.problem = self.problem or said
         return self.problem
 
 
-def _open_ledger(path: Path) -> Any:
-    from .ledger import Ledger
+class _LedgerRows:
+    """Rows into the ledger in one open transaction, in whichever process writes them; the
+    first problem is kept and the rows after it dropped."""
 
-    return Ledger(path)
+    def __init__(self, path: Path, run_id: str) -> None:
+        from .ledger import Ledger
+
+        self.run_id = run_id
+        self.problem: str | None = None
+        self.ledger: Any = None
+        try:
+            self.ledger = Ledger(path)
+        except Exception as exc:
+            self.problem = _ledger_error(exc)
+
+    def add(self, rows: list[Any]) -> None:
+        if self.problem is None:
+            try:
+                self.ledger.record_rows(rows, self.run_id, commit=False)
+            except Exception as exc:
+                self.problem = _ledger_error(exc)
+
+    def end(self, commit: bool) -> str | None:
+        """Commit (``commit``) or drop the rows, close; the problem, or None."""
+        if self.problem is None and commit:
+            try:
+                self.ledger.commit()
+            except Exception as exc:
+                self.problem = _ledger_error(exc)
+        if self.ledger is not None:
+            self.ledger.close()
+        return self.problem
 
 
 def _ledger_error(exc: BaseException) -> str:
@@ -515,25 +534,14 @@ def _ledger_child(conn: Any, path: Path, run_id: str) -> None:
     read and dropped)."""
     import orjson
 
-    problem = ledger = None
-    try:
-        ledger = _open_ledger(path)
-    except Exception as exc:
-        problem = _ledger_error(exc)
+    rows = _LedgerRows(path, run_id)
     while (data := conn.recv_bytes()) not in (b"", b"!"):
-        if problem is None:
+        if rows.problem is None:
             try:
-                ledger.record_rows(orjson.loads(data), run_id, commit=False)
+                rows.add(orjson.loads(data))
             except Exception as exc:
-                problem = _ledger_error(exc)
-    if problem is None and data == b"":
-        try:
-            ledger.commit()
-        except Exception as exc:
-            problem = _ledger_error(exc)
-    if ledger is not None:
-        ledger.close()
-    conn.send(problem)
+                rows.problem = _ledger_error(exc)
+    conn.send(rows.end(commit=data == b""))
     conn.close()
 
 

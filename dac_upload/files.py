@@ -214,7 +214,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """A task's manifest with its "files" as dicts {relpath, name, size, mtime (, meta)},
     whichever format it was written in: 2 (rows and a meta map, :func:`manifest_bytes`) or
     1 (an object per file: runs planned by earlier versions)."""
-    manifest = read_json_fast(path)
+    manifest = read_json(path)
     fmt = manifest.get("manifest_format", 1) if isinstance(manifest, dict) else None
     if fmt == 1:
         return manifest
@@ -261,13 +261,9 @@ def utc_now() -> str:
 
 
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def read_json_fast(path: Path) -> Any:
-    """read_json by orjson (a manifest in a quarter of json's time); json for what orjson
-    refuses (lone surrogates, integers beyond 64 bits), so the same documents are read."""
+    """A JSON file, read by orjson (a manifest in a quarter of json's time); by json what
+    orjson refuses (lone surrogates, integers beyond 64 bits, NaN), so the same documents
+    are read, and a bad one raises json's own ValueError."""
     import orjson
 
     with open(path, "rb") as handle:
