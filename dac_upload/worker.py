@@ -510,8 +510,12 @@ def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: Stop
                 fatal = rec.pop("_fatal", None)
                 if fatal is not None:   # stopped half-way through this file: it says so
                     state["aborted"] = _abort_reason(fatal)
-                elif rec.get("cause") == "transient":  # failed through every retry: the
-                    state["aborted"] = f"the Rucio server keeps failing: {rec['error']}"
+                elif rec.get("cause") == "transient":
+                    # failed through every retry: the next file would fail the same way.
+                    # UploadClient's errors do not say which side failed (gfal2's come
+                    # wrapped in ServiceUnavailable, as the server's do): name both.
+                    state["aborted"] = ("the Rucio server or the RSE's storage keeps "
+                                        f"failing: {rec['error']}")
             yield rec
 
 
