@@ -30,13 +30,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from .runrecord import ALREADY_PRESENT, FAILED, NOT_ATTEMPTED, UPLOADED, TaskSettings
 from .worker import (
-    ALREADY_PRESENT,
-    FAILED,
-    NOT_ATTEMPTED,
-    UPLOADED,
     CopyLog,
-    Settings,
     StopRequest,
     existing_verdict,
     local_record,
@@ -89,7 +85,7 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         start += count
 
 
-def bulk_records(rio: Any, s: Settings, todo: list[Record], stop: StopRequest,
+def bulk_records(rio: Any, s: TaskSettings, todo: list[Record], stop: StopRequest,
                  abort: Callable[[str], None], aborted: Callable[[], str | None],
                  crash_after_copy: Callable[[], None] | None = None,
                  copies: CopyLog | None = None) -> Iterator[Record]:
@@ -165,7 +161,7 @@ def _ended(exc: BaseException, stop: StopRequest, abort: Callable[[str], None]
     return reason, "aborted"
 
 
-def _finish(back: tuple[Future[Any], list[Record]], s: Settings,
+def _finish(back: tuple[Future[Any], list[Record]], s: TaskSettings,
             abort: Callable[[str], None], stop: StopRequest) -> Iterator[Record]:
     """The records of a chunk whose registration ran in the lane, each as far as it got."""
     fut, recs = back
@@ -196,14 +192,14 @@ def _finish(back: tuple[Future[Any], list[Record]], s: Settings,
     yield from recs
 
 
-def _lookup(lane: ThreadPoolExecutor, rio: Any, s: Settings, chunk: list[Record],
+def _lookup(lane: ThreadPoolExecutor, rio: Any, s: TaskSettings, chunk: list[Record],
             stop: StopRequest) -> Future[Any]:
     names = [e["name"] for e in chunk]
     return lane.submit(retrying, lambda: rio.dids_bulk(s.scope, names), s, stop,
                        "looking up names", True)
 
 
-def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopRequest,
+def _front(rio: Any, storage: Any, s: TaskSettings, chunk: list[Record], stop: StopRequest,
            pool: ThreadPoolExecutor, lane: ThreadPoolExecutor, lookup: Future[Any],
            copies: CopyLog) -> tuple[list[Record], list[Record], list[Record]]:
     """Read, ask, copy: (records of the chunk, copied, present). A file whose name Rucio
@@ -283,7 +279,7 @@ def _front(rio: Any, storage: Any, s: Settings, chunk: list[Record], stop: StopR
 _COPY_CAUSES = ("rucio", "verify", "transient")
 
 
-def _registered_meanwhile(rio: Any, s: Settings, stop: StopRequest,
+def _registered_meanwhile(rio: Any, s: TaskSettings, stop: StopRequest,
                           lane: ThreadPoolExecutor, failed: list[Record]) -> list[Record]:
     """Files whose copy failed, asked again (two requests for all of them): one that is
     AVAILABLE on the RSE by now with our bytes was uploaded meanwhile by someone else (a
@@ -315,7 +311,7 @@ def _registered_meanwhile(rio: Any, s: Settings, stop: StopRequest,
     return out
 
 
-def _back(rio: Any, s: Settings, copied: list[Record], present: list[Record],
+def _back(rio: Any, s: TaskSettings, copied: list[Record], present: list[Record],
           stop: StopRequest, storage: Any = None) -> None:
     """Register, read back, then protect (in the lane). Raises RucioFatal / TaskAborted to
     stop; each record says how far it got.
@@ -380,7 +376,7 @@ def _replica_rows(recs: list[Record]) -> list[Record]:
              "pfn": r["pfn"], "guid": None if r.get("had_did") else r["guid"]} for r in recs]
 
 
-def _copier(storage: Any, s: Settings, stop: StopRequest,
+def _copier(storage: Any, s: TaskSettings, stop: StopRequest,
             may_replace: Callable[[str], bool],
             own: set[str] | frozenset[str] = frozenset(),
             stale_temps: set[str] | frozenset[str] = frozenset()) -> Callable[[Record], Record]:
@@ -438,7 +434,7 @@ def _copier(storage: Any, s: Settings, stop: StopRequest,
     return one
 
 
-def _protect(rio: Any, s: Settings, registered: list[Record], present: list[Record],
+def _protect(rio: Any, s: TaskSettings, registered: list[Record], present: list[Record],
              stop: StopRequest) -> None:
     """A dataset's rule covers what is attached to it; otherwise each file gets a rule on
     the RSE (in bulk; file by file for names that may have one already, or when a bulk

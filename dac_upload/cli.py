@@ -34,6 +34,7 @@ from .pipeline import (
     submit_tasks,
 )
 from .progress import Progress, human_bytes
+from .runrecord import RunRecord
 
 EXIT_FAILURES = 1
 EXIT_USER = 2
@@ -90,14 +91,13 @@ def _check_run_rucio(run_dir: Path, what: str) -> None:
     would spend an attempt (and nightly's resubmission budget) for nothing."""
     from .rucio_io import RucioUnavailable
 
-    run = _read_run_json(run_dir)
-    if not run.get("credentials"):
+    run = RunRecord(_read_run_json(run_dir))
+    if run.credentials is None:
         return   # planned by a version that recorded none: the tasks use RUCIO_CONFIG
-    r = run["rucio"]
-    ds = r.get("dataset_did")
+    ds = run.dataset_did
     try:
-        problems = _rucio_problems(Credentials.from_record(run["credentials"]), r["scope"],
-                                   r["rse"], ds[0] if ds else None)
+        problems = _rucio_problems(Credentials.from_record(run.credentials), run.scope,
+                                   run.rse, ds[0] if ds else None)
     except RucioUnavailable as exc:
         _fail(f"{exc}; not {what}: the tasks could only fail (try again when it answers, "
               "or --offline to submit anyway)", EXIT_SERVICE)
@@ -298,8 +298,8 @@ def _locked_run(run_dir: Path) -> Iterator[None]:
 def _check_run_credentials(run_dir: Path) -> None:
     """The credentials a planned run's tasks will use, checked again before Slurm gets tasks
     that could only fail (an expired proxy, a password file opened to others since)."""
-    record = _read_run_json(run_dir).get("credentials")
-    if not record:
+    record = RunRecord(_read_run_json(run_dir)).credentials
+    if record is None:
         return
     creds = Credentials.from_record(record)
     problems = credentials.local_problems(creds)
@@ -321,12 +321,12 @@ def _max_array_size() -> int:
 
 
 def _run_setting(run_dir: Path, key: str) -> int | None:
-    return _read_run_json(run_dir).get("slurm_limits", {}).get(key)
+    return RunRecord(_read_run_json(run_dir)).slurm_limit(key)
 
 
 def _read_run_json(run_dir: Path) -> dict[str, Any]:
     """run.json, or exit 2 with the line that names what is wrong with it."""
-    from .collect import RunReadError, read_run_json
+    from .runrecord import RunReadError, read_run_json
 
     try:
         return read_run_json(run_dir)
@@ -380,7 +380,8 @@ def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> 
 def _report(run_dir: Path) -> None:
     """The summary line of a collected run; exit 1 if it is not complete, or if the
     summary is missing or was not made from the results as they are now."""
-    from .collect import COLLECTED, collected_counts, collection_state, read_run_json
+    from .collect import COLLECTED, collected_counts, collection_state
+    from .runrecord import read_run_json
 
     summary_path = run_dir / "summary.json"
     state, why = collection_state(run_dir, read_run_json(run_dir))
@@ -417,7 +418,8 @@ def worker(run_dir: str, task: int, retry_permanent: bool) -> None:
 def collect(run_dir: str) -> None:
     """Merge the task results of RUN_DIR into summary.json and the job's ledger (what the
     collector job runs; run it by hand when a collector was killed or ran out of memory)."""
-    from .collect import RunReadError, collect_run
+    from .collect import collect_run
+    from .runrecord import RunReadError
 
     target = Path(run_dir).resolve()
     try:
@@ -440,10 +442,9 @@ def remake_manifests(run_dir: str) -> None:
     recorded at planning, or it is left as it is (exit 2)."""
     import hashlib
 
-    from .collect import manifest_problem
     from .files import atomic_write_bytes
     from .pipeline import remake_manifests as remake
-    from .plan import RunLayout
+    from .runrecord import RunLayout, manifest_problem
 
     target = Path(run_dir).resolve()
     run = _read_run_json(target)
@@ -481,7 +482,7 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
     scheduler's view ``status`` still answers from the results; ``resubmit`` must not (it
     could start a second copy of a task that is running)."""
     from . import slurm
-    from .collect import RunReadError
+    from .runrecord import RunReadError
     from .runview import run_view
 
     try:
@@ -692,7 +693,7 @@ def butler_table(run_dir: str, out_dir: str | None, relative_to: str | None,
     planning), unless --allow-missing."""
     from .butler import ButlerError, ingest_tables
     from .files import read_json
-    from .plan import RunLayout
+    from .runrecord import RunLayout
 
     target = Path(run_dir).resolve()
     layout = RunLayout(target)

@@ -25,14 +25,19 @@ from .files import (
     read_result_records,
     utc_now,
 )
-from .plan import RunLayout
-from .worker import (
+from .runrecord import (
     ALREADY_PRESENT,
     DONE_STATES,
     FAILED,
     NOT_ATTEMPTED,
     PERMANENT_CAUSES,
+    REMAKE_HINT,
     UPLOADED,
+    RunLayout,
+    RunReadError,
+    RunRecord,
+    manifest_problem,
+    read_run_json,
 )
 
 SCHEMA_VERSION = 1
@@ -91,8 +96,8 @@ class SummaryBuilder:
     def __init__(self, run: dict[str, Any], markers: dict[int, dict[str, Any]],
                  datasets: dict[str, list[dict[str, Any]]] | None = None) -> None:
         self.run, self.markers, self.datasets = run, markers, datasets or {}
-        self.scope, self.rse = run["rucio"]["scope"], run["rucio"]["rse"]
-        self.root = Path(run["source"]["root"])
+        record = RunRecord(run)
+        self.scope, self.rse, self.root = record.scope, record.rse, record.root
         self._root = str(self.root).rstrip("/") + "/"   # joined by hand: pathlib's join
         # cost 5 s a million files
         self.counts = {"files": 0, "bytes": 0, UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0,
@@ -168,11 +173,11 @@ class SummaryBuilder:
             "finished_at": max(finished) if finished else None,
             "source_root": str(self.root),
             "rucio": {"host": _from_markers(markers, "rucio_host"),
-                      "account": run["rucio"].get("account") or _from_markers(
+                      "account": RunRecord(run).account or _from_markers(
                           markers, "rucio_account"),
                       **{k: run["rucio"].get(k) for k in ("scope", "rse", "dataset",
                                                           "lifetime")}},
-            "slurm": {"submissions": run.get("submissions", [])},
+            "slurm": {"submissions": RunRecord(run).submissions},
             "complete": counts[UPLOADED] + counts[ALREADY_PRESENT] == counts["files"],
             "counts": {**counts, "tasks": self.tasks,
                        "tasks_with_result": self.tasks - len(missing),
@@ -208,54 +213,6 @@ def _from_markers(markers: dict[int, dict[str, Any]], key: str) -> str | None:
         if markers[task].get(key):
             return str(markers[task][key])
     return None
-
-
-class RunReadError(ValueError):
-    """A file of a run directory cannot be read or understood; the message names it and
-    says what to do (one line)."""
-
-
-def read_run_json(run_dir: Path) -> dict[str, Any]:
-    """run.json, or RunReadError naming it: every command that takes a run reads it here."""
-    path = RunLayout(run_dir).run_json
-    try:
-        run = read_json(path)
-    except FileNotFoundError:
-        raise RunReadError(f"{run_dir}: no run.json, so not a run directory (dac-upload plan "
-                           "JOB makes one)") from None
-    except OSError as exc:
-        raise RunReadError(f"{path}: cannot read it ({exc.strerror})") from None
-    except ValueError as exc:
-        raise RunReadError(f"{path}: damaged, not valid JSON ({exc}); restore it from a "
-                           "backup, or move the run aside and plan a new run") from None
-    if not isinstance(run, dict) or not isinstance(run.get("plan"), dict) \
-            or "run_id" not in run or "tasks" not in run["plan"]:
-        raise RunReadError(f"{path}: not the record of a dac-upload run (no run_id or "
-                           "plan.tasks); restore it from a backup, or plan a new run")
-    return run
-
-
-def manifest_problem(run_dir: Path, run: dict[str, Any], task: int) -> str | None:
-    """Why the task's manifest is not the one planned (missing, or its sha256 differs from
-    run.json's), or None. Runs planned before digests were recorded are taken as they are."""
-    import hashlib
-
-    path = RunLayout(run_dir).manifest(task)
-    digests = (run.get("plan") or {}).get("manifest_sha256")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return f"{path}: missing"
-    except OSError as exc:
-        return f"{path}: cannot read it ({exc.strerror})"
-    if digests is None or task >= len(digests):
-        return None
-    if hashlib.sha256(data).hexdigest() != digests[task]:
-        return f"{path}: not the manifest planned (changed since: its sha256 differs)"
-    return None
-
-
-REMAKE_HINT = "re-make it from the run's catalogue: dac-upload remake-manifests"
 
 
 class _PerTask(Mapping[int, Any]):
@@ -304,7 +261,7 @@ def read_run(run_dir: Path, datasets: bool = True) -> RunState:
     butler.jsonl (one line per file: the summary needs it, status does not)."""
     layout = RunLayout(run_dir)
     run = read_run_json(run_dir)
-    n = int(run["plan"]["tasks"])
+    n = RunRecord(run).tasks
     problems: list[str] = []
     said: set[tuple[str, int]] = set()
     remade: dict[int, bytes] = {}
@@ -554,8 +511,8 @@ def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     see the run as not collected, and collect again."""
     fingerprint = results_fingerprint(run_dir)   # before reading: a later write shows
     state = read_run(run_dir)
-    writer = LedgerWriter(Path(state.run["ledger"]), state.run["run_id"]) \
-        if state.run.get("ledger") else None
+    record = RunRecord(state.run)
+    writer = LedgerWriter(record.ledger, record.run_id) if record.ledger else None
     try:
         header = _write_summary(run_dir, state, writer.put if writer else None)
     except BaseException:
@@ -565,7 +522,7 @@ def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     # every row committed (before collected.json: a run collected is in the ledger), or why
     ledger_problem = writer.finish() if writer else None
     atomic_write_json(RunLayout(run_dir).collected, {
-        "submissions": len(state.run.get("submissions", [])), "results": fingerprint,
+        "submissions": len(RunRecord(state.run).submissions), "results": fingerprint,
         "complete": header["complete"], "counts": header["counts"],
         "tasks_missing_result": header["tasks_missing_result"],
         "ledger_problem": ledger_problem, "collected_at": utc_now()})
@@ -604,7 +561,7 @@ def collection_state(run_dir: Path, run: dict[str, Any]) -> tuple[str, str]:
             return NOT_COLLECTED, ("the last collector stopped after writing summary.json and "
                                    "before finishing (the job's ledger may lack this run)")
         return NOT_COLLECTED, "no summary.json yet"
-    if int(done.get("submissions") or 0) < len(run.get("submissions", [])):
+    if int(done.get("submissions") or 0) < len(RunRecord(run).submissions):
         return STALE, "summary.json predates the latest submission"
     if done.get("results") != results_fingerprint(run_dir):
         return STALE, "summary.json predates the latest task results"

@@ -35,7 +35,6 @@ from .files import atomic_write_text
 RUCIO_AUTH_TYPE = {"x509_proxy": "x509_proxy", "userpass": "userpass", "token": "oidc",
                    "x509": "x509"}
 DEFAULT_CA_DIR = Path("/etc/grid-security/certificates")
-CLIENT_CONFIG_NAME = "rucio.cfg"
 # [client] keys that hold a secret: never copied into a generated configuration
 SECRET_KEYS = ("password",)
 

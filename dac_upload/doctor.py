@@ -255,7 +255,8 @@ def _probe(job: JobConfig, creds: Credentials, rio: Any) -> Check:
     It is left on the RSE with a rule of PROBE_LIFETIME (Rucio's reaper removes it); nothing
     else is touched, nothing is deleted."""
     from .rucio_io import RucioFatal, RucioFileError
-    from .worker import UPLOADED, probe_record
+    from .runrecord import UPLOADED
+    from .worker import probe_record
 
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = (f"{job.naming.prefix}dac-upload-probe/{getpass.getuser()}-{stamp}-"

@@ -23,6 +23,14 @@ from typing import Any
 from .config import JobConfig, slurm_time_seconds
 from .files import utc_now
 from .locks import JobLock, LockError, run_submission_lock
+from .runrecord import (
+    DONE_STATES,
+    PERMANENT_CAUSES,
+    RunLayout,
+    RunReadError,
+    RunRecord,
+    read_run_json,
+)
 
 # exit codes of `dac-upload nightly` (docs/operations.md)
 OK = 0                 # nothing to do, or a run (or resubmission) submitted
@@ -52,7 +60,6 @@ def latest_run(job: JobConfig) -> Path | None:
     run only planned, never submitted, is nobody's previous run)."""
     if not job.runs_dir.is_dir():
         return None
-    from .collect import read_run_json
 
     for run_dir in sorted((p for p in job.runs_dir.iterdir() if (p / "run.json").is_file()),
                           reverse=True):
@@ -146,11 +153,10 @@ def _source_root(job: JobConfig) -> Path:
     seconds every night)."""
     if job.butler.kind != "repo":
         return job.source.root
-    from .files import read_json
 
     for run_json in sorted(job.runs_dir.glob("2*/run.json"), reverse=True):
         try:
-            return Path(read_json(run_json)["source"]["root"])
+            return RunRecord.read(run_json.parent).root
         except (OSError, ValueError, KeyError):
             continue
     return job.source.root
@@ -262,7 +268,7 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
     except slurm.SlurmError as exc:
         say(str(exc), problem=True)
         return SUBMIT_FAILED
-    from .collect import COLLECTED, collected_counts, collection_state, read_run_json
+    from .collect import COLLECTED, collected_counts, collection_state
 
     summary_path = run_dir / "summary.json"
     done, why = collection_state(run_dir, read_run_json(run_dir))
@@ -281,7 +287,6 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
 def _older_run_going(job: JobConfig, latest: Path | None) -> Path | None:
     """An older run (not the latest submitted one) that still has tasks queued: a run can
     be planned before another and submitted after it, or be resubmitted by hand."""
-    from .plan import RunLayout
     from .runview import run_view
 
     for run_dir in sorted(job.runs_dir.iterdir()) if job.runs_dir.is_dir() else []:
@@ -321,7 +326,7 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
                         max_array: int, preflight: Any = None
                         ) -> tuple[int, tuple[str, Path] | None] | None:
     from . import slurm
-    from .collect import COLLECTED, RunReadError, collect_run
+    from .collect import COLLECTED, collect_run
     from .pipeline import CollectorNotSubmitted, compress_indices, submit_collector, submit_tasks
     from .runview import run_view
     from .status import ACTIVE_STATES, OUT_OF_RESOURCES, tasks_to_retry
@@ -425,7 +430,6 @@ def _give_up(job: JobConfig, run_dir: Path, state: Any, tasks: list[int],
     needing a person, so the next runs do not pick them up again while unchanged."""
     from .collect import merge_records
     from .ledger import Ledger
-    from .worker import DONE_STATES, PERMANENT_CAUSES
 
     rows = []
     for t in tasks:
@@ -439,7 +443,7 @@ def _give_up(job: JobConfig, run_dir: Path, state: Any, tasks: list[int],
                          "mtime": entry["mtime"], "name": entry["name"],
                          "status": "failed:gave-up"})
     with Ledger(job.ledger_path) as ledger:
-        ledger.record(rows, state.run["run_id"])
+        ledger.record(rows, RunRecord(state.run).run_id)
     say(f"gave up on {len(rows)} files of tasks {tasks} of run {run_dir.name}: they are "
         "retried when they change (or after fixing: dac-upload resubmit --retry-permanent)",
         problem=True)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import getpass
 import hashlib
 import os
-import socket
 import sys
 import time
 import uuid
@@ -31,20 +29,28 @@ from .catalogue import (
     write_catalogue,
 )
 from .config import JobConfig
-from .credentials import CLIENT_CONFIG_NAME, Credentials, CredentialsError
+from .credentials import Credentials, CredentialsError
 from .files import (
-    atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
     link_or_copy,
     manifest_bytes,
-    read_json,
     utc_now,
     write_files_atomically,
 )
 from .naming import glob_regex
-from .plan import Batch, FileTable, RunLayout, compress_indices, make_batches, name_files
+from .plan import Batch, FileTable, compress_indices, make_batches, name_files
 from .progress import Progress
+from .runrecord import (
+    BUTLER_FILE,
+    CLIENT_CONFIG_NAME,
+    DIMENSION_EXPORT,
+    RunLayout,
+    RunRecord,
+    new_run_record,
+    read_run_json,
+    write_run_json,
+)
 
 MAX_PROBLEM_LINES = 20
 
@@ -125,8 +131,6 @@ def resolve_credentials(job: JobConfig) -> Credentials:
 
 
 Preflight = Callable[[JobConfig, Credentials], list[str]]
-BUTLER_FILE = "butler.jsonl"                    # relpath -> its Butler datasets
-DIMENSION_EXPORT = "butler-dimensions.yaml"     # what the destination Butler must import
 
 
 @dataclass
@@ -388,51 +392,18 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     atomic_write_text(layout.collect_script, render.full_script(collect_opts, collect_body),
                       0o777)
 
-    sizes = [b.bytes for b in batches]
-    total = sum(sizes)
-    run = {
-        "schema_version": 1,
-        "tool": {"name": "dac-upload", "version": __version__},
-        "run_id": run_id,
-        "state": "planned",
-        "created_at": utc_now(),
-        "created_by": {"user": getpass.getuser(), "host": socket.gethostname(),
-                       "pid": os.getpid()},
-        "job": {"name": job.name, "file": str(job.path), "copy": layout.job_copy.name,
-                "sha256": hashlib.sha256(job.text.encode()).hexdigest()},
-        "source": {"root": str(job.source.root), "include": list(job.source.include),
-                   "exclude": list(job.source.exclude), "symlinks": job.source.symlinks},
-        "rucio": {"scope": job.rucio.scope, "rse": job.rucio.rse, "account": job.rucio.account,
-                  "dataset": job.rucio.dataset, "dataset_did": job.rucio.dataset_did,
-                  "lifetime": job.rucio.lifetime,
-                  "config": str(job.rucio.config) if job.rucio.config else None,
-                  "retries": job.rucio.retries, "retry_wait": job.rucio.retry_wait},
-        "catalogue": {"file": layout.catalogue.name,
-                      "sha256": catalogue_sha256,
-                      "files": len(files), "bytes": total, "skipped": len(cat.skipped),
-                      "from_file": str(catalogue_file[1].resolve()) if catalogue_file
-                      else None},
-        "plan": {"tasks": len(batches), "task_ids": task_ids,
-                 "files_per_batch": job.batching.files_per_batch,
-                 "bytes_per_batch": job.batching.bytes_per_batch,
-                 "max_running": job.batching.max_running,
-                 "manifest_sha256": digests,   # the worker and submit refuse any other
-                 "task_files": [b.count for b in batches],   # status without reading
-                 "task_bytes": [b.bytes for b in batches],        # the manifests
-                 "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
-        "upload": {"mode": job.upload.mode, "chunk_size": job.upload.chunk_size,
-                   "transfers": job.upload.transfers, "rename": job.upload.rename,
-                   "guid": job.upload.guid, "md5": job.upload.md5},
-        "credentials": {**creds.record(), "client_config": CLIENT_CONFIG_NAME},
-        "runtime": {"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
-        "slurm": {"array": array_opts, "collector": collect_opts},
-        "slurm_limits": {"max_submit": job.slurm.max_submit},
-        "butler": _butler_record(job, found, files, extra[0]["name"] if extra else None),
-        "ledger": str(job.ledger_path),
-        "origin": origin,
-        "submissions": [],
-    }
-    atomic_write_json(layout.run_json, run)
+    total = sum(b.bytes for b in batches)
+    run = new_run_record(
+        job, run_id, layout, catalogue_sha256=catalogue_sha256, files=len(files),
+        skipped=len(cat.skipped),
+        from_file=catalogue_file[1].resolve() if catalogue_file else None,
+        batches=batches, task_ids=task_ids, manifest_sha256=digests,
+        credentials={**creds.record(), "client_config": CLIENT_CONFIG_NAME},
+        runtime={"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
+        slurm={"array": array_opts, "collector": collect_opts},
+        butler=_butler_record(job, found, files, extra[0]["name"] if extra else None),
+        origin=origin)
+    write_run_json(layout.dir, run)
     return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run,
                        notes)
 
@@ -462,7 +433,6 @@ def remake_manifests(run_dir: Path) -> dict[int, bytes]:
     import tomllib
 
     from .catalogue import read_catalogue
-    from .collect import read_run_json
     from .config import parse_job
 
     layout = RunLayout(run_dir)
@@ -545,10 +515,10 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
 
     ``submit(options, body, run_dir, script_name) -> job id`` is slurm.submit in real use.
     """
-    from .collect import REMAKE_HINT, manifest_problem
+    from .runrecord import REMAKE_HINT, manifest_problem
 
     layout = RunLayout(run_dir)
-    run = read_json(layout.run_json)
+    run = read_run_json(run_dir)
     indices = sorted(set(indices))
     bad = [why for t in indices if (why := manifest_problem(run_dir, run, t))]
     if bad:
@@ -574,7 +544,7 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
         job_id = submit(opts, array_body, layout.dir, f"array.submit{attempt}.{n}.sh")
         sub["arrays"].append({"job_id": job_id, "offset": offset, "task_ids": local_ids})
         run["state"] = "submitted"
-        atomic_write_json(layout.run_json, run)  # the run knows every queued array at once
+        write_run_json(layout.dir, run)  # the run knows every queued array at once
     ids = [a["job_id"] for a in sub["arrays"]]
     collect_opts = dict(run["slurm"]["collector"], dependency="afterany:" + ":".join(ids))
     try:
@@ -586,7 +556,7 @@ def submit_tasks(run_dir: Path, indices: list[int], max_array_size: int,
             f"when they have finished run: dac-upload collect {layout.dir}") from exc
     sub["collector_job_id"] = collector_id
     sub["collector_dependency"] = collect_opts["dependency"]
-    atomic_write_json(layout.run_json, run)
+    write_run_json(layout.dir, run)
     return Submission(attempt, sub["arrays"], collector_id, sub["task_ids"], sub["left_over"])
 
 
@@ -595,7 +565,7 @@ def submit_collector(run_dir: Path, submit: Callable[..., str]) -> Submission:
     collector finished since (killed, out of memory or time, cancelled). Recorded in
     run.json as a submission without arrays."""
     layout = RunLayout(run_dir)
-    run = read_json(layout.run_json)
+    run = read_run_json(run_dir)
     attempt = len(run["submissions"]) + 1
     opts = {k: v for k, v in run["slurm"]["collector"].items() if k != "dependency"}
     job_id = submit(opts, _body_of(layout.collect_script), layout.dir,
@@ -603,20 +573,20 @@ def submit_collector(run_dir: Path, submit: Callable[..., str]) -> Submission:
     run["submissions"].append({"attempt": attempt, "arrays": [], "collector_job_id": job_id,
                                "task_ids": "", "left_over": "", "collector_only": True,
                                "submitted_at": utc_now()})
-    atomic_write_json(layout.run_json, run)
+    write_run_json(layout.dir, run)
     return Submission(attempt, [], job_id, "", "")
 
 
 def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str],
                max_submit: int | None = None) -> Submission:
     """First submission of a planned run: every task."""
-    run = read_json(RunLayout(run_dir).run_json)
-    if run.get("submissions"):
-        first = run["submissions"][0]
+    run = RunRecord.read(run_dir)
+    if run.submissions:
+        first = run.submissions[0]
         ids = ", ".join(a["job_id"] for a in first.get("arrays", []))
         raise PlanError([f"{run_dir}: already submitted (array job {ids}); see dac-upload "
                          f"status {run_dir}, or plan a new run (dac-upload submit JOB)"])
-    return submit_tasks(run_dir, list(range(int(run["plan"]["tasks"]))), max_array_size,
+    return submit_tasks(run_dir, list(range(run.tasks)), max_array_size,
                         submit, max_submit)
 
 

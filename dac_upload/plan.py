@@ -11,7 +11,6 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from operator import itemgetter
-from pathlib import Path
 
 from .catalogue import Columns, Entry, Problem
 from .config import NamingConfig
@@ -271,70 +270,3 @@ def compress_indices(indices: Sequence[int]) -> str:
         out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
         i = j + 1
     return ",".join(out)
-
-
-class RunLayout:
-    """Where everything of one run lives. The run directory is the unit a user points at."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.dir = Path(run_dir)
-
-    @property
-    def run_json(self) -> Path:
-        return self.dir / "run.json"
-
-    @property
-    def job_copy(self) -> Path:
-        return self.dir / "job.toml"
-
-    @property
-    def catalogue(self) -> Path:
-        return self.dir / "catalogue.json"
-
-    @property
-    def skipped(self) -> Path:
-        return self.dir / "skipped.jsonl"
-
-    @property
-    def manifests(self) -> Path:
-        return self.dir / "manifests"
-
-    @property
-    def results(self) -> Path:
-        return self.dir / "results"
-
-    @property
-    def logs(self) -> Path:
-        return self.dir / "logs"
-
-    @property
-    def array_script(self) -> Path:
-        return self.dir / "array.sh"
-
-    @property
-    def collect_script(self) -> Path:
-        return self.dir / "collect.sh"
-
-    @property
-    def summary(self) -> Path:
-        return self.dir / "summary.json"
-
-    @property
-    def collected(self) -> Path:
-        """Written last by ``collect``, after summary.json and the ledger: what they were made
-        from (see collect.collection_state)."""
-        return self.dir / "collected.json"
-
-    def manifest(self, task: int) -> Path:
-        return self.manifests / f"task-{task:05d}.json"
-
-    def result(self, task: int) -> Path:
-        return self.results / f"task-{task:05d}.jsonl"
-
-    def done_marker(self, task: int) -> Path:
-        return self.results / f"task-{task:05d}.done.json"
-
-    def copies(self, task: int) -> Path:
-        """The names each attempt of the task began to copy onto the RSE, written before the
-        copies start: only a copy listed here may be adopted by a later attempt."""
-        return self.results / f"task-{task:05d}.copies.jsonl"

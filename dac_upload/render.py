@@ -20,7 +20,8 @@ from simple_slurm import Slurm
 
 from . import __version__
 from .config import JobConfig
-from .credentials import CLIENT_CONFIG_NAME, Credentials
+from .credentials import Credentials
+from .runrecord import CLIENT_CONFIG_NAME
 
 SHELL = "/bin/bash"
 ARRAY_DEPENDENCY_PLACEHOLDER = "ARRAY_JOB_ID"

@@ -440,11 +440,13 @@ class RucioIO:
     @classmethod
     def for_run(cls, run_dir: Path, run: dict[str, Any]) -> RucioIO:
         """The session an array task of this run uses (its rucio.cfg and credentials)."""
-        rec = run.get("credentials")
-        if not rec:
-            return cls(run.get("rucio", {}).get("account"))
-        creds = Credentials.from_record(rec)
-        use_client_config(run_dir / rec.get("client_config", "rucio.cfg"), creds)
+        from .runrecord import RunRecord
+
+        record = RunRecord(run)
+        if record.credentials is None:
+            return cls(record.account)
+        creds = Credentials.from_record(record.credentials)
+        use_client_config(run_dir / record.client_config, creds)
         return cls(creds=creds)
 
     @property
@@ -923,7 +925,7 @@ class Storage:
         """How _matches checks a copy: Rucio's POSIX protocol reads the copy back for its
         adler32; every other protocol (gfal: root, davs, ...) asks the storage, which
         computes it (XRootD's chksum), so the copy is not read again by us."""
-        from .worker import READ_BACK_VERIFIED, STORAGE_VERIFIED
+        from .runrecord import READ_BACK_VERIFIED, STORAGE_VERIFIED
 
         scheme = self._protocol().attributes.get("scheme")
         return READ_BACK_VERIFIED if scheme == "file" else STORAGE_VERIFIED

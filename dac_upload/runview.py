@@ -12,7 +12,7 @@ from typing import Any
 
 from . import slurm
 from .collect import RunState, read_run
-from .plan import RunLayout
+from .runrecord import RunLayout
 from .status import TaskStatus, task_state, task_status
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .collect import COLLECTED, merge_records
-from .worker import DONE_STATES, PERMANENT_CAUSES
+from .runrecord import DONE_STATES, PERMANENT_CAUSES
 
 OUT_OF_RESOURCES = ("OUT_OF_MEMORY", "TIMEOUT")   # a collector's end a resubmit would repeat
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING",

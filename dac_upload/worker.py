@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,30 +30,24 @@ from .files import (
     read_result_records,
     utc_now,
 )
-from .plan import RunLayout
 from .progress import human_bytes
-
-UPLOADED = "uploaded"
-ALREADY_PRESENT = "already_present"
-FAILED = "failed"
-NOT_ATTEMPTED = "not_attempted"
-DONE_STATES = (UPLOADED, ALREADY_PRESENT)
-
-# How an uploaded file's copy was checked before it was registered (its record's "verified"):
-# the RSE's own checksum of the copy (root://, davs://: XRootD computes it), a second read of
-# the copy by the worker (a POSIX RSE), or Rucio's UploadClient ([upload] mode = "stock").
-STORAGE_VERIFIED, READ_BACK_VERIFIED, STOCK_VERIFIED = "storage checksum", "read back", \
-    "stock client"
-
-# Why a file failed. A permanent cause needs a person (resubmit leaves such files alone
-# unless asked); the others are worth another attempt.
-PERMANENT_CAUSES = ("conflict", "missing", "unreadable", "changed")
-
-EXIT_OK = 0
-EXIT_FILES_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_ABORTED = 3
-EXIT_STOPPED = 4  # asked to stop (wall time near): resubmit finishes the rest
+from .runrecord import (
+    ALREADY_PRESENT,
+    DONE_STATES,
+    EXIT_ABORTED,
+    EXIT_BAD_INPUT,
+    EXIT_FILES_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    FAILED,
+    NOT_ATTEMPTED,
+    PERMANENT_CAUSES,
+    STOCK_VERIFIED,
+    UPLOADED,
+    RunLayout,
+    RunRecord,
+    TaskSettings,
+)
 
 # Tests only: a bulk task of the run whose id this variable holds dies (exit 137) between
 # its copies and their registration, as if killed. Naming the run keeps it from ever
@@ -62,46 +55,12 @@ EXIT_STOPPED = 4  # asked to stop (wall time near): resubmit finishes the rest
 CRASH_AFTER_COPY = "DAC_UPLOAD_TEST_CRASH_AFTER_COPY"
 
 
-@dataclass(frozen=True)
-class Settings:
-    scope: str
-    rse: str
-    account: str | None
-    dataset: tuple[str, str] | None
-    lifetime: int | None
-    root: Path
-    retries: int = 4
-    retry_wait: float = 5.0
-    mode: str = "stock"          # [upload]: "bulk" or "stock" (runs planned before: stock)
-    chunk_size: int = 500
-    transfers: int = 4
-    rename: str = "auto"
-    guid: bool = True            # [upload] guid (runs planned before it existed: True)
-    proxy: Path | None = None    # the X.509 proxy the tasks use, watched for its expiry
-    md5: bool = True             # [upload] md5 (bulk only: UploadClient always computes it)
-
-    @classmethod
-    def from_run(cls, run: dict[str, Any]) -> Settings:
-        r = run["rucio"]
-        u = run.get("upload") or {}
-        ds = r.get("dataset_did")
-        proxy = (run.get("credentials") or {}).get("proxy")
-        return cls(scope=r["scope"], rse=r["rse"], account=r.get("account"),
-                   proxy=Path(proxy) if proxy else None,
-                   dataset=(ds[0], ds[1]) if ds else None, lifetime=r.get("lifetime"),
-                   root=Path(run["source"]["root"]), retries=int(r.get("retries", 4)),
-                   retry_wait=float(r.get("retry_wait", 5)), mode=u.get("mode", "stock"),
-                   chunk_size=int(u.get("chunk_size", 500)),
-                   transfers=int(u.get("transfers", 4)), rename=u.get("rename", "auto"),
-                   guid=bool(u.get("guid", True)), md5=bool(u.get("md5", True)))
-
-
 # proxy path -> ((inode, mtime, size), expiry): read again only when the file changes (a
 # renewal while the task runs is picked up)
 _PROXY_EXPIRY: dict[Path, tuple[tuple[int, int, int], float | None]] = {}
 
 
-def proxy_problem(s: Settings, now: float | None = None) -> str | None:
+def proxy_problem(s: TaskSettings, now: float | None = None) -> str | None:
     """Why no further file can be done with the task's X.509 proxy (expired, or about to
     within PROXY_MARGIN), or None. Asked before each file or chunk: an expired proxy fails
     every storage operation, usually as some opaque TLS or authentication error of gfal2,
@@ -175,7 +134,7 @@ def _log(msg: str) -> None:
     print(f"{utc_now()} {msg}", flush=True)
 
 
-def local_record(s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
+def local_record(s: TaskSettings, entry: dict[str, Any]) -> dict[str, Any]:
     """The entry's record after looking at the file itself: unchanged since the catalogue,
     then adler32 and md5 in one read (status None: ready for Rucio), or a failure (changed,
     missing, unreadable)."""
@@ -204,7 +163,7 @@ def local_record(s: Settings, entry: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def process_file(rio: Any, s: Settings, entry: dict[str, Any],
+def process_file(rio: Any, s: TaskSettings, entry: dict[str, Any],
                  copies: CopyLog | None = None) -> dict[str, Any]:
     """Upload one manifest entry with Rucio's stock UploadClient ([upload] mode = "stock");
     return its result record (never raises RucioFileError). The file's GUID is ours: the
@@ -290,7 +249,7 @@ def process_file(rio: Any, s: Settings, entry: dict[str, Any],
     return rec
 
 
-def _protect_present(rio: Any, s: Settings, name: str) -> None:
+def _protect_present(rio: Any, s: TaskSettings, name: str) -> None:
     """A file found in Rucio: attached to the dataset (an earlier run may have uploaded it
     outside it), or given a rule (a crash between replica and rule must not leave it
     unprotected)."""
@@ -300,7 +259,7 @@ def _protect_present(rio: Any, s: Settings, name: str) -> None:
         rio.ensure_rule(s.scope, name, s.rse, s.lifetime)
 
 
-def _settled_elsewhere(rio: Any, s: Settings, entry: dict[str, Any], rec: dict[str, Any],
+def _settled_elsewhere(rio: Any, s: TaskSettings, entry: dict[str, Any], rec: dict[str, Any],
                        guid: str, error: str) -> dict[str, Any] | None:
     """After a failed upload: the record Rucio's state says it should have, if the name is
     now AVAILABLE on the RSE with our bytes (registered by us before a later step failed,
@@ -331,7 +290,7 @@ def probe_record(rio: Any, job: Any, creds: Any, path: Path, name: str,
     UploadClient), with its RSE and settings, no dataset and a rule of ``lifetime``; its
     result record. A probe that takes another path than the job proves nothing."""
     st = path.stat()
-    s = Settings(scope=job.rucio.scope, rse=job.rucio.rse, account=creds.account, dataset=None,
+    s = TaskSettings(scope=job.rucio.scope, rse=job.rucio.rse, account=creds.account, dataset=None,
                  lifetime=lifetime, root=path.parent, retries=0, retry_wait=1.0,
                  mode=job.upload.mode, chunk_size=1, transfers=1, rename=job.upload.rename,
                  guid=job.upload.guid, proxy=creds.proxy, md5=job.upload.md5)
@@ -369,14 +328,13 @@ def run_task(run_dir: Path, task: int,
              rucio_factory: Callable[[str | None], Any] | None = None,
              retry_permanent: bool = False) -> int:
     """Process one manifest; return the task's exit code (0 only if every file is done)."""
-    from .collect import REMAKE_HINT, manifest_problem
+    from .runrecord import REMAKE_HINT, manifest_problem, read_run_json
 
     layout = RunLayout(run_dir)
     try:
-        run = read_json(layout.run_json)
+        run = read_run_json(run_dir, whole=False)
         why = manifest_problem(run_dir, run, task)
-        planned = int((run.get("plan") or {}).get("tasks") or 0)
-        if why is not None and task < planned:   # edited or cut after planning: refused
+        if why is not None and task < RunRecord(run).tasks_planned:   # edited or cut: refused
             why = f"{why}; {REMAKE_HINT} {run_dir}, then resubmit"
             layout.results.mkdir(exist_ok=True)
             atomic_write_json(layout.done_marker(task), {
@@ -391,7 +349,7 @@ def run_task(run_dir: Path, task: int,
         print(f"dac-upload worker: cannot read run {run_dir} task {task}: {exc}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    settings = Settings.from_run(run)
+    settings = RunRecord(run).task_settings()
     attempt = _previous_attempt(layout.done_marker(task), layout.result(task)) + 1
     started = utc_now()
     layout.results.mkdir(exist_ok=True)
@@ -490,7 +448,7 @@ def task_index(task: int, manifest: dict[str, Any], result_path: Path) -> dict[s
             "results_bytes": result_path.stat().st_size if result_path.exists() else 0}
 
 
-def _stock_records(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,
+def _stock_records(rio: Any, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
                    state: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """[upload] mode = "stock": file by file through Rucio's UploadClient."""
     for entry in todo:
@@ -524,7 +482,7 @@ def _abort_reason(exc: BaseException) -> str:
         f"internal error {type(exc).__name__}: {exc}")
 
 
-def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
+def _with_metadata(rio: Any, s: TaskSettings, records: Iterator[dict[str, Any]],
                    meta: dict[str, dict[str, str]], stop: StopRequest,
                    state: dict[str, Any], n: int) -> Iterator[dict[str, Any]]:
     """Set the Butler metadata (rubin_butler, rubin_sidecar) of each done file's DID before
@@ -581,7 +539,7 @@ def _with_metadata(rio: Any, s: Settings, records: Iterator[dict[str, Any]],
     yield from flush()
 
 
-def _bulk(rio: Any, s: Settings, todo: list[dict[str, Any]], stop: StopRequest,
+def _bulk(rio: Any, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
           state: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """[upload] mode = "bulk": chunks, bulk requests, concurrent copies (bulk.py)."""
     from .bulk import bulk_records
@@ -625,7 +583,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def retrying(call: Callable[[], Any], s: Settings, stop: StopRequest, what: str,
+def retrying(call: Callable[[], Any], s: TaskSettings, stop: StopRequest, what: str,
              transient_too: bool = False) -> Any:
     """``call()``, again after a pause while the Rucio server cannot be reached (and, with
     ``transient_too``, while it fails the request: a bulk request stands for many files).
@@ -646,7 +604,7 @@ def retrying(call: Callable[[], Any], s: Settings, stop: StopRequest, what: str,
     raise AssertionError("unreachable")
 
 
-def _pause(s: Settings, stop: StopRequest, i: int, what: str, why: str) -> None:
+def _pause(s: TaskSettings, stop: StopRequest, i: int, what: str, why: str) -> None:
     """The back-off before retry i+1: retry_wait doubling, at most 5 minutes; a stop signal
     cuts it short."""
     wait = min(s.retry_wait * 2 ** i, 300.0)
@@ -654,7 +612,7 @@ def _pause(s: Settings, stop: StopRequest, i: int, what: str, why: str) -> None:
     stop.sleep(wait)
 
 
-def _with_retries(rio: Any, s: Settings, entry: dict[str, Any], stop: StopRequest,
+def _with_retries(rio: Any, s: TaskSettings, entry: dict[str, Any], stop: StopRequest,
                   copies: CopyLog | None = None) -> dict[str, Any]:
     """process_file, again after a pause (doubling, at most 5 min) when the server was
     unreachable or failed the request; an unreachable server after the last try aborts
@@ -686,7 +644,7 @@ def _with_retries(rio: Any, s: Settings, entry: dict[str, Any], stop: StopReques
     raise AssertionError("unreachable")
 
 
-def not_attempted(s: Settings, entry: dict[str, Any], reason: str,
+def not_attempted(s: TaskSettings, entry: dict[str, Any], reason: str,
                    cause: str) -> dict[str, Any]:
     return {"relpath": entry["relpath"], "path": str(s.root / entry["relpath"]),
             "scope": s.scope, "name": entry["name"], "rse": s.rse, "bytes": entry["size"],

@@ -57,13 +57,13 @@ FILL = r"""
 import sys
 from pathlib import Path
 from dac_upload.files import JsonlAppender, atomic_write_json, read_manifest, utc_now
-from dac_upload.plan import RunLayout
-from dac_upload.worker import UPLOADED, Settings, not_attempted, task_index, STORAGE_VERIFIED
+from dac_upload.runrecord import RunLayout
+from dac_upload.worker import UPLOADED, TaskSettings, not_attempted, task_index, STORAGE_VERIFIED
 from dac_upload.files import read_json
 run_dir = Path(sys.argv[1])
 layout = RunLayout(run_dir)
 run = read_json(layout.run_json)
-s = Settings.from_run(run)
+s = RunRecord(run).task_settings()
 layout.results.mkdir(exist_ok=True)
 for task in range(int(run["plan"]["tasks"])):
     manifest = read_manifest(layout.manifest(task))

@@ -15,7 +15,6 @@ from dac_upload.bulk import chunk_sizes
 from dac_upload.config import JobConfig
 from dac_upload.files import read_json, read_jsonl
 from dac_upload.pipeline import prepare_run
-from dac_upload.plan import RunLayout
 from dac_upload.rucio_io import (
     DidInfo,
     ReplicaInfo,
@@ -23,6 +22,7 @@ from dac_upload.rucio_io import (
     RucioFileError,
     RucioTransient,
 )
+from dac_upload.runrecord import RunLayout
 from dac_upload.worker import run_task
 
 CONTENT = {f"f{i}.dat": bytes([i]) * (10 + i) for i in range(5)}

@@ -17,7 +17,7 @@ from dac_upload.catalogue import Entry
 from dac_upload.collect import build_summary
 from dac_upload.config import ConfigError, load_job
 from dac_upload.rucio_io import MetadataRefused, RucioFileError
-from dac_upload.worker import Settings, StopRequest, _with_metadata
+from dac_upload.worker import StopRequest, TaskSettings, _with_metadata
 
 MAP = """
 [[butler.map]]
@@ -158,8 +158,8 @@ class _MetaRucio:
             raise self.fail
 
 
-def _settings(tmp_path: Path) -> Settings:
-    return Settings(scope="s", rse="R", account=None, dataset=None, lifetime=None,
+def _settings(tmp_path: Path) -> TaskSettings:
+    return TaskSettings(scope="s", rse="R", account=None, dataset=None, lifetime=None,
                     root=tmp_path, retries=0, retry_wait=0, mode="bulk", chunk_size=2)
 
 

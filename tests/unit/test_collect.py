@@ -12,7 +12,7 @@ from unit_helpers import assert_valid_summary
 from dac_upload import __version__
 from dac_upload.collect import build_summary, collect, merge_records, records_so_far
 from dac_upload.files import atomic_write_json
-from dac_upload.plan import RunLayout
+from dac_upload.runrecord import RunLayout
 
 FILE_FIELDS = {"scope", "name", "bytes", "adler32", "md5", "rse", "pfn", "guid", "path",
                "relpath", "batch", "attempt", "status", "cause", "error", "verified"}
@@ -258,7 +258,7 @@ def test_foreign_result_lines_are_named_not_fatal(tmp_path: Path) -> None:
 
 
 def test_damaged_run_json_is_named(tmp_path: Path) -> None:
-    from dac_upload.collect import RunReadError
+    from dac_upload.runrecord import RunReadError
 
     layout = _write_run(tmp_path / "R1")
     layout.run_json.write_text('{"run_id": ')

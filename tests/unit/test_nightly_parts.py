@@ -173,8 +173,8 @@ def test_latest_run_skips_runs_never_submitted(tmp_path: Path) -> None:
 
 
 def test_latest_run_names_a_damaged_run_json(tmp_path: Path) -> None:
-    from dac_upload.collect import RunReadError
     from dac_upload.nightly import latest_run
+    from dac_upload.runrecord import RunReadError
 
     job = _job(tmp_path)
     (job.runs_dir / "20261101T000000Z-a").mkdir(parents=True)

@@ -17,11 +17,11 @@ from dac_upload.plan import (
     SIZE,
     Batch,
     PlannedFile,
-    RunLayout,
     compress_indices,
     make_batches,
     name_files,
 )
+from dac_upload.runrecord import RunLayout
 
 SEEDS = (1, 7, 42, 2024)
 

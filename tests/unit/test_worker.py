@@ -15,8 +15,8 @@ import pytest
 from dac_upload.config import JobConfig
 from dac_upload.files import read_json, read_jsonl
 from dac_upload.pipeline import prepare_run
-from dac_upload.plan import RunLayout
 from dac_upload.rucio_io import DidInfo, ReplicaInfo, RucioFatal, RucioFileError
+from dac_upload.runrecord import RunLayout
 from dac_upload.worker import existing_verdict, run_task
 
 CONTENT = {"a.fits": b"alpha", "b.fits": b"bravo-bravo", "sub/c.fits": b"", "sub/d.fits": b"d"}
@@ -568,9 +568,9 @@ def test_files_needing_a_person_wait_unless_told(run: tuple[RunLayout, JobConfig
 def test_a_proxy_near_its_end_stops_the_task_with_the_renewal(tmp_path: Path,
                                                               proxy: Path) -> None:
     from dac_upload.credentials import PROXY_MARGIN, proxy_facts
-    from dac_upload.worker import Settings, proxy_problem
+    from dac_upload.worker import TaskSettings, proxy_problem
 
-    s = Settings(scope="s", rse="R", account=None, dataset=None, lifetime=None,
+    s = TaskSettings(scope="s", rse="R", account=None, dataset=None, lifetime=None,
                  root=tmp_path, proxy=proxy)
     facts = proxy_facts(proxy)
     assert facts is not None
@@ -579,9 +579,9 @@ def test_a_proxy_near_its_end_stops_the_task_with_the_renewal(tmp_path: Path,
     assert why is not None and why.startswith(f"the X.509 proxy {proxy} ")
     assert f"grid-proxy-init -rfc -out {proxy}), then resubmit" in why
     # no proxy, or one that is not there yet: Rucio and the storage say what they make of it
-    assert proxy_problem(Settings(scope="s", rse="R", account=None, dataset=None,
+    assert proxy_problem(TaskSettings(scope="s", rse="R", account=None, dataset=None,
                                   lifetime=None, root=tmp_path)) is None
-    assert proxy_problem(Settings(scope="s", rse="R", account=None, dataset=None,
+    assert proxy_problem(TaskSettings(scope="s", rse="R", account=None, dataset=None,
                                   lifetime=None, root=tmp_path,
                                   proxy=tmp_path / "absent")) is None
 
