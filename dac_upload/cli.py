@@ -1,9 +1,8 @@
 """The ``dac-upload`` command: parse options, call one step, print the outcome.
 
-Exit codes: 0 success; 1 the run finished with failed files (collect, submit --wait);
-2 a problem you can fix in the job file, the source tree or your Rucio credentials, scope or
-RSE (nothing was submitted); 3 sbatch refused the job, or Slurm or the Rucio server could
-not be reached.
+Exit codes: errors.Exit (0 success; 1 the run finished with failed files; 2 a problem you can
+fix, nothing submitted; 3 Slurm, sbatch or the Rucio server; nightly adds 10-13), the table
+in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from . import __version__, credentials
 from .catalogue import write_catalogue
 from .config import ConfigError, JobConfig, load_job, slurm_time_seconds
 from .credentials import Credentials
+from .errors import Exit
 from .files import utc_now
 from .pipeline import (
     CollectorNotSubmitted,
@@ -36,10 +36,6 @@ from .pipeline import (
 from .progress import Progress, human_bytes
 from .runrecord import RunRecord
 
-EXIT_FAILURES = 1
-EXIT_USER = 2
-EXIT_SERVICE = 3
-
 
 def _fail(lines: list[str] | str, code: int) -> None:
     for line in [lines] if isinstance(lines, str) else lines:
@@ -51,7 +47,7 @@ def _load(job_file: str) -> JobConfig:
     try:
         job = load_job(job_file)
     except ConfigError as exc:
-        _fail(exc.lines, EXIT_USER)
+        _fail(exc.lines, Exit.USER)
     if job.rucio.lifetime:
         days = job.rucio.lifetime / 86400
         click.echo(f"warning: [rucio] lifetime = {job.rucio.lifetime} s: the uploaded data "
@@ -100,10 +96,10 @@ def _check_run_rucio(run_dir: Path, what: str) -> None:
                                    run.rse, ds[0] if ds else None)
     except RucioUnavailable as exc:
         _fail(f"{exc}; not {what}: the tasks could only fail (try again when it answers, "
-              "or --offline to submit anyway)", EXIT_SERVICE)
+              "or --offline to submit anyway)", Exit.SERVICE)
     if problems:
         _fail([*problems, f"not {what}: fix the above first (or --offline to submit anyway)"],
-              EXIT_USER)
+              Exit.USER)
 
 
 def _plan(job: JobConfig, offline: bool, catalogue_file: Path | None = None) -> PreparedRun:
@@ -112,12 +108,12 @@ def _plan(job: JobConfig, offline: bool, catalogue_file: Path | None = None) -> 
                            progress=None if catalogue_file else Progress("cataloguing"),
                            catalogue_file=catalogue_file)
     except PlanError as exc:
-        _fail(exc.lines, EXIT_USER)
+        _fail(exc.lines, Exit.USER)
     except Exception as exc:
         from .rucio_io import RucioUnavailable  # imported only now: planning offline needs
         if not isinstance(exc, RucioUnavailable):  # no rucio import at all
             raise
-        _fail(f"{exc} (or plan without the Rucio checks: --offline)", EXIT_SERVICE)
+        _fail(f"{exc} (or plan without the Rucio checks: --offline)", Exit.SERVICE)
     raise AssertionError("unreachable")
 
 
@@ -228,18 +224,18 @@ def catalogue(job_file: str, out_file: str, overwrite: bool) -> None:
     job = _load(job_file)
     out = Path(out_file)
     if out.exists() and not overwrite:
-        _fail(f"{out} exists; choose another --out, or --overwrite", EXIT_USER)
+        _fail(f"{out} exists; choose another --out, or --overwrite", Exit.USER)
     if not out.parent.is_dir():
         _fail(f"{out.parent} is not a directory; create it or choose another --out",
-              EXIT_USER)
+              Exit.USER)
     try:
         cat = catalogue_only(job, Progress("cataloguing"))
     except PlanError as exc:
-        _fail(exc.lines, EXIT_USER)
+        _fail(exc.lines, Exit.USER)
     try:
         write_catalogue(out, cat, job.source, utc_now(), f"dac-upload {__version__}")
     except OSError as exc:
-        _fail(f"cannot write {out}: {exc.strerror}; choose another --out", EXIT_USER)
+        _fail(f"cannot write {out}: {exc.strerror}; choose another --out", Exit.USER)
     _keep_until_exit(cat)
     click.echo(f"catalogue: {cat.file_count} files, {human_bytes(cat.total_bytes)}, "
                f"{len(cat.skipped)} skipped, under {job.source.root}")
@@ -263,7 +259,7 @@ def submit(job_file: str | None, run_dir: str | None, offline: bool, wait: bool,
     from . import slurm
 
     if bool(job_file) == bool(run_dir):
-        _fail("give either JOB_FILE or --run RUN", EXIT_USER)
+        _fail("give either JOB_FILE or --run RUN", Exit.USER)
     job = _load(job_file) if job_file else None
     max_array = _max_array_size()
     if job is not None:
@@ -292,7 +288,7 @@ def _locked_run(run_dir: Path) -> Iterator[None]:
         with run_submission_lock(run_dir):
             yield
     except LockError as exc:
-        _fail(f"{exc}; try again when it has finished", EXIT_USER)
+        _fail(f"{exc}; try again when it has finished", Exit.USER)
 
 
 def _check_run_credentials(run_dir: Path) -> None:
@@ -304,7 +300,7 @@ def _check_run_credentials(run_dir: Path) -> None:
     creds = Credentials.from_record(record)
     problems = credentials.local_problems(creds)
     if problems:
-        _fail(problems, EXIT_USER)
+        _fail(problems, Exit.USER)
     for line in credentials.local_warnings(creds):
         click.echo(f"warning: {line}", err=True)
 
@@ -316,7 +312,7 @@ def _max_array_size() -> int:
     try:
         return slurm.max_array_size()
     except slurm.SlurmError as exc:
-        _fail(str(exc), EXIT_SERVICE)
+        _fail(str(exc), Exit.SERVICE)
     raise AssertionError("unreachable")
 
 
@@ -331,7 +327,7 @@ def _read_run_json(run_dir: Path) -> dict[str, Any]:
     try:
         return read_run_json(run_dir)
     except RunReadError as exc:
-        _fail(str(exc), EXIT_USER)
+        _fail(str(exc), Exit.USER)
     raise AssertionError("unreachable")
 
 
@@ -342,12 +338,12 @@ def _submission(target: Path, do_submit: Callable[[], Submission]) -> Submission
     try:
         return do_submit()
     except PlanError as exc:
-        _fail(exc.lines, EXIT_USER)
+        _fail(exc.lines, Exit.USER)
     except CollectorNotSubmitted as exc:
-        _fail(str(exc), EXIT_SERVICE)
+        _fail(str(exc), Exit.SERVICE)
     except slurm.SlurmError as exc:
         _fail(f"{exc} (fix [slurm] in the job file and submit the job again, or if the cause "
-              f"has passed: dac-upload resubmit {target})", EXIT_SERVICE)
+              f"has passed: dac-upload resubmit {target})", Exit.SERVICE)
     raise AssertionError("unreachable")
 
 
@@ -372,7 +368,7 @@ def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> 
             slurm.wait_until_gone(sub.collector_job_id, timeout, poll=2.0,
                                   on_poll=lambda: progress.update(*records_so_far(target)))
         except slurm.SlurmError as exc:
-            _fail(str(exc), EXIT_SERVICE)
+            _fail(str(exc), Exit.SERVICE)
         progress.done()
         _report(target)
 
@@ -387,7 +383,7 @@ def _report(run_dir: Path) -> None:
     state, why = collection_state(run_dir, read_run_json(run_dir))
     if state != COLLECTED:
         _fail(f"the collector did not finish ({why}); see {run_dir / 'logs'}, then: "
-              f"dac-upload resubmit {run_dir} (or dac-upload collect {run_dir})", EXIT_FAILURES)
+              f"dac-upload resubmit {run_dir} (or dac-upload collect {run_dir})", Exit.FAILURES)
     s = collected_counts(run_dir)
     c = s["counts"]
     click.echo(f"{summary_path}: {c['files']} files, {c['uploaded']} uploaded, "
@@ -395,7 +391,7 @@ def _report(run_dir: Path) -> None:
                f"{c['not_attempted']} not attempted; tasks without result: "
                f"{s['tasks_missing_result'] or 'none'}")
     if not s["complete"]:
-        sys.exit(EXIT_FAILURES)
+        sys.exit(Exit.FAILURES)
 
 
 @main.command()
@@ -425,9 +421,9 @@ def collect(run_dir: str) -> None:
     try:
         _, ledger_problem = collect_run(target)
     except RunReadError as exc:
-        _fail(f"cannot collect: {exc}", EXIT_USER)
+        _fail(f"cannot collect: {exc}", Exit.USER)
     except OSError as exc:
-        _fail(f"cannot collect {target}: {exc}", EXIT_USER)
+        _fail(f"cannot collect {target}: {exc}", Exit.USER)
     if ledger_problem:   # summary.json is written; the ledger only saves a nightly some work
         click.echo(f"warning: the job's ledger was not updated ({ledger_problem}); the next "
                    "nightly will re-check these files with Rucio", err=True)
@@ -451,7 +447,7 @@ def remake_manifests(run_dir: str) -> None:
     digests = run["plan"].get("manifest_sha256")
     if not digests:
         _fail(f"{target}: planned by a dac-upload that recorded no manifest digests: its "
-              "manifests cannot be checked or re-made; plan a new run", EXIT_USER)
+              "manifests cannot be checked or re-made; plan a new run", Exit.USER)
     bad = {t: why for t in range(int(run["plan"]["tasks"]))
            if (why := manifest_problem(target, run, t))}
     if not bad:
@@ -461,7 +457,7 @@ def remake_manifests(run_dir: str) -> None:
         made = remake(target)
     except Exception as exc:
         _fail(f"cannot make the manifests again from {target / 'catalogue.json'}: {exc}",
-              EXIT_USER)
+              Exit.USER)
     failed = []
     for t, why in sorted(bad.items()):
         data = made.get(t)
@@ -473,7 +469,7 @@ def remake_manifests(run_dir: str) -> None:
         atomic_write_bytes(RunLayout(target).manifest(t), data)
         click.echo(f"restored {RunLayout(target).manifest(t)} ({why})")
     if failed:
-        _fail(failed, EXIT_USER)
+        _fail(failed, Exit.USER)
     click.echo(f"the manifests are as planned; next: dac-upload status {target}")
 
 
@@ -490,19 +486,19 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
     except slurm.SlurmError as exc:
         if need_scheduler:
             _fail(f"cannot ask Slurm which tasks are still queued ({exc}); not resubmitting "
-                  "(a running task could be started twice); try again", EXIT_SERVICE)
+                  "(a running task could be started twice); try again", Exit.SERVICE)
         click.echo(f"warning: no scheduler view ({exc}); states come from results only",
                    err=True)
     except RunReadError as exc:
-        _fail(str(exc), EXIT_USER)
+        _fail(str(exc), Exit.USER)
     except (OSError, ValueError, KeyError) as exc:
-        _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
+        _fail(f"{run_dir} is not a readable run directory: {exc}", Exit.USER)
     try:
         return run_view(run_dir, scheduler=False)
     except RunReadError as exc:
-        _fail(str(exc), EXIT_USER)
+        _fail(str(exc), Exit.USER)
     except (OSError, ValueError, KeyError) as exc:
-        _fail(f"{run_dir} is not a readable run directory: {exc}", EXIT_USER)
+        _fail(f"{run_dir} is not a readable run directory: {exc}", Exit.USER)
     raise AssertionError("unreachable")
 
 
@@ -583,13 +579,13 @@ def resubmit(run_dir: str, force: bool, retry_permanent: bool, wait: bool,
         active = [t.task for t in tasks if t.state in ("pending", "running")]
         if active and not force:
             _fail(f"tasks {compress_indices(active)} of this run are still pending or "
-                  "running; wait for them (dac-upload status), or use --force", EXIT_USER)
+                  "running; wait for them (dac-upload status), or use --force", Exit.USER)
         retry = tasks_to_retry(tasks, retry_permanent)
         job, job_state = state.collector
         if not retry and state.collection[0] != COLLECTED and job_state in OUT_OF_RESOURCES:
             _fail(f"every task is over but the collector (job {job}) ended {job_state}, and a "
                   f"new one would too: collect the run here: dac-upload collect {target}",
-                  EXIT_USER)
+                  Exit.USER)
         if not retry and state.collection[0] != COLLECTED \
                 and not (job and job_state in ACTIVE_STATES):
             click.echo(f"every task is over but the run is not collected "
@@ -638,7 +634,7 @@ def nightly(job_file: str, quiet: bool, wait: bool, timeout: float, full: bool,
     try:
         job = load_job(job_file)
     except ConfigError as exc:
-        _fail(exc.lines, EXIT_USER)
+        _fail(exc.lines, Exit.USER)
     job.runs_dir.mkdir(parents=True, exist_ok=True)
     say = Reporter(job.runs_dir / "nightly.log", quiet)
     if job.rucio.lifetime:
@@ -671,7 +667,7 @@ def doctor(job_file: str, probe: bool, as_json: bool) -> None:
             click.echo(check.line())
         click.echo("all checks passed" if not failed(checks) else
                    f"{sum(c.status == 'FAIL' for c in checks)} check(s) failed")
-    sys.exit(EXIT_FAILURES if failed(checks) else 0)
+    sys.exit(Exit.FAILURES if failed(checks) else 0)
 
 
 @main.command("butler-table")
@@ -698,12 +694,12 @@ def butler_table(run_dir: str, out_dir: str | None, relative_to: str | None,
     target = Path(run_dir).resolve()
     layout = RunLayout(target)
     if not layout.summary.exists():
-        _fail(f"{target}: no summary.json yet; run: dac-upload collect {target}", EXIT_USER)
+        _fail(f"{target}: no summary.json yet; run: dac-upload collect {target}", Exit.USER)
     out = Path(out_dir).resolve() if out_dir else target / "butler-ingest"
     try:
         made = ingest_tables(read_json(layout.summary), target, out, relative_to, overwrite)
     except ButlerError as exc:
-        _fail(exc.lines, EXIT_USER)
+        _fail(exc.lines, Exit.USER)
     for t in made.tables:
         click.echo(f"table: {t.path} ({t.rows} files of {t.dataset_type} in {t.run})")
     if made.zips:
@@ -729,4 +725,4 @@ def butler_table(run_dir: str, out_dir: str | None, relative_to: str | None,
                 click.echo(f"  ... and {len(items) - 20} more", err=True)
     if bad and not allow_missing:
         _fail("some files are not in the tables (above); resubmit or fix the maps, or pass "
-              "--allow-missing to accept that", EXIT_FAILURES)
+              "--allow-missing to accept that", Exit.FAILURES)

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,156 +48,6 @@ class ConfigError(Exception):
     def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
         self.lines = lines
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    root: Path
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    symlinks: str
-    walkers: int = WALKERS   # processes listing directories for a large walk
-
-
-@dataclass(frozen=True)
-class RucioConfig:
-    scope: str
-    rse: str
-    account: str | None
-    dataset: str | None
-    lifetime: int | None
-    config: Path | None
-    retries: int = 4
-    retry_wait: int = 5
-    # connection and identity; None = from the user's rucio.cfg / environment (credentials.py)
-    host: str | None = None
-    auth_host: str | None = None
-    auth_type: str | None = None
-    ca_dir: Path | None = None
-    proxy: Path | None = None
-    voms: str | None = None         # the VO whose VOMS attributes the proxy must carry
-    certificate: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    token_file: Path | None = None
-
-    @property
-    def dataset_did(self) -> tuple[str, str] | None:
-        """(scope, name) of the dataset; a bare name lives in the job's scope."""
-        if not self.dataset:
-            return None
-        if ":" in self.dataset:
-            scope, name = self.dataset.split(":", 1)
-            return scope, name
-        return self.scope, self.dataset
-
-
-@dataclass(frozen=True)
-class UploadConfig:
-    mode: str = "bulk"
-    chunk_size: int = 500
-    transfers: int = 4
-    rename: str = "auto"
-    guid: bool = False
-    md5: bool = True
-
-
-@dataclass(frozen=True)
-class NamingConfig:
-    prefix: str
-    replace_invalid: str | None
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    files_per_batch: int | None
-    bytes_per_batch: int | None
-    max_running: int
-
-
-@dataclass(frozen=True)
-class SlurmConfig:
-    partition: str | None
-    account: str | None
-    time: str
-    mem: str
-    cpus_per_task: int
-    job_name: str | None
-    extra: dict[str, str] = field(default_factory=dict)
-    stop_margin: int = 300
-    max_submit: int | None = None
-
-
-@dataclass(frozen=True)
-class ContainerConfig:
-    runtime: str
-    image: Path | None
-    binds: tuple[str, ...]
-    python: str | None
-
-
-@dataclass(frozen=True)
-class ButlerMapping:
-    """One [[butler.map]] entry: plain-tree paths -> data IDs of one dataset type."""
-
-    dataset_type: str
-    run: str
-    path: str                           # a regex, matched against the whole relative path
-    data_id: tuple[tuple[str, Any], ...] = ()   # fixed values
-    formatter: str | None = None
-    storage_class: str | None = None
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        return re.compile(self.path)
-
-
-@dataclass(frozen=True)
-class ButlerConfig:
-    """[butler]: a Butler repository as the source (repo + collections + dataset types), or
-    data IDs for a plain tree (maps). Neither: no Butler fields at all."""
-
-    repo: str | None = None
-    collections: tuple[str, ...] = ()
-    dataset_types: tuple[str, ...] = ("*",)
-    where: str = ""
-    find_first: bool = False
-    metadata: bool = True               # rubin_butler / rubin_sidecar on each file DID
-    raw_dataset_types: tuple[str, ...] = ("raw",)
-    maps: tuple[ButlerMapping, ...] = ()
-
-    @property
-    def kind(self) -> str | None:
-        return "repo" if self.repo else "map" if self.maps else None
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    name: str
-    path: Path
-    text: str
-    runs_dir: Path
-    source: SourceConfig
-    rucio: RucioConfig
-    naming: NamingConfig
-    batching: BatchingConfig
-    slurm: SlurmConfig
-    container: ContainerConfig
-    upload: UploadConfig = field(default_factory=UploadConfig)
-    butler: ButlerConfig = field(default_factory=ButlerConfig)
-
-    @property
-    def ledger_path(self) -> Path:
-        """One ledger per destination (scope, RSE, naming), in the runs folder beside the
-        runs: changing where or under which names files go starts from an empty ledger
-        (the worker then asks Rucio about every file)."""
-        import hashlib
-
-        target = json.dumps([self.rucio.scope, self.rucio.rse, self.naming.prefix,
-                             self.naming.replace_invalid])
-        digest = hashlib.sha256(target.encode()).hexdigest()[:8]
-        return self.runs_dir / f"ledger.{self.rucio.scope}.{self.rucio.rse}.{digest}.sqlite"
 
 
 # ----------------------------------------------------------------------------- value parsers
@@ -332,110 +182,6 @@ def _any_str(v: Any) -> str:
     return v
 
 
-# key -> (check, default, what a valid value looks like). A default of ... means required.
-_SCHEMA: dict[str, dict[str, tuple[_Check, Any, str]]] = {
-    "job": {
-        "name": (_str, None, 'a name such as "lsst-dp1"'),
-        "runs_dir": (_str, None, "a directory path"),
-    },
-    "source": {
-        "root": (_str, ..., "the directory to upload from"),
-        "include": (_str_list, ("**/*",), 'a list of globs such as ["**/*.fits"]'),
-        "exclude": (_str_list, (), 'a list of globs such as ["**/tmp/**"]'),
-        "symlinks": (_choice(SYMLINK_POLICIES), "follow", " or ".join(SYMLINK_POLICIES)),
-        "walkers": (_int_pos, WALKERS, "a number of processes such as 4 (1: no helper processes)"),
-    },
-    "rucio": {
-        "scope": (_str, ..., 'a Rucio scope such as "user.jbloggs"'),
-        "rse": (_str, ..., 'an RSE name such as "RAL_ECHO"'),
-        "account": (_str, None, "a Rucio account name"),
-        "dataset": (_str, None, 'a dataset name, or "scope:name"'),
-        "lifetime": (parse_duration, None, 'seconds, or "30d" / "12h"; leave it out for none'),
-        "config": (_str, None, "the path of a rucio.cfg"),
-        "retries": (_int_nonneg, 4, "how often a file is tried again when the server is "
-                    "unreachable or fails (0 or more)"),
-        "retry_wait": (parse_duration, 5, "seconds before the first retry (doubling after)"),
-        "host": (_url, None, 'the server URL, e.g. "https://rucio.example.org:443"'),
-        "auth_host": (_url, None, 'the authentication server URL (default: host)'),
-        "auth_type": (_choice(AUTH_TYPES), None, " or ".join(AUTH_TYPES)),
-        "ca_dir": (_str, None, 'the CA directory, e.g. "/etc/grid-security/certificates"'),
-        "proxy": (_str, None, 'the X.509 proxy file on a shared file system'),
-        "voms": (_str, None, 'the VO whose VOMS attributes the proxy must carry, e.g. "lsst" '
-                 '(storage that maps users by VO, as Echo does, refuses a proxy without)'),
-        "certificate": (_str, None, "the X.509 certificate (auth_type x509)"),
-        "key": (_str, None, "the X.509 private key (auth_type x509), mode 600"),
-        "username": (_str, None, "the Rucio user name (auth_type userpass)"),
-        "password_file": (_str, None, "a file holding only the password, mode 600"),
-        "token_file": (_str, None, "the file your token agent keeps fresh (auth_type token)"),
-    },
-    "upload": {
-        "mode": (_choice(UPLOAD_MODES), "bulk", '"bulk" (fast: bulk requests, concurrent copies) '
-                 'or "stock" (Rucio\'s UploadClient, file by file)'),
-        "chunk_size": (_int_pos, 500, "files per bulk request to Rucio (a positive integer)"),
-        "transfers": (_int_pos, 4, "concurrent copies per array task (a positive integer)"),
-        "rename": (_choice(RENAME_MODES), "auto", '"auto" (as the RSE\'s protocol says), '
-                   '"never" (write the final name: Echo) or "always"'),
-        "guid": (lambda v: _bool(v), False, "true or false (register a GUID with each new "
-                 "file, as rucio upload does)"),
-        "md5": (lambda v: _bool(v), True, "true or false (compute and register each file's "
-                "md5 besides its adler32)"),
-    },
-    "naming": {
-        "prefix": (_any_str, "", 'a string such as "dp1/"'),
-        "replace_invalid": (_any_str, None, 'a replacement string such as "_"'),
-    },
-    "batching": {
-        "files_per_batch": (_int_pos, 1000, "a positive integer"),
-        "bytes_per_batch": (parse_size, None, 'bytes, or a size such as "200 GB"'),
-        "max_running": (_int_pos, 4, "a positive integer (array tasks running at once)"),
-    },
-    "slurm": {
-        "partition": (_str, None, "a partition name"),
-        "account": (_str, None, "a Slurm project account"),
-        "time": (_slurm_time, "01:00:00", 'a Slurm time such as "02:00:00" or "1-00:00:00"'),
-        "mem": (_str, "2G", 'a Slurm memory size such as "4G"'),
-        "cpus_per_task": (_int_pos, 1, "a positive integer"),
-        "job_name": (_str, None, "a job name"),
-        "extra": (_table_of_str, {}, 'a table of sbatch options, e.g. {qos = "normal"}'),
-        "stop_margin": (parse_duration, 300, "seconds before the wall time at which a task is "
-                        "asked to stop cleanly (sbatch --signal=B:USR1@N)"),
-        "max_submit": (_int_pos, None, "the most array tasks submitted at once (site limit); "
-                       "the rest are left for dac-upload resubmit"),
-    },
-    "container": {
-        "runtime": (_choice(RUNTIMES), "apptainer", " or ".join(RUNTIMES)),
-        "image": (_str, None, "the path of the .sif image"),
-        "binds": (_str_list, (), 'a list such as ["/rds:/rds:ro"]'),
-        "python": (_str, None, "the Python interpreter that runs the worker (runtime none)"),
-    },
-}
-
-
-_BUTLER_KEYS: dict[str, tuple[_Check, Any, str]] = {
-    "repo": (_str, None, "the Butler repository (its directory or butler.yaml)"),
-    "collections": (_str_list, (), 'a list of collections such as ["HSC/runs/RC2"]'),
-    "dataset_types": (_str_list, ("*",), 'a list of dataset type names or globs, e.g. '
-                      '["calexp", "src*"]'),
-    "where": (_any_str, "", "a Butler query expression such as \"instrument = 'HSC'\""),
-    "find_first": (lambda v: _bool(v), False, "true or false"),
-    "metadata": (lambda v: _bool(v), True, "true or false"),
-    "raw_dataset_types": (_str_list, ("raw",), 'dataset types registered as "raw_file" for '
-                          "Rubin's ingest daemon, e.g. [\"raw\"]"),
-    "map": (lambda v: v, (), "a list of [[butler.map]] tables"),
-}
-_MAP_KEYS: dict[str, tuple[_Check, Any, str]] = {
-    "dataset_type": (_str, ..., 'the dataset type, e.g. "raw"'),
-    "run": (_str, ..., 'the RUN collection at the destination, e.g. "DECam/raw/all"'),
-    "path": (_str, ..., "a regular expression with named groups matching the whole relative "
-             "path, e.g. 'raw/(?P<exposure>\\d+)/(?P<detector>\\d+)\\.fits'"),
-    "data_id": (lambda v: _data_id(v), {}, 'a table of fixed values such as '
-                '{instrument = "DECam"}'),
-    "formatter": (_str, None, "the Formatter class for butler ingest-files --formatter"),
-    "storage_class": (_str, None, 'the storage class, e.g. "Exposure" (for the '
-                      "register-dataset-type command)"),
-}
-
-
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError
@@ -447,6 +193,240 @@ def _data_id(v: Any) -> dict[str, Any]:
             isinstance(x, (str, int)) and not isinstance(x, bool) for x in v.values()):
         raise ValueError
     return dict(v)
+
+
+# ----------------------------------------------------------------------------- the keys
+def setting(check: _Check, default: Any, expect: str, *, path: bool = False,
+            key: str | None = None) -> Any:
+    """A job-file key, declared once as a dataclass field: how its value is checked, its
+    default (``...``: required) and what a valid value looks like (the fix an error message
+    gives, and the help of the job-file reference that docref generates). ``path``: a path,
+    relative to the job file's directory; ``key``: the TOML key when it is not the field's
+    name."""
+    meta = {"check": check, "default": default, "expect": expect, "path": path,
+            "key": key}
+    if default is ...:
+        return field(metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """[job]: read while parsing only (JobConfig.name and JobConfig.runs_dir)."""
+
+    name: str | None = setting(_str, None, 'a name such as "lsst-dp1"')
+    runs_dir: str | None = setting(_str, None, "a directory path")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    root: Path = setting(_str, ..., "the directory to upload from", path=True)
+    include: tuple[str, ...] = setting(_str_list, ("**/*",),
+                                       'a list of globs such as ["**/*.fits"]')
+    exclude: tuple[str, ...] = setting(_str_list, (), 'a list of globs such as ["**/tmp/**"]')
+    symlinks: str = setting(_choice(SYMLINK_POLICIES), "follow", " or ".join(SYMLINK_POLICIES))
+    walkers: int = setting(_int_pos, WALKERS,
+                           "a number of processes such as 4 (1: no helper processes)")
+
+
+@dataclass(frozen=True)
+class RucioConfig:
+    scope: str = setting(_str, ..., 'a Rucio scope such as "user.jbloggs"')
+    rse: str = setting(_str, ..., 'an RSE name such as "RAL_ECHO"')
+    account: str | None = setting(_str, None, "a Rucio account name")
+    dataset: str | None = setting(_str, None, 'a dataset name, or "scope:name"')
+    lifetime: int | None = setting(parse_duration, None,
+                                   'seconds, or "30d" / "12h"; leave it out for none')
+    config: Path | None = setting(_str, None, "the path of a rucio.cfg", path=True)
+    retries: int = setting(_int_nonneg, 4, "how often a file is tried again when the server "
+                           "is unreachable or fails (0 or more)")
+    retry_wait: int = setting(parse_duration, 5,
+                              "seconds before the first retry (doubling after)")
+    # connection and identity; None = from the user's rucio.cfg / environment (credentials.py)
+    host: str | None = setting(_url, None, 'the server URL, e.g. "https://rucio.example.org:443"')
+    auth_host: str | None = setting(_url, None, "the authentication server URL (default: host)")
+    auth_type: str | None = setting(_choice(AUTH_TYPES), None, " or ".join(AUTH_TYPES))
+    ca_dir: Path | None = setting(_str, None, 'the CA directory, e.g. '
+                                  '"/etc/grid-security/certificates"', path=True)
+    proxy: Path | None = setting(_str, None, "the X.509 proxy file on a shared file system",
+                                 path=True)
+    voms: str | None = setting(_str, None, 'the VO whose VOMS attributes the proxy must carry, '
+                               'e.g. "lsst" (storage that maps users by VO, as Echo does, '
+                               "refuses a proxy without)")
+    certificate: Path | None = setting(_str, None, "the X.509 certificate (auth_type x509)",
+                                       path=True)
+    key: Path | None = setting(_str, None, "the X.509 private key (auth_type x509), mode 600",
+                               path=True)
+    username: str | None = setting(_str, None, "the Rucio user name (auth_type userpass)")
+    password_file: Path | None = setting(_str, None, "a file holding only the password, "
+                                         "mode 600", path=True)
+    token_file: Path | None = setting(_str, None, "the file your token agent keeps fresh "
+                                      "(auth_type token)", path=True)
+
+    @property
+    def dataset_did(self) -> tuple[str, str] | None:
+        """(scope, name) of the dataset; a bare name lives in the job's scope."""
+        if not self.dataset:
+            return None
+        if ":" in self.dataset:
+            scope, name = self.dataset.split(":", 1)
+            return scope, name
+        return self.scope, self.dataset
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    mode: str = setting(_choice(UPLOAD_MODES), "bulk", '"bulk" (fast: bulk requests, '
+                        'concurrent copies) or "stock" (Rucio\'s UploadClient, file by file)')
+    chunk_size: int = setting(_int_pos, 500,
+                              "files per bulk request to Rucio (a positive integer)")
+    transfers: int = setting(_int_pos, 4, "concurrent copies per array task (a positive "
+                             "integer)")
+    rename: str = setting(_choice(RENAME_MODES), "auto", '"auto" (as the RSE\'s protocol '
+                          'says), "never" (write the final name: Echo) or "always"')
+    guid: bool = setting(_bool, False, "true or false (register a GUID with each new file, "
+                         "as rucio upload does)")
+    md5: bool = setting(_bool, True, "true or false (compute and register each file's md5 "
+                        "besides its adler32)")
+
+
+@dataclass(frozen=True)
+class NamingConfig:
+    prefix: str = setting(_any_str, "", 'a string such as "dp1/"')
+    replace_invalid: str | None = setting(_any_str, None, 'a replacement string such as "_"')
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    files_per_batch: int | None = setting(_int_pos, 1000, "a positive integer")
+    bytes_per_batch: int | None = setting(parse_size, None,
+                                          'bytes, or a size such as "200 GB"')
+    max_running: int = setting(_int_pos, 4, "a positive integer (array tasks running at once)")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    partition: str | None = setting(_str, None, "a partition name")
+    account: str | None = setting(_str, None, "a Slurm project account")
+    time: str = setting(_slurm_time, "01:00:00",
+                        'a Slurm time such as "02:00:00" or "1-00:00:00"')
+    mem: str = setting(_str, "2G", 'a Slurm memory size such as "4G"')
+    cpus_per_task: int = setting(_int_pos, 1, "a positive integer")
+    job_name: str | None = setting(_str, None, "a job name")
+    extra: dict[str, str] = setting(_table_of_str, {},
+                                    'a table of sbatch options, e.g. {qos = "normal"}')
+    stop_margin: int = setting(parse_duration, 300, "seconds before the wall time at which a "
+                               "task is asked to stop cleanly (sbatch --signal=B:USR1@N)")
+    max_submit: int | None = setting(_int_pos, None, "the most array tasks submitted at once "
+                                     "(site limit); the rest are left for dac-upload resubmit")
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    runtime: str = setting(_choice(RUNTIMES), "apptainer", " or ".join(RUNTIMES))
+    image: Path | None = setting(_str, None, "the path of the .sif image", path=True)
+    binds: tuple[str, ...] = setting(_str_list, (), 'a list such as ["/rds:/rds:ro"]')
+    python: str | None = setting(_str, None,
+                                 "the Python interpreter that runs the worker (runtime none)")
+
+
+@dataclass(frozen=True)
+class ButlerMapping:
+    """One [[butler.map]] entry: plain-tree paths -> data IDs of one dataset type."""
+
+    dataset_type: str = setting(_str, ..., 'the dataset type, e.g. "raw"')
+    run: str = setting(_str, ..., 'the RUN collection at the destination, e.g. "DECam/raw/all"')
+    # a regex, matched against the whole relative path
+    path: str = setting(_str, ..., "a regular expression with named groups matching the "
+                        "whole relative path, e.g. "
+                        "'raw/(?P<exposure>\\d+)/(?P<detector>\\d+)\\.fits'")
+    data_id: tuple[tuple[str, Any], ...] = setting(  # fixed values, sorted (key, value) pairs
+        _data_id, (), 'a table of fixed values such as {instrument = "DECam"}')
+    formatter: str | None = setting(_str, None,
+                                    "the Formatter class for butler ingest-files --formatter")
+    storage_class: str | None = setting(_str, None, 'the storage class, e.g. "Exposure" (for '
+                                        "the register-dataset-type command)")
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.path)
+
+
+@dataclass(frozen=True)
+class ButlerConfig:
+    """[butler]: a Butler repository as the source (repo + collections + dataset types), or
+    data IDs for a plain tree (maps). Neither: no Butler fields at all."""
+
+    repo: str | None = setting(_str, None, "the Butler repository (its directory or "
+                               "butler.yaml)")
+    collections: tuple[str, ...] = setting(_str_list, (), 'a list of collections such as '
+                                           '["HSC/runs/RC2"]')
+    dataset_types: tuple[str, ...] = setting(_str_list, ("*",), 'a list of dataset type names '
+                                             'or globs, e.g. ["calexp", "src*"]')
+    where: str = setting(_any_str, "", "a Butler query expression such as "
+                         "\"instrument = 'HSC'\"")
+    find_first: bool = setting(_bool, False, "true or false")
+    # rubin_butler / rubin_sidecar on each file DID
+    metadata: bool = setting(_bool, True, "true or false")
+    raw_dataset_types: tuple[str, ...] = setting(
+        _str_list, ("raw",), 'dataset types registered as "raw_file" for Rubin\'s ingest '
+        'daemon, e.g. ["raw"]')
+    maps: tuple[ButlerMapping, ...] = setting(lambda v: v, (), "a list of [[butler.map]] "
+                                              "tables", key="map")
+
+    @property
+    def kind(self) -> str | None:
+        return "repo" if self.repo else "map" if self.maps else None
+
+
+def keys_of(cls: type) -> dict[str, tuple[_Check, Any, str]]:
+    """A section's TOML keys -> (check, default, what a valid value looks like), from its
+    dataclass: the one place each key is declared."""
+    return {f.metadata["key"] or f.name: (f.metadata["check"], f.metadata["default"],
+                                          f.metadata["expect"])
+            for f in fields(cls) if "check" in f.metadata}
+
+
+# [section] -> its dataclass, in the order the sections are listed
+SECTIONS: dict[str, type] = {
+    "job": JobKeys, "source": SourceConfig, "rucio": RucioConfig, "upload": UploadConfig,
+    "naming": NamingConfig, "batching": BatchingConfig, "slurm": SlurmConfig,
+    "container": ContainerConfig, "butler": ButlerConfig, "butler.map": ButlerMapping,
+}
+_SCHEMA = {name: keys_of(cls) for name, cls in SECTIONS.items() if "butler" not in name}
+_BUTLER_KEYS = keys_of(ButlerConfig)
+_MAP_KEYS = keys_of(ButlerMapping)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    path: Path
+    text: str
+    runs_dir: Path
+    source: SourceConfig
+    rucio: RucioConfig
+    naming: NamingConfig
+    batching: BatchingConfig
+    slurm: SlurmConfig
+    container: ContainerConfig
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    butler: ButlerConfig = field(default_factory=ButlerConfig)
+
+    @property
+    def ledger_path(self) -> Path:
+        """One ledger per destination (scope, RSE, naming), in the runs folder beside the
+        runs: changing where or under which names files go starts from an empty ledger
+        (the worker then asks Rucio about every file)."""
+        import hashlib
+
+        target = json.dumps([self.rucio.scope, self.rucio.rse, self.naming.prefix,
+                             self.naming.replace_invalid])
+        digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+        return self.runs_dir / f"ledger.{self.rucio.scope}.{self.rucio.rse}.{digest}.sqlite"
+
 
 
 def _check_table(given: dict[str, Any], keys: dict[str, tuple[_Check, Any, str]], at: str,
@@ -519,8 +499,8 @@ def _parse_butler(raw: Any, where: str, errors: list[str]) -> ButlerConfig:
         if ok:
             maps.append(ButlerMapping(
                 dataset_type=vals["dataset_type"], run=vals["run"], path=vals["path"],
-                data_id=tuple(sorted(vals["data_id"].items())), formatter=vals["formatter"],
-                storage_class=vals["storage_class"]))
+                data_id=tuple(sorted(dict(vals["data_id"]).items())),
+                formatter=vals["formatter"], storage_class=vals["storage_class"]))
     cfg = ButlerConfig(repo=got["repo"], collections=got["collections"],
                        dataset_types=got["dataset_types"], where=got["where"],
                        find_first=got["find_first"], metadata=got["metadata"],
@@ -610,49 +590,28 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
     base = path.parent
     runs_dir = (Path(v["job"]["runs_dir"]).expanduser() if v["job"]["runs_dir"]
                 else Path(name) / "runs")
-    runs_dir = Path(os.path.abspath(runs_dir if runs_dir.is_absolute() else base / runs_dir))
-    root = Path(v["source"]["root"]).expanduser()
-    root = Path(os.path.abspath(root if root.is_absolute() else base / root))
+    runs_dir = _abs(runs_dir, base)
     if butler_cfg.repo and "://" not in butler_cfg.repo:
         # a path, relative to the job file; a bare name that is no path there is a label of
         # the site's repository index (DAF_BUTLER_REPOSITORY_INDEX), left for the Butler
         repo = _abs(Path(butler_cfg.repo).expanduser(), base)
         if repo.exists() or "/" in butler_cfg.repo or butler_cfg.repo.startswith("~"):
             butler_cfg = replace(butler_cfg, repo=str(repo))
-    r = v["rucio"]
 
-    def rpath(key: str) -> Path | None:
-        return _abs(Path(r[key]).expanduser(), base) if r[key] else None
+    def section(name: str) -> Any:
+        """[name]'s dataclass; a path key made absolute against the job file's directory."""
+        cls = SECTIONS[name]
+        vals = dict(v[name])
+        for f in fields(cls):
+            if f.metadata.get("path") and vals.get(f.name):
+                vals[f.name] = _abs(Path(vals[f.name]).expanduser(), base)
+        return cls(**vals)
 
-    image = v["container"]["image"]
-    return JobConfig(
-        name=name,
-        path=path,
-        text=text,
-        runs_dir=runs_dir,
-        source=SourceConfig(root=root, include=v["source"]["include"],
-                            exclude=v["source"]["exclude"], symlinks=v["source"]["symlinks"],
-                            walkers=v["source"]["walkers"]),
-        rucio=RucioConfig(scope=r["scope"], rse=r["rse"], account=r["account"],
-                          dataset=r["dataset"], lifetime=r["lifetime"], config=rpath("config"),
-                          retries=r["retries"], retry_wait=r["retry_wait"], host=r["host"],
-                          auth_host=r["auth_host"], auth_type=r["auth_type"],
-                          ca_dir=rpath("ca_dir"), proxy=rpath("proxy"), voms=r["voms"],
-                          certificate=rpath("certificate"), key=rpath("key"),
-                          username=r["username"], password_file=rpath("password_file"),
-                          token_file=rpath("token_file")),
-        naming=NamingConfig(prefix=v["naming"]["prefix"],
-                            replace_invalid=v["naming"]["replace_invalid"]),
-        batching=BatchingConfig(files_per_batch=v["batching"]["files_per_batch"],
-                                bytes_per_batch=v["batching"]["bytes_per_batch"],
-                                max_running=v["batching"]["max_running"]),
-        slurm=SlurmConfig(**v["slurm"]),
-        upload=UploadConfig(**v["upload"]),
-        butler=butler_cfg,
-        container=ContainerConfig(runtime=v["container"]["runtime"],
-                                  image=_abs(Path(image).expanduser(), base) if image else None,
-                                  binds=v["container"]["binds"], python=v["container"]["python"]),
-    )
+    return JobConfig(name=name, path=path, text=text, runs_dir=runs_dir,
+                     source=section("source"), rucio=section("rucio"),
+                     naming=section("naming"), batching=section("batching"),
+                     slurm=section("slurm"), upload=section("upload"), butler=butler_cfg,
+                     container=section("container"))
 
 
 def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str],

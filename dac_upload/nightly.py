@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import JobConfig, slurm_time_seconds
+from .errors import Exit
 from .files import utc_now
 from .locks import JobLock, LockError, run_submission_lock
 from .runrecord import (
@@ -32,15 +33,6 @@ from .runrecord import (
     read_run_json,
 )
 
-# exit codes of `dac-upload nightly` (docs/operations.md)
-OK = 0                 # nothing to do, or a run (or resubmission) submitted
-FAILURES = 1           # --wait: the run finished with failed files
-CONFIG_ERROR = 2       # the job file or the source tree needs fixing
-SUBMIT_FAILED = 3      # Slurm or Rucio refused or could not be reached
-LOCKED = 10            # another nightly of this job holds the lock (or a stale lock, see text)
-STILL_GOING = 11       # the previous run still has tasks pending or running
-CREDENTIALS = 12       # credentials missing, open to others, or expiring before the time limit
-NEEDS_PERSON = 13      # files that failed for a reason only a person can fix (see the log)
 
 @contextlib.contextmanager
 def job_lock(job: JobConfig, break_stale: bool = False, mode: str | None = None,
@@ -129,7 +121,7 @@ def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
     lock_mode = os.environ.get("DAC_UPLOAD_LOCK", "auto")
     if lock_mode not in ("auto", "flock", "soft"):
         say(f"DAC_UPLOAD_LOCK={lock_mode!r}: use auto, flock or soft", problem=True)
-        return CONFIG_ERROR
+        return Exit.USER
     try:
         with job_lock(job, opts.break_stale_lock, lock_mode) as lock:
             for note in lock.notes:
@@ -138,13 +130,13 @@ def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
             stuck = _still_needing_a_person(job)
     except LockError as exc:
         say(str(exc), problem=True)
-        return LOCKED
+        return Exit.LOCKED
     if waiting is not None:
         code = _wait(*waiting, opts, say)
         stuck = _still_needing_a_person(job, forget=False)  # no lock held: read only
     for line in describe_needs_person(stuck):
         say(line, problem=True)
-    return NEEDS_PERSON if stuck and code == OK else code
+    return Exit.NEEDS_PERSON if stuck and code == Exit.OK else code
 
 
 def _source_root(job: JobConfig) -> Path:
@@ -199,27 +191,27 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
         max_array = slurm.max_array_size()
     except slurm.SlurmError as exc:
         say(str(exc), problem=True)
-        return SUBMIT_FAILED, None
+        return Exit.SERVICE, None
     problem = credentials_problem(job)   # before anything is submitted, resubmissions too
     if problem:
         say(problem, problem=True)
-        return CREDENTIALS, None
+        return Exit.CREDENTIALS, None
     try:
         previous = latest_run(job)
         going = _older_run_going(job, previous)
         if going is not None:
             say(f"the earlier run {going.name} still has tasks queued: not starting another "
                 "tonight")
-            return STILL_GOING, None
+            return Exit.STILL_GOING, None
         ended = (_previous_run(job, previous, opts, say, max_array,
                                None if opts.offline else preflight) if previous else None)
     except slurm.SlurmError as exc:
         say(f"cannot ask Slurm about the job's runs: {exc}", problem=True)
-        return SUBMIT_FAILED, None
+        return Exit.SERVICE, None
     except (OSError, ValueError, KeyError) as exc:   # RunReadError names the file
         say(f"cannot read a run of this job: {exc}; nothing new is planned until it is "
             "repaired or moved out of the runs folder", problem=True)
-        return CONFIG_ERROR, None
+        return Exit.USER, None
     if ended is not None:
         return ended
     ledger = None if opts.full else Ledger(job.ledger_path)
@@ -230,18 +222,18 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
     except NothingToUpload:
         say(f"nothing new under {job.source.root}"
             + (f" ({keep.unchanged:,} files unchanged since the ledger)" if keep else ""))
-        return OK, None
+        return Exit.OK, None
     except PlanError as exc:
         for line in exc.lines:
             say(line, problem=True)
-        return CONFIG_ERROR, None
+        return Exit.USER, None
     except Exception as exc:
         from .rucio_io import RucioUnavailable
 
         if not isinstance(exc, RucioUnavailable):
             raise
         say(str(exc), problem=True)
-        return SUBMIT_FAILED, None
+        return Exit.SERVICE, None
     finally:
         if ledger is not None:
             ledger.close()
@@ -254,10 +246,10 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
         sub = submit_run(prep.layout.dir, max_array, slurm.submit, job.slurm.max_submit)
     except (slurm.SlurmError, PlanError, CollectorNotSubmitted) as exc:
         say(f"submission failed: {exc}", problem=True)
-        return SUBMIT_FAILED, None
+        return Exit.SERVICE, None
     say(f"submitted array job(s) {', '.join(a['job_id'] for a in sub.arrays)} and collector "
         f"{sub.collector_job_id}")
-    return OK, ((sub.collector_job_id, prep.layout.dir) if opts.wait else None)
+    return Exit.OK, ((sub.collector_job_id, prep.layout.dir) if opts.wait else None)
 
 
 def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> int:
@@ -267,7 +259,7 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
         slurm.wait_until_gone(collector, opts.timeout, poll=2.0)
     except slurm.SlurmError as exc:
         say(str(exc), problem=True)
-        return SUBMIT_FAILED
+        return Exit.SERVICE
     from .collect import COLLECTED, collected_counts, collection_state
 
     summary_path = run_dir / "summary.json"
@@ -275,13 +267,13 @@ def _wait(collector: str, run_dir: Path, opts: NightOptions, say: Reporter) -> i
     if done != COLLECTED:
         say(f"the collector of {run_dir.name} did not finish ({why}); the next night "
             "collects it again", problem=True)
-        return FAILURES
+        return Exit.FAILURES
     s = collected_counts(run_dir)
     c = s["counts"]
     say(f"{summary_path}: {c['uploaded']} uploaded, {c['already_present']} already present,"
         f" {c['failed']} failed, {c['not_attempted']} not attempted",
         problem=not s["complete"])
-    return OK if s["complete"] else FAILURES
+    return Exit.OK if s["complete"] else Exit.FAILURES
 
 
 def _older_run_going(job: JobConfig, latest: Path | None) -> Path | None:
@@ -319,7 +311,7 @@ def _previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Report
     except LockError as exc:
         say(f"the previous run {run_dir.name} is being submitted by someone else ({exc}): "
             "not starting another tonight")
-        return STILL_GOING, None
+        return Exit.STILL_GOING, None
 
 
 def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: Reporter,
@@ -337,12 +329,12 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
     if active:
         say(f"the previous run {run_dir.name} still has tasks {compress_indices(active)} "
             "pending or running: not starting another tonight")
-        return STILL_GOING, None
+        return Exit.STILL_GOING, None
     collector = run["submissions"][-1].get("collector_job_id")
     if collector and set(slurm.queue_states([collector]).values()) & set(ACTIVE_STATES):
         say(f"the previous run {run_dir.name} is still being collected (job {collector}): "
             "not starting another tonight")
-        return STILL_GOING, None
+        return Exit.STILL_GOING, None
     retry = tasks_to_retry(tasks)
     # a task submitted 1 + max_resubmits times is given up (counted from run.json, so a task
     # that dies before writing a record counts too); one held back by max_submit is not
@@ -364,7 +356,7 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
         except (RunReadError, OSError) as exc:
             say(f"collecting the previous run {run_dir.name} failed: {exc}; fix it, then: "
                 f"dac-upload collect {run_dir}", problem=True)
-            return SUBMIT_FAILED, None
+            return Exit.SERVICE, None
         if ledger_problem:
             say(f"the ledger was not updated from {run_dir.name} ({ledger_problem})",
                 problem=True)
@@ -377,11 +369,11 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
         except slurm.SlurmError as exc:
             say(f"the previous run {run_dir.name} is not collected ({state.collection[1]}); "
                 f"submitting its collector failed: {exc}", problem=True)
-            return SUBMIT_FAILED, None
+            return Exit.SERVICE, None
         say(f"the previous run {run_dir.name} is not collected ({state.collection[1]}): "
             f"collector resubmitted (job {sub.collector_job_id}); new files wait for the "
             "next night", problem=True)
-        return OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
+        return Exit.OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
     if not retry:
         return None
     refused = _rucio_refuses(job, preflight, say, f"resubmitting tasks "
@@ -393,11 +385,11 @@ def _judge_previous_run(job: JobConfig, run_dir: Path, opts: NightOptions, say: 
     except (slurm.SlurmError, CollectorNotSubmitted) as exc:
         say(f"resubmitting tasks {compress_indices(retry)} of the previous run "
             f"{run_dir.name} failed: {exc}", problem=True)
-        return SUBMIT_FAILED, None
+        return Exit.SERVICE, None
     say(f"the previous run {run_dir.name} had unfinished tasks {compress_indices(retry)}: "
         f"resubmitted (attempt {sub.attempt}; a task is given up after "
         f"{opts.max_resubmits + 1} runs); new files wait for the next night", problem=True)
-    return OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
+    return Exit.OK, ((sub.collector_job_id, run_dir) if opts.wait else None)
 
 
 def _rucio_refuses(job: JobConfig, preflight: Any, say: Reporter, what: str) -> int | None:
@@ -418,10 +410,10 @@ def _rucio_refuses(job: JobConfig, preflight: Any, say: Reporter, what: str) -> 
         if not isinstance(exc, RucioUnavailable):
             raise
         say(f"not {what}: {exc}", problem=True)
-        return SUBMIT_FAILED
+        return Exit.SERVICE
     for line in problems:
         say(f"not {what}: {line}", problem=True)
-    return CONFIG_ERROR if problems else None
+    return Exit.USER if problems else None
 
 
 def _give_up(job: JobConfig, run_dir: Path, state: Any, tasks: list[int],

@@ -44,11 +44,6 @@ STORAGE_VERIFIED, READ_BACK_VERIFIED, STOCK_VERIFIED = "storage checksum", "read
 # unless asked); the others are worth another attempt.
 PERMANENT_CAUSES = ("conflict", "missing", "unreadable", "changed")
 
-EXIT_OK = 0
-EXIT_FILES_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_ABORTED = 3
-EXIT_STOPPED = 4  # asked to stop (wall time near): resubmit finishes the rest
 
 
 # ---------------------------------------------------------------- the run directory

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import TaskExit
 from .files import (
     JsonlAppender,
     atomic_write_json,
@@ -34,11 +35,6 @@ from .progress import human_bytes
 from .runrecord import (
     ALREADY_PRESENT,
     DONE_STATES,
-    EXIT_ABORTED,
-    EXIT_BAD_INPUT,
-    EXIT_FILES_FAILED,
-    EXIT_OK,
-    EXIT_STOPPED,
     FAILED,
     NOT_ATTEMPTED,
     PERMANENT_CAUSES,
@@ -341,14 +337,14 @@ def run_task(run_dir: Path, task: int,
                 "task": task, "attempt": _previous_attempt(layout.done_marker(task),
                                                            layout.result(task)) + 1,
                 "host": socket.gethostname(), "started_at": utc_now(),
-                "finished_at": utc_now(), "exit_code": EXIT_BAD_INPUT, "aborted": why,
+                "finished_at": utc_now(), "exit_code": TaskExit.BAD_INPUT, "aborted": why,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
             raise ValueError(why)
         manifest = read_manifest(layout.manifest(task))
     except (OSError, ValueError) as exc:
         print(f"dac-upload worker: cannot read run {run_dir} task {task}: {exc}",
               file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return TaskExit.BAD_INPUT
     settings = RunRecord(run).task_settings()
     attempt = _previous_attempt(layout.done_marker(task), layout.result(task)) + 1
     started = utc_now()
@@ -407,8 +403,9 @@ def run_task(run_dir: Path, task: int,
                  + (f"  ({rec.pop('note')})" if rec.get("note") else ""))
     aborted = state["aborted"]
     elapsed = max(time.monotonic() - t0, 1e-9)
-    code = (EXIT_ABORTED if aborted else EXIT_STOPPED if stop.reason and counts[NOT_ATTEMPTED]
-            else EXIT_FILES_FAILED if counts[FAILED] or held else EXIT_OK)
+    code = (TaskExit.ABORTED if aborted
+            else TaskExit.STOPPED if stop.reason and counts[NOT_ATTEMPTED]
+            else TaskExit.FILES_FAILED if counts[FAILED] or held else TaskExit.OK)
     marker = {"task": task, "attempt": attempt, "host": socket.gethostname(),
               "started_at": started, "finished_at": utc_now(), "exit_code": code,
               "files": len(manifest["files"]), "done_before": len(done_before),
