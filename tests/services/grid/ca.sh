@@ -26,6 +26,19 @@ HOST_DN="/DC=org/DC=prodstack/O=ProdStack/CN=localhost"
 T0=$(date +%s%N)
 log() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '[grid-ca %4d.%01ds] %s\n' $((ms / 1000)) $((ms % 1000 / 100)) "$*"; }
 
+# put SRC DEST MODE [OWNER]: DEST becomes a copy of SRC only if it differs (content, mode,
+# owner), by a rename: start-grid.sh runs again while xrootd and Apache serve (the tests
+# restart the Rucio server that way), and they must never read one of these files half
+# rewritten (truncated, then filled)
+put() {
+  local src=$1 dest=$2 mode=$3 owner=${4:-root}
+  if cmp -s "$src" "$dest" && [ "$(stat -c %a:%U "$dest")" = "$mode:$owner" ]; then return 0; fi
+  install -m "$mode" -o "$owner" "$src" "$dest.new" && mv -f "$dest.new" "$dest"
+}
+link() {   # link TARGET NAME: a symlink, made again only if it points elsewhere
+  [ "$(readlink "$2" 2>/dev/null)" = "$1" ] || ln -sfn "$1" "$2"
+}
+
 command -v grid-proxy-init > /dev/null || { log "grid-proxy-init missing: run start-grid.sh"; exit 1; }
 mkdir -p "$CA"/{private,certificates,host,xrd,user,newcerts}
 chmod 700 "$CA/private"
@@ -91,32 +104,38 @@ sign user "$USER_DN" user_ext
 # ---------------------------------------------------------------- 2. X509_CERT_DIR
 H=$(openssl x509 -hash -noout -in "$CA/ca.pem")
 HOLD=$(openssl x509 -subject_hash_old -noout -in "$CA/ca.pem")
-cp "$CA/ca.pem" "$CA/certificates/$H.0"
-ln -sf "$H.0" "$CA/certificates/$HOLD.0"
-openssl ca -config "$CA/openssl.cnf" -gencrl -out "$CA/certificates/$H.r0" 2> /dev/null
-ln -sf "$H.r0" "$CA/certificates/$HOLD.r0"
-cat > "$CA/certificates/$H.signing_policy" <<EOF
+put "$CA/ca.pem" "$CA/certificates/$H.0" 644
+link "$H.0" "$CA/certificates/$HOLD.0"
+# the CRL (empty, valid 10 years): made once per CA (the CA is made again when ca.pem is gone)
+if [ ! -s "$CA/certificates/$H.r0" ] || [ "$CA/ca.pem" -nt "$CA/certificates/$H.r0" ]; then
+  openssl ca -config "$CA/openssl.cnf" -gencrl -out "$CA/crl.new" 2> /dev/null
+  put "$CA/crl.new" "$CA/certificates/$H.r0" 644; rm -f "$CA/crl.new"
+fi
+link "$H.r0" "$CA/certificates/$HOLD.r0"
+cat > "$CA/signing_policy.new" <<EOF
 access_id_CA      X509         '$CA_DN'
 pos_rights        globus        CA:sign
 cond_subjects     globus       '"/DC=org/DC=prodstack/*"'
 EOF
-cat > "$CA/certificates/$H.namespace" <<EOF
+put "$CA/signing_policy.new" "$CA/certificates/$H.signing_policy" 644
+cat > "$CA/namespace.new" <<EOF
 TO Issuer "$CA_DN" PERMIT Subject "/DC=org/DC=prodstack/.*"
 EOF
-ln -sf "$H.signing_policy" "$CA/certificates/$HOLD.signing_policy"
-ln -sf "$H.namespace" "$CA/certificates/$HOLD.namespace"
-chmod 644 "$CA/certificates/"*
+put "$CA/namespace.new" "$CA/certificates/$H.namespace" 644
+rm -f "$CA/signing_policy.new" "$CA/namespace.new"
+link "$H.signing_policy" "$CA/certificates/$HOLD.signing_policy"
+link "$H.namespace" "$CA/certificates/$HOLD.namespace"
 chmod 755 "$CA" "$CA/certificates"
 
 # ---------------------------------------------------------------- 3. host and user credentials
-install -m 644 "$CA/host.pem" "$CA/host/hostcert.pem"
-install -m 400 "$CA/private/host.key" "$CA/host/hostkey.pem"
+put "$CA/host.pem" "$CA/host/hostcert.pem" 644
+put "$CA/private/host.key" "$CA/host/hostkey.pem" 400
 id xrootd > /dev/null 2>&1 && XRD_OWNER=xrootd || XRD_OWNER=root
-install -m 644 -o "$XRD_OWNER" "$CA/host.pem" "$CA/xrd/xrdcert.pem"
-install -m 400 -o "$XRD_OWNER" "$CA/private/host.key" "$CA/xrd/xrdkey.pem"
+put "$CA/host.pem" "$CA/xrd/xrdcert.pem" 644 "$XRD_OWNER"
+put "$CA/private/host.key" "$CA/xrd/xrdkey.pem" 400 "$XRD_OWNER"
 chown "$XRD_OWNER" "$CA/xrd"
-install -m 644 -o "$USER_NAME" "$CA/user.pem" "$CA/user/usercert.pem"
-install -m 400 -o "$USER_NAME" "$CA/private/user.key" "$CA/user/userkey.pem"
+put "$CA/user.pem" "$CA/user/usercert.pem" 644 "$USER_NAME"
+put "$CA/private/user.key" "$CA/user/userkey.pem" 400 "$USER_NAME"
 chown "$USER_NAME" "$CA/user"; chmod 700 "$CA/user"
 
 # ---------------------------------------------------------------- 4. the RFC 3820 proxy
