@@ -29,6 +29,7 @@ from typing import Any
 
 from .catalogue import Catalogue, Entry, Problem, _inside, _readable
 from .config import ButlerConfig
+from .errors import UserError
 from .progress import Progress
 
 INSTALL_HINT = "pip install 'dac-upload[butler]'"
@@ -40,12 +41,8 @@ RUBIN_ZIP_FILE = "zip_file"
 ZIP_FRAGMENT = "#zip-path="      # how the datastore names a dataset inside a zip
 
 
-class ButlerError(Exception):
+class ButlerError(UserError):
     """A Butler problem the user can fix; one line each, like PlanError."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
 
 
 def import_butler() -> Any:

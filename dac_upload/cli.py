@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
@@ -37,7 +37,7 @@ from .progress import Progress, human_bytes
 from .runrecord import RunRecord
 
 
-def _fail(lines: list[str] | str, code: int) -> None:
+def _fail(lines: list[str] | str, code: int) -> NoReturn:
     for line in [lines] if isinstance(lines, str) else lines:
         click.echo(f"error: {line}", err=True)
     sys.exit(code)
@@ -114,7 +114,6 @@ def _plan(job: JobConfig, offline: bool, catalogue_file: Path | None = None) -> 
         if not isinstance(exc, RucioUnavailable):  # no rucio import at all
             raise
         _fail(f"{exc} (or plan without the Rucio checks: --offline)", Exit.SERVICE)
-    raise AssertionError("unreachable")
 
 
 def _describe(prep: PreparedRun) -> None:
@@ -313,7 +312,6 @@ def _max_array_size() -> int:
         return slurm.max_array_size()
     except slurm.SlurmError as exc:
         _fail(str(exc), Exit.SERVICE)
-    raise AssertionError("unreachable")
 
 
 def _run_setting(run_dir: Path, key: str) -> int | None:
@@ -328,7 +326,6 @@ def _read_run_json(run_dir: Path) -> dict[str, Any]:
         return read_run_json(run_dir)
     except RunReadError as exc:
         _fail(str(exc), Exit.USER)
-    raise AssertionError("unreachable")
 
 
 def _submission(target: Path, do_submit: Callable[[], Submission]) -> Submission:
@@ -344,7 +341,6 @@ def _submission(target: Path, do_submit: Callable[[], Submission]) -> Submission
     except slurm.SlurmError as exc:
         _fail(f"{exc} (fix [slurm] in the job file and submit the job again, or if the cause "
               f"has passed: dac-upload resubmit {target})", Exit.SERVICE)
-    raise AssertionError("unreachable")
 
 
 def _after_submit(target: Path, sub: Submission, wait: bool, timeout: float) -> None:
@@ -499,7 +495,6 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
         _fail(str(exc), Exit.USER)
     except (OSError, ValueError, KeyError) as exc:
         _fail(f"{run_dir} is not a readable run directory: {exc}", Exit.USER)
-    raise AssertionError("unreachable")
 
 
 @main.command()

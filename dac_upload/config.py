@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import naming
+from .errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,12 +43,8 @@ _INVALID = object()  # stands for a value already reported as invalid
 WALKERS = 4   # [source] walkers: processes that list and stat directories (catalogue.walk)
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A job file problem the user can fix; ``lines`` holds one line per problem."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
 
 
 # ----------------------------------------------------------------------------- value parsers

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AUTH_TYPES, RucioConfig
+from .errors import UserError
 from .files import atomic_write_text
 
 # our name -> Rucio's auth_type (a token is found by Rucio's WLCG bearer-token discovery)
@@ -39,12 +40,8 @@ DEFAULT_CA_DIR = Path("/etc/grid-security/certificates")
 SECRET_KEYS = ("password",)
 
 
-class CredentialsError(Exception):
+class CredentialsError(UserError):
     """The credentials cannot be used as configured; ``lines`` says why, one line each."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
 
 
 @dataclass(frozen=True)

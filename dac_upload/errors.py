@@ -6,6 +6,16 @@ from __future__ import annotations
 from typing import Final
 
 
+class UserError(Exception):
+    """A problem the user can fix, one line per problem in ``lines``, each naming the file or
+    key and the fix; the CLI prints them all and exits Exit.USER. Each step has its kind
+    (config.ConfigError, credentials.CredentialsError, pipeline.PlanError, butler.ButlerError)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 class Exit:
     """A ``dac-upload`` command's exit codes (plain ints: printed, compared and written to
     JSON as numbers on every Python the worker may run on)."""

@@ -30,6 +30,7 @@ from .catalogue import (
 )
 from .config import JobConfig
 from .credentials import Credentials, CredentialsError
+from .errors import UserError
 from .files import (
     atomic_write_jsonl,
     atomic_write_text,
@@ -55,12 +56,8 @@ from .runrecord import (
 MAX_PROBLEM_LINES = 20
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """The job cannot be planned as it is; ``lines`` says why, one problem per line."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
 
 
 class NothingToUpload(PlanError):
