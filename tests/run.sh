@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # run.sh - the test command of the README and of .ci/run. On a fresh Debian 12 machine, as root:
 # installs what the tests need, starts the real Slurm and the real Rucio server on this machine,
-# then runs the fast unit layer and the integration layer. Extra arguments go to pytest
+# then runs ruff, the docs build (mkdocs build --strict: broken links and anchors fail), the
+# fast unit layer and the integration layer. Extra arguments go to pytest
 # (e.g. `tests/run.sh -k e2e`). Fails if pytest collects no test.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,6 +16,9 @@ bash "$HERE/services/up.sh"
 cd "$REPO"
 lint=0
 "$CI_DIR/venv/bin/ruff" check . || lint=$?
+# the documentation site, warnings as errors: a broken link or anchor in docs/ fails the run
+"$CI_DIR/venv/bin/mkdocs" build --strict --quiet --site-dir "$CI_DIR/site" \
+  || { echo "tests/run.sh: mkdocs build --strict failed (above): fix docs/ or mkdocs.yml" >&2; exit 1; }
 rc=0
 "$CI_DIR/venv/bin/pytest" "$@" || rc=$?
 case $rc in

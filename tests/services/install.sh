@@ -34,7 +34,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv "$VENV"
   log "created $VENV"
 fi
-SPEC="$REPO[test,butler]"   # butler: the Butler integration tests
+SPEC="$REPO[test,butler,docs]"   # butler: the Butler integration tests; docs: mkdocs
 if [ "${DAC_EDITABLE:-0}" = 1 ]; then set -- -e "$SPEC"; else set -- --force-reinstall --no-deps "$REPO"; fi
 pip_install() {  # quiet on success, the whole log on failure
   if ! "$VENV/bin/pip" install -q "$@" > "$CI_DIR/pip.log" 2>&1; then
