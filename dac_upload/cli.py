@@ -17,10 +17,9 @@ from typing import Any, Callable, NoReturn
 
 import click
 
-from . import __version__, credentials
+from . import __version__
 from .catalogue import write_catalogue
 from .config import ConfigError, JobConfig, load_job, slurm_time_seconds
-from .credentials import Credentials
 from .errors import Exit
 from .files import utc_now
 from .pipeline import (
@@ -34,6 +33,8 @@ from .pipeline import (
     submit_tasks,
 )
 from .progress import Progress, human_bytes
+from .rucio import credentials
+from .rucio.credentials import Credentials
 from .runrecord import RunRecord
 
 
@@ -68,7 +69,8 @@ def _rucio_problems(creds: Credentials, scope: str, rse: str,
     problems = credentials.local_problems(creds)
     if problems:
         return problems
-    from .rucio_io import RucioFatal, RucioUnavailable, fresh_session, ping
+    from .rucio.client import fresh_session, ping
+    from .rucio.errors import RucioFatal, RucioUnavailable
 
     logging.getLogger("baseclient").setLevel(logging.CRITICAL)  # we report in one line
     try:
@@ -85,7 +87,7 @@ def _check_run_rucio(run_dir: Path, what: str) -> None:
     """Before Slurm gets tasks of a planned run: the server answers, the run's credentials
     log in (a real login), its scope and RSE are usable. A submission that could only fail
     would spend an attempt (and nightly's resubmission budget) for nothing."""
-    from .rucio_io import RucioUnavailable
+    from .rucio.errors import RucioUnavailable
 
     run = RunRecord(_read_run_json(run_dir))
     if run.credentials is None:
@@ -110,7 +112,7 @@ def _plan(job: JobConfig, offline: bool, catalogue_file: Path | None = None) -> 
     except PlanError as exc:
         _fail(exc.lines, Exit.USER)
     except Exception as exc:
-        from .rucio_io import RucioUnavailable  # imported only now: planning offline needs
+        from .rucio.errors import RucioUnavailable  # imported only now: planning offline needs
         if not isinstance(exc, RucioUnavailable):  # no rucio import at all
             raise
         _fail(f"{exc} (or plan without the Rucio checks: --offline)", Exit.SERVICE)
@@ -400,7 +402,7 @@ def _report(run_dir: Path) -> None:
                    "dac-upload resubmit --retry-permanent).")
 def worker(run_dir: str, task: int, retry_permanent: bool) -> None:
     """Upload the files of one batch manifest (what each array task runs)."""
-    from .worker import run_task
+    from .upload.task import run_task
 
     sys.exit(run_task(Path(run_dir).resolve(), task, retry_permanent=retry_permanent))
 
@@ -682,7 +684,8 @@ def butler_table(run_dir: str, out_dir: str | None, relative_to: str | None,
     """Write ECSV tables for `butler ingest-files` from a collected run, and the commands.
     Exit 1 when files or datasets are left out (not uploaded, no data ID, skipped when
     planning), unless --allow-missing."""
-    from .butler import ButlerError, ingest_tables
+    from .butler.ingest import ingest_tables
+    from .butler.source import ButlerError
     from .files import read_json
     from .runrecord import RunLayout
 

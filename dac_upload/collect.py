@@ -53,40 +53,6 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-# What the collector job needs, as planned (collector_fit): collect took 12 s at 1M files and
-# 127 s at 5M (sizes unrelated to the path: 25 µs a file, the ledger's inserts growing with
-# it), in about 100 MB, on the 2-core test machine (tests/benchmarks/scale.py,
-# docs/performance.md): 50 µs a file is twice that at 5M, not measured beyond. Its memory
-# is a constant plus the largest task's records (one task of 5M files: 18.9 GB, 4.0 KB a
-# file), plus a Butler source's butler.jsonl, held whole.
-COLLECT_SECONDS_PER_FILE = 50e-6
-COLLECT_BASE_SECONDS = 120
-COLLECT_BASE_BYTES = 256 << 20
-COLLECT_BYTES_PER_TASK_FILE = 6 << 10      # a record, its entry and its manifest row
-COLLECT_BYTES_PER_BUTLER_FILE = 4 << 10    # its datasets from butler.jsonl
-
-
-def collector_fit(files: int, largest_task: int, butler: bool, time_limit: int,
-                  mem_bytes: int | None) -> list[str]:
-    """Why the run's collector would not fit its [slurm] time or mem (pure), one line each
-    with the fix; [] if it fits. The collector is given the array's [slurm] time and mem."""
-    need_s = COLLECT_BASE_SECONDS + files * COLLECT_SECONDS_PER_FILE
-    need_b = (COLLECT_BASE_BYTES + largest_task * COLLECT_BYTES_PER_TASK_FILE
-              + (files * COLLECT_BYTES_PER_BUTLER_FILE if butler else 0))
-    out = []
-    if need_s > time_limit:
-        out.append(f"[slurm] time ({time_limit} s) is shorter than the collector of {files:,} "
-                   f"files may need (about {need_s:.0f} s): raise it, or split the source "
-                   "into several jobs")
-    if mem_bytes is not None and need_b > mem_bytes:
-        out.append(f"[slurm] mem ({mem_bytes >> 20} MB) is less than the collector of this run "
-                   f"may need (about {need_b >> 20} MB"
-                   + (", most of it the Butler datasets of every file" if butler else "")
-                   + "): raise it" + (", or split the source" if butler else
-                                      ", or lower [batching] files_per_batch"))
-    return out
-
-
 class SummaryBuilder:
     """summary.json made task by task: ``entries`` gives one task's file entries (and counts
     them), ``header`` everything else once every task has been through. Memory is the

@@ -241,7 +241,7 @@ class RucioConfig:
                            "is unreachable or fails (0 or more)")
     retry_wait: int = setting(parse_duration, 5,
                               "seconds before the first retry (doubling after)")
-    # connection and identity; None = from the user's rucio.cfg / environment (credentials.py)
+    # connection and identity; None = from the user's rucio.cfg / environment (rucio/credentials.py)
     host: str | None = setting(_url, None, 'the server URL, e.g. "https://rucio.example.org:443"')
     auth_host: str | None = setting(_url, None, "the authentication server URL (default: host)")
     auth_type: str | None = setting(_choice(AUTH_TYPES), None, " or ".join(AUTH_TYPES))

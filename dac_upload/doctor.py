@@ -4,7 +4,7 @@ Each check says OK, WARN, FAIL or SKIP, what it saw and, when it is not OK, the 
 checks run in the order a new user would fix things (job file, Slurm, container, credentials,
 Rucio) and a check that cannot mean anything after an earlier failure is skipped with the
 reason. ``--probe`` adds a real one-file round trip through the RSE. Slurm is asked through
-slurm.py and Rucio through rucio_io.py, like everywhere else.
+slurm.py and Rucio through rucio/, like everywhere else.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, credentials, render
+from . import __version__, render
 from .config import ConfigError, JobConfig, load_job, slurm_time_seconds
-from .credentials import Credentials, CredentialsError
+from .rucio import credentials
+from .rucio.credentials import Credentials, CredentialsError
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 PROBE_LIFETIME = 3600   # the probe file's rule: Rucio's reaper removes it after an hour
@@ -92,7 +93,7 @@ def failed(checks: list[Check]) -> bool:
 def _source_check(job: JobConfig) -> Check:
     root = job.source.root
     if job.butler.kind == "repo":   # the datastore's root, which only the Butler knows
-        from .butler import ButlerError, datastore_root
+        from .butler.source import ButlerError, datastore_root
 
         try:
             root = datastore_root(job.butler, str(job.path))
@@ -216,7 +217,8 @@ def _credential_checks(job: JobConfig, creds: Credentials) -> list[Check]:
 def _rucio_checks(job: JobConfig, creds: Credentials, probe: bool) -> list[Check]:
     import logging
 
-    from .rucio_io import RucioFatal, RucioUnavailable, fresh_session, ping
+    from .rucio.client import fresh_session, ping
+    from .rucio.errors import RucioFatal, RucioUnavailable
 
     logging.getLogger("baseclient").setLevel(logging.CRITICAL)
     try:
@@ -254,9 +256,9 @@ def _probe(job: JobConfig, creds: Credentials, rio: Any) -> Check:
     UploadClient), with the job's RSE and settings, then check its replica and read it back.
     It is left on the RSE with a rule of PROBE_LIFETIME (Rucio's reaper removes it); nothing
     else is touched, nothing is deleted."""
-    from .rucio_io import RucioFatal, RucioFileError
+    from .rucio.errors import RucioFatal, RucioFileError
     from .runrecord import UPLOADED
-    from .worker import probe_record
+    from .upload.stock import probe_record
 
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = (f"{job.naming.prefix}dac-upload-probe/{getpass.getuser()}-{stamp}-"

@@ -64,7 +64,7 @@ def credentials_problem(job: JobConfig) -> str | None:
     """One line if the job's credentials are unusable (missing, readable by others, expired)
     or will not outlive the job's time limit (plus the time the array may wait in the
     queue, which we cannot know): a night that would fail anyway is not started."""
-    from .credentials import CredentialsError, expiry_warning, local_problems, resolve
+    from .rucio.credentials import CredentialsError, expiry_warning, local_problems, resolve
 
     try:
         creds = resolve(job.rucio, os.environ, os.getuid(), str(job.path))
@@ -228,7 +228,7 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
             say(line, problem=True)
         return Exit.USER, None
     except Exception as exc:
-        from .rucio_io import RucioUnavailable
+        from .rucio.errors import RucioUnavailable
 
         if not isinstance(exc, RucioUnavailable):
             raise
@@ -398,14 +398,14 @@ def _rucio_refuses(job: JobConfig, preflight: Any, say: Reporter, what: str) -> 
     task's allowed runs for nothing."""
     if preflight is None:
         return None
-    from .credentials import CredentialsError, resolve
+    from .rucio.credentials import CredentialsError, resolve
 
     try:
         problems = preflight(job, resolve(job.rucio, os.environ, os.getuid(), str(job.path)))
     except CredentialsError as exc:
         problems = exc.lines
     except Exception as exc:
-        from .rucio_io import RucioUnavailable
+        from .rucio.errors import RucioUnavailable
 
         if not isinstance(exc, RucioUnavailable):
             raise

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, credentials, render
+from . import __version__, render
 from .catalogue import (
     Catalogue,
     CatalogueFileError,
@@ -29,7 +29,6 @@ from .catalogue import (
     write_catalogue,
 )
 from .config import JobConfig
-from .credentials import Credentials, CredentialsError
 from .errors import UserError
 from .files import (
     atomic_write_jsonl,
@@ -42,6 +41,8 @@ from .files import (
 from .naming import glob_regex
 from .plan import Batch, FileTable, compress_indices, make_batches, name_files
 from .progress import Progress
+from .rucio import credentials
+from .rucio.credentials import Credentials, CredentialsError
 from .runrecord import (
     BUTLER_FILE,
     CLIENT_CONFIG_NAME,
@@ -189,7 +190,7 @@ def _catalogue(job: JobConfig, progress: Progress | None,
 
     if kind is None:
         return job, _Found(tree(), {}, catalogue_sha256=digest)
-    from . import butler as butler_mod
+    from .butler import source as butler_mod
 
     try:
         if kind == "repo":
@@ -333,7 +334,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
         try:
             found.repo.write_dimension_export(export_tmp)
         except Exception as exc:
-            from .butler import ButlerError
+            from .butler.source import ButlerError
 
             if isinstance(exc, ButlerError):
                 raise PlanError(exc.lines) from None
@@ -407,9 +408,9 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
 
 def _collector_problems(job: JobConfig, files: int, largest_task: int) -> list[str]:
     """The collector job gets the array's [slurm] time and mem: refuse a plan whose
-    collector could not finish in them (collect.collector_fit)."""
-    from .collect import collector_fit
+    collector could not finish in them (render.collector_fit)."""
     from .config import slurm_mem_bytes, slurm_time_seconds
+    from .render import collector_fit
 
     return [f"{job.path}: {line}" for line in collector_fit(
         files, largest_task, job.butler.kind is not None,
@@ -452,7 +453,7 @@ def _dimension_file_entry(job: JobConfig, run_id: str, export: Path) -> dict[str
     "dim_file" as lsst/rucio_register marks them: Rubin's ingest daemon imports such a file
     into the destination Butler (butler.import_) before the datasets need the records. Its
     relpath is absolute (the run directory, not the source tree): the worker reads it there."""
-    from .butler import RUBIN_DIM_FILE
+    from .butler.source import RUBIN_DIM_FILE
 
     st = export.stat()
     name = f"{job.naming.prefix}dac-upload-dimensions/{job.name}.{run_id}.yaml"
@@ -465,7 +466,7 @@ def _metadata_of(job: JobConfig, found: _Found) -> dict[str, dict[str, str]]:
     Rubin's rubin_butler / rubin_sidecar, from the file's first dataset."""
     if found.repo is None or not job.butler.metadata:
         return {}
-    from .butler import rubin_metadata
+    from .butler.source import rubin_metadata
 
     sidecars = found.repo.sidecars
     return {rel: rubin_metadata(ds[0], sidecars[rel], job.butler.raw_dataset_types)

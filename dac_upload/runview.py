@@ -18,7 +18,7 @@ from .status import TaskStatus, task_state, task_status
 
 def _indexed(task: int, marker: dict[str, Any] | None, slurm_state: str | None,
              run_dir: Path) -> TaskStatus | None:
-    """The task's status from its marker's index (worker.task_index), without reading its
+    """The task's status from its marker's index (upload.task.task_index), without reading its
     manifest or records; None when there is none, or when the results file has grown since
     (a later attempt wrote records, then died): the caller reads them."""
     index = (marker or {}).get("index")

@@ -8,8 +8,8 @@ file, then measures each step in a fresh process (wall seconds; peak RSS of that
   plan      dac-upload plan --offline JOB (the walk included)
 
 then fills results/ as the array tasks would, with the worker's own code: each file's
-record made by worker.not_attempted and completed as the bulk path completes an uploaded
-file, appended by files.JsonlAppender; each task's marker with worker.task_index. Then:
+record made by upload.common.not_attempted and completed as the bulk path completes an uploaded
+file, appended by files.JsonlAppender; each task's marker with upload.task.task_index. Then:
 
   json      one json.loads per result line, over every task's results (the anchor of
             collect: the least any reader of the records does)
@@ -58,7 +58,9 @@ import sys
 from pathlib import Path
 from dac_upload.files import JsonlAppender, atomic_write_json, read_manifest, utc_now
 from dac_upload.runrecord import RunLayout
-from dac_upload.worker import UPLOADED, TaskSettings, not_attempted, task_index, STORAGE_VERIFIED
+from dac_upload.runrecord import STORAGE_VERIFIED, TaskSettings, UPLOADED
+from dac_upload.upload.common import not_attempted
+from dac_upload.upload.task import task_index
 from dac_upload.files import read_json
 run_dir = Path(sys.argv[1])
 layout = RunLayout(run_dir)

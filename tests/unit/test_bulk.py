@@ -1,5 +1,6 @@
-"""The bulk upload path (bulk.py through worker.run_task) with a fake Rucio and a fake RSE:
-which requests are made per chunk, what each file ends as, and failures at every step."""
+"""The bulk upload path (upload/bulk.py through upload.task.run_task) with a fake Rucio and
+a fake RSE: which requests are made per chunk, what each file ends as, and failures at every
+step."""
 
 from __future__ import annotations
 
@@ -11,19 +12,14 @@ from typing import Any, Callable
 
 import pytest
 
-from dac_upload.bulk import chunk_sizes
 from dac_upload.config import JobConfig
 from dac_upload.files import read_json, read_jsonl
 from dac_upload.pipeline import prepare_run
-from dac_upload.rucio_io import (
-    DidInfo,
-    ReplicaInfo,
-    RucioFatal,
-    RucioFileError,
-    RucioTransient,
-)
+from dac_upload.rucio.client import DidInfo, ReplicaInfo
+from dac_upload.rucio.errors import RucioFatal, RucioFileError, RucioTransient
 from dac_upload.runrecord import RunLayout
-from dac_upload.worker import run_task
+from dac_upload.upload.bulk import chunk_sizes
+from dac_upload.upload.task import run_task
 
 CONTENT = {f"f{i}.dat": bytes([i]) * (10 + i) for i in range(5)}
 SCOPE, RSE = "user.test", "TEST_RSE"

@@ -12,12 +12,15 @@ from typing import Any
 import pytest
 from unit_helpers import assert_valid_summary, job_text, write_job
 
-from dac_upload.butler import ButlerError, ingest_tables, map_tree, rubin_metadata
+from dac_upload.butler.ingest import ingest_tables
+from dac_upload.butler.source import ButlerError, map_tree, rubin_metadata
 from dac_upload.catalogue import Entry
 from dac_upload.collect import build_summary
 from dac_upload.config import ConfigError, load_job
-from dac_upload.rucio_io import MetadataRefused, RucioFileError
-from dac_upload.worker import StopRequest, TaskSettings, _with_metadata
+from dac_upload.rucio.errors import MetadataRefused, RucioFileError
+from dac_upload.runrecord import TaskSettings
+from dac_upload.upload.common import StopRequest
+from dac_upload.upload.task import with_metadata
 
 MAP = """
 [[butler.map]]
@@ -173,7 +176,7 @@ def _meta_run(tmp_path: Path, rio: _MetaRucio) -> tuple[list[dict[str, Any]], di
     state: dict[str, Any] = {"aborted": None}
     meta = {n: {"rubin_butler": "data_product", "rubin_sidecar": n} for n in "abcd"}
     with StopRequest() as stop:
-        out = list(_with_metadata(rio, _settings(tmp_path), iter(_recs()), meta, stop, state,
+        out = list(with_metadata(rio, _settings(tmp_path), iter(_recs()), meta, stop, state,
                                   4))
     return out, state
 
@@ -182,14 +185,14 @@ def test_metadata_groups_are_the_bulk_chunks(tmp_path: Path) -> None:
     """One request per chunk of the bulk path, small first and last chunks included."""
     from dataclasses import replace as dc_replace
 
-    from dac_upload.bulk import chunk_sizes
+    from dac_upload.upload.bulk import chunk_sizes
 
     rio = _MetaRucio()
     recs = [{"name": f"f{i}", "status": "uploaded", "error": None, "cause": None}
             for i in range(1000)]
     meta = {r["name"]: {"rubin_butler": "data_product"} for r in recs}
     with StopRequest() as stop:
-        out = list(_with_metadata(rio, dc_replace(_settings(tmp_path), chunk_size=200),
+        out = list(with_metadata(rio, dc_replace(_settings(tmp_path), chunk_size=200),
                                   iter(recs), meta, stop, {"aborted": None}, 1000))
     assert [len(call) for call in rio.calls] == chunk_sizes(1000, 200)
     assert len(out) == 1000 and {r["metadata"] for r in out} == {"set"}
@@ -298,8 +301,9 @@ def test_ingest_tables_and_commands(tmp_path: Path) -> None:
 def test_array_tasks_never_import_the_butler() -> None:
     """lsst-daf-butler is a planning-side extra: the worker, bulk and collect paths (what
     runs inside an array task or the collector job) must not import it."""
-    code = ("import sys, dac_upload.worker, dac_upload.bulk, dac_upload.collect, "
-            "dac_upload.rucio_io; print(sorted(m for m in sys.modules if m.startswith('lsst')))")
+    code = ("import sys, dac_upload.upload.task, dac_upload.upload.bulk, dac_upload.collect, "
+            "dac_upload.rucio.client; "
+            "print(sorted(m for m in sys.modules if m.startswith('lsst')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
@@ -402,7 +406,7 @@ collections = {collections}
 
 
 def test_catalogue_from_a_real_repository(tmp_path: Path, real_repo: tuple[Path, Path]) -> None:
-    from dac_upload.butler import catalogue_from_repo
+    from dac_upload.butler.source import catalogue_from_repo
 
     repo, outside = real_repo
     job = _repo_cfg(tmp_path, repo, '["run", "run2", "calib"]')
@@ -432,7 +436,7 @@ def test_catalogue_from_a_real_repository(tmp_path: Path, real_repo: tuple[Path,
 
 def test_symlinks_policy_applies_to_a_butler_source(tmp_path: Path,
                                                     real_repo: tuple[Path, Path]) -> None:
-    from dac_upload.butler import catalogue_from_repo
+    from dac_upload.butler.source import catalogue_from_repo
 
     repo, _ = real_repo
     job = _repo_cfg(tmp_path, repo, '["run"]')
@@ -443,7 +447,7 @@ def test_symlinks_policy_applies_to_a_butler_source(tmp_path: Path,
 
 
 def test_query_problems_are_one_line(tmp_path: Path, real_repo: tuple[Path, Path]) -> None:
-    from dac_upload.butler import catalogue_from_repo
+    from dac_upload.butler.source import catalogue_from_repo
 
     repo, _ = real_repo
     for collections, extra, expected in (
@@ -473,7 +477,7 @@ def test_a_zip_is_uploaded_whole_with_all_its_datasets(tmp_path: Path,
                                                        real_repo: tuple[Path, Path]) -> None:
     """The query selects one of the zip's two datasets: butler ingest-zip at the destination
     ingests both, so both are listed and both data IDs' records are exported."""
-    from dac_upload.butler import catalogue_from_repo
+    from dac_upload.butler.source import catalogue_from_repo
 
     repo, _ = real_repo
     job = _repo_cfg(tmp_path, repo, '["run"]', 'where = "instrument = \'Cam\' AND detector = 0"')
@@ -488,7 +492,7 @@ def test_a_zip_is_uploaded_whole_with_all_its_datasets(tmp_path: Path,
 
 # ----------------------------------------------------------------------------- missing records
 def test_missing_records_note_counts_and_names_them() -> None:
-    from dac_upload.butler import missing_records_note
+    from dac_upload.butler.source import missing_records_note
 
     vdr = ("visit_detector_region",)
     note = missing_records_note([("calexp", "calexp@{'visit': 2} in r", vdr),
@@ -546,7 +550,7 @@ def test_datasets_without_some_dimension_records_are_catalogued_and_said(
     and their sidecars and the dimension export work."""
     from lsst.daf.butler import Butler, DatasetRef
 
-    from dac_upload.butler import catalogue_from_repo
+    from dac_upload.butler.source import catalogue_from_repo
 
     source = Butler.from_config(str(regionless_repo))
     assert len(source.query_datasets("vcfg", collections="run",
@@ -579,7 +583,7 @@ def test_datasets_without_some_dimension_records_are_catalogued_and_said(
 def test_a_dataset_type_whose_datasets_all_lack_records_is_found(
         tmp_path: Path, regionless_repo: Path) -> None:
     """Once refused as 'finds no dataset': now catalogued, the note saying what is missing."""
-    from dac_upload.butler import catalogue_from_repo
+    from dac_upload.butler.source import catalogue_from_repo
 
     job = _repo_cfg(tmp_path, regionless_repo, '["run"]',
                     'dataset_types = ["vcfg"]\nwhere = "instrument = \'Cam\' AND visit > 1"')

@@ -279,7 +279,7 @@ def test_a_manifest_changed_after_planning_is_refused_reported_and_restored(
 
     from dac_upload.cli import main
     from dac_upload.pipeline import PlanError, prepare_run, submit_tasks
-    from dac_upload.worker import run_task
+    from dac_upload.upload.task import run_task
 
     files = {f"f{i}.dat": bytes([i]) * 3 for i in range(6)}
     job = make_job(files, batching="files_per_batch = 2")
@@ -345,7 +345,7 @@ def test_a_torn_line_inside_a_results_file_is_reported_and_the_rest_kept(
 
 def test_collector_fit() -> None:
     """The collector's [slurm] time and mem are checked at plan time against the run."""
-    from dac_upload.collect import collector_fit
+    from dac_upload.render import collector_fit
 
     assert collector_fit(1_000_000, 1000, False, 3600, 2 << 30) == []
     (line,) = collector_fit(50_000_000, 1000, False, 600, 2 << 30)

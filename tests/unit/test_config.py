@@ -176,7 +176,7 @@ def test_example_job_loads() -> None:
 def test_csd3_example_renders_a_contained_apptainer_task() -> None:
     """jobs/csd3-example.toml as a new user copies it: proxy on a shared file system, the CA
     directory and the proxy bound read-only, only the worker's variables passed."""
-    from dac_upload import credentials
+    from dac_upload.rucio import credentials
 
     example = REPO / "jobs" / "csd3-example.toml"
     job = load_job(example)

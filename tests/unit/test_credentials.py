@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from unit_helpers import make_proxy
 
-from dac_upload import credentials
 from dac_upload.config import ConfigError, RucioConfig, parse_job
-from dac_upload.credentials import Credentials, CredentialsError
+from dac_upload.rucio import credentials
+from dac_upload.rucio.credentials import Credentials, CredentialsError
 
 
 def _rucio(tmp_path: Path, **keys: Any) -> RucioConfig:

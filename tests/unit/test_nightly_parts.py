@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from dac_upload.config import parse_job
-from dac_upload.credentials import proxy_seconds_left
 from dac_upload.ledger import Ledger, UnchangedFilter
 from dac_upload.locks import JobLock, LockError
 from dac_upload.nightly import credentials_problem
+from dac_upload.rucio.credentials import proxy_seconds_left
 
 
 def test_ledger_rows_per_directory(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import pytest
 from dac_upload import render
 from dac_upload.catalogue import read_catalogue, write_catalogue
 from dac_upload.config import JobConfig
-from dac_upload.credentials import Credentials
 from dac_upload.files import read_json, read_jsonl, read_manifest
 from dac_upload.pipeline import (
     CollectorNotSubmitted,
@@ -26,6 +25,7 @@ from dac_upload.pipeline import (
     submit_run,
     submit_tasks,
 )
+from dac_upload.rucio.credentials import Credentials
 from dac_upload.slurm import SlurmError
 
 TREE = {"a.fits": b"a" * 10, "b.fits": b"b" * 20, "raw/c.fits": b"c" * 30,

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from dac_upload import __version__, credentials, render
+from dac_upload import __version__, render
 from dac_upload.config import JobConfig, parse_job
+from dac_upload.rucio import credentials
 
 RUN_DIR = Path("/rds/project/x y/runs/R1")
 

@@ -1,4 +1,4 @@
-"""rucio_io's process set-up for a run's credentials (no server needed)."""
+"""rucio.client's process set-up for a run's credentials (no server needed)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from dac_upload import credentials
 from dac_upload.config import parse_job
-from dac_upload.rucio_io import _TokenFileClient, use_client_config
+from dac_upload.rucio import credentials
+from dac_upload.rucio.client import _TokenFileClient, use_client_config
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_token_client_rereads_the_file_and_never_prompts(
 
 def test_slow_rule_requests_get_smaller(monkeypatch: pytest.MonkeyPatch) -> None:
     """A request that took too long per rule (SQLite's lock waits) halves the next ones."""
-    from dac_upload import rucio_io
+    from dac_upload.rucio import client as rucio_client
 
     sizes: list[int] = []
 
@@ -105,10 +105,10 @@ def test_slow_rule_requests_get_smaller(monkeypatch: pytest.MonkeyPatch) -> None
             clock[0] += len(dids) * (1.0 if len(dids) > 25 else 0.01)
 
     clock = [0.0]
-    monkeypatch.setattr(rucio_io.time, "monotonic", lambda: clock[0])
-    rio = object.__new__(rucio_io.RucioIO)
+    monkeypatch.setattr(rucio_client.time, "monotonic", lambda: clock[0])
+    rio = object.__new__(rucio_client.RucioIO)
     rio.client, rio.rules_per_request, rio.ruled = SlowClient(), 100, set()
-    monkeypatch.setattr(rucio_io.RucioIO, "account", property(lambda self: "a"))
+    monkeypatch.setattr(rucio_client.RucioIO, "account", property(lambda self: "a"))
     assert rio.add_rules("s", [f"n{i}" for i in range(300)], "R", None) == []
     assert sizes == [100, 50, 25, 25, 25, 25, 25, 25]
     assert sum(sizes) == 300
@@ -130,7 +130,7 @@ def test_slow_rule_requests_get_smaller(monkeypatch: pytest.MonkeyPatch) -> None
     ("Connection refused", None),
 ])
 def test_tls_failures_say_what_to_fix(text: str, expect: str | None) -> None:
-    from dac_upload.rucio_io import tls_problem
+    from dac_upload.rucio.client import tls_problem
 
     line = tls_problem("https://h", Path("/ca"), Path("/px"), text)
     assert (line is None) if expect is None else (line is not None and expect in line), line
@@ -139,7 +139,7 @@ def test_tls_failures_say_what_to_fix(text: str, expect: str | None) -> None:
 def test_a_file_still_being_written_is_no_verified_copy() -> None:
     from rucio.common.exception import RSEChecksumUnavailable
 
-    from dac_upload.rucio_io import _still_written
+    from dac_upload.rucio.storage import _still_written
 
     assert _still_written(RSEChecksumUnavailable("Could not get the checksum (Operation now "
                                                  "in progress)"))

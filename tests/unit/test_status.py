@@ -87,7 +87,7 @@ def test_status_reads_markers_not_records(make_job: Any, monkeypatch: Any) -> No
     import dac_upload.collect as collect_mod
     from dac_upload.pipeline import prepare_run
     from dac_upload.runview import run_view
-    from dac_upload.worker import run_task
+    from dac_upload.upload.task import run_task
 
     job = make_job({f"f{i}.dat": bytes([i]) * 5 for i in range(4)},
                    batching="files_per_batch = 2", upload=STOCK)

@@ -1,4 +1,4 @@
-"""rucio_io.Storage with Rucio's real POSIX protocol on a temporary directory (no server):
+"""rucio_storage.Storage with Rucio's real POSIX protocol on a temporary directory (no server):
 concurrent copies into directories that do not exist yet.
 
 Rucio's posix protocol creates a file's directory with ``if not exists: makedirs``; two
@@ -19,7 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from dac_upload import rucio_io
+from dac_upload.rucio import client as rucio_client
+from dac_upload.rucio import errors as rucio_errors
+from dac_upload.rucio import storage as rucio_storage
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +55,7 @@ def _settings(prefix: Path) -> dict:
 def test_concurrent_copies_into_one_new_directory(tmp_path: Path) -> None:
     rse = tmp_path / "rse"
     rse.mkdir()
-    storage = rucio_io.Storage(_settings(rse), "never", SimpleNamespace(auth_token="opaque"))
+    storage = rucio_storage.Storage(_settings(rse), "never", SimpleNamespace(auth_token="opaque"))
     src = tmp_path / "f.dat"
     src.write_bytes(b"x" * 4096)
     adler = f"{zlib.adler32(src.read_bytes()) & 0xFFFFFFFF:08x}"
@@ -107,8 +109,8 @@ def rse(tmp_path: Path) -> Path:
     return top
 
 
-def _storage(rse: Path, rename: str = "auto") -> rucio_io.Storage:
-    return rucio_io.Storage(_settings(rse), rename, SimpleNamespace(auth_token="opaque"))
+def _storage(rse: Path, rename: str = "auto") -> rucio_storage.Storage:
+    return rucio_storage.Storage(_settings(rse), rename, SimpleNamespace(auth_token="opaque"))
 
 
 def _fail_copy(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
@@ -134,9 +136,9 @@ def test_full_storage_stops_the_task_and_leaves_nothing(
     src, adler = _source(tmp_path)
     storage = _storage(rse, rename)
     _fail_copy(monkeypatch, 28)
-    with pytest.raises(rucio_io.StorageFull) as err:
+    with pytest.raises(rucio_errors.StorageFull) as err:
         storage.put(src, "test", "a/f.dat", 10_000, adler, lambda: True)
-    assert isinstance(err.value, rucio_io.RucioFatal)
+    assert isinstance(err.value, rucio_errors.RucioFatal)
     text = str(err.value)
     assert text.startswith("the storage of RSE TMP_DISK is full (No space left on device) "
                            f"writing {storage.pfn('test', 'a/f.dat')}: "), text
@@ -148,7 +150,7 @@ def test_quota_exceeded_is_full_too(tmp_path: Path, rse: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     src, adler = _source(tmp_path)
     _fail_copy(monkeypatch, 122)   # EDQUOT
-    with pytest.raises(rucio_io.StorageFull, match=r"is full \(Disk quota exceeded\)"):
+    with pytest.raises(rucio_errors.StorageFull, match=r"is full \(Disk quota exceeded\)"):
         _storage(rse).put(src, "test", "f.dat", 10_000, adler, lambda: True)
     assert _files(rse) == []
 
@@ -158,9 +160,9 @@ def test_other_storage_errors_say_what_the_storage_said(
     """EACCES is one file's failure, named as the storage named it, not as KeyError."""
     src, adler = _source(tmp_path)
     _fail_copy(monkeypatch, 13)
-    with pytest.raises(rucio_io.RucioFileError) as err:
+    with pytest.raises(rucio_errors.RucioFileError) as err:
         _storage(rse).put(src, "test", "f.dat", 10_000, adler, lambda: True)
-    assert not isinstance(err.value, rucio_io.RucioFatal)
+    assert not isinstance(err.value, rucio_errors.RucioFatal)
     assert str(err.value).startswith("copying to TMP_DISK: PermissionError: [Errno 13] "
                                      "Permission denied"), err.value
     assert "prefix" not in str(err.value)
@@ -177,7 +179,7 @@ def test_other_storage_errors_say_what_the_storage_said(
 ])
 def test_storage_full_from_the_words(text: str, said: str | None) -> None:
     """Storages behind gfal2 say it in words only (no OSError in the chain)."""
-    assert rucio_io.storage_full(Exception(text)) == said
+    assert rucio_errors.storage_full(Exception(text)) == said
 
 
 def test_storage_full_from_the_chain() -> None:
@@ -196,18 +198,18 @@ def test_storage_full_from_the_chain() -> None:
     except RSEOperationNotSupported as exc:
         wrapped = exc
     assert "prefix" in str(wrapped)
-    assert rucio_io.storage_full(wrapped) == "No space left on device"
-    assert rucio_io.storage_error(wrapped).errno == 28
+    assert rucio_errors.storage_full(wrapped) == "No space left on device"
+    assert rucio_errors.storage_error(wrapped).errno == 28
 
 
 def test_mismatching_copy_is_removed(tmp_path: Path, rse: Path) -> None:
     src, _ = _source(tmp_path)
-    with pytest.raises(rucio_io.RucioFileError, match="does not match the file"):
+    with pytest.raises(rucio_errors.RucioFileError, match="does not match the file"):
         _storage(rse).put(src, "test", "f.dat", 10_000, "00000001", lambda: True)
     assert _files(rse) == []
 
 
-def _place(storage: rucio_io.Storage, name: str, data: bytes) -> Path:
+def _place(storage: rucio_storage.Storage, name: str, data: bytes) -> Path:
     """Bytes at a name's PFN, as an earlier copy would have left them (dated 1970, so that
     a copy written again shows: inode numbers are reused at once)."""
     import os
@@ -256,7 +258,7 @@ def test_failed_copy_in_place_keeps_bytes_another_writer_finished(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(proto, "put", put_then_fail)
-    with pytest.raises(rucio_io.RucioFileError):
+    with pytest.raises(rucio_errors.RucioFileError):
         storage.put(src, "test", "f.dat", 10_000, adler, Asked(True))
     assert Path(proto.pfn2path(storage.pfn("test", "f.dat"))).read_bytes() == src.read_bytes()
 
@@ -275,7 +277,7 @@ def test_other_bytes_replaced_only_without_a_replica(tmp_path: Path, rse: Path) 
     src, adler = _source(tmp_path)
     storage = _storage(rse)
     path = _place(storage, "f.dat", b"other bytes")
-    with pytest.raises(rucio_io.RucioFileError, match=r"other bytes are at .* left alone"):
+    with pytest.raises(rucio_errors.RucioFileError, match=r"other bytes are at .* left alone"):
         storage.put(src, "test", "f.dat", 10_000, adler, Asked(False))
     assert path.read_bytes() == b"other bytes"
     assert storage.put(src, "test", "f.dat", 10_000, adler, Asked(True))[1] == \
@@ -353,7 +355,7 @@ class _FailingUploader:
     PFN.rucio.upload through the RSE's protocol, its error wrapped in
     RSEOperationNotSupported(str(error)), logged with exc_info, then NoFilesUploaded."""
 
-    def __init__(self, storage: rucio_io.Storage) -> None:
+    def __init__(self, storage: rucio_storage.Storage) -> None:
         self.storage, self.auth_token, self.logger = storage, None, None
 
     def upload(self, items: list[dict], summary_file_path: str | None = None) -> None:
@@ -381,8 +383,8 @@ class _FailingUploader:
         raise NoFilesUploaded()
 
 
-def _stock(rse: Path, replicas: list[dict] | None = None) -> rucio_io.RucioIO:
-    rio = object.__new__(rucio_io.RucioIO)
+def _stock(rse: Path, replicas: list[dict] | None = None) -> rucio_client.RucioIO:
+    rio = object.__new__(rucio_client.RucioIO)
     storage = _storage(rse)
     rio.client = _Client(replicas or [])
     rio._storages = {"TMP_DISK": storage}
@@ -398,7 +400,7 @@ def test_stock_upload_on_a_full_storage(tmp_path: Path, rse: Path,
     src, _ = _source(tmp_path)
     rio = _stock(rse)
     _fail_copy(monkeypatch, 28)
-    with pytest.raises(rucio_io.StorageFull) as err:
+    with pytest.raises(rucio_errors.StorageFull) as err:
         rio.upload(src, "test", "f.dat", "TMP_DISK", None, None)
     pfn = rio._storages["TMP_DISK"].pfn("test", "f.dat")
     assert str(err.value).startswith(
@@ -413,7 +415,7 @@ def test_stock_upload_keeps_a_temporary_when_a_replica_is_registered(
     src, _ = _source(tmp_path)
     rio = _stock(rse, [{"name": "f.dat", "states": {"TMP_DISK": "COPYING"}, "rses": {}}])
     _fail_copy(monkeypatch, 28)
-    with pytest.raises(rucio_io.StorageFull):
+    with pytest.raises(rucio_errors.StorageFull):
         rio.upload(src, "test", "f.dat", "TMP_DISK", None, None)
     assert [p.name for p in _files(rse)] == ["f.dat.rucio.upload"]
 
@@ -423,9 +425,9 @@ def test_stock_upload_names_the_storage_error(tmp_path: Path, rse: Path,
     src, _ = _source(tmp_path)
     rio = _stock(rse)
     _fail_copy(monkeypatch, 13)
-    with pytest.raises(rucio_io.RucioFileError) as err:
+    with pytest.raises(rucio_errors.RucioFileError) as err:
         rio.upload(src, "test", "f.dat", "TMP_DISK", None, None)
-    assert not isinstance(err.value, rucio_io.RucioFatal)
+    assert not isinstance(err.value, rucio_errors.RucioFatal)
     assert str(err.value).startswith("upload failed: PermissionError: [Errno 13] Permission "
                                      "denied"), err.value
     assert _files(rse) == []

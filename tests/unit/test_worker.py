@@ -1,4 +1,4 @@
-"""worker.run_task with a fake Rucio: statuses, checksums, abort, resume, markers. These
+"""upload.task.run_task with a fake Rucio: statuses, checksums, abort, resume, markers. These
 tests drive the stock path ([upload] mode = "stock"); test_bulk.py drives the bulk path."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import pytest
 from dac_upload.config import JobConfig
 from dac_upload.files import read_json, read_jsonl
 from dac_upload.pipeline import prepare_run
-from dac_upload.rucio_io import DidInfo, ReplicaInfo, RucioFatal, RucioFileError
+from dac_upload.rucio.client import DidInfo, ReplicaInfo
+from dac_upload.rucio.errors import RucioFatal, RucioFileError
 from dac_upload.runrecord import RunLayout
-from dac_upload.worker import existing_verdict, run_task
+from dac_upload.upload.common import existing_verdict
+from dac_upload.upload.task import run_task
 
 CONTENT = {"a.fits": b"alpha", "b.fits": b"bravo-bravo", "sub/c.fits": b"", "sub/d.fits": b"d"}
 SCOPE, RSE = "user.test", "TEST_RSE"
@@ -434,7 +436,7 @@ def test_existing_did_elsewhere_gets_a_rule_here(make_job: Callable[..., JobConf
 
 def test_unreachable_server_mid_task_is_reported_as_such(
         run: tuple[RunLayout, JobConfig]) -> None:
-    from dac_upload.rucio_io import RucioUnavailable
+    from dac_upload.rucio.errors import RucioUnavailable
 
     layout, _ = run
     run_json = read_json(layout.run_json)
@@ -466,7 +468,7 @@ def _fast_retries(layout: RunLayout, retries: int) -> None:
 
 def test_transient_server_error_is_retried_then_succeeds(
         run: tuple[RunLayout, JobConfig]) -> None:
-    from dac_upload.rucio_io import RucioTransient
+    from dac_upload.rucio.errors import RucioTransient
 
     layout, _ = run
     _fast_retries(layout, 3)
@@ -491,7 +493,7 @@ def test_transient_error_that_persists_fails_the_file_and_stops_the_task(
     """A server that fails a request through every retry would fail the next files too:
     the file fails (cause transient), the rest wait for resubmit instead of each costing the
     whole retry budget."""
-    from dac_upload.rucio_io import RucioTransient
+    from dac_upload.rucio.errors import RucioTransient
 
     layout, _ = run
     _fast_retries(layout, 1)
@@ -531,7 +533,7 @@ def test_wall_time_signal_stops_after_the_current_file(run: tuple[RunLayout, Job
 
 
 def test_server_unreachable_at_start_is_retried(run: tuple[RunLayout, JobConfig]) -> None:
-    from dac_upload.rucio_io import RucioUnavailable
+    from dac_upload.rucio.errors import RucioUnavailable
 
     layout, _ = run
     _fast_retries(layout, 2)
@@ -567,8 +569,9 @@ def test_files_needing_a_person_wait_unless_told(run: tuple[RunLayout, JobConfig
 
 def test_a_proxy_near_its_end_stops_the_task_with_the_renewal(tmp_path: Path,
                                                               proxy: Path) -> None:
-    from dac_upload.credentials import PROXY_MARGIN, proxy_facts
-    from dac_upload.worker import TaskSettings, proxy_problem
+    from dac_upload.rucio.credentials import PROXY_MARGIN, proxy_facts
+    from dac_upload.runrecord import TaskSettings
+    from dac_upload.upload.common import proxy_problem
 
     s = TaskSettings(scope="s", rse="R", account=None, dataset=None, lifetime=None,
                  root=tmp_path, proxy=proxy)

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import AUTH_TYPES, RucioConfig
-from .errors import UserError
-from .files import atomic_write_text
+from ..config import AUTH_TYPES, RucioConfig
+from ..errors import UserError
+from ..files import atomic_write_text
 
 # our name -> Rucio's auth_type (a token is found by Rucio's WLCG bearer-token discovery)
 RUCIO_AUTH_TYPE = {"x509_proxy": "x509_proxy", "userpass": "userpass", "token": "oidc",

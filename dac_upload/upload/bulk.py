@@ -6,7 +6,7 @@ Rucio which names exist; the new files are copied onto the RSE by Rucio's own pr
 registered, in ONE request, as AVAILABLE replicas; ONE request reads them back (Rucio 41's
 registration skips a replica that already exists, in any state, without saying so: only the
 read-back shows that what is registered is ours); then they are protected: a rule per file
-(requests of rucio_io.RULES_PER_REQUEST), or ONE request attaching them to the dataset,
+(requests of rucio.client.RULES_PER_REQUEST), or ONE request attaching them to the dataset,
 whose rule covers them. Files already in Rucio with the same content are
 ``already_present``; a name in Rucio with other content is a ``conflict``, left alone; a
 name with a replica on this RSE that is not AVAILABLE is left alone too.
@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from .runrecord import ALREADY_PRESENT, FAILED, NOT_ATTEMPTED, UPLOADED, TaskSettings
-from .worker import (
+from ..runrecord import ALREADY_PRESENT, FAILED, NOT_ATTEMPTED, UPLOADED, TaskSettings
+from .common import (
     CopyLog,
     StopRequest,
     existing_verdict,
@@ -149,7 +149,7 @@ def _ended(exc: BaseException, stop: StopRequest, abort: Callable[[str], None]
            ) -> tuple[str, str]:
     """(reason, cause) for files a failed step leaves undone: stopped when a stop signal
     came meanwhile (Slurm's warning during a retry), else the task is aborted."""
-    from .rucio_io import RucioFatal
+    from ..rucio.errors import RucioFatal
 
     if stop.reason:
         return stop.reason, "stopped"
@@ -321,7 +321,7 @@ def _back(rio: Any, s: TaskSettings, copied: list[Record], present: list[Record]
     (DuplicateRule) and a second attachment to a dataset. A file whose rule or attachment
     another upload made first (a second run writing the same names) is already_present,
     never uploaded by both."""
-    from .rucio_io import RucioFileError, RucioTransient
+    from ..rucio.errors import RucioFileError, RucioTransient
 
     if s.guid:   # the server sets it DID by DID: about 40 % of its registration time
         for r in copied:
@@ -385,8 +385,8 @@ def _copier(storage: Any, s: TaskSettings, stop: StopRequest,
     ``own``: names an earlier attempt of this task began to copy (copies.jsonl): the note
     says whose a copy found at the PFN was, and that attempt's temporary copies
     (``stale_temps``, their tokens) are removed."""
-    from .rucio_io import RucioFatal, RucioFileError, RucioTransient
-    from .worker import _pause
+    from ..rucio.errors import RucioFatal, RucioFileError, RucioTransient
+    from .common import pause
 
     def one(r: Record) -> Record:
         for i in range(s.retries + 1):
@@ -423,7 +423,7 @@ def _copier(storage: Any, s: TaskSettings, stop: StopRequest,
                 if expired:    # the proxy ran out during this copy: that is the cause
                     raise RucioFatal(expired) from None
                 if isinstance(exc, RucioTransient) and i < s.retries:
-                    _pause(s, stop, i, f"copying {s.scope}:{r['name']}", str(exc))
+                    pause(s, stop, i, f"copying {s.scope}:{r['name']}", str(exc))
                     continue
                 cause = ("transient" if isinstance(exc, RucioTransient) else
                          "verify" if "does not match" in str(exc) else "rucio")
@@ -439,7 +439,7 @@ def _protect(rio: Any, s: TaskSettings, registered: list[Record], present: list[
     """A dataset's rule covers what is attached to it; otherwise each file gets a rule on
     the RSE (in bulk; file by file for names that may have one already, or when a bulk
     request fails). A file that cannot be protected fails alone."""
-    from .rucio_io import RucioFileError
+    from ..rucio.errors import RucioFileError
 
     new = [r for r in registered if not r.get("had_did")]
     older = present + [r for r in registered if r.get("had_did")]

@@ -1,23 +1,22 @@
-"""The only module that imports rucio. Everything Rucio says is turned into our own types and
-into two exceptions: ``RucioFileError`` (this file failed, go on with the next) and
-``RucioFatal`` (every further file would fail the same way: stop the task, say why once).
+"""The Rucio client side: configuring the Rucio client for the run's credentials, the session
+(RucioIO) every step uses for Rucio's server (preflight, lookups, bulk registration, rules,
+datasets, metadata, UploadClient's stock upload), and the TLS and ping checks. With
+rucio/errors.py and rucio/storage.py, the only code that imports rucio: everything Rucio says
+becomes our own types and the two exceptions of rucio/errors.py.
 """
-
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import re
-import secrets
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import requests
 from rucio.client import Client
@@ -32,22 +31,21 @@ from .credentials import (
     read_password,
     renew_proxy_command,
 )
-
-_LOG = logging.getLogger("dac_upload.rucio")
-
-# Errors that say nothing about one file but about the account, server or RSE.
-_FATAL = (
-    rexc.CannotAuthenticate, rexc.ServerConnectionException, rexc.InvalidRSEExpression,
-    rexc.RSENotFound, rexc.ScopeNotFound, rexc.AccessDenied, rexc.RSEWriteBlocked,
-    rexc.InsufficientAccountLimit, rexc.ConfigNotFound, rexc.MissingClientParameter,
-    EOFError,   # a Rucio client that wanted to prompt (interactive login) in a batch job
+from .errors import (
+    LOG,
+    MetadataRefused,
+    RucioFatal,
+    RucioFileError,
+    RucioUnavailable,
+    StorageFull,
+    describe,
+    full_message,
+    storage_error,
+    storage_full,
+    translate,
+    unreachable,
 )
-
-
-# The server failed, not the request: worth another try after a pause.
-_TRANSIENT = (rexc.DatabaseException, rexc.ServiceUnavailable,
-              rexc.ResourceTemporaryUnavailable)
-
+from .storage import Storage
 
 # Rucio makes the rules of one request one by one in one transaction. On the SQLite test
 # server a request of 500 made 365 rules in 2 s, then each further one waited 5 s for a lock
@@ -55,32 +53,9 @@ _TRANSIENT = (rexc.DatabaseException, rexc.ServiceUnavailable,
 # database, even requests of 100 stalled so. Requests start at RULES_PER_REQUEST rules and
 # are halved (down to 10) after one that took more than RULE_SECONDS per rule.
 RULES_PER_REQUEST = 100
+
+
 RULE_SECONDS = 0.05
-
-
-class RucioFatal(Exception):
-    """The account, server, scope or RSE is unusable: no further file can succeed."""
-
-
-class RucioUnavailable(RucioFatal):
-    """The Rucio server cannot be reached (as opposed to refusing us)."""
-
-
-class RucioFileError(Exception):
-    """This one file could not be uploaded; the message says why."""
-
-
-class MetadataRefused(RucioFileError):
-    """The server cannot keep free-form DID metadata (Rucio's JSON plugin is off: SQLite)."""
-
-
-class RucioTransient(RucioFileError):
-    """The server failed this request (HTTP 5xx, database busy): trying again may work."""
-
-
-class StorageFull(RucioFatal):
-    """The RSE's storage has no room (or our quota there is used up): every further copy
-    would fail the same way, so the task stops and says so once."""
 
 
 @dataclass(frozen=True)
@@ -97,98 +72,6 @@ class ReplicaInfo:
     pfn: str
     bytes: int | None
     adler32: str | None
-
-
-def _describe(exc: BaseException) -> str:
-    name = type(exc).__name__
-    text = " ".join(str(exc).split())
-    details = text.split("Details:", 1)[-1].strip() if "Details:" in text else text
-    if details.startswith(name + ":"):
-        details = details[len(name) + 1:].strip()
-    return f"{name}: {details}" if details else name
-
-
-def _unreachable(exc: BaseException) -> bool:
-    return isinstance(exc, (rexc.ServerConnectionException, requests.exceptions.ConnectionError,
-                            requests.exceptions.Timeout))
-
-
-def _translate(exc: BaseException, what: str) -> Exception:
-    if _unreachable(exc):
-        return RucioUnavailable(f"{what}: {_describe(exc)}")
-    if isinstance(exc, _TRANSIENT):
-        return RucioTransient(f"{what}: {_describe(exc)}")
-    if isinstance(exc, _FATAL):
-        return RucioFatal(f"{what}: {_describe(exc)}")
-    return RucioFileError(f"{what}: {_describe(exc)}")
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, then what it was raised from or while handling (``__cause__``,
-    ``__context__``) and any exception Rucio wrapped as an argument
-    (``ServiceUnavailable(e)``): Rucio's protocols bury the storage's own error there. Its
-    POSIX protocol, for one, reads ``self.rse['prefix']`` (a key that is never there) in the
-    error path of ``put``, so ENOSPC or EACCES reaches us as ``KeyError: 'prefix'``, the
-    OSError only in its ``__context__``."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__,
-                 *(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))]
-
-
-# errno values, and the words storages use (gfal2/XRootD text, WebDAV's HTTP 507), that mean
-# the storage has no room for the file
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_FULL_WORDS = ("no space left on device", "disk quota exceeded", "insufficient storage",
-               "not enough space", "out of space", "enospc", "edquot")
-
-
-def storage_full(exc: BaseException) -> str | None:
-    """What the storage said if ``exc`` means it is full ("No space left on device", "Disk
-    quota exceeded", ...), else None (pure)."""
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
-            return os.strerror(e.errno)
-    for e in _chain(exc):
-        text = " ".join(str(e).split())
-        low = text.lower()
-        for word in _FULL_WORDS:
-            at = low.find(word)
-            if at >= 0:
-                return text[at:at + len(word)]
-    return None
-
-
-def storage_error(exc: BaseException) -> OSError | None:
-    """The storage's own OSError (one with an errno) behind ``exc``, if ``exc`` is not that
-    error itself but a wrapper saying less (``KeyError: 'prefix'``); else None."""
-    for e in _chain(exc):
-        if e is not exc and isinstance(e, OSError) and e.errno:
-            return e
-    return None
-
-
-def _full_message(rse: str, said: str, pfn: str) -> str:
-    return (f"the storage of RSE {rse} is full ({said}) writing {pfn}: no further file can "
-            "be copied there; ask the RSE's admins for space (or set another [rucio] rse), "
-            "then resubmit")
-
-
-def _storage_failure(exc: BaseException, what: str, rse: str, pfn: str) -> Exception:
-    """``_translate`` for a storage operation: a full storage stops the task (StorageFull);
-    otherwise the kind ``_translate`` gives, saying what the storage itself said."""
-    said = storage_full(exc)
-    if said:
-        return StorageFull(_full_message(rse, said, pfn))
-    out = _translate(exc, what)
-    real = storage_error(exc)
-    return type(out)(f"{what}: {_describe(real)}") if real is not None else out
 
 
 def _client_creds(creds: Credentials) -> dict[str, Any]:
@@ -221,7 +104,7 @@ class _Capture(logging.Handler):
         for exc in reversed(self.errors):
             real = storage_error(exc)
             if real is not None:
-                return _describe(real)
+                return describe(real)
         for msg in reversed(self.messages):
             if msg.startswith("Exception:"):
                 return " ".join(msg[len("Exception:"):].split())
@@ -377,7 +260,7 @@ def ping(creds: Credentials) -> str:
         if line and isinstance(exc, (requests.exceptions.SSLError, OSError)):
             raise RucioFatal(line) from None
         raise RucioUnavailable(f"cannot reach the Rucio server {creds.host}: "
-                               f"{_describe(exc)}") from None
+                               f"{describe(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -422,15 +305,15 @@ class RucioIO:
             raise RucioFatal(str(exc)) from None
         except rexc.CannotAuthenticate as exc:
             host = creds.host if creds else "the server"
-            raise RucioFatal(f"Rucio at {host} refused the credentials ({_describe(exc)}); "
+            raise RucioFatal(f"Rucio at {host} refused the credentials ({describe(exc)}); "
                              "check the password, proxy or token and [rucio] account") from None
         except Exception as exc:  # the client raises many types while configuring itself
-            if _unreachable(exc):
+            if unreachable(exc):
                 if creds is not None and str(creds.host).startswith("https:"):
                     ping(creds)   # a TLS failure raises RucioFatal, saying what to fix
-                raise RucioUnavailable(f"cannot reach the Rucio server: {_describe(exc)}; "
+                raise RucioUnavailable(f"cannot reach the Rucio server: {describe(exc)}; "
                                        "check rucio_host in your rucio.cfg, or try later") from None
-            raise RucioFatal(f"cannot start a Rucio client: {_describe(exc)}; check "
+            raise RucioFatal(f"cannot start a Rucio client: {describe(exc)}; check "
                              "RUCIO_CONFIG / rucio.cfg and your credentials") from None
         self._uploader: UploadClient | None = None
         self._storages: dict[str, Storage | None] = {}
@@ -440,7 +323,7 @@ class RucioIO:
     @classmethod
     def for_run(cls, run_dir: Path, run: dict[str, Any]) -> RucioIO:
         """The session an array task of this run uses (its rucio.cfg and credentials)."""
-        from .runrecord import RunRecord
+        from ..runrecord import RunRecord
 
         record = RunRecord(run)
         if record.credentials is None:
@@ -471,9 +354,9 @@ class RucioIO:
         try:
             return self._checks(scope, rse, dataset_scope)
         except Exception as exc:
-            if _unreachable(exc):
+            if unreachable(exc):
                 raise RucioUnavailable(f"cannot reach the Rucio server {self.host}: "
-                                       f"{_describe(exc)}; try later") from None
+                                       f"{describe(exc)}; try later") from None
             raise
 
     def _checks(self, scope: str, rse: str, dataset_scope: str | None
@@ -482,18 +365,18 @@ class RucioIO:
         try:
             who = self.client.whoami()
         except Exception as exc:
-            if _unreachable(exc):
+            if unreachable(exc):
                 raise
-            return [("identity", False, f"Rucio at {self.host} refused us: {_describe(exc)}; "
+            return [("identity", False, f"Rucio at {self.host} refused us: {describe(exc)}; "
                      "check the credentials (proxy, password or token) and [rucio] account")]
         account = (who or {}).get("account", self.account)
         out.append(("identity", True, f"authenticated to {self.host} as account {account!r}"))
         try:
             scopes = set(self.client.list_scopes())
         except Exception as exc:
-            if _unreachable(exc):
+            if unreachable(exc):
                 raise
-            return [*out, ("scope", False, f"cannot list Rucio scopes: {_describe(exc)}")]
+            return [*out, ("scope", False, f"cannot list Rucio scopes: {describe(exc)}")]
         for key, value in (("scope", scope), ("dataset", dataset_scope)):
             if not value or (key == "dataset" and value == scope):
                 continue
@@ -509,9 +392,9 @@ class RucioIO:
             return [*out, ("RSE", False, f"RSE {rse!r} does not exist; check [rucio] rse "
                            "('rucio list-rses' lists them)")]
         except Exception as exc:
-            if _unreachable(exc):
+            if unreachable(exc):
                 raise
-            return [*out, ("RSE", False, f"cannot look up RSE {rse!r}: {_describe(exc)}")]
+            return [*out, ("RSE", False, f"cannot look up RSE {rse!r}: {describe(exc)}")]
         schemes = sorted({str(p.get("scheme")) for p in info.get("protocols") or []})
         out.append(("RSE", True, f"RSE {rse!r} exists (protocols: "
                     f"{', '.join(schemes) or 'none'})"))
@@ -546,7 +429,7 @@ class RucioIO:
         except rexc.DataIdentifierNotFound:
             return None
         except Exception as exc:
-            raise _translate(exc, f"looking up {scope}:{name}") from None
+            raise translate(exc, f"looking up {scope}:{name}") from None
         return DidInfo(d.get("bytes"), d.get("adler32"), d.get("md5"))
 
     def replica(self, scope: str, name: str, rse: str) -> ReplicaInfo | None:
@@ -564,7 +447,7 @@ class RucioIO:
             return {m["name"]: DidInfo(m.get("bytes"), m.get("adler32"), m.get("md5"),
                                        m.get("guid")) for m in metas}
         except Exception as exc:
-            raise _translate(exc, f"looking up {len(names)} names in {scope}") from None
+            raise translate(exc, f"looking up {len(names)} names in {scope}") from None
 
     def replicas_bulk(self, scope: str, names: list[str], rse: str) -> dict[str, ReplicaInfo]:
         """Replicas on ``rse`` (any state) of these DIDs: one request."""
@@ -585,7 +468,7 @@ class RucioIO:
         except (rexc.DataIdentifierNotFound, rexc.ReplicaNotFound):
             return {}
         except Exception as exc:
-            raise _translate(exc, f"listing replicas of {what}") from None
+            raise translate(exc, f"listing replicas of {what}") from None
         out = {}
         for rep in reps:
             state = (rep.get("states") or {}).get(rse)
@@ -608,7 +491,7 @@ class RucioIO:
         try:
             self.client.add_replicas(rse=rse, files=body)
         except Exception as exc:
-            raise _translate(exc, f"registering {len(files)} replicas on {rse}") from None
+            raise translate(exc, f"registering {len(files)} replicas on {rse}") from None
 
     def add_rules(self, scope: str, names: list[str], rse: str,
                   lifetime: int | None) -> list[str]:
@@ -633,7 +516,7 @@ class RucioIO:
                 refused += part
                 continue
             except Exception as exc:
-                raise _translate(exc, f"adding rules for {len(part)} files on {rse}") from None
+                raise translate(exc, f"adding rules for {len(part)} files on {rse}") from None
             self.ruled.update((scope, n) for n in part)
             if (time.monotonic() - t0) / len(part) > RULE_SECONDS:
                 self.rules_per_request = max(10, self.rules_per_request // 2)
@@ -655,9 +538,9 @@ class RucioIO:
                     f"the Rucio server keeps no metadata {', '.join(keys)} (\"No plugin "
                     "manages\"): its JSON metadata plugin is off (a SQLite database, or "
                     "[metadata] plugins without json_meta)") from None
-            raise _translate(exc, f"setting the metadata of {len(items)} files") from None
+            raise translate(exc, f"setting the metadata of {len(items)} files") from None
         except Exception as exc:
-            raise _translate(exc, f"setting the metadata of {len(items)} files") from None
+            raise translate(exc, f"setting the metadata of {len(items)} files") from None
 
     def attach_bulk(self, dataset: tuple[str, str], scope: str, names: list[str]) -> bool:
         """Attach the files to the dataset in one request; False (nothing attached) if one
@@ -670,7 +553,7 @@ class RucioIO:
         except (rexc.FileAlreadyExists, rexc.DuplicateContent):
             return False
         except Exception as exc:
-            raise _translate(exc, f"attaching {len(names)} files to "
+            raise translate(exc, f"attaching {len(names)} files to "
                              f"{dataset[0]}:{dataset[1]}") from None
         return True
 
@@ -682,7 +565,7 @@ class RucioIO:
         try:
             settings = rsemanager.get_rse_info(rse, vo=self.client.vo)
         except Exception as exc:
-            raise _translate(exc, f"reading the description of RSE {rse}") from None
+            raise translate(exc, f"reading the description of RSE {rse}") from None
         why = ("is not deterministic" if not settings.get("deterministic", True) else
                "is reached through signed URLs" if settings.get("sign_url") else None)
         if why:
@@ -714,7 +597,7 @@ class RucioIO:
         except rexc.DataIdentifierAlreadyExists:
             pass
         except Exception as exc:
-            raise _translate(exc, f"creating dataset {scope}:{name}") from None
+            raise translate(exc, f"creating dataset {scope}:{name}") from None
         return "rule added" if self.ensure_rule(scope, name, rse, lifetime, "DATASET") \
             else "exists"
 
@@ -736,7 +619,7 @@ class RucioIO:
         except rexc.DuplicateRule:
             return False
         except Exception as exc:
-            raise _translate(exc, f"adding a rule for {scope}:{name} on {rse}") from None
+            raise translate(exc, f"adding a rule for {scope}:{name} on {rse}") from None
         self.ruled.add((scope, name))
         return True
 
@@ -748,7 +631,7 @@ class RucioIO:
         except rexc.FileAlreadyExists:
             return False
         except Exception as exc:
-            raise _translate(exc, f"attaching to {dataset[0]}:{dataset[1]}") from None
+            raise translate(exc, f"attaching to {dataset[0]}:{dataset[1]}") from None
         return True
 
     # ------------------------------------------------------------------ upload
@@ -792,14 +675,14 @@ class RucioIO:
             pfn = self._remove_failed_copy(scope, name, rse, free)
             said = capture.full()
             if said:
-                raise StorageFull(_full_message(rse, said, pfn or f"{scope}:{name}")) from None
+                raise StorageFull(full_message(rse, said, pfn or f"{scope}:{name}")) from None
             reason = capture.reason() or "Rucio uploaded nothing and gave no reason"
             raise RucioFileError(f"upload failed: {reason}") from None
         except (RucioFatal, RucioFileError):   # ours already (the leftover check)
             raise
         except Exception as exc:
             self._remove_failed_copy(scope, name, rse, free)
-            raise _translate(exc, "upload failed") from None
+            raise translate(exc, "upload failed") from None
         finally:
             Path(summary_path).unlink(missing_ok=True)
 
@@ -820,10 +703,10 @@ class RucioIO:
             target = f"{pfn}.rucio.upload" if proto.renaming else pfn if free else None
             if target and proto.exists(target) and self.replica(scope, name, rse) is None:
                 storage._protocol("delete").delete(target)
-                _LOG.info("removed %s, left by a failed upload of %s:%s", target, scope, name)
+                LOG.info("removed %s, left by a failed upload of %s:%s", target, scope, name)
         except Exception as exc:   # the upload's own error is what the caller must see
-            _LOG.warning("could not remove what a failed upload of %s:%s left on %s: %s",
-                         scope, name, rse, _describe(exc))
+            LOG.warning("could not remove what a failed upload of %s:%s left on %s: %s",
+                         scope, name, rse, describe(exc))
         return pfn
 
     def _clear_unregistered_leftover(self, scope: str, name: str, rse: str) -> bool:
@@ -855,9 +738,9 @@ class RucioIO:
         except RucioFatal:
             raise
         except Exception as exc:
-            raise _translate(exc, f"removing an unregistered leftover of {scope}:{name} on "
+            raise translate(exc, f"removing an unregistered leftover of {scope}:{name} on "
                              f"{rse}") from None
-        _LOG.info("removed an unregistered leftover of %s:%s at %s", scope, name, pfn)
+        LOG.info("removed an unregistered leftover of %s:%s at %s", scope, name, pfn)
         return True
 
     def download(self, scope: str, name: str, rse: str, directory: Path) -> Path:
@@ -873,7 +756,7 @@ class RucioIO:
                 [{"did": f"{scope}:{name}", "rse": rse, "base_dir": str(directory),
                   "no_subdir": True}])
         except Exception as exc:
-            raise _translate(exc, f"reading {scope}:{name} back from {rse}") from None
+            raise translate(exc, f"reading {scope}:{name} back from {rse}") from None
         return directory / name
 
     def _upload_client(self, logger: logging.Logger) -> UploadClient:
@@ -882,216 +765,3 @@ class RucioIO:
             self._uploader = UploadClient(_client=self.client, logger=logger)
             self._uploader.tracing = False
         return self._uploader
-
-
-class Storage:
-    """Copies onto one RSE with Rucio's protocol objects (one per thread: gfal contexts are
-    not shared), verified at the destination before the caller registers anything.
-
-    ``rename``: "auto" follows the RSE's protocol implementation (Rucio's NoRename classes
-    say False), "never" writes straight to the final PFN (Echo cannot rename), "always"
-    writes ``PFN.TOKEN.rucio.upload`` and renames it once verified. ``temp_token`` is this
-    object's own (random, made once): two writers of one name (two tasks, two runs) never
-    share a temporary file, and neither removes the other's."""
-
-    def __init__(self, settings: dict[str, Any], rename: str, client: Client) -> None:
-        import threading
-
-        self.settings = settings
-        self.rename_mode = rename
-        self.verify_checksum = settings.get("verify_checksum", True) is not False
-        self._local = threading.local()
-        self._creating = threading.Lock()
-        self._made_dirs: set[str] = set()   # on a POSIX RSE, by _make_local_parent
-        self._token = client.auth_token if len(client.auth_token.split(".")) == 3 else None
-        self.temp_token = secrets.token_hex(4)
-
-    def _protocol(self, operation: str = "write") -> Any:
-        from rucio.rse import rsemanager
-
-        key = f"proto_{operation}"
-        proto = getattr(self._local, key, None)
-        if proto is None:
-            with self._creating:   # create_protocol sets and pops a key of the RSE's shared
-                proto = rsemanager.create_protocol(   # protocol dict: one thread at a time
-                    self.settings, operation, domain="wan", auth_token=self._token,
-                    logger=_quiet_log)
-            proto.connect()
-            setattr(self._local, key, proto)
-        return proto
-
-    @property
-    def verification(self) -> str:
-        """How _matches checks a copy: Rucio's POSIX protocol reads the copy back for its
-        adler32; every other protocol (gfal: root, davs, ...) asks the storage, which
-        computes it (XRootD's chksum), so the copy is not read again by us."""
-        from .runrecord import READ_BACK_VERIFIED, STORAGE_VERIFIED
-
-        scheme = self._protocol().attributes.get("scheme")
-        return READ_BACK_VERIFIED if scheme == "file" else STORAGE_VERIFIED
-
-    @property
-    def renames(self) -> bool:
-        renaming = bool(self._protocol().renaming)
-        if self.rename_mode == "always" and not renaming:
-            impl = self._protocol().attributes.get("impl", "its protocol")
-            raise RucioFatal(f"RSE {self.settings.get('rse')} cannot rename ({impl}): set "
-                             "[upload] rename = \"auto\" (or \"never\"), which writes the final "
-                             "name and registers nothing before the copy there is verified")
-        if self.rename_mode == "auto":
-            return renaming
-        return self.rename_mode == "always"
-
-    def pfn(self, scope: str, name: str) -> str:
-        pfns = self._protocol().lfns2pfns({"scope": scope, "name": name})
-        return str(next(iter(pfns.values())))
-
-    def temp_pfn(self, pfn: str, token: str | None = None) -> str:
-        """The temporary name this writer (or the writer of ``token``) copies ``pfn`` to
-        before renaming it."""
-        return f"{pfn}.{token or self.temp_token}.rucio.upload"
-
-    def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
-            may_replace: Callable[[], bool], *,
-            stale_temps: Collection[str] = ()) -> tuple[str, str]:
-        """Copy ``path`` to its PFN and check the copy there; (pfn, how): "copied",
-        "found" or "replaced". Raises RucioFileError, or StorageFull (a RucioFatal) when the
-        storage has no room: every later copy would fail too.
-
-        Something already at the PFN that matches (size and adler32) is kept and "found",
-        whoever wrote it (an earlier attempt of this task, or another writer of the same
-        name, such as a second run, whose copy may be registered at any moment): bytes that
-        may be a registered replica's are never deleted. Which
-        upload counts is then decided by the registration's protection (bulk._back), not
-        by who wrote the bytes. Anything else there is replaced only if ``may_replace()``
-        says no replica of the name is registered on the RSE at that moment (an
-        unregistered leftover, partial or other bytes), else RucioFileError (left alone).
-
-        What this attempt wrote is removed again when the copy fails: its temporary copy,
-        or, written in place, the final one unless the bytes there are the file's by now or
-        Rucio has a replica there (another writer of the name finished meanwhile).
-        ``stale_temps``: the temporary-name tokens of earlier attempts of this task that
-        began this name (copies.jsonl); a killed one's ``PFN.<token>.rucio.upload`` is
-        removed."""
-        written: str | None = None   # what this attempt has started to write
-        pfn = ""
-        try:
-            proto = self._protocol()
-            pfn = self.pfn(scope, name)
-            how = "copied"
-            if proto.exists(pfn):
-                if self._keep_existing(proto, pfn, size, adler32, may_replace):
-                    return pfn, "found"
-                self._protocol("delete").delete(pfn)
-                how = "replaced"
-            target = self.temp_pfn(pfn) if self.renames else pfn
-            for token in set(stale_temps) - {self.temp_token} if target != pfn else ():
-                stale = self.temp_pfn(pfn, token)   # a killed earlier attempt's
-                if proto.exists(stale):
-                    self._protocol("delete").delete(stale)
-            if target != pfn and proto.exists(target):   # ours, from a try that failed
-                self._protocol("delete").delete(target)
-            self._make_local_parent(proto, target)
-            written = target
-            proto.put(str(path), target, None)
-            if not self._matches(proto, target, size, adler32):
-                raise RucioFileError(f"the copy at {target} does not match the file (size or "
-                                     "adler32): not registered")
-            if target != pfn:
-                proto.rename(target, pfn)
-            return pfn, how
-        except Exception as exc:
-            if written is not None and (written != pfn or self._discardable(
-                    pfn, size, adler32, may_replace)):
-                self._discard(written)
-            if isinstance(exc, (RucioFileError, RucioFatal)):
-                raise
-            rse = str(self.settings.get("rse"))
-            raise _storage_failure(exc, f"copying to {rse}", rse,
-                                   pfn or f"{scope}:{name}") from None
-
-    def _keep_existing(self, proto: Any, pfn: str, size: int, adler32: str,
-                       may_replace: Callable[[], bool]) -> bool:
-        """put's decision on a file already at ``pfn``: True to keep it ("found"), False to
-        replace it; RucioFileError when it differs and a replica of the name is registered."""
-        if self._matches(proto, pfn, size, adler32):
-            return True   # whoever wrote these bytes: never deleted (see put)
-        if may_replace():
-            return False
-        raise RucioFileError(f"other bytes are at {pfn} and Rucio now has a replica of that "
-                             "name there: left alone")
-
-    def _discardable(self, pfn: str, size: int, adler32: str,
-                     may_replace: Callable[[], bool]) -> bool:
-        """Whether a failed copy written in place (no rename) may be removed: not if the
-        bytes there now are the file's (another writer of the same name finished meanwhile:
-        its copy may be registered already), nor if Rucio has a replica there by now."""
-        try:
-            if self._matches(self._protocol(), pfn, size, adler32):
-                return False
-        except Exception:   # no checksum, gone: fall through to Rucio's answer
-            pass
-        try:
-            return bool(may_replace())
-        except Exception:
-            return False
-
-    def _discard(self, pfn: str) -> None:
-        """Remove what a failed copy left at ``pfn`` (a partial or unverified copy nobody has
-        registered); a removal that fails is logged, the copy's own error is what counts."""
-        try:
-            if self._protocol().exists(pfn):
-                self._protocol("delete").delete(pfn)
-        except Exception as exc:
-            _LOG.warning("could not remove %s after a failed copy: %s", pfn, _describe(exc))
-
-    def _make_local_parent(self, proto: Any, pfn: str) -> None:
-        """Rucio's POSIX protocol makes a file's directory with "if not exists: makedirs",
-        so two concurrent copies into the same new directory race and one fails
-        (FileExistsError, reported as KeyError: 'prefix'; one file in a thousand on the test
-        RSE). Made here first, race-free, once per directory (a set remembers them: with
-        Rucio's "identity" paths a directory holds many files; with "hash" paths a
-        1,000-file task spreads over about as many directories, and the set rarely helps);
-        other protocols create directories on the server side."""
-        if proto.attributes.get("scheme") == "file" and hasattr(proto, "pfn2path"):
-            directory = os.path.dirname(proto.pfn2path(pfn))
-            if directory not in self._made_dirs:
-                os.makedirs(directory, exist_ok=True)
-                self._made_dirs.add(directory)
-
-    def _matches(self, proto: Any, pfn: str, size: int, adler32: str) -> bool:
-        """The destination's own size and adler32 (a checksum is required unless the RSE
-        says verify_checksum = False)."""
-        try:
-            st = proto.stat(pfn)
-        except NotImplementedError:
-            st = {}
-        except rexc.RSEChecksumUnavailable as exc:
-            if _still_written(exc):   # a file still open for writing is no verified copy
-                return False
-            st = {}
-        stat_size = int(st["filesize"]) if st.get("filesize") is not None else None
-        if "adler32" in st:   # gfal, xrootd, ... give the size as a string
-            return str(st["adler32"]).lower().zfill(8) == adler32 and \
-                stat_size in (None, size)
-        if self.verify_checksum:
-            raise RucioFileError(f"the RSE gives no checksum for {pfn}: cannot verify the copy "
-                                 "(set verify_checksum on the RSE, or [upload] mode = "
-                                 "\"stock\")")
-        return stat_size == size
-
-
-def _still_written(exc: BaseException) -> bool:
-    """The storage will not checksum the file because it is open for writing: gfal2 writes
-    to XRootD with POSC (persist on successful close), and a file whose writer was killed is
-    held for the writer's return (XRootD's ofs.persist hold, 600 s by default), then removed;
-    meanwhile a checksum is refused with EINPROGRESS or ETXTBSY. Seen on the test stack."""
-    text = str(exc).lower()
-    return "operation now in progress" in text or "text file busy" in text
-
-
-def _quiet_log(level: int, msg: str, *args: Any, **kwargs: Any) -> None:
-    """The logger Rucio's protocol objects are given: they call it as ``logging.log`` (Rucio's
-    formatted_logger passes ``stacklevel=``), and only warnings are worth keeping."""
-    if level >= logging.WARNING:
-        _LOG.log(level, msg, *args, **kwargs)

@@ -1,0 +1,148 @@
+"""What Rucio, gfal2 and the storage say, turned into our own two kinds: RucioFileError (this
+file failed, go on with the next) and RucioFatal (every further file would fail the same way:
+stop the task, say why once); and whether a storage error means the RSE is full."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+
+import requests
+from rucio.common import exception as rexc
+
+LOG = logging.getLogger("dac_upload.rucio")
+
+
+# Errors that say nothing about one file but about the account, server or RSE.
+_FATAL = (
+    rexc.CannotAuthenticate, rexc.ServerConnectionException, rexc.InvalidRSEExpression,
+    rexc.RSENotFound, rexc.ScopeNotFound, rexc.AccessDenied, rexc.RSEWriteBlocked,
+    rexc.InsufficientAccountLimit, rexc.ConfigNotFound, rexc.MissingClientParameter,
+    EOFError,   # a Rucio client that wanted to prompt (interactive login) in a batch job
+)
+
+
+# The server failed, not the request: worth another try after a pause.
+_TRANSIENT = (rexc.DatabaseException, rexc.ServiceUnavailable,
+              rexc.ResourceTemporaryUnavailable)
+
+
+class RucioFatal(Exception):
+    """The account, server, scope or RSE is unusable: no further file can succeed."""
+
+
+class RucioUnavailable(RucioFatal):
+    """The Rucio server cannot be reached (as opposed to refusing us)."""
+
+
+class RucioFileError(Exception):
+    """This one file could not be uploaded; the message says why."""
+
+
+class MetadataRefused(RucioFileError):
+    """The server cannot keep free-form DID metadata (Rucio's JSON plugin is off: SQLite)."""
+
+
+class RucioTransient(RucioFileError):
+    """The server failed this request (HTTP 5xx, database busy): trying again may work."""
+
+
+class StorageFull(RucioFatal):
+    """The RSE's storage has no room (or our quota there is used up): every further copy
+    would fail the same way, so the task stops and says so once."""
+
+
+def describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    details = text.split("Details:", 1)[-1].strip() if "Details:" in text else text
+    if details.startswith(name + ":"):
+        details = details[len(name) + 1:].strip()
+    return f"{name}: {details}" if details else name
+
+
+def unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, (rexc.ServerConnectionException, requests.exceptions.ConnectionError,
+                            requests.exceptions.Timeout))
+
+
+def translate(exc: BaseException, what: str) -> Exception:
+    if unreachable(exc):
+        return RucioUnavailable(f"{what}: {describe(exc)}")
+    if isinstance(exc, _TRANSIENT):
+        return RucioTransient(f"{what}: {describe(exc)}")
+    if isinstance(exc, _FATAL):
+        return RucioFatal(f"{what}: {describe(exc)}")
+    return RucioFileError(f"{what}: {describe(exc)}")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or while handling (``__cause__``,
+    ``__context__``) and any exception Rucio wrapped as an argument
+    (``ServiceUnavailable(e)``): Rucio's protocols bury the storage's own error there. Its
+    POSIX protocol, for one, reads ``self.rse['prefix']`` (a key that is never there) in the
+    error path of ``put``, so ENOSPC or EACCES reaches us as ``KeyError: 'prefix'``, the
+    OSError only in its ``__context__``."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__,
+                 *(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))]
+
+
+# errno values, and the words storages use (gfal2/XRootD text, WebDAV's HTTP 507), that mean
+# the storage has no room for the file
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+_FULL_WORDS = ("no space left on device", "disk quota exceeded", "insufficient storage",
+               "not enough space", "out of space", "enospc", "edquot")
+
+
+def storage_full(exc: BaseException) -> str | None:
+    """What the storage said if ``exc`` means it is full ("No space left on device", "Disk
+    quota exceeded", ...), else None (pure)."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return os.strerror(e.errno)
+    for e in _chain(exc):
+        text = " ".join(str(e).split())
+        low = text.lower()
+        for word in _FULL_WORDS:
+            at = low.find(word)
+            if at >= 0:
+                return text[at:at + len(word)]
+    return None
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The storage's own OSError (one with an errno) behind ``exc``, if ``exc`` is not that
+    error itself but a wrapper saying less (``KeyError: 'prefix'``); else None."""
+    for e in _chain(exc):
+        if e is not exc and isinstance(e, OSError) and e.errno:
+            return e
+    return None
+
+
+def full_message(rse: str, said: str, pfn: str) -> str:
+    return (f"the storage of RSE {rse} is full ({said}) writing {pfn}: no further file can "
+            "be copied there; ask the RSE's admins for space (or set another [rucio] rse), "
+            "then resubmit")
+
+
+def storage_failure(exc: BaseException, what: str, rse: str, pfn: str) -> Exception:
+    """``_translate`` for a storage operation: a full storage stops the task (StorageFull);
+    otherwise the kind ``_translate`` gives, saying what the storage itself said."""
+    said = storage_full(exc)
+    if said:
+        return StorageFull(full_message(rse, said, pfn))
+    out = translate(exc, what)
+    real = storage_error(exc)
+    return type(out)(f"{what}: {describe(real)}") if real is not None else out
