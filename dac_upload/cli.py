@@ -19,7 +19,7 @@ import click
 
 from . import __version__
 from .catalogue import write_catalogue
-from .config import ConfigError, JobConfig, load_job, slurm_time_seconds
+from .config import ConfigError, JobConfig, load_job
 from .errors import Exit
 from .files import utc_now
 from .pipeline import (
@@ -28,13 +28,15 @@ from .pipeline import (
     PreparedRun,
     Submission,
     catalogue_only,
+    credential_warnings,
     prepare_run,
     submit_run,
     submit_tasks,
 )
 from .progress import Progress, human_bytes
-from .rucio import credentials
+from .rucio import credentials, preflight
 from .rucio.credentials import Credentials
+from .rucio.errors import RucioUnavailable
 from .runrecord import RunRecord
 
 
@@ -57,45 +59,12 @@ def _load(job_file: str) -> JobConfig:
     return job
 
 
-def _rucio_preflight(job: JobConfig, creds: Credentials) -> list[str]:
-    """Problems with the credential files, then what Rucio reports for this job (a real
-    login, not a cached token); an unreachable server raises RucioUnavailable."""
-    ds = job.rucio.dataset_did
-    return _rucio_problems(creds, job.rucio.scope, job.rucio.rse, ds[0] if ds else None)
-
-
-def _rucio_problems(creds: Credentials, scope: str, rse: str,
-                    dataset_scope: str | None) -> list[str]:
-    problems = credentials.local_problems(creds)
-    if problems:
-        return problems
-    from .rucio.client import fresh_session, ping
-    from .rucio.errors import RucioFatal, RucioUnavailable
-
-    logging.getLogger("baseclient").setLevel(logging.CRITICAL)  # we report in one line
-    try:
-        ping(creds)   # a TLS failure (CA, host name, a refused proxy) is said as such
-        with fresh_session(creds) as rio:
-            return rio.preflight(scope, rse, dataset_scope)
-    except RucioUnavailable:
-        raise
-    except RucioFatal as exc:
-        return [str(exc)]
-
-
 def _check_run_rucio(run_dir: Path, what: str) -> None:
     """Before Slurm gets tasks of a planned run: the server answers, the run's credentials
     log in (a real login), its scope and RSE are usable. A submission that could only fail
     would spend an attempt (and nightly's resubmission budget) for nothing."""
-    from .rucio.errors import RucioUnavailable
-
-    run = RunRecord(_read_run_json(run_dir))
-    if run.credentials is None:
-        return   # planned by a version that recorded none: the tasks use RUCIO_CONFIG
-    ds = run.dataset_did
     try:
-        problems = _rucio_problems(Credentials.from_record(run.credentials), run.scope,
-                                   run.rse, ds[0] if ds else None)
+        problems = preflight.run_problems(RunRecord(_read_run_json(run_dir)))
     except RucioUnavailable as exc:
         _fail(f"{exc}; not {what}: the tasks could only fail (try again when it answers, "
               "or --offline to submit anyway)", Exit.SERVICE)
@@ -106,15 +75,12 @@ def _check_run_rucio(run_dir: Path, what: str) -> None:
 
 def _plan(job: JobConfig, offline: bool, catalogue_file: Path | None = None) -> PreparedRun:
     try:
-        return prepare_run(job, preflight=None if offline else _rucio_preflight,
+        return prepare_run(job, preflight=None if offline else preflight.job_problems,
                            progress=None if catalogue_file else Progress("cataloguing"),
                            catalogue_file=catalogue_file)
     except PlanError as exc:
         _fail(exc.lines, Exit.USER)
-    except Exception as exc:
-        from .rucio.errors import RucioUnavailable  # imported only now: planning offline needs
-        if not isinstance(exc, RucioUnavailable):  # no rucio import at all
-            raise
+    except RucioUnavailable as exc:
         _fail(f"{exc} (or plan without the Rucio checks: --offline)", Exit.SERVICE)
 
 
@@ -139,22 +105,10 @@ def _describe(prep: PreparedRun) -> None:
         click.echo(f"note: {note}", err=True)
     click.echo("credentials:   "
                + Credentials.from_record(prep.run["credentials"]).describe())
-    for line in _credential_warnings(prep):
+    for line in credential_warnings(prep):
         click.echo(f"warning: {line}", err=True)
     click.echo(f"array script:  {prep.layout.array_script}")
     click.echo(f"collector:     {prep.layout.collect_script}")
-
-
-def _credential_warnings(prep: PreparedRun) -> list[str]:
-    """The proxy (or token) expiring before the array can finish, a proxy only this node
-    can see: worth a line, not a refusal (the array may start at once, the node may be it)."""
-    creds = Credentials.from_record(prep.run["credentials"])
-    waves = -(-len(prep.batches) // max(1, int(prep.run["plan"]["max_running"])))
-    task_time = str(prep.run["slurm"]["array"]["time"])
-    need = slurm_time_seconds(task_time) * waves
-    expiry = credentials.expiry_warning(
-        creds, need, f"the array can finish once it starts ({waves} wave(s) of {task_time})")
-    return credentials.local_warnings(creds) + ([expiry] if expiry else [])
 
 
 _KEPT: list[Any] = []   # big results left to the process's end (entry's exit frees nothing)
@@ -639,7 +593,7 @@ def nightly(job_file: str, quiet: bool, wait: bool, timeout: float, full: bool,
             problem=True)
     opts = NightOptions(full=full, wait=wait, timeout=timeout,
                         break_stale_lock=break_stale_lock, offline=offline)
-    sys.exit(run_night(job, opts, say, _rucio_preflight))
+    sys.exit(run_night(job, opts, say, preflight.job_problems))
 
 
 @main.command()

@@ -24,6 +24,7 @@ from .config import JobConfig, slurm_time_seconds
 from .errors import Exit
 from .files import utc_now
 from .locks import JobLock, LockError, run_submission_lock
+from .rucio.errors import RucioUnavailable
 from .runrecord import (
     DONE_STATES,
     PERMANENT_CAUSES,
@@ -227,11 +228,7 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
         for line in exc.lines:
             say(line, problem=True)
         return Exit.USER, None
-    except Exception as exc:
-        from .rucio.errors import RucioUnavailable
-
-        if not isinstance(exc, RucioUnavailable):
-            raise
+    except RucioUnavailable as exc:
         say(str(exc), problem=True)
         return Exit.SERVICE, None
     finally:
@@ -404,11 +401,7 @@ def _rucio_refuses(job: JobConfig, preflight: Any, say: Reporter, what: str) -> 
         problems = preflight(job, resolve(job.rucio, os.environ, os.getuid(), str(job.path)))
     except CredentialsError as exc:
         problems = exc.lines
-    except Exception as exc:
-        from .rucio.errors import RucioUnavailable
-
-        if not isinstance(exc, RucioUnavailable):
-            raise
+    except RucioUnavailable as exc:
         say(f"not {what}: {exc}", problem=True)
         return Exit.SERVICE
     for line in problems:

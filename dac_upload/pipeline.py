@@ -595,3 +595,17 @@ def _body_of(script: Path) -> str:
     while i < len(lines) and (not lines[i].strip() or lines[i].startswith("#SBATCH")):
         i += 1
     return "".join(lines[i:])
+
+
+def credential_warnings(prep: PreparedRun) -> list[str]:
+    """The proxy (or token) expiring before the array can finish, a proxy only this node
+    can see: worth a line, not a refusal (the array may start at once, the node may be it)."""
+    from .config import slurm_time_seconds
+
+    creds = Credentials.from_record(prep.run["credentials"])
+    waves = -(-len(prep.batches) // max(1, int(prep.run["plan"]["max_running"])))
+    task_time = str(prep.run["slurm"]["array"]["time"])
+    need = slurm_time_seconds(task_time) * waves
+    expiry = credentials.expiry_warning(
+        creds, need, f"the array can finish once it starts ({waves} wave(s) of {task_time})")
+    return credentials.local_warnings(creds) + ([expiry] if expiry else [])

@@ -5,28 +5,35 @@ stop the task, say why once); and whether a storage error means the RSE is full.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from collections.abc import Iterator
 
-import requests
-from rucio.common import exception as rexc
-
 LOG = logging.getLogger("dac_upload.rucio")
 
 
-# Errors that say nothing about one file but about the account, server or RSE.
-_FATAL = (
-    rexc.CannotAuthenticate, rexc.ServerConnectionException, rexc.InvalidRSEExpression,
-    rexc.RSENotFound, rexc.ScopeNotFound, rexc.AccessDenied, rexc.RSEWriteBlocked,
-    rexc.InsufficientAccountLimit, rexc.ConfigNotFound, rexc.MissingClientParameter,
-    EOFError,   # a Rucio client that wanted to prompt (interactive login) in a batch job
-)
+@functools.cache
+def _kinds() -> tuple[tuple[type[BaseException], ...], ...]:
+    """(fatal, transient, unreachable) exception types of Rucio and requests. Imported when
+    first asked: our exception classes below are imported by steps that never talk to
+    Rucio (planning --offline), which must not pay for importing it."""
+    import requests
+    from rucio.common import exception as rexc
 
-
-# The server failed, not the request: worth another try after a pause.
-_TRANSIENT = (rexc.DatabaseException, rexc.ServiceUnavailable,
-              rexc.ResourceTemporaryUnavailable)
+    # errors that say nothing about one file but about the account, server or RSE
+    fatal = (
+        rexc.CannotAuthenticate, rexc.ServerConnectionException, rexc.InvalidRSEExpression,
+        rexc.RSENotFound, rexc.ScopeNotFound, rexc.AccessDenied, rexc.RSEWriteBlocked,
+        rexc.InsufficientAccountLimit, rexc.ConfigNotFound, rexc.MissingClientParameter,
+        EOFError,   # a Rucio client that wanted to prompt (interactive login) in a batch job
+    )
+    # the server failed, not the request: worth another try after a pause
+    transient = (rexc.DatabaseException, rexc.ServiceUnavailable,
+                 rexc.ResourceTemporaryUnavailable)
+    unreachable = (rexc.ServerConnectionException, requests.exceptions.ConnectionError,
+                   requests.exceptions.Timeout)
+    return fatal, transient, unreachable
 
 
 class RucioFatal(Exception):
@@ -64,16 +71,16 @@ def describe(exc: BaseException) -> str:
 
 
 def unreachable(exc: BaseException) -> bool:
-    return isinstance(exc, (rexc.ServerConnectionException, requests.exceptions.ConnectionError,
-                            requests.exceptions.Timeout))
+    return isinstance(exc, _kinds()[2])
 
 
 def translate(exc: BaseException, what: str) -> Exception:
+    fatal, transient, _ = _kinds()
     if unreachable(exc):
         return RucioUnavailable(f"{what}: {describe(exc)}")
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, transient):
         return RucioTransient(f"{what}: {describe(exc)}")
-    if isinstance(exc, _FATAL):
+    if isinstance(exc, fatal):
         return RucioFatal(f"{what}: {describe(exc)}")
     return RucioFileError(f"{what}: {describe(exc)}")
 
