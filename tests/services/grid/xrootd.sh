@@ -67,6 +67,12 @@ xrootd.chksum max 64 adler32 md5
 # (other clients get EINPROGRESS or wait) for 'hold' seconds, then removed. XRootD's default
 # hold is 600 s; the tests use GRID_XRD_POSC_HOLD (default 20) to see both sides in time.
 ofs.persist manual hold ${GRID_XRD_POSC_HOLD:-20}
+# XRootD 5.5's scheduler can lose the job that accepts connections on the https port (a link
+# queued twice: the log shows 'XrdLink: Dispatch on closed link' from two threads). https
+# then answers nothing (clients: 'SSL handshake failed: Connection timed out') until the
+# idle-thread check wakes a worker, every 'idle' seconds (default 780: a CI run saw 12 min).
+# Reproduced under load on this stack; with 15 the same event healed in 6 s.
+xrd.sched idle 15
 
 # TLS for XrdHttp (https/davs) and for xroot's own TLS if a client asks
 xrd.tls $CA/xrd/xrdcert.pem $CA/xrd/xrdkey.pem
