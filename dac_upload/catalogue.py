@@ -139,6 +139,56 @@ def walk(source: SourceConfig, progress: Progress | None = None,
 
 
 _READ_ALL = 0o444
+SKIP_SYMLINK = 'symlink skipped (symlinks = "skip")'
+REFUSE_SYMLINK = 'is a symlink and symlinks = "refuse"; remove it or set symlinks = "follow"'
+UNREADABLE = "not readable by you; fix its permissions (chmod u+r or g+r)"
+
+
+class Reader:
+    """Whether this user can read a file, from the stat already in hand (no extra metadata
+    call on Lustre): the mode bits, confirmed by os.access (which also sees ACLs) only when
+    they say no."""
+
+    def __init__(self) -> None:
+        self.uid, self.groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
+
+    def can_read(self, st: Any, path: str) -> bool:
+        return (st.st_mode & _READ_ALL == _READ_ALL or _readable(st, self.uid, self.groups)
+                or os.access(path, os.R_OK))
+
+
+class Verdict(NamedTuple):
+    """What one source entry is, as the walk and a Butler source judge it alike: a file to
+    upload (``st``: its stat, a symlink followed; ``link_dir``: the directory a followed
+    symlink points into), or skipped or refused (``why``). ``missing``: it is not there
+    (vanished, or a dangling symlink), which each caller says in its own words."""
+
+    st: Any = None
+    link_dir: str | None = None
+    skipped: str | None = None
+    refused: str | None = None
+    missing: bool = False
+
+
+def classify(path: str, lst: Any, symlinks: str) -> Verdict:
+    """One entry, from its lstat ``lst``, under the [source] symlinks policy."""
+    if stat.S_ISLNK(lst.st_mode):
+        if symlinks == "skip":
+            return Verdict(skipped=SKIP_SYMLINK)
+        if symlinks == "refuse":
+            return Verdict(refused=REFUSE_SYMLINK)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return Verdict(missing=True)
+        except OSError as exc:
+            return Verdict(refused=f"cannot stat: {exc.strerror}")
+        if not stat.S_ISREG(st.st_mode):
+            return Verdict(refused="not a regular file")
+        return Verdict(st, os.path.dirname(os.path.realpath(path)))
+    if not stat.S_ISREG(lst.st_mode):
+        return Verdict(refused="not a regular file")
+    return Verdict(lst)
 
 
 class _WalkContext:
@@ -151,8 +201,7 @@ class _WalkContext:
                  exclude: list[Callable[[str], bool]]) -> None:
         self.cat, self.keep, self.root_real = cat, keep, root_real
         self.symlinks = source.symlinks
-        self.uid = os.geteuid()
-        self.groups = set(os.getgroups()) | {os.getegid()}
+        self.reader = Reader()
         self.hits = 0
         self.include, self.exclude = include, exclude
         # the usual job: one include pattern, no exclude: one test, hits counted here
@@ -201,7 +250,7 @@ class _WalkContext:
                                     for col in (modes, sizes, mtimes))
         if not all(map(stat.S_ISREG, modes)):   # a symlink among them too
             return False
-        if self.uid != 0 and set(map(_READ_ALL.__and__, modes)) != {_READ_ALL}:
+        if self.reader.uid != 0 and set(map(_READ_ALL.__and__, modes)) != {_READ_ALL}:
             return False   # someone cannot read one: the file-by-file path looks closer
         self.hits += len(chosen)
         if self.keep is not None:   # nightly: only the files new or changed since the ledger
@@ -235,42 +284,22 @@ class _WalkContext:
                                            if failed[0] == errno.ENOENT
                                            else f"cannot stat: {failed[1]}"))
                 continue
-            lst = listing.stat(i)
             file_path = os.path.join(path, name)
-            is_link = stat.S_ISLNK(lst.st_mode)   # directory symlinks never get here
-            if is_link:
-                if symlinks == "skip":
-                    cat.skipped.append(Problem(rel, "symlink skipped (symlinks = \"skip\")"))
-                    continue
-                if symlinks == "refuse":
-                    cat.refused.append(Problem(rel, "is a symlink and symlinks = \"refuse\"; "
-                                               "remove it or set symlinks = \"follow\""))
-                    continue
-                try:
-                    st: Any = os.stat(file_path)
-                except FileNotFoundError:
-                    cat.refused.append(Problem(rel, "dangling symlink"))
-                    continue
-                except OSError as exc:
-                    cat.refused.append(Problem(rel, f"cannot stat: {exc.strerror}"))
-                    continue
-            else:
-                st = lst
-            mode = st.st_mode
-            if not stat.S_ISREG(mode):
-                cat.refused.append(Problem(rel, "not a regular file"))
+            verdict = classify(file_path, listing.stat(i), symlinks)
+            if verdict.skipped:
+                cat.skipped.append(Problem(rel, verdict.skipped))
                 continue
+            if verdict.refused or verdict.missing:
+                cat.refused.append(Problem(rel, verdict.refused or "dangling symlink"))
+                continue
+            st = verdict.st
             if keep is not None and not keep(rel, st.st_size, st.st_mtime):
                 continue
-            if mode & _READ_ALL != _READ_ALL and not _readable(st, self.uid, self.groups) \
-                    and not os.access(file_path, os.R_OK):
-                cat.refused.append(Problem(rel, "not readable by you; fix its permissions "
-                                           "(chmod u+r or g+r) or exclude it"))
+            if not self.reader.can_read(st, file_path):
+                cat.refused.append(Problem(rel, f"{UNREADABLE} or exclude it"))
                 continue
-            if is_link:
-                target_dir = os.path.dirname(os.path.realpath(file_path))
-                if not _inside(target_dir, self.root_real):
-                    cat.outside_targets.add(target_dir)
+            if verdict.link_dir is not None and not _inside(verdict.link_dir, self.root_real):
+                cat.outside_targets.add(verdict.link_dir)
             cols.add(rel, st.st_size, st.st_mtime)
 
 

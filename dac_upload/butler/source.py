@@ -20,13 +20,12 @@ import contextlib
 import fnmatch
 import json
 import os
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..catalogue import Catalogue, Entry, Problem, _inside, _readable
+from ..catalogue import UNREADABLE, Catalogue, Entry, Problem, Reader, Verdict, _inside, classify
 from ..config import ButlerConfig
 from ..errors import UserError
 from ..progress import Progress
@@ -182,7 +181,7 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     for ref, info, relpath, in_zip in _files_of(refs, records, root_uri, cat):
         files.setdefault(relpath, []).append((ref, info, in_zip))
     _whole_zips(butler, records_of, root_uri, files, cat, lacking)
-    uid, groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
+    reader = Reader()
     root_real = os.path.realpath(root)
     datasets: dict[str, list[dict[str, Any]]] = {}
     sidecars: dict[str, str] = {}
@@ -191,36 +190,29 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     nbytes = 0
     for relpath in sorted(files):      # path order: the ledger filter reads one directory
         members = files[relpath]       # at a time
-        path = root / relpath
-        problem = None
+        path = str(root / relpath)
         try:
-            st = os.lstat(path)
-            is_link = stat.S_ISLNK(st.st_mode)
-            if is_link and symlinks == "skip":
-                cat.skipped.append(Problem(relpath, 'symlink skipped (symlinks = "skip")'))
-                continue
-            if is_link and symlinks == "refuse":
-                problem = 'is a symlink and symlinks = "refuse"; set symlinks = "follow"'
-            elif is_link:
-                st = os.stat(path)
-                target_dir = os.path.dirname(os.path.realpath(path))
-                if not _inside(target_dir, root_real):
-                    cat.outside_targets.add(target_dir)
+            verdict = classify(path, os.lstat(path), symlinks)
         except FileNotFoundError:
-            problem = (f"the datastore lists it for {_label(members[0][0])}, but the file "
-                       "is missing")
+            verdict = Verdict(missing=True)
         except OSError as exc:
-            problem = f"cannot stat: {exc.strerror}"
-        else:
-            if problem is None and not stat.S_ISREG(st.st_mode):
-                problem = "not a regular file"
-        if problem is not None:
-            cat.refused.append(Problem(relpath, problem))
+            verdict = Verdict(refused=f"cannot stat: {exc.strerror}")
+        if verdict.skipped:
+            cat.skipped.append(Problem(relpath, verdict.skipped))
             continue
+        if verdict.missing:
+            verdict = Verdict(refused=f"the datastore lists it for {_label(members[0][0])}, "
+                                      "but the file is missing")
+        if verdict.refused:
+            cat.refused.append(Problem(relpath, verdict.refused))
+            continue
+        st = verdict.st
+        if verdict.link_dir is not None and not _inside(verdict.link_dir, root_real):
+            cat.outside_targets.add(verdict.link_dir)
         if keep is not None and not keep(relpath, st.st_size, st.st_mtime):
             continue
-        if not _readable(st, uid, groups) and not os.access(path, os.R_OK):
-            cat.refused.append(Problem(relpath, "not readable by you; fix its permissions"))
+        if not reader.can_read(st, path):
+            cat.refused.append(Problem(relpath, UNREADABLE))
             continue
         datasets[relpath] = [_dataset_entry(ref, info, in_zip) for ref, info, in_zip in members]
         sidecars[relpath] = members[0][0].to_json()

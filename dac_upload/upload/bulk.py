@@ -40,6 +40,7 @@ from .common import (
     proxy_problem,
     retrying,
 )
+from .session import CopyTarget, RucioSession
 
 Record = dict[str, Any]
 # how far a record got, kept on it while its chunk is under way (removed before writing):
@@ -85,13 +86,11 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         start += count
 
 
-def bulk_records(rio: Any, s: TaskSettings, todo: list[Record], stop: StopRequest,
+def bulk_records(rio: RucioSession, s: TaskSettings, todo: list[Record], stop: StopRequest,
                  abort: Callable[[str], None], aborted: Callable[[], str | None],
-                 crash_after_copy: Callable[[], None] | None = None,
                  copies: CopyLog | None = None) -> Iterator[Record]:
     """Result records of ``todo`` in manifest order, chunk by chunk. ``abort(reason)`` stops
-    the task (the rest become not_attempted, cause aborted). ``crash_after_copy`` is the
-    tests' way to kill the task between its copies and their registration.
+    the task (the rest become not_attempted, cause aborted).
 
     Every Rucio request goes through one thread (the "lane", in order; the client is never
     used by two threads). While the lane registers and protects chunk N, this thread
@@ -126,8 +125,6 @@ def bulk_records(rio: Any, s: TaskSettings, todo: list[Record], stop: StopReques
                     lookups[i] = _lookup(lane, rio, s, chunk, stop)
                 recs, copied, present = _front(rio, storage, s, chunk, stop, pool, lane,
                                                lookups.pop(i), copies)
-                if crash_after_copy is not None and copied:
-                    crash_after_copy()
                 if i + 1 < len(parts) and not stop.reason:   # the next chunk's lookup goes
                     lookups[i + 1] = _lookup(lane, rio, s, parts[i + 1], stop)   # ahead
                 fut = lane.submit(_back, rio, s, copied, present, stop, storage)
@@ -192,16 +189,16 @@ def _finish(back: tuple[Future[Any], list[Record]], s: TaskSettings,
     yield from recs
 
 
-def _lookup(lane: ThreadPoolExecutor, rio: Any, s: TaskSettings, chunk: list[Record],
+def _lookup(lane: ThreadPoolExecutor, rio: RucioSession, s: TaskSettings, chunk: list[Record],
             stop: StopRequest) -> Future[Any]:
     names = [e["name"] for e in chunk]
     return lane.submit(retrying, lambda: rio.dids_bulk(s.scope, names), s, stop,
                        "looking up names", True)
 
 
-def _front(rio: Any, storage: Any, s: TaskSettings, chunk: list[Record], stop: StopRequest,
-           pool: ThreadPoolExecutor, lane: ThreadPoolExecutor, lookup: Future[Any],
-           copies: CopyLog) -> tuple[list[Record], list[Record], list[Record]]:
+def _front(rio: RucioSession, storage: CopyTarget, s: TaskSettings, chunk: list[Record],
+           stop: StopRequest, pool: ThreadPoolExecutor, lane: ThreadPoolExecutor,
+           lookup: Future[Any], copies: CopyLog) -> tuple[list[Record], list[Record], list[Record]]:
     """Read, ask, copy: (records of the chunk, copied, present). A file whose name Rucio
     does not know is copied by the same thread right after its checksums, so reading one
     file and copying another overlap; the others wait for the whole chunk. The names to
@@ -279,7 +276,7 @@ def _front(rio: Any, storage: Any, s: TaskSettings, chunk: list[Record], stop: S
 _COPY_CAUSES = ("rucio", "verify", "transient")
 
 
-def _registered_meanwhile(rio: Any, s: TaskSettings, stop: StopRequest,
+def _registered_meanwhile(rio: RucioSession, s: TaskSettings, stop: StopRequest,
                           lane: ThreadPoolExecutor, failed: list[Record]) -> list[Record]:
     """Files whose copy failed, asked again (two requests for all of them): one that is
     AVAILABLE on the RSE by now with our bytes was uploaded meanwhile by someone else (a
@@ -311,8 +308,8 @@ def _registered_meanwhile(rio: Any, s: TaskSettings, stop: StopRequest,
     return out
 
 
-def _back(rio: Any, s: TaskSettings, copied: list[Record], present: list[Record],
-          stop: StopRequest, storage: Any = None) -> None:
+def _back(rio: RucioSession, s: TaskSettings, copied: list[Record], present: list[Record],
+          stop: StopRequest, storage: CopyTarget | None = None) -> None:
     """Register, read back, then protect (in the lane). Raises RucioFatal / TaskAborted to
     stop; each record says how far it got.
 
@@ -376,7 +373,7 @@ def _replica_rows(recs: list[Record]) -> list[Record]:
              "pfn": r["pfn"], "guid": None if r.get("had_did") else r["guid"]} for r in recs]
 
 
-def _copier(storage: Any, s: TaskSettings, stop: StopRequest,
+def _copier(storage: CopyTarget, s: TaskSettings, stop: StopRequest,
             may_replace: Callable[[str], bool],
             own: set[str] | frozenset[str] = frozenset(),
             stale_temps: set[str] | frozenset[str] = frozenset()) -> Callable[[Record], Record]:
@@ -434,7 +431,7 @@ def _copier(storage: Any, s: TaskSettings, stop: StopRequest,
     return one
 
 
-def _protect(rio: Any, s: TaskSettings, registered: list[Record], present: list[Record],
+def _protect(rio: RucioSession, s: TaskSettings, registered: list[Record], present: list[Record],
              stop: StopRequest) -> None:
     """A dataset's rule covers what is attached to it; otherwise each file gets a rule on
     the RSE (in bulk; file by file for names that may have one already, or when a bulk

@@ -25,9 +25,10 @@ from .common import (
     pause,
     proxy_problem,
 )
+from .session import RucioSession
 
 
-def process_file(rio: Any, s: TaskSettings, entry: dict[str, Any],
+def process_file(rio: RucioSession, s: TaskSettings, entry: dict[str, Any],
                  copies: CopyLog | None = None) -> dict[str, Any]:
     """Upload one manifest entry with Rucio's stock UploadClient ([upload] mode = "stock");
     return its result record (never raises RucioFileError). The file's GUID is ours: the
@@ -113,7 +114,7 @@ def process_file(rio: Any, s: TaskSettings, entry: dict[str, Any],
     return rec
 
 
-def _protect_present(rio: Any, s: TaskSettings, name: str) -> None:
+def _protect_present(rio: RucioSession, s: TaskSettings, name: str) -> None:
     """A file found in Rucio: attached to the dataset (an earlier run may have uploaded it
     outside it), or given a rule (a crash between replica and rule must not leave it
     unprotected)."""
@@ -123,8 +124,8 @@ def _protect_present(rio: Any, s: TaskSettings, name: str) -> None:
         rio.ensure_rule(s.scope, name, s.rse, s.lifetime)
 
 
-def _settled_elsewhere(rio: Any, s: TaskSettings, entry: dict[str, Any], rec: dict[str, Any],
-                       guid: str, error: str) -> dict[str, Any] | None:
+def _settled_elsewhere(rio: RucioSession, s: TaskSettings, entry: dict[str, Any],
+                       rec: dict[str, Any], guid: str, error: str) -> dict[str, Any] | None:
     """After a failed upload: the record Rucio's state says it should have, if the name is
     now AVAILABLE on the RSE with our bytes (registered by us before a later step failed,
     or by another upload writing the same name at that moment); None if it is not."""
@@ -147,7 +148,7 @@ def _settled_elsewhere(rio: Any, s: TaskSettings, entry: dict[str, Any], rec: di
             "note": f"another upload registered this name meanwhile; this run's: {error}"}
 
 
-def probe_record(rio: Any, job: Any, creds: Any, path: Path, name: str,
+def probe_record(rio: RucioSession, job: Any, creds: Any, path: Path, name: str,
                  lifetime: int) -> dict[str, Any]:
     """Upload one file (doctor --probe) exactly as a task of ``job`` would, through its
     [upload] mode (bulk: copy, destination check, bulk registration and rule; stock: the
@@ -170,7 +171,7 @@ def probe_record(rio: Any, job: Any, creds: Any, path: Path, name: str,
     return recs[0]
 
 
-def stock_records(rio: Any, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
+def stock_records(rio: RucioSession, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
                    state: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """[upload] mode = "stock": file by file through Rucio's UploadClient."""
     for entry in todo:
@@ -199,7 +200,7 @@ def stock_records(rio: Any, s: TaskSettings, todo: list[dict[str, Any]], stop: S
             yield rec
 
 
-def _with_retries(rio: Any, s: TaskSettings, entry: dict[str, Any], stop: StopRequest,
+def _with_retries(rio: RucioSession, s: TaskSettings, entry: dict[str, Any], stop: StopRequest,
                   copies: CopyLog | None = None) -> dict[str, Any]:
     """process_file, again after a pause (doubling, at most 5 min) when the server was
     unreachable or failed the request; an unreachable server after the last try aborts

@@ -40,12 +40,8 @@ from ..runrecord import (
     TaskSettings,
 )
 from .common import CopyLog, StopRequest, is_fatal, log, retrying
+from .session import RucioSession
 from .stock import stock_records
-
-# Tests only: a bulk task of the run whose id this variable holds dies (exit 137) between
-# its copies and their registration, as if killed. Naming the run keeps it from ever
-# touching another run, whatever the environment carries.
-CRASH_AFTER_COPY = "DAC_UPLOAD_TEST_CRASH_AFTER_COPY"
 
 
 def permanent_failures(path: Path) -> set[str]:
@@ -130,8 +126,6 @@ def run_task(run_dir: Path, task: int,
             aborted = str(exc)
         state: dict[str, Any] = {"aborted": aborted,
                                  "copies": CopyLog(layout.copies(task), attempt)}
-        if os.environ.get(CRASH_AFTER_COPY) == run.get("run_id"):   # the tests' crash
-            state["crash_after_copy"] = lambda: os._exit(137)
         records = (stock_records(rio, settings, todo, stop, state)
                    if settings.mode == "stock" or rio is None else
                    _bulk(rio, settings, todo, stop, state))
@@ -191,7 +185,7 @@ def task_index(task: int, manifest: dict[str, Any], result_path: Path) -> dict[s
             "results_bytes": result_path.stat().st_size if result_path.exists() else 0}
 
 
-def with_metadata(rio: Any, s: TaskSettings, records: Iterator[dict[str, Any]],
+def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str, Any]],
                    meta: dict[str, dict[str, str]], stop: StopRequest,
                    state: dict[str, Any], n: int) -> Iterator[dict[str, Any]]:
     """Set the Butler metadata (rubin_butler, rubin_sidecar) of each done file's DID before
@@ -248,7 +242,7 @@ def with_metadata(rio: Any, s: TaskSettings, records: Iterator[dict[str, Any]],
     yield from flush()
 
 
-def _bulk(rio: Any, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
+def _bulk(rio: RucioSession, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
           state: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """[upload] mode = "bulk": chunks, bulk requests, concurrent copies (upload/bulk.py)."""
     from .bulk import bulk_records
@@ -257,7 +251,7 @@ def _bulk(rio: Any, s: TaskSettings, todo: list[dict[str, Any]], stop: StopReque
         state["aborted"] = reason
 
     yield from bulk_records(rio, s, todo, stop, abort, lambda: state["aborted"],
-                            state.get("crash_after_copy"), state.get("copies"))
+                            state.get("copies"))
 
 
 def _previous_attempt(marker: Path, results: Path) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -111,8 +112,13 @@ def test_crash_between_copies_and_registration_is_repaired(workdir: Path,
     assert planned.returncode == 0, planned.stderr
     run_dir = run_dir_of(planned.stdout)
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
-    # the test hook names the run it applies to (sbatch --export=ALL passes it on)
-    proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir,
+    # the crash is the test's own sitecustomize (crash_after_copy.py) on the worker's
+    # PYTHONPATH, naming the run it applies to (sbatch --export=ALL passes both on)
+    hook = workdir / "crash-hook"
+    hook.mkdir()
+    shutil.copy(Path(__file__).with_name("crash_after_copy.py"), hook / "sitecustomize.py")
+    chown_user(workdir)
+    proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir, PYTHONPATH=str(hook),
                       DAC_UPLOAD_TEST_CRASH_AFTER_COPY=run_id)
     assert proc.returncode == 0, proc.stderr
     wait_for_jobs(list(parse_submitted(proc.stdout)))

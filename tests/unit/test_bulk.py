@@ -131,7 +131,8 @@ class FakeBulk:
         self.made.update(todo)
         return []
 
-    def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None) -> bool:
+    def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None,
+                    grouping: str = "NONE") -> bool:
         """True if this session made the rule (now or before), False if one was there."""
         self.ensured.append(name)
         if name in self.made:

@@ -76,7 +76,8 @@ class FakeRucio:
         self.attached.append((dataset, name))
         return True
 
-    def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None) -> bool:
+    def ensure_rule(self, scope: str, name: str, rse: str, lifetime: int | None,
+                    grouping: str = "NONE") -> bool:
         self.rules.append((name, rse, lifetime))
         return True
 
