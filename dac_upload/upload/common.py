@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,6 +134,16 @@ def local_record(s: TaskSettings, entry: dict[str, Any]) -> dict[str, Any]:
 def abort_reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, Exception) and is_fatal(exc) else (
         f"internal error {type(exc).__name__}: {exc}")
+
+
+@dataclass
+class TaskState:
+    """What one task's paths share while it runs: why it stopped (None while it goes on),
+    the copy log of its attempt, and why the server refused Butler metadata (once)."""
+
+    aborted: str | None = None
+    copies: CopyLog | None = None
+    metadata_refused: str | None = None
 
 
 class StopRequest:

@@ -18,6 +18,7 @@ from ..runrecord import (
 from .common import (
     CopyLog,
     StopRequest,
+    TaskState,
     abort_reason,
     existing_verdict,
     local_record,
@@ -172,30 +173,30 @@ def probe_record(rio: RucioSession, job: Any, creds: Any, path: Path, name: str,
 
 
 def stock_records(rio: RucioSession, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
-                   state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+                   state: TaskState) -> Iterator[dict[str, Any]]:
     """[upload] mode = "stock": file by file through Rucio's UploadClient."""
     for entry in todo:
-        if not state["aborted"] and (expired := proxy_problem(s)):
-            state["aborted"] = expired
-        if state["aborted"]:
-            yield not_attempted(s, entry, state["aborted"], "aborted")
+        if not state.aborted and (expired := proxy_problem(s)):
+            state.aborted = expired
+        if state.aborted:
+            yield not_attempted(s, entry, state.aborted, "aborted")
         elif stop.reason:
             yield not_attempted(s, entry, stop.reason, "stopped")
         else:
             try:
-                rec = _with_retries(rio, s, entry, stop, state.get("copies"))
+                rec = _with_retries(rio, s, entry, stop, state.copies)
             except Exception as exc:  # RucioFatal, or a bug: stop, say why once
-                state["aborted"] = abort_reason(exc)
-                rec = not_attempted(s, entry, state["aborted"], "aborted")
+                state.aborted = abort_reason(exc)
+                rec = not_attempted(s, entry, state.aborted, "aborted")
             else:
                 fatal = rec.pop("_fatal", None)
                 if fatal is not None:   # stopped half-way through this file: it says so
-                    state["aborted"] = abort_reason(fatal)
+                    state.aborted = abort_reason(fatal)
                 elif rec.get("cause") == "transient":
                     # failed through every retry: the next file would fail the same way.
                     # UploadClient's errors do not say which side failed (gfal2's come
                     # wrapped in ServiceUnavailable, as the server's do): name both.
-                    state["aborted"] = ("the Rucio server or the RSE's storage keeps "
+                    state.aborted = ("the Rucio server or the RSE's storage keeps "
                                         f"failing: {rec['error']}")
             yield rec
 

@@ -39,7 +39,7 @@ from ..runrecord import (
     RunRecord,
     TaskSettings,
 )
-from .common import CopyLog, StopRequest, is_fatal, log, retrying
+from .common import CopyLog, StopRequest, TaskState, is_fatal, log, retrying
 from .session import RucioSession
 from .stock import stock_records
 
@@ -124,8 +124,7 @@ def run_task(run_dir: Path, task: int,
                         if done == "exists" and settings.lifetime else ""))
         except Exception as exc:
             aborted = str(exc)
-        state: dict[str, Any] = {"aborted": aborted,
-                                 "copies": CopyLog(layout.copies(task), attempt)}
+        state = TaskState(aborted, CopyLog(layout.copies(task), attempt))
         records = (stock_records(rio, settings, todo, stop, state)
                    if settings.mode == "stock" or rio is None else
                    _bulk(rio, settings, todo, stop, state))
@@ -141,7 +140,7 @@ def run_task(run_dir: Path, task: int,
             log(f"{rec['status']:<15} {settings.scope}:{rec['name']}"
                  + (f"  ({rec['error']})" if rec["error"] else "")
                  + (f"  ({rec.pop('note')})" if rec.get("note") else ""))
-    aborted = state["aborted"]
+    aborted = state.aborted
     elapsed = max(time.monotonic() - t0, 1e-9)
     code = (TaskExit.ABORTED if aborted
             else TaskExit.STOPPED if stop.reason and counts[NOT_ATTEMPTED]
@@ -154,7 +153,7 @@ def run_task(run_dir: Path, task: int,
               "waiting_for_a_person": len(held),
               "bytes_uploaded": nbytes,
               "aborted": aborted, "stopped": stop.reason,
-              "metadata_refused": state.get("metadata_refused"),
+              "metadata_refused": state.metadata_refused,
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "rucio_host": getattr(rio, "host", None),
               "rucio_account": getattr(rio, "account", None)}
@@ -187,7 +186,7 @@ def task_index(task: int, manifest: dict[str, Any], result_path: Path) -> dict[s
 
 def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str, Any]],
                    meta: dict[str, dict[str, str]], stop: StopRequest,
-                   state: dict[str, Any], n: int) -> Iterator[dict[str, Any]]:
+                   state: TaskState, n: int) -> Iterator[dict[str, Any]]:
     """Set the Butler metadata (rubin_butler, rubin_sidecar) of each done file's DID before
     its record is written: a file counts as done only with its metadata, and a resubmission
     finds the file present and sets it. One request per bulk chunk (whose records arrive
@@ -206,7 +205,7 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
 
     def flush() -> Iterator[dict[str, Any]]:
         done = [r for r in pending if r["status"] in DONE_STATES and r["name"] in meta]
-        if done and state.get("metadata_refused") is None:
+        if done and state.metadata_refused is None:
             try:
                 retrying(lambda: rio.set_metadata_bulk(
                     s.scope, [(r["name"], meta[r["name"]]) for r in done]), s, stop,
@@ -214,7 +213,7 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
                 for r in done:
                     r["metadata"] = "set"
             except MetadataRefused as exc:
-                state["metadata_refused"] = str(exc)
+                state.metadata_refused = str(exc)
                 log(f"WARNING: Butler metadata not set: {exc}; the files are uploaded "
                      "without it (summary.json lists each file's datasets)")
             except RucioFileError as exc:
@@ -223,13 +222,13 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
                         f"uploaded, but its Butler metadata was not set ({exc}); a "
                         "resubmission sets it"))
             except Exception as exc:   # the server gone or refusing us: stop the task
-                state["aborted"] = str(exc) if is_fatal(exc) else (
+                state.aborted = str(exc) if is_fatal(exc) else (
                     f"internal error {type(exc).__name__}: {exc}")
                 for r in done:
                     r.update(status=FAILED, cause="transient", error=(
                         f"uploaded, but its Butler metadata was not set ({exc}); a "
                         "resubmission sets it"))
-        if state.get("metadata_refused") is not None:
+        if state.metadata_refused is not None:
             for r in done:
                 r["metadata"] = "refused"
         yield from pending
@@ -243,15 +242,15 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
 
 
 def _bulk(rio: RucioSession, s: TaskSettings, todo: list[dict[str, Any]], stop: StopRequest,
-          state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+          state: TaskState) -> Iterator[dict[str, Any]]:
     """[upload] mode = "bulk": chunks, bulk requests, concurrent copies (upload/bulk.py)."""
     from .bulk import bulk_records
 
     def abort(reason: str) -> None:
-        state["aborted"] = reason
+        state.aborted = reason
 
-    yield from bulk_records(rio, s, todo, stop, abort, lambda: state["aborted"],
-                            state.get("copies"))
+    yield from bulk_records(rio, s, todo, stop, abort, lambda: state.aborted,
+                            state.copies)
 
 
 def _previous_attempt(marker: Path, results: Path) -> int:

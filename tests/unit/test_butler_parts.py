@@ -19,7 +19,7 @@ from dac_upload.collect import build_summary
 from dac_upload.config import ConfigError, load_job
 from dac_upload.rucio.errors import MetadataRefused, RucioFileError
 from dac_upload.runrecord import TaskSettings
-from dac_upload.upload.common import StopRequest
+from dac_upload.upload.common import StopRequest, TaskState
 from dac_upload.upload.task import with_metadata
 
 MAP = """
@@ -172,8 +172,8 @@ def _recs() -> list[dict[str, Any]]:
                           ("d", "uploaded"))]
 
 
-def _meta_run(tmp_path: Path, rio: _MetaRucio) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    state: dict[str, Any] = {"aborted": None}
+def _meta_run(tmp_path: Path, rio: _MetaRucio) -> tuple[list[dict[str, Any]], TaskState]:
+    state = TaskState()
     meta = {n: {"rubin_butler": "data_product", "rubin_sidecar": n} for n in "abcd"}
     with StopRequest() as stop:
         out = list(with_metadata(rio, _settings(tmp_path), iter(_recs()), meta, stop, state,
@@ -193,7 +193,7 @@ def test_metadata_groups_are_the_bulk_chunks(tmp_path: Path) -> None:
     meta = {r["name"]: {"rubin_butler": "data_product"} for r in recs}
     with StopRequest() as stop:
         out = list(with_metadata(rio, dc_replace(_settings(tmp_path), chunk_size=200),
-                                  iter(recs), meta, stop, {"aborted": None}, 1000))
+                                  iter(recs), meta, stop, TaskState(), 1000))
     assert [len(call) for call in rio.calls] == chunk_sizes(1000, 200)
     assert len(out) == 1000 and {r["metadata"] for r in out} == {"set"}
 
@@ -203,7 +203,7 @@ def test_metadata_set_for_done_files_in_groups(tmp_path: Path) -> None:
     out, state = _meta_run(tmp_path, rio)
     assert [[n for n, _ in call] for call in rio.calls] == [["a", "b"], ["d"]]
     assert [r.get("metadata") for r in out] == ["set", "set", None, "set"]
-    assert state.get("metadata_refused") is None
+    assert state.metadata_refused is None
 
 
 def test_metadata_refused_once_files_stay_uploaded(tmp_path: Path) -> None:
@@ -212,14 +212,14 @@ def test_metadata_refused_once_files_stay_uploaded(tmp_path: Path) -> None:
     assert len(rio.calls) == 1                       # asked once, not again
     assert [r["status"] for r in out] == ["uploaded", "already_present", "failed", "uploaded"]
     assert [r.get("metadata") for r in out] == ["refused", "refused", None, "refused"]
-    assert state["metadata_refused"] == "no JSON plugin"
+    assert state.metadata_refused == "no JSON plugin"
 
 
 def test_metadata_error_fails_the_files_for_a_resubmission(tmp_path: Path) -> None:
     out, state = _meta_run(tmp_path, _MetaRucio(RucioFileError("permission denied")))
     assert [r["status"] for r in out] == ["failed"] * 4
     assert "its Butler metadata was not set (permission denied)" in out[0]["error"]
-    assert out[2]["error"] is None and not state["aborted"]
+    assert out[2]["error"] is None and not state.aborted
 
 
 # ----------------------------------------------------------------------------- summary, tables
