@@ -459,44 +459,16 @@ def _run_status(run_dir: Path, need_scheduler: bool = False) -> tuple[Any, list[
 def status(run_dir: str, as_json: bool) -> None:
     """What every array task of RUN_DIR has done, and the next command to run."""
     import json
-    from collections import Counter
 
-    from .status import MEANING, collector_line, format_table, next_command
-    from .status import as_json as tasks_json
+    from .status import report
 
     target = Path(run_dir).resolve()
-    state, tasks = _run_status(target)
-    causes: Counter = Counter()
-    for t in tasks:
-        causes.update(t.causes)
-    nxt = next_command(tasks, str(target), state.collection, state.collector)
+    doc, lines = report(*_run_status(target), str(target))
     if as_json:
-        click.echo(json.dumps({"run_dir": str(target), "tasks": tasks_json(tasks),
-                               "causes": dict(sorted(causes.items())),
-                               "summary": {"state": state.collection[0],
-                                           "why": state.collection[1],
-                                           "collector_job_id": state.collector[0],
-                                           "collector_slurm_state": state.collector[1]},
-                               "warnings": state.problems, "next": nxt}, indent=1))
+        click.echo(json.dumps(doc, indent=1))
         return
-    files = sum(t.files for t in tasks)
-    done = sum(t.files_done for t in tasks)
-    by_state = Counter(t.state for t in tasks)
-    click.echo(f"run {state.run['run_id']} ({state.run['job']['name']}): {done:,}/{files:,} "
-               f"files done; tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())))
-    click.echo(format_table(tasks))
-    if causes:
-        click.echo("not done, by cause: " + ", ".join(f"{c} {n}" for c, n in
-                                                      sorted(causes.items())))
-    for t in tasks:
-        if t.state in ("failed", "died") and t.log:
-            click.echo(f"task {t.task} log: {target / t.log}")
-    click.echo(collector_line(state.collection, state.collector))
-    for problem in state.problems:
-        click.echo(f"warning: {problem}")
-    for s in sorted(by_state):
-        click.echo(f"  {s}: {MEANING[s]}")
-    click.echo(f"next: {nxt}")
+    for line in lines:
+        click.echo(line)
 
 
 @main.command()

@@ -112,7 +112,12 @@ def bind_problems(job: JobConfig, run_dir: Path, creds: Credentials | None) -> l
 
 
 def render_body(template: str, ctx: ScriptContext) -> str:
-    return _environment().get_template(template).render(**ctx.__dict__)
+    return render_template(template, **ctx.__dict__)
+
+
+def render_template(template: str, **values: Any) -> str:
+    """One of templates/ with these values (``| sh`` quotes a value for the shell)."""
+    return _environment().get_template(template).render(**values)
 
 
 def _common_options(job: JobConfig) -> dict[str, Any]:

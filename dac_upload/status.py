@@ -148,3 +148,33 @@ def as_json(tasks: list[TaskStatus]) -> list[dict[str, Any]]:
              "causes": dict(sorted(t.causes.items())), "permanent_only": t.permanent_only,
              "log": t.log}
             for t in tasks]
+
+
+def report(state: Any, tasks: list[TaskStatus], run_dir: str) -> tuple[dict[str, Any], list[str]]:
+    """What ``dac-upload status`` says of a run (pure): the JSON document of ``--json`` and
+    the lines it prints otherwise. ``state`` is collect.RunState."""
+    causes: Counter[str] = Counter()
+    for t in tasks:
+        causes.update(t.causes)
+    nxt = next_command(tasks, run_dir, state.collection, state.collector)
+    doc = {"run_dir": run_dir, "tasks": as_json(tasks), "causes": dict(sorted(causes.items())),
+           "summary": {"state": state.collection[0], "why": state.collection[1],
+                       "collector_job_id": state.collector[0],
+                       "collector_slurm_state": state.collector[1]},
+           "warnings": state.problems, "next": nxt}
+    files = sum(t.files for t in tasks)
+    done = sum(t.files_done for t in tasks)
+    by_state = Counter(t.state for t in tasks)
+    lines = [f"run {state.run['run_id']} ({state.run['job']['name']}): {done:,}/{files:,} "
+             "files done; tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())),
+             format_table(tasks)]
+    if causes:
+        lines.append("not done, by cause: " + ", ".join(f"{c} {n}" for c, n in
+                                                        sorted(causes.items())))
+    lines += [f"task {t.task} log: {run_dir}/{t.log}" for t in tasks
+              if t.state in ("failed", "died") and t.log]
+    lines.append(collector_line(state.collection, state.collector))
+    lines += [f"warning: {problem}" for problem in state.problems]
+    lines += [f"  {s}: {MEANING[s]}" for s in sorted(by_state)]
+    lines.append(f"next: {nxt}")
+    return doc, lines

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..render import render_template
 from ..runrecord import DONE_STATES
 from .source import INSTALL_HINT, ButlerError
 
@@ -152,15 +153,8 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
         atomic_write_text(export, export_text)
     commands = _ingest_commands(tables, zips, export, prefix)
     script = out_dir / "ingest.sh"
-    atomic_write_text(script, (
-        "#!/bin/sh\n"
-        f"# written by dac-upload butler-table for run {summary['run_id']}: ingest its "
-        "uploaded files\n# into a destination Butler repository, in place (-t direct).\n"
-        "# Usage: sh ingest.sh DEST_REPO   (the tables are found beside this script)\n"
-        "set -eu\nDEST=${1:?usage: sh ingest.sh DEST_REPO}\n"
-        'HERE=$(cd "$(dirname "$0")" && pwd)\n'
-        + (f"PREFIX={_q(prefix)}   # where the destination reads the files\n" if prefix
-           else "") + "\n".join(commands) + "\n"), 0o777)
+    atomic_write_text(script, render_template("ingest.sh.j2", run_id=summary["run_id"],
+                                              prefix=prefix, commands=commands), 0o777)
     return IngestPlan(tables, zips, not_uploaded, not_matched, skipped, export, script,
                       commands)
 

@@ -107,3 +107,28 @@ def test_status_reads_markers_not_records(make_job: Any, monkeypatch: Any) -> No
         out.write('{"name": "f0.dat", "status": "failed", "attempt": 2}\n')
     _, tasks = run_view(layout.dir, scheduler=False)
     assert (tasks[0].state, tasks[0].files_done) == ("done", 2)   # read: the success counts
+
+
+def test_the_report_counts_tasks_files_and_causes() -> None:
+    """status's text and --json, made by status.report from the run's state and tasks."""
+    from types import SimpleNamespace
+
+    from dac_upload.status import report
+
+    failed = task_status(0, MANIFEST, [rec("a", "uploaded"), rec("b", "failed", "unreadable")],
+                         {"attempt": 1}, None)
+    failed.log = "logs/job7.index0.out"
+    done = task_status(1, {"files": [{"name": "a", "size": 1}]}, [rec("a", "uploaded")],
+                       {"attempt": 1}, None)
+    state = SimpleNamespace(run={"run_id": "R", "job": {"name": "j"}}, problems=["odd file"],
+                            collection=("collected", "summary.json is up to date"),
+                            collector=("8", "COMPLETED"))
+    doc, lines = report(state, [failed, done], "/runs/R")
+    assert doc["causes"] == {"no record": 1, "unreadable": 1}
+    assert doc["summary"] == {"state": "collected", "why": "summary.json is up to date",
+                              "collector_job_id": "8", "collector_slurm_state": "COMPLETED"}
+    assert doc["warnings"] == ["odd file"] and doc["next"] == lines[-1][len("next: "):]
+    assert lines[0] == "run R (j): 2/4 files done; tasks: 1 done, 1 failed"
+    assert "not done, by cause: no record 1, unreadable 1" in lines
+    assert "task 0 log: /runs/R/logs/job7.index0.out" in lines
+    assert "warning: odd file" in lines
