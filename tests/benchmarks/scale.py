@@ -58,7 +58,7 @@ import sys
 from pathlib import Path
 from dac_upload.files import JsonlAppender, atomic_write_json, read_manifest, utc_now
 from dac_upload.runrecord import RunLayout
-from dac_upload.runrecord import STORAGE_VERIFIED, TaskSettings, UPLOADED
+from dac_upload.runrecord import STORAGE_VERIFIED, UPLOADED, RunRecord
 from dac_upload.upload.common import not_attempted
 from dac_upload.upload.task import task_index
 from dac_upload.files import read_json

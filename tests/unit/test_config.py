@@ -6,11 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from unit_helpers import job_text, write_job
 
-from dac_upload import __version__, render
-from dac_upload.cli import main
+from dac_upload import render
 from dac_upload.config import ConfigError, load_job, parse_duration, parse_job, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
@@ -422,56 +420,6 @@ def test_parse_duration_rejects(value: object) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_plan_reports_each_problem_and_exits_2(tmp_path: Path) -> None:
-    path = write_job(tmp_path, """\
-        [source]
-        root = "data"
-        symlinks = "sometimes"
-
-        [rucio]
-        scope = "user.test"
-
-        [slurm]
-        tme = "01:00:00"
-
-        [container]
-        runtime = "none"
-        """)
-    result = CliRunner().invoke(main, ["plan", "--offline", str(path)])
-    assert result.exit_code == 2, result.output
-    err = result.stderr.splitlines()
-    assert len(err) == 3, err
-    assert all(line.startswith(f"error: {path.resolve()}: ") for line in err)
-    assert any("symlinks" in line for line in err)
-    assert any("'rse' is required" in line for line in err)
-    assert any("unknown key 'tme'; did you mean 'time'?" in line for line in err)
-    assert result.stdout == ""
-    assert not (tmp_path / "job").exists()  # no runs directory
-
-
-def test_cli_missing_job_file_exits_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["plan", str(tmp_path / "missing.toml")])
-    assert result.exit_code == 2
-    assert "job file not found" in result.stderr
-
-
-def test_cli_version() -> None:
-    result = CliRunner().invoke(main, ["--version"])
-    assert result.exit_code == 0
-    assert result.stdout == f"dac-upload, version {__version__}\n"
-
-
-@pytest.mark.parametrize("args", [[], ["plan"], ["submit"], ["worker"], ["collect"]])
-@pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_cli_help(args: list[str], flag: str) -> None:
-    result = CliRunner().invoke(main, [*args, flag])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("Usage: ")
-    if args:
-        assert f" {args[0]} " in result.stdout.splitlines()[0]
-    else:
-        for command in ("plan", "submit", "worker", "collect"):
-            assert command in result.stdout
 
 
 @pytest.mark.parametrize("value", ["1.5", "0.0001 KB", "0", "5 XB"])

@@ -1,0 +1,148 @@
+"""The CLI's contract: what each exit code means (errors.Exit, docs/cli.md) and that a
+problem is one `error:` line with the fix on stderr, nothing on stdout and nothing made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from click.testing import CliRunner
+from unit_helpers import write_job
+
+from dac_upload import __version__, slurm
+from dac_upload.cli import main
+from dac_upload.config import JobConfig
+from dac_upload.errors import Exit
+from dac_upload.pipeline import prepare_run
+from dac_upload.rucio import preflight
+from dac_upload.rucio.errors import RucioUnavailable
+
+
+def test_cli_plan_reports_each_problem_and_exits_2(tmp_path: Path) -> None:
+    path = write_job(tmp_path, """\
+        [source]
+        root = "data"
+        symlinks = "sometimes"
+
+        [rucio]
+        scope = "user.test"
+
+        [slurm]
+        tme = "01:00:00"
+
+        [container]
+        runtime = "none"
+        """)
+    result = CliRunner().invoke(main, ["plan", "--offline", str(path)])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.splitlines()
+    assert len(err) == 3, err
+    assert all(line.startswith(f"error: {path.resolve()}: ") for line in err)
+    assert any("symlinks" in line for line in err)
+    assert any("'rse' is required" in line for line in err)
+    assert any("unknown key 'tme'; did you mean 'time'?" in line for line in err)
+    assert result.stdout == ""
+    assert not (tmp_path / "job").exists()  # no runs directory
+
+
+def test_cli_missing_job_file_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["plan", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2
+    assert "job file not found" in result.stderr
+
+
+def test_cli_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"dac-upload, version {__version__}\n"
+
+
+@pytest.mark.parametrize("args", [[], ["plan"], ["submit"], ["worker"], ["collect"]])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help(args: list[str], flag: str) -> None:
+    result = CliRunner().invoke(main, [*args, flag])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: ")
+    if args:
+        assert f" {args[0]} " in result.stdout.splitlines()[0]
+    else:
+        for command in ("plan", "submit", "worker", "collect"):
+            assert command in result.stdout
+
+
+def _no_slurm(*_: Any, **__: Any) -> int:
+    raise slurm.SlurmError("cannot reach slurmctld: Connection refused")
+
+
+def test_submit_without_slurm_exits_3_and_makes_nothing(
+        make_job: Callable[..., JobConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job()
+    monkeypatch.setattr(slurm, "max_array_size", _no_slurm)
+    result = CliRunner().invoke(main, ["submit", "--offline", str(job.path)])
+    assert result.exit_code == Exit.SERVICE, result.output
+    assert result.stderr.startswith("error: cannot reach slurmctld")
+    assert result.stdout == "" and not job.runs_dir.exists()
+
+
+def test_plan_with_the_rucio_server_down_exits_3(make_job: Callable[..., JobConfig],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job()
+
+    def down(*_: Any) -> list[str]:
+        raise RucioUnavailable("cannot reach the Rucio server https://rucio.test: timed out")
+
+    monkeypatch.setattr(preflight, "job_problems", down)
+    result = CliRunner().invoke(main, ["plan", str(job.path)])
+    assert result.exit_code == Exit.SERVICE, result.output
+    assert result.stderr == ("error: cannot reach the Rucio server https://rucio.test: timed "
+                             "out (or plan without the Rucio checks: --offline)\n")
+    assert not job.runs_dir.exists() or not list(job.runs_dir.glob("2*"))   # no run made
+
+
+def test_plan_refused_by_rucio_exits_2_with_each_line(make_job: Callable[..., JobConfig],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job()
+    monkeypatch.setattr(preflight, "job_problems",
+                        lambda *_: ["scope 'user.test' does not exist", "RSE 'X' is unknown"])
+    result = CliRunner().invoke(main, ["plan", str(job.path)])
+    assert result.exit_code == Exit.USER, result.output
+    assert result.stderr.splitlines() == [f"error: {line}" for line in (
+        "scope 'user.test' does not exist", "RSE 'X' is unknown")]
+
+
+@pytest.mark.parametrize("command", ["status", "resubmit", "collect"])
+def test_a_damaged_run_json_exits_2_naming_the_file(make_job: Callable[..., JobConfig],
+                                                    command: str) -> None:
+    layout = prepare_run(make_job(), preflight=None).layout
+    layout.run_json.write_text("{not json")
+    result = CliRunner().invoke(main, [command, str(layout.dir)])
+    assert result.exit_code == Exit.USER, result.output
+    assert result.stderr.startswith("error: " + ("cannot collect: " if command == "collect"
+                                                 else "") + f"{layout.run_json}: damaged, "
+                                    "not valid JSON")
+
+
+def test_a_directory_that_is_no_run_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["status", str(tmp_path)])
+    assert result.exit_code == Exit.USER
+    assert result.stderr == (f"error: {tmp_path}: no run.json, so not a run directory "
+                             "(dac-upload plan JOB makes one)\n")
+
+
+def test_status_of_a_planned_run_exits_0_and_says_what_next(
+        make_job: Callable[..., JobConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = prepare_run(make_job(), preflight=None).layout
+    monkeypatch.setattr(slurm, "array_states", _no_slurm)   # status answers without Slurm
+    result = CliRunner().invoke(main, ["status", "--json", str(layout.dir)])
+    assert result.exit_code == Exit.OK, result.output
+    doc = json.loads(result.stdout)
+    assert [t["state"] for t in doc["tasks"]] == ["not started"]
+    assert doc["next"] == f"dac-upload resubmit {layout.dir}"   # submits its tasks
+
+
+def test_submit_needs_a_job_or_a_run() -> None:
+    result = CliRunner().invoke(main, ["submit"])
+    assert result.exit_code == Exit.USER
+    assert result.stderr == "error: give either JOB_FILE or --run RUN\n"
