@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import __version__, render
 from .catalogue import (
@@ -296,16 +296,82 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
                  progress: Progress | None, python: str | None,
                  keep: Callable[[str, int, float], bool] | None,
                  origin: str, catalogue_file: tuple[Path, Path] | None) -> PreparedRun:
+    plan = _checked_plan(job, preflight, progress, keep, catalogue_file)
+    job, found, files, batches, creds = plan.job, plan.found, plan.files, plan.batches, plan.creds
+    run_id = new_run_id()
+    layout = _run_directory(job, found, run_id)
+    atomic_write_text(layout.job_copy, job.text)
+    credentials.write_client_config(
+        layout.dir / CLIENT_CONFIG_NAME,
+        credentials.client_config_text(creds, credentials.load_base(creds.base_config)))
+    if catalogue_file is not None:   # what was read, checked against the job: kept as it is
+        os.replace(catalogue_file[0], layout.catalogue)
+        catalogue_sha256 = found.catalogue_sha256
+    else:
+        catalogue_sha256 = write_catalogue(layout.catalogue, found.cat, job.source, utc_now(),
+                                           f"dac-upload {__version__}")
+    atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
+                                        for p in found.cat.skipped))
+    extra: list[dict[str, Any]] = []
+    if found.repo is not None and job.butler.metadata:
+        extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
+    digests = _write_manifests(job, found, run_id, layout, batches, extra)
+    if job.butler.kind is not None:
+        atomic_write_jsonl(layout.dir / BUTLER_FILE, (
+            {"relpath": rel, "datasets": found.datasets[rel]}
+            for rel in sorted(files.rels) if rel in found.datasets))
+
+    ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
+                                creds)
+    task_ids = compress_indices([b.index for b in batches])
+    array_opts = render.array_options(job, task_ids, job.batching.max_running)
+    collect_opts = render.collector_options(job, None)
+    # what plan shows is what submit writes: simple-slurm's header + our body
+    atomic_write_text(layout.array_script, render.full_script(
+        array_opts, render.render_body("array.sh.j2", ctx)), 0o777)
+    atomic_write_text(layout.collect_script, render.full_script(
+        collect_opts, render.render_body("collect.sh.j2", ctx)), 0o777)
+
+    run = new_run_record(
+        job, run_id, layout, catalogue_sha256=catalogue_sha256, files=len(files),
+        skipped=len(found.cat.skipped),
+        from_file=catalogue_file[1].resolve() if catalogue_file else None,
+        batches=batches, task_ids=task_ids, manifest_sha256=digests,
+        credentials={**creds.record(), "client_config": CLIENT_CONFIG_NAME},
+        runtime={"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
+        slurm={"array": array_opts, "collector": collect_opts},
+        butler=_butler_record(job, found, files, extra[0]["name"] if extra else None),
+        origin=origin)
+    write_run_json(layout.dir, run)
+    return PreparedRun(layout, run_id, len(files), sum(b.bytes for b in batches), batches,
+                       len(found.cat.skipped), run, plan.notes)
+
+
+class _Checked(NamedTuple):
+    """A plan that passed every check, before anything is written."""
+
+    job: JobConfig            # with a Butler source's datastore root as [source] root
+    found: _Found
+    files: FileTable
+    batches: list[Batch]
+    creds: Credentials
+    notes: list[str]
+
+
+def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progress | None,
+                  keep: Callable[[str, int, float], bool] | None,
+                  catalogue_file: tuple[Path, Path] | None) -> _Checked:
+    """Catalogue, names, batches, and every check that can refuse the plan (PlanError with
+    all the lines at once; NothingToUpload); nothing is written."""
     if job.butler.kind != "repo" and not job.source.root.is_dir():
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
     creds = resolve_credentials(job)
     errors = render.sbatch_option_problems(job)
     job, found = _catalogue(job, progress, keep, catalogue_file)
-    cat = found.cat
     errors += render.bind_problems(job, job.runs_dir / "RUN", creds)
-    errors += check_catalogue(job, cat)
-    files, name_problems = name_files(cat.files(), job.naming)
+    errors += check_catalogue(job, found.cat)
+    files, name_problems = name_files(found.cat.files(), job.naming)
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
     if errors:
         raise PlanError(errors)
@@ -322,47 +388,38 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
         errors += preflight(job, creds)
     if errors:
         raise PlanError(errors)
-
     batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
     errors += _collector_problems(job, len(files), max(b.count for b in batches))
     if errors:
         raise PlanError(errors)
-    run_id = new_run_id()
+    return _Checked(job, found, files, batches, creds, notes)
+
+
+def _run_directory(job: JobConfig, found: _Found, run_id: str) -> RunLayout:
+    """The new run directory with its subdirectories (and a Butler source's dimension
+    export, written first: a failure there leaves nothing behind)."""
     job.runs_dir.mkdir(parents=True, exist_ok=True)
     export_tmp = job.runs_dir / f".{run_id}.{DIMENSION_EXPORT}"
-    if found.repo is not None:   # before the run directory: a failure leaves nothing behind
+    if found.repo is not None:
+        from .butler.source import ButlerError
+
         try:
             found.repo.write_dimension_export(export_tmp)
-        except Exception as exc:
-            from .butler.source import ButlerError
-
-            if isinstance(exc, ButlerError):
-                raise PlanError(exc.lines) from None
-            raise
+        except ButlerError as exc:
+            raise PlanError(exc.lines) from None
     layout = RunLayout(job.runs_dir / run_id)
     layout.dir.mkdir()  # exclusive: never reuse an existing run directory
     if found.repo is not None:
         os.replace(export_tmp, layout.dir / DIMENSION_EXPORT)
     for sub in (layout.manifests, layout.results, layout.logs):
         sub.mkdir()
+    return layout
 
-    atomic_write_text(layout.job_copy, job.text)
-    credentials.write_client_config(
-        layout.dir / CLIENT_CONFIG_NAME,
-        credentials.client_config_text(creds, credentials.load_base(creds.base_config)))
-    if catalogue_file is not None:   # what was read, checked against the job: kept as it is
-        os.replace(catalogue_file[0], layout.catalogue)
-        catalogue_sha256 = found.catalogue_sha256
-    else:
-        catalogue_sha256 = write_catalogue(layout.catalogue, cat, job.source, utc_now(),
-                                           f"dac-upload {__version__}")
-    atomic_write_jsonl(layout.skipped, ({"relpath": p.relpath, "reason": p.reason}
-                                        for p in cat.skipped))
+
+def _write_manifests(job: JobConfig, found: _Found, run_id: str, layout: RunLayout,
+                     batches: list[Batch], extra: list[dict[str, Any]]) -> list[str]:
+    """Each batch's manifest, written by a pool; their sha256 digests, in task order."""
     meta = _metadata_of(job, found)
-    extra: list[dict[str, Any]] = []
-    if found.repo is not None and job.butler.metadata:
-        extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
-
     digests: list[str] = []
 
     def manifests() -> Iterator[tuple[Path, bytes]]:
@@ -373,37 +430,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
             yield layout.manifest(batch.index), data
 
     write_files_atomically(manifests(), layout.manifests)
-    if job.butler.kind is not None:
-        atomic_write_jsonl(layout.dir / BUTLER_FILE, (
-            {"relpath": rel, "datasets": found.datasets[rel]}
-            for rel in sorted(files.rels) if rel in found.datasets))
-
-    ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
-                                creds)
-    array_body = render.render_body("array.sh.j2", ctx)
-    collect_body = render.render_body("collect.sh.j2", ctx)
-    task_ids = compress_indices([b.index for b in batches])
-    array_opts = render.array_options(job, task_ids, job.batching.max_running)
-    collect_opts = render.collector_options(job, None)
-    # what plan shows is what submit writes: simple-slurm's header + our body
-    atomic_write_text(layout.array_script, render.full_script(array_opts, array_body), 0o777)
-    atomic_write_text(layout.collect_script, render.full_script(collect_opts, collect_body),
-                      0o777)
-
-    total = sum(b.bytes for b in batches)
-    run = new_run_record(
-        job, run_id, layout, catalogue_sha256=catalogue_sha256, files=len(files),
-        skipped=len(cat.skipped),
-        from_file=catalogue_file[1].resolve() if catalogue_file else None,
-        batches=batches, task_ids=task_ids, manifest_sha256=digests,
-        credentials={**creds.record(), "client_config": CLIENT_CONFIG_NAME},
-        runtime={"kind": job.container.runtime, "python": ctx.python, "image": ctx.image},
-        slurm={"array": array_opts, "collector": collect_opts},
-        butler=_butler_record(job, found, files, extra[0]["name"] if extra else None),
-        origin=origin)
-    write_run_json(layout.dir, run)
-    return PreparedRun(layout, run_id, len(files), total, batches, len(cat.skipped), run,
-                       notes)
+    return digests
 
 
 def _collector_problems(job: JobConfig, files: int, largest_task: int) -> list[str]:

@@ -66,23 +66,9 @@ def run_task(run_dir: Path, task: int,
              rucio_factory: Callable[[str | None], Any] | None = None,
              retry_permanent: bool = False) -> int:
     """Process one manifest; return the task's exit code (0 only if every file is done)."""
-    from ..runrecord import REMAKE_HINT, manifest_problem, read_run_json
-
     layout = RunLayout(run_dir)
     try:
-        run = read_run_json(run_dir, whole=False)
-        why = manifest_problem(run_dir, run, task)
-        if why is not None and task < RunRecord(run).tasks_planned:   # edited or cut: refused
-            why = f"{why}; {REMAKE_HINT} {run_dir}, then resubmit"
-            layout.results.mkdir(exist_ok=True)
-            atomic_write_json(layout.done_marker(task), {
-                "task": task, "attempt": _previous_attempt(layout.done_marker(task),
-                                                           layout.result(task)) + 1,
-                "host": socket.gethostname(), "started_at": utc_now(),
-                "finished_at": utc_now(), "exit_code": TaskExit.BAD_INPUT, "aborted": why,
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
-            raise ValueError(why)
-        manifest = read_manifest(layout.manifest(task))
+        run, manifest = _read_task(layout, task)
     except (OSError, ValueError) as exc:
         print(f"dac-upload worker: cannot read run {run_dir} task {task}: {exc}",
               file=sys.stderr)
@@ -98,32 +84,14 @@ def run_task(run_dir: Path, task: int,
     todo = [e for e in manifest["files"]
             if e["name"] not in done_before and e["name"] not in held]
     log(f"task {task}: {len(manifest['files'])} files in manifest, {len(done_before)} done "
-         f"before, {len(held)} waiting for a person, {len(todo)} to do; scope "
-         f"{settings.scope}, RSE {settings.rse}")
+        f"before, {len(held)} waiting for a person, {len(todo)} to do; scope "
+        f"{settings.scope}, RSE {settings.rse}")
 
     counts = {UPLOADED: 0, ALREADY_PRESENT: 0, FAILED: 0, NOT_ATTEMPTED: 0}
     nbytes = 0
-    aborted: str | None = None
     t0 = time.monotonic()
     with StopRequest() as stop, JsonlAppender(result_path, sync_every=1.0) as out:
-        rio = None
-        try:
-            if rucio_factory is None:
-                from ..rucio.client import RucioIO
-
-                def rucio_factory(_account: str | None) -> Any:
-                    return RucioIO.for_run(layout.dir, run)
-            rio = retrying(lambda: rucio_factory(settings.account), settings, stop,
-                            "connecting to Rucio")
-            if settings.dataset and todo:
-                done = retrying(lambda: rio.ensure_dataset(
-                    settings.dataset, settings.rse, settings.lifetime), settings, stop,
-                    "creating the dataset")
-                log(f"dataset {':'.join(settings.dataset)}: {done}"
-                     + (" (its rule is left as it is; lifetime not applied)"
-                        if done == "exists" and settings.lifetime else ""))
-        except Exception as exc:
-            aborted = str(exc)
+        rio, aborted = _connect(layout, run, settings, stop, todo, rucio_factory)
         state = TaskState(aborted, CopyLog(layout.copies(task), attempt))
         records = (stock_records(rio, settings, todo, stop, state)
                    if settings.mode == "stock" or rio is None else
@@ -138,8 +106,8 @@ def run_task(run_dir: Path, task: int,
             if rec["status"] == UPLOADED:
                 nbytes += rec["bytes"] or 0
             log(f"{rec['status']:<15} {settings.scope}:{rec['name']}"
-                 + (f"  ({rec['error']})" if rec["error"] else "")
-                 + (f"  ({rec.pop('note')})" if rec.get("note") else ""))
+                + (f"  ({rec['error']})" if rec["error"] else "")
+                + (f"  ({rec.pop('note')})" if rec.get("note") else ""))
     aborted = state.aborted
     elapsed = max(time.monotonic() - t0, 1e-9)
     code = (TaskExit.ABORTED if aborted
@@ -160,12 +128,60 @@ def run_task(run_dir: Path, task: int,
     marker["index"] = task_index(task, manifest, result_path)
     atomic_write_json(layout.done_marker(task), marker)
     log(f"task {task} finished: {counts[UPLOADED]} uploaded ({human_bytes(nbytes)}, "
-         f"{nbytes / elapsed / 1e6:.1f} MB/s, {counts[UPLOADED] / elapsed:.1f} files/s), "
-         f"{counts[ALREADY_PRESENT]} already present, {counts[FAILED]} failed, "
-         f"{counts[NOT_ATTEMPTED]} not attempted"
-         + (f"; aborted: {aborted}" if aborted else "")
-         + (f"; stopped: {stop.reason}" if stop.reason else "") + f"; exit {code}")
+        f"{nbytes / elapsed / 1e6:.1f} MB/s, {counts[UPLOADED] / elapsed:.1f} files/s), "
+        f"{counts[ALREADY_PRESENT]} already present, {counts[FAILED]} failed, "
+        f"{counts[NOT_ATTEMPTED]} not attempted"
+        + (f"; aborted: {aborted}" if aborted else "")
+        + (f"; stopped: {stop.reason}" if stop.reason else "") + f"; exit {code}")
     return code
+
+
+def _read_task(layout: RunLayout, task: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run.json, the task's manifest); OSError or ValueError if they cannot be used. A
+    manifest that is not the one planned is refused, and the task's marker says why."""
+    from ..runrecord import REMAKE_HINT, manifest_problem, read_run_json
+
+    run = read_run_json(layout.dir, whole=False)
+    why = manifest_problem(layout.dir, run, task)
+    if why is not None and task < RunRecord(run).tasks_planned:   # edited or cut: refused
+        why = f"{why}; {REMAKE_HINT} {layout.dir}, then resubmit"
+        layout.results.mkdir(exist_ok=True)
+        atomic_write_json(layout.done_marker(task), {
+            "task": task, "attempt": _previous_attempt(layout.done_marker(task),
+                                                       layout.result(task)) + 1,
+            "host": socket.gethostname(), "started_at": utc_now(),
+            "finished_at": utc_now(), "exit_code": TaskExit.BAD_INPUT, "aborted": why,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+        raise ValueError(why)
+    return run, read_manifest(layout.manifest(task))
+
+
+def _connect(layout: RunLayout, run: dict[str, Any], settings: TaskSettings,
+             stop: StopRequest, todo: list[dict[str, Any]],
+             rucio_factory: Callable[[str | None], Any] | None,
+             ) -> tuple[RucioSession | None, str | None]:
+    """(the task's Rucio session, or None; why the task cannot go on, or None): the
+    session, retried while the server cannot be reached, and the dataset made sure of."""
+    if rucio_factory is None:
+        from ..rucio.client import RucioIO
+
+        def rucio_factory(_account: str | None) -> Any:
+            return RucioIO.for_run(layout.dir, run)
+    rio = None
+    try:
+        rio = retrying(lambda: rucio_factory(settings.account), settings, stop,
+                       "connecting to Rucio")
+        if settings.dataset and todo:
+            dataset = settings.dataset
+            done = retrying(lambda: rio.ensure_dataset(dataset, settings.rse,
+                                                       settings.lifetime),
+                            settings, stop, "creating the dataset")
+            log(f"dataset {':'.join(dataset)}: {done}"
+                + (" (its rule is left as it is; lifetime not applied)"
+                   if done == "exists" and settings.lifetime else ""))
+    except Exception as exc:
+        return rio, str(exc)
+    return rio, None
 
 
 def task_index(task: int, manifest: dict[str, Any], result_path: Path) -> dict[str, Any]:
