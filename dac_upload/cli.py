@@ -91,7 +91,7 @@ def _describe(prep: PreparedRun) -> None:
                f"{human_bytes(max(sizes))})" + (f", {prep.skipped} skipped (see skipped.jsonl)"
                                                  if prep.skipped else ""))
     click.echo(f"run directory: {prep.layout.dir}")
-    b = prep.run.get("butler")
+    b = RunRecord(prep.run).butler
     if b:
         where = (f"repository {b['repo']}" if b["kind"] == "repo"
                  else f"{len(b['maps'])} [[butler.map]] entries")
@@ -396,11 +396,11 @@ def remake_manifests(run_dir: str) -> None:
 
     target = Path(run_dir).resolve()
     run = _read_run_json(target)
-    digests = run["plan"].get("manifest_sha256")
+    digests = RunRecord(run).manifest_sha256
     if not digests:
         _fail(f"{target}: planned by a dac-upload that recorded no manifest digests: its "
               "manifests cannot be checked or re-made; plan a new run", Exit.USER)
-    bad = {t: why for t in range(int(run["plan"]["tasks"]))
+    bad = {t: why for t in range(RunRecord(run).tasks)
            if (why := manifest_problem(target, run, t))}
     if not bad:
         click.echo("every manifest is the one planned: nothing to do")

@@ -80,7 +80,7 @@ class SummaryBuilder:
         self.tasks += 1
         if task not in self.markers:
             self.missing_tasks.append(task)
-        butler, counts = self.run.get("butler"), self.counts
+        butler, counts = RunRecord(self.run).butler, self.counts
         scope, rse, root, found = self.scope, self.rse, self._root, merged.get
         for entry in manifest["files"]:
             name, relpath = entry["name"], entry["relpath"]
@@ -152,7 +152,7 @@ class SummaryBuilder:
             "failed_tasks": sorted(t for t, m in markers.items() if m.get("exit_code")),
             "warnings": warnings,
         }
-        if run.get("butler"):
+        if RunRecord(run).butler:
             keys = ("kind", "repo", "collections", "dataset_types", "where", "find_first",
                     "metadata", "raw_dataset_types", "maps", "dimension_export",
                     "dimension_file")
@@ -285,7 +285,7 @@ def read_run(run_dir: Path, datasets: bool = True) -> RunState:
             problems.append(f"results/{path.name}: not a file of this run (ignored)")
     with_results = [t for t in range(n) if layout.result(t).exists()]
     by_relpath: dict[str, list[dict[str, Any]]] = {}
-    butler = run.get("butler")
+    butler = RunRecord(run).butler
     if datasets and butler and (layout.dir / butler["files"]).exists():
         by_relpath = {r["relpath"]: [{"in_zip": False, **d} for d in r["datasets"]]
                       for r in read_jsonl(layout.dir / butler["files"])}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .config import RucioConfig, UploadConfig
 from .files import atomic_write_json, read_json, utc_now
 
 if TYPE_CHECKING:
@@ -314,7 +315,9 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """What an array task needs of run.json (RunRecord.task_settings)."""
+    """What an array task needs of run.json (RunRecord.task_settings). A key that a run
+    planned by an earlier version lacks takes the job file's default (config), except
+    ``mode`` and ``guid``, whose defaults were different before those keys existed."""
 
     scope: str
     rse: str
@@ -322,12 +325,12 @@ class TaskSettings:
     dataset: tuple[str, str] | None
     lifetime: int | None
     root: Path
-    retries: int = 4
-    retry_wait: float = 5.0      # seconds
+    retries: int = RucioConfig.retries
+    retry_wait: float = RucioConfig.retry_wait      # seconds
     mode: str = "stock"          # [upload]: "bulk" or "stock" (runs planned before: stock)
-    chunk_size: int = 500
-    transfers: int = 4
-    rename: str = "auto"
+    chunk_size: int = UploadConfig.chunk_size
+    transfers: int = UploadConfig.transfers
+    rename: str = UploadConfig.rename
     guid: bool = True            # [upload] guid (runs planned before it existed: True)
     proxy: Path | None = None    # the X.509 proxy the tasks use, watched for its expiry
-    md5: bool = True             # [upload] md5 (bulk only: UploadClient always computes it)
+    md5: bool = UploadConfig.md5  # [upload] md5 (bulk only: UploadClient always computes it)

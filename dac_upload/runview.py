@@ -12,7 +12,7 @@ from typing import Any
 
 from . import slurm
 from .collect import RunState, read_run
-from .runrecord import RunLayout
+from .runrecord import RunLayout, RunRecord
 from .status import TaskStatus, task_state, task_status
 
 
@@ -52,7 +52,8 @@ def _untouched(task: int, plan: dict[str, Any], marker: dict[str, Any] | None,
 
 def run_view(run_dir: Path, scheduler: bool = True) -> tuple[RunState, list[TaskStatus]]:
     state = read_run(run_dir, datasets=False)
-    arrays = [a for s in state.run.get("submissions", []) for a in s.get("arrays", [])]
+    subs = RunRecord(state.run).submissions
+    arrays = [a for s in subs for a in s.get("arrays", [])]
     known = slurm.array_states([a["job_id"] for a in arrays]) if scheduler else {}
     sched: dict[int, str] = {}
     logs: dict[int, str] = {}
@@ -62,7 +63,6 @@ def run_view(run_dir: Path, scheduler: bool = True) -> tuple[RunState, list[Task
         for (array, index), st in known.items():
             if array == a["job_id"]:
                 sched[a["offset"] + index] = st
-    subs = state.run.get("submissions", [])
     collector = subs[-1].get("collector_job_id") if subs else None
     if collector and scheduler:
         state.collector = (collector, slurm.job_state(collector))
