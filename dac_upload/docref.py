@@ -1,7 +1,8 @@
 """The reference parts of docs/ made from the code, so that they cannot drift: the job-file
 keys (config.SECTIONS), each command's --help (click) and the exit codes (errors). Each goes
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->`` in a page;
-``python -m dac_upload.docref`` rewrites them, and a unit test fails when a page is stale."""
+``python -m dac_upload.docref [DOCS_DIR]`` (default ./docs) rewrites them, and a unit test
+fails when a page is stale."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
-
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _toml(value: Any) -> str:
@@ -106,7 +105,7 @@ def regenerate(text: str) -> tuple[str, set[str]]:
     return _BLOCK_RE.sub(fill, text), found
 
 
-def pages(docs: Path = DOCS) -> dict[Path, tuple[str, str]]:
+def pages(docs: Path) -> dict[Path, tuple[str, str]]:
     """Each page with a generated block -> (its text, its text regenerated)."""
     out: dict[Path, tuple[str, str]] = {}
     for page in sorted(docs.glob("*.md")):
@@ -118,14 +117,17 @@ def pages(docs: Path = DOCS) -> dict[Path, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Rewrite the generated blocks of docs/ (``--check``: only say which are stale)."""
-    check = "--check" in (sys.argv[1:] if argv is None else argv)
-    stale = [page for page, (old, new) in pages().items() if old != new]
+    """Rewrite the generated blocks of DOCS_DIR (``--check``: only say which are stale)."""
+    args = sys.argv[1:] if argv is None else argv
+    check = "--check" in args
+    docs = Path(next((a for a in args if not a.startswith("-")), "docs"))
+    made = pages(docs)
+    stale = [page for page, (old, new) in made.items() if old != new]
     for page in stale:
         if check:
             print(f"{page}: generated reference out of date: python -m dac_upload.docref")
         else:
-            page.write_text(pages()[page][1], encoding="utf-8")
+            page.write_text(made[page][1], encoding="utf-8")
             print(f"rewrote {page}")
     return 1 if check and stale else 0
 
