@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..render import render_template
 from ..runrecord import DONE_STATES
@@ -62,56 +62,15 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
     prefix = None
     if relative_to:
         prefix = relative_to if relative_to.endswith("/") else relative_to + "/"
-    groups: dict[tuple[Any, ...], list[tuple[str, dict[str, Any]]]] = {}
-    first: dict[tuple[Any, ...], dict[str, Any]] = {}
-    zips: list[str] = []
-    not_uploaded: list[str] = []
-    not_matched: list[str] = []
-    outside: list[str] = []
-    for _key, f in sorted(summary["files"].items()):
-        if f["name"] == butler.get("dimension_file"):   # the records, for Rubin's daemon
-            continue
-        datasets = f.get("datasets") or []
-        if not datasets:
-            if f["status"] in DONE_STATES:
-                not_matched.append(f["relpath"])
-            continue
-        if f["status"] not in DONE_STATES or not f.get("pfn"):
-            not_uploaded.append(f"{f['relpath']} ({f['status']}"
-                                + (f": {f['error']}" if f.get("error") else "") + ")")
-            continue
-        uri = f["pfn"]
-        if prefix is not None:
-            if not uri.startswith(prefix):
-                outside.append(uri)
-                continue
-            uri = uri[len(prefix):]
-        if datasets[0].get("in_zip"):
-            zips.append(uri)
-            continue
-        for d in datasets:
-            group = (d["dataset_type"], d["run"], d.get("formatter"),
-                     tuple(sorted(d["data_id"])))
-            groups.setdefault(group, []).append((uri, d["data_id"]))
-            first.setdefault(group, d)
-    if outside:
-        raise ButlerError([f"{len(outside)} RSE URLs do not start with --relative-to "
-                           f"{relative_to!r} (e.g. {outside[0]}); give the common prefix of "
-                           "the RSE's URLs"])
+    found = _by_table(summary, butler.get("dimension_file"), prefix, relative_to)
+    groups, first, zips = found.groups, found.first, found.zips
     skipped: list[str] = []
     if butler.get("kind") == "repo" and (run_dir / "skipped.jsonl").exists():
         skipped = [f"{r['relpath']}: {r['reason']}" for r in read_jsonl(run_dir / "skipped.jsonl")]
 
     # names first, and nothing written while one of them is in the way
     ordered = sorted(groups, key=lambda g: (g[0], g[1], g[2] or "", g[3]))
-    names: list[str] = []
-    for dataset_type, run, _, _ in ordered:
-        stem = f"{dataset_type}.{_slug(run)}"
-        name, n = f"{stem}.ecsv", 1
-        while name in names:
-            n += 1
-            name = f"{stem}.{n}.ecsv"
-        names.append(name)
+    names = _table_names(ordered)
     export_name = butler.get("dimension_export")
     targets = [out_dir / n for n in [*names, *([export_name] if export_name else []),
                                      "ingest.sh"]]
@@ -155,8 +114,71 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
     script = out_dir / "ingest.sh"
     atomic_write_text(script, render_template("ingest.sh.j2", run_id=summary["run_id"],
                                               prefix=prefix, commands=commands), 0o777)
-    return IngestPlan(tables, zips, not_uploaded, not_matched, skipped, export, script,
-                      commands)
+    return IngestPlan(tables, zips, found.not_uploaded, found.not_matched, skipped, export,
+                      script, commands)
+
+
+Group = tuple[Any, ...]   # (dataset type, run, formatter, data ID keys): one table
+
+
+class _ByTable(NamedTuple):
+    groups: dict[Group, list[tuple[str, dict[str, Any]]]]   # table -> (URI, data ID) rows
+    first: dict[Group, dict[str, Any]]                      # table -> its first dataset
+    zips: list[str]                                         # URIs ingested whole
+    not_uploaded: list[str]
+    not_matched: list[str]
+
+
+def _by_table(summary: dict[str, Any], dimension_file: str | None, prefix: str | None,
+              relative_to: str | None) -> _ByTable:
+    """The summary's done files sorted into tables (pure); ButlerError if a URL does not
+    start with --relative-to."""
+    out = _ByTable({}, {}, [], [], [])
+    outside: list[str] = []
+    for _key, f in sorted(summary["files"].items()):
+        if f["name"] == dimension_file:   # the records, for Rubin's daemon
+            continue
+        datasets = f.get("datasets") or []
+        if not datasets:
+            if f["status"] in DONE_STATES:
+                out.not_matched.append(f["relpath"])
+            continue
+        if f["status"] not in DONE_STATES or not f.get("pfn"):
+            out.not_uploaded.append(f"{f['relpath']} ({f['status']}"
+                                    + (f": {f['error']}" if f.get("error") else "") + ")")
+            continue
+        uri = f["pfn"]
+        if prefix is not None:
+            if not uri.startswith(prefix):
+                outside.append(uri)
+                continue
+            uri = uri[len(prefix):]
+        if datasets[0].get("in_zip"):
+            out.zips.append(uri)
+            continue
+        for d in datasets:
+            group = (d["dataset_type"], d["run"], d.get("formatter"),
+                     tuple(sorted(d["data_id"])))
+            out.groups.setdefault(group, []).append((uri, d["data_id"]))
+            out.first.setdefault(group, d)
+    if outside:
+        raise ButlerError([f"{len(outside)} RSE URLs do not start with --relative-to "
+                           f"{relative_to!r} (e.g. {outside[0]}); give the common prefix of "
+                           "the RSE's URLs"])
+    return out
+
+
+def _table_names(ordered: list[Group]) -> list[str]:
+    """<dataset type>.<run>.ecsv per table, numbered where two would share a name."""
+    names: list[str] = []
+    for dataset_type, run, _, _ in ordered:
+        stem = f"{dataset_type}.{_slug(run)}"
+        name, n = f"{stem}.ecsv", 1
+        while name in names:
+            n += 1
+            name = f"{stem}.{n}.ecsv"
+        names.append(name)
+    return names
 
 
 def _q(text: str) -> str:
