@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import jobfiles
+
 CI_DIR = Path(os.environ.get("DAC_CI_DIR", "/tmp/dac-upload-ci"))
 VENV_BIN = CI_DIR / "venv" / "bin"
 RUCIO_CFG = CI_DIR / "rucio" / "etc" / "client.cfg"
@@ -244,29 +246,14 @@ def job_toml(prefix: str, *, include: str = "**/*", scope: str = SCOPE, rse: str
              slurm: str = "", upload: str = "") -> str:
     """A job file for the tests: ../src into the test Rucio under ``prefix``, runtime none;
     ``rucio``, ``slurm`` and ``upload`` add lines to those sections."""
-    return f"""
-[source]
-root = "../src"
-include = ["{include}"]
-[rucio]
-scope = "{scope}"
-rse = "{rse}"
-config = "../rucio.cfg"
-{rucio}
-[naming]
-prefix = "{prefix}"
-[upload]
-{upload}
-[batching]
-files_per_batch = {files_per_batch}
-max_running = {max_running}
-[slurm]
-time = "00:10:00"
-mem = "1G"
-{slurm}
-[container]
-runtime = "none"
-"""
+    return jobfiles.job_text({
+        "source": f'root = "../src"\ninclude = ["{include}"]',
+        "rucio": f'scope = "{scope}"\nrse = "{rse}"\nconfig = "../rucio.cfg"',
+        "naming": f'prefix = "{prefix}"',
+        "batching": f"files_per_batch = {files_per_batch}\nmax_running = {max_running}",
+        "slurm": 'time = "00:10:00"\nmem = "1G"',
+        "container": 'runtime = "none"',
+    }, rucio=rucio, slurm=slurm, upload=upload)
 
 
 def make_files(root: Path, n: int, size: int = 20_000) -> dict[str, Path]:

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import jobfiles
 import pytest
 from ithelpers import (
     RSE,
@@ -30,27 +31,14 @@ def _job(workdir: Path, rucio: str = "", slurm: str = "", container: str = "") -
     if not pw.exists():
         pw.write_text(PASSWORD + "\n")
         pw.chmod(0o600)
-    body = f"""
-[source]
-root = "../src"
-[rucio]
-host = "{RUCIO_URL}"
-auth_type = "userpass"
-username = "ddmlab"
-password_file = "../rucio.password"
-account = "root"
-scope = "{SCOPE}"
-rse = "{RSE}"
-{rucio}
-[slurm]
-time = "00:10:00"
-mem = "1G"
-{slurm}
-[container]
-runtime = "none"
-{container}
-"""
-    return write_job(workdir, "doc", body)
+    return write_job(workdir, "doc", jobfiles.job_text({
+        "source": 'root = "../src"',
+        "rucio": f'host = "{RUCIO_URL}"\nauth_type = "userpass"\nusername = "ddmlab"\n'
+                 f'password_file = "../rucio.password"\naccount = "root"\nscope = "{SCOPE}"\n'
+                 f'rse = "{RSE}"',
+        "slurm": 'time = "00:10:00"\nmem = "1G"',
+        "container": 'runtime = "none"',
+    }, rucio=rucio, slurm=slurm, container=container))
 
 
 def _doctor(workdir: Path, job: Path, *args: str, **env: str) -> tuple[int, list[str]]:

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import jobfiles
 import pytest
 from ithelpers import (
     RSE,
@@ -37,25 +38,14 @@ def _userpass_identity(client: Any) -> tuple[str, str]:
 
 def _job(workdir: Path, name: str, auth: str, files_per_batch: int = 1000) -> Path:
     """A job uploading ../src into the test Rucio, its credentials named by ``auth``."""
-    return write_job(workdir, name, f"""
-[source]
-root = "../src"
-[rucio]
-host = "{RUCIO_URL}"
-account = "root"
-{auth}
-scope = "{SCOPE}"
-rse = "{RSE}"
-[naming]
-prefix = "{unique_prefix()}"
-[batching]
-files_per_batch = {files_per_batch}
-[slurm]
-time = "00:10:00"
-mem = "1G"
-[container]
-runtime = "none"
-""")
+    return write_job(workdir, name, jobfiles.job_text({
+        "source": 'root = "../src"',
+        "rucio": f'host = "{RUCIO_URL}"\naccount = "root"\nscope = "{SCOPE}"\nrse = "{RSE}"',
+        "naming": f'prefix = "{unique_prefix()}"',
+        "batching": f"files_per_batch = {files_per_batch}",
+        "slurm": 'time = "00:10:00"\nmem = "1G"',
+        "container": 'runtime = "none"',
+    }, rucio=auth))
 
 
 def _every_file(*roots: Path) -> list[Path]:

@@ -7,6 +7,8 @@ import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
+import jobfiles
+
 # Base lines of each section of a valid job; make_job() appends lines per section.
 BASE_SECTIONS = {
     "job": "",
@@ -22,14 +24,7 @@ BASE_SECTIONS = {
 
 def job_text(**extra: str) -> str:
     """A valid job file; ``extra[section]`` holds more ``key = value`` lines for it."""
-    unknown = set(extra) - set(BASE_SECTIONS)
-    assert not unknown, unknown
-    out = []
-    for section, base in BASE_SECTIONS.items():
-        lines = "\n".join(x for x in (base, textwrap.dedent(extra.get(section, "")).strip()) if x)
-        if lines:
-            out.append(f"[{section}]\n{lines}\n")
-    return "\n".join(out)
+    return jobfiles.job_text(BASE_SECTIONS, **extra)
 
 
 def write_tree(root: Path, files: Mapping[str, bytes | str]) -> None:
