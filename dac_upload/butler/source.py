@@ -152,28 +152,8 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     records_of = datastore._get_stored_records_associated_with_refs
     root = Path(root_uri.ospath)
 
-    types, hits, errors = _dataset_types(butler, cfg, where)
-    if errors:
-        raise ButlerError(errors)
-    by_id: dict[Any, Any] = {}
     lacking: dict[Any, tuple[str, ...]] = {}   # dataset id -> elements it has no record of
-    for name in types:
-        found = _query_datasets(butler, cfg, name, where, lacking)
-        # a calibration dataset certified for several validity ranges comes once per range
-        for ref in found:
-            by_id.setdefault(ref.id, ref)
-        for pattern in cfg.dataset_types:
-            if fnmatch.fnmatchcase(name, pattern) and found:
-                hits[pattern] += 1
-    for pattern, n in hits.items():
-        if n == 0:
-            errors.append(f"{where}: [butler] dataset_types entry {pattern!r} finds no dataset "
-                          f"in {list(cfg.collections)}" + (f" where {cfg.where}" if cfg.where
-                                                           else "")
-                          + "; fix the name, the collections or the where expression")
-    if errors:
-        raise ButlerError(errors)
-    refs = list(by_id.values())
+    refs = _found_refs(butler, cfg, where, lacking)
 
     cat = Catalogue(root=root)
     records = records_of(refs) if refs else {}
@@ -191,18 +171,10 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     for relpath in sorted(files):      # path order: the ledger filter reads one directory
         members = files[relpath]       # at a time
         path = str(root / relpath)
-        try:
-            verdict = classify(path, os.lstat(path), symlinks)
-        except FileNotFoundError:
-            verdict = Verdict(missing=True)
-        except OSError as exc:
-            verdict = Verdict(refused=f"cannot stat: {exc.strerror}")
+        verdict = _file_verdict(path, symlinks, members[0][0])
         if verdict.skipped:
             cat.skipped.append(Problem(relpath, verdict.skipped))
             continue
-        if verdict.missing:
-            verdict = Verdict(refused=f"the datastore lists it for {_label(members[0][0])}, "
-                                      "but the file is missing")
         if verdict.refused:
             cat.refused.append(Problem(relpath, verdict.refused))
             continue
@@ -233,6 +205,48 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     if incomplete:
         notes.append(missing_records_note(incomplete))
     return RepoSource(cat, datasets, sidecars, butler, kept, notes)
+
+
+def _found_refs(butler: Any, cfg: ButlerConfig, where: str,
+                lacking: dict[Any, tuple[str, ...]]) -> list[Any]:
+    """The datasets the query finds, once each (a calibration certified for several
+    validity ranges comes once per range); ButlerError naming each dataset_types entry
+    that finds none. ``lacking`` gets the datasets without some dimension records."""
+    types, hits, errors = _dataset_types(butler, cfg, where)
+    if errors:
+        raise ButlerError(errors)
+    by_id: dict[Any, Any] = {}
+    for name in types:
+        found = _query_datasets(butler, cfg, name, where, lacking)
+        for ref in found:
+            by_id.setdefault(ref.id, ref)
+        for pattern in cfg.dataset_types:
+            if fnmatch.fnmatchcase(name, pattern) and found:
+                hits[pattern] += 1
+    for pattern, n in hits.items():
+        if n == 0:
+            errors.append(f"{where}: [butler] dataset_types entry {pattern!r} finds no dataset "
+                          f"in {list(cfg.collections)}" + (f" where {cfg.where}" if cfg.where
+                                                           else "")
+                          + "; fix the name, the collections or the where expression")
+    if errors:
+        raise ButlerError(errors)
+    return list(by_id.values())
+
+
+def _file_verdict(path: str, symlinks: str, ref: Any) -> Verdict:
+    """catalogue.classify for a file the datastore lists; one that is not there says which
+    dataset the datastore lists it for."""
+    try:
+        verdict = classify(path, os.lstat(path), symlinks)
+    except FileNotFoundError:
+        verdict = Verdict(missing=True)
+    except OSError as exc:
+        return Verdict(refused=f"cannot stat: {exc.strerror}")
+    if verdict.missing:
+        return Verdict(refused=f"the datastore lists it for {_label(ref)}, but the file is "
+                               "missing")
+    return verdict
 
 
 def _query_datasets(butler: Any, cfg: ButlerConfig, name: str, where: str,
