@@ -160,8 +160,9 @@ class Reader:
 class Verdict(NamedTuple):
     """What one source entry is, as the walk and a Butler source judge it alike: a file to
     upload (``st``: its stat, a symlink followed; ``link_dir``: the directory a followed
-    symlink points into), or skipped or refused (``why``). ``missing``: it is not there
-    (vanished, or a dangling symlink), which each caller says in its own words."""
+    symlink points into), or skipped or refused (``skipped``, ``refused``: why). ``missing``:
+    it is not there (vanished, or a dangling symlink), which each caller says in its own
+    words."""
 
     st: Any = None
     link_dir: str | None = None

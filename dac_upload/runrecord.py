@@ -1,8 +1,9 @@
 """The run directory's contract, in one place: where each file of a run lives
 (RunLayout), what run.json holds (new_run_record makes it at planning; RunRecord reads it,
 with the defaults of runs planned by earlier versions written here once), the vocabulary of
-the result records, the exit codes of a task, and reading and writing run.json. Every step
-after planning (submit, the worker, status, resubmit, collect, nightly) reads a run here."""
+the result records, and reading and writing run.json (an array task's exit codes are
+errors.TaskExit). Every step after planning (submit, the worker, status, resubmit, collect,
+nightly) reads a run here."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ STORAGE_VERIFIED, READ_BACK_VERIFIED, STOCK_VERIFIED = "storage checksum", "read
 # Why a file failed. A permanent cause needs a person (resubmit leaves such files alone
 # unless asked); the others are worth another attempt.
 PERMANENT_CAUSES = ("conflict", "missing", "unreadable", "changed")
-
 
 
 # ---------------------------------------------------------------- the run directory
@@ -150,10 +150,8 @@ def read_run_json(run_dir: Path, whole: bool = True) -> dict[str, Any]:
 def manifest_problem(run_dir: Path, run: dict[str, Any], task: int) -> str | None:
     """Why the task's manifest is not the one planned (missing, or its sha256 differs from
     run.json's), or None. Runs planned before digests were recorded are taken as they are."""
-    import hashlib
-
     path = RunLayout(run_dir).manifest(task)
-    digests = (run.get("plan") or {}).get("manifest_sha256")
+    digests = RunRecord(run).manifest_sha256
     try:
         data = path.read_bytes()
     except FileNotFoundError:

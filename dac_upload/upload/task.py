@@ -39,7 +39,7 @@ from ..runrecord import (
     RunRecord,
     TaskSettings,
 )
-from .common import CopyLog, StopRequest, TaskState, is_fatal, log, retrying
+from .common import CopyLog, StopRequest, TaskState, abort_reason, log, retrying
 from .session import RucioSession
 from .stock import stock_records
 
@@ -238,8 +238,7 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
                         f"uploaded, but its Butler metadata was not set ({exc}); a "
                         "resubmission sets it"))
             except Exception as exc:   # the server gone or refusing us: stop the task
-                state.aborted = str(exc) if is_fatal(exc) else (
-                    f"internal error {type(exc).__name__}: {exc}")
+                state.aborted = abort_reason(exc)
                 for r in done:
                     r.update(status=FAILED, cause="transient", error=(
                         f"uploaded, but its Butler metadata was not set ({exc}); a "

@@ -33,8 +33,8 @@ def _absolute_imports(tree: ast.Module) -> set[str]:
 
 def _package_imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
     """The package's modules ``name`` imports (at the top or inside a function)."""
-    package = name if name in {k.rsplit(".", 1)[0] for k in known if "." in k} and \
-        (PKG.parent / name.replace(".", "/") / "__init__.py").exists() else name.rsplit(".", 1)[0]
+    is_package = (PKG.parent / name.replace(".", "/") / "__init__.py").exists()
+    package = name if is_package else name.rsplit(".", 1)[0]   # what "." stands for
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
