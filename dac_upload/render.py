@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,14 +168,15 @@ def collector_options(job: JobConfig, array_job_id: str | None) -> dict[str, Any
 
 
 def make_slurm(options: dict[str, Any]) -> Slurm:
-    """A fresh simple-slurm object (they accumulate commands, so never reuse one).
+    """A fresh simple-slurm object (they accumulate commands, so never reuse one), its
+    values as the ``#SBATCH`` lines must carry them (header_value).
 
     simple-slurm validates option names with argparse and exits on an unknown one; that
     becomes a ValueError naming the option."""
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            return Slurm(**options)
+            return Slurm(**{k: header_value(v) for k, v in options.items()})
     except SystemExit:
         bad = ", ".join(sorted(k for k in options if not _known_option(k)))
         raise ValueError(f"unknown sbatch option(s): {bad or stderr.getvalue().strip()}") from None
@@ -202,9 +204,54 @@ RESERVED_OPTIONS = ("array", "output", "error", "open_mode", "job_name", "depend
 OWN_KEYS = ("time", "mem", "cpus_per_task", "partition", "account")
 
 
+# sbatch options whose value may hold a space (quoted in the header); every other value
+# is one word, as Slurm's names, sizes, times and lists are (job names are checked by the
+# job file's own rule: letters, digits, '.', '_' and '-')
+SPACED_OPTIONS = ("comment",)
+# what no #SBATCH value may hold: a line end or control character would end the line and
+# start a command; sbatch's own parser of #SBATCH lines reads " and \ as quoting
+_NEVER_IN_HEADER = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+
+def header_value(value: Any) -> Any:
+    """A value as its ``#SBATCH`` line carries it: one with whitespace in double quotes,
+    which sbatch's parser of the header takes as one argument (sbatch_value_problems has
+    refused whitespace where Slurm takes none, and any quote or control character)."""
+    if isinstance(value, str) and any(c.isspace() for c in value):
+        return f'"{value}"'
+    return value
+
+
+def sbatch_value_problems(job: JobConfig) -> list[str]:
+    """One line per value that would reach an ``#SBATCH`` line and could change the script
+    (a control character, a quote, a backslash) or that Slurm takes as one word but holds
+    whitespace (``account = "my project!"``): sbatch would refuse it at submission with
+    "Invalid directive", or worse, read it as another option."""
+    where = {"partition": "[slurm] partition", "account": "[slurm] account",
+             "mem": "[slurm] mem", "job_name": "[slurm] job_name (or [job] name)",
+             **{k: f"[slurm] extra {k}" for k in job.slurm.extra}}
+    out = []
+    for key, value in _common_options(job).items() | {
+            ("job_name", job.slurm.job_name or f"dacu-{job.name}")}:
+        text = str(value)
+        if _NEVER_IN_HEADER.search(text):
+            out.append(f"{job.path}: {where.get(key, key)} = {text!r} holds a quote, a "
+                       "backslash or a control character, which cannot go into an #SBATCH "
+                       "line; remove it")
+        elif key not in SPACED_OPTIONS and any(c.isspace() for c in text):
+            out.append(f"{job.path}: {where.get(key, key)} = {text!r} holds a space, and "
+                       "Slurm takes one word there; use the name Slurm knows (sacctmgr show "
+                       "assoc user=$USER lists your accounts, sinfo -s the partitions)")
+    return sorted(out)
+
+
 def sbatch_option_problems(job: JobConfig) -> list[str]:
-    """One line per [slurm] extra option simple-slurm/sbatch would not accept, or that
-    would override what dac-upload sets itself."""
+    """One line per [slurm] value that cannot go into the script (sbatch_value_problems), or
+    extra option simple-slurm/sbatch would not accept, or that would override what
+    dac-upload sets itself."""
+    values = sbatch_value_problems(job)
+    if values:
+        return values
     owned = sorted(set(job.slurm.extra) & set(RESERVED_OPTIONS))
     if owned:
         return [f"{job.path}: [slurm] extra sets {', '.join(owned)}, which dac-upload sets "

@@ -369,3 +369,55 @@ def test_extra_may_not_shadow_keys_of_its_own(tmp_path: Path) -> None:
            "container": {"runtime": "none"}, "slurm": {"extra": {"time": "01:00:00"}}}
     lines = render.sbatch_option_problems(parse_job(raw, path=tmp_path / "j.toml"))
     assert lines and "extra sets time: use the [slurm] key(s)" in lines[0]
+
+
+# ----------------------------------------------------------------------------- header values
+def test_an_account_with_a_space_is_refused_before_rendering() -> None:
+    """`account = "my project!"` rendered `#SBATCH --account my project!`, which sbatch
+    refused at submission ("Invalid directive ... project!")."""
+    lines = render.sbatch_option_problems(_job(NONE, account="my project!"))
+    assert lines == ["/home/u/jobs/csd3.toml: [slurm] account = 'my project!' holds a space, "
+                     "and Slurm takes one word there; use the name Slurm knows (sacctmgr show "
+                     "assoc user=$USER lists your accounts, sinfo -s the partitions)"]
+
+
+@pytest.mark.parametrize("slurm", [{"partition": "ice lake"}, {"mem": "4 G"},
+                                   {"extra": {"qos": "normal high"}}])
+def test_a_space_where_slurm_takes_one_word_is_refused(slurm: dict[str, Any]) -> None:
+    lines = render.sbatch_option_problems(_job(NONE, **slurm))
+    assert len(lines) == 1 and "holds a space" in lines[0]
+
+
+@pytest.mark.parametrize("value", ['x" --wrap "rm', "a\\b", "a\tb", "a\x1bb"])
+def test_a_quote_backslash_or_control_character_is_refused(value: str) -> None:
+    lines = render.sbatch_option_problems(_job(NONE, extra={"comment": value}))
+    assert len(lines) == 1 and "cannot go into an #SBATCH line" in lines[0]
+
+
+def test_a_value_slurm_takes_with_spaces_is_quoted_in_its_line() -> None:
+    job = _job(NONE, extra={"comment": "dp1 #2 & more"})
+    assert render.sbatch_option_problems(job) == []
+    script = render.full_script(render.array_options(job, "0-3", 2), "true\n")
+    header = [ln for ln in script.splitlines() if ln.startswith("#SBATCH")]
+    assert '#SBATCH --comment             "dp1 #2 & more"' in header
+    assert len(header) == len(render.array_options(job, "0-3", 2))
+
+
+@pytest.mark.parametrize("key", ["partition", "account", "mem", "job_name"])
+@pytest.mark.parametrize("value", ["a b", "a\nb", 'a"b', "a;b #c", "$(id)"])
+def test_no_job_file_value_adds_a_directive_or_a_command(key: str, value: str) -> None:
+    """Whatever a job file holds, it is refused (by the job file's checks or
+    sbatch_option_problems) or it stays inside its own #SBATCH line, and the body is ours."""
+    from dac_upload.config import ConfigError
+
+    try:
+        job = _job(NONE, **{key: value})
+    except ConfigError:
+        return
+    if render.sbatch_option_problems(job):
+        return
+    options = render.array_options(job, "0", 1)
+    script = render.full_script(options, "true\n")
+    lines = script.splitlines()
+    assert len([ln for ln in lines if ln.startswith("#SBATCH")]) == len(options)
+    assert [ln for ln in lines if ln and not ln.startswith("#")] == ["true"]
