@@ -32,6 +32,7 @@ from .runrecord import (
     RunReadError,
     RunRecord,
     read_run_json,
+    run_dirs,
 )
 
 
@@ -51,11 +52,7 @@ def job_lock(job: JobConfig, break_stale: bool = False, mode: str | None = None,
 def latest_run(job: JobConfig) -> Path | None:
     """The newest run of the job that was submitted (run ids start with their UTC time; a
     run only planned, never submitted, is nobody's previous run)."""
-    if not job.runs_dir.is_dir():
-        return None
-
-    for run_dir in sorted((p for p in job.runs_dir.iterdir() if (p / "run.json").is_file()),
-                          reverse=True):
+    for run_dir in reversed(run_dirs(job.runs_dir)):
         if read_run_json(run_dir).get("submissions"):   # a damaged one: RunReadError
             return run_dir
     return None
@@ -115,7 +112,7 @@ class NightOptions:
 
 
 def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
-              preflight: Any = None) -> int:
+              preflight: Any = None, script_check: Any = None) -> int:
     """One night for one job; returns the exit code (see the constants above). The lock is
     held while deciding and submitting, not while waiting (--wait): a later night then sees
     the run going and exits STILL_GOING."""
@@ -127,7 +124,7 @@ def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
         with job_lock(job, opts.break_stale_lock, lock_mode) as lock:
             for note in lock.notes:
                 say(note)
-            code, waiting = _night(job, opts, say, preflight)
+            code, waiting = _night(job, opts, say, preflight, script_check)
             stuck = _still_needing_a_person(job)
     except LockError as exc:
         say(str(exc), problem=True)
@@ -176,7 +173,8 @@ def _still_needing_a_person(job: JobConfig, forget: bool = True) -> list[tuple[s
 
 
 def _night(job: JobConfig, opts: NightOptions, say: Reporter,
-           preflight: Any) -> tuple[int, tuple[str, Path] | None]:
+           preflight: Any, script_check: Any = None
+           ) -> tuple[int, tuple[str, Path] | None]:
     """(exit code, (collector, run dir) to wait for with --wait)."""
     from . import slurm
     from .ledger import Ledger, UnchangedFilter
@@ -219,7 +217,7 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
     keep = UnchangedFilter(ledger) if ledger else None
     try:
         prep = prepare_run(job, preflight=None if opts.offline else preflight, keep=keep,
-                           origin="nightly")
+                           origin="nightly", script_check=script_check)
     except NothingToUpload:
         say(f"nothing new under {job.source.root}"
             + (f" ({keep.unchanged:,} files unchanged since the ledger)" if keep else ""))

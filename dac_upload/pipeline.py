@@ -24,6 +24,7 @@ from . import __version__, render
 from .catalogue import (
     Catalogue,
     CatalogueFileError,
+    own_dirs,
     read_catalogue,
     walk,
     write_catalogue,
@@ -186,10 +187,12 @@ def _catalogue(job: JobConfig, progress: Progress | None,
     digest = loaded[1] if loaded else None
 
     def tree() -> Catalogue:
-        return loaded[0] if loaded else walk(job.source, progress, keep)
+        return loaded[0] if loaded else walk(job.source, progress, keep,
+                                             own_dirs(job.source.root, job.runs_dir))
 
+    notes = own_dirs_note(job)
     if kind is None:
-        return job, _Found(tree(), {}, catalogue_sha256=digest)
+        return job, _Found(tree(), {}, notes=notes, catalogue_sha256=digest)
     from .butler import source as butler_mod
 
     try:
@@ -204,7 +207,17 @@ def _catalogue(job: JobConfig, progress: Progress | None,
     except butler_mod.ButlerError as exc:
         raise PlanError(exc.lines) from None
     cat.refused.extend(problems)
-    return job, _Found(cat, datasets, unmatched=unmatched, catalogue_sha256=digest)
+    return job, _Found(cat, datasets, unmatched=unmatched, notes=notes,
+                       catalogue_sha256=digest)
+
+
+def own_dirs_note(job: JobConfig) -> list[str]:
+    """The one line that says the runs folder inside the tree is left out (see own_dirs)."""
+    if not own_dirs(job.source.root, job.runs_dir):
+        return []
+    return [f"the runs folder {job.runs_dir} is inside [source] root: its files (runs, "
+            "ledger, logs) are dac-upload's own and are never uploaded; set [job] runs_dir "
+            "outside the tree to silence this"]
 
 
 def _butler_record(job: JobConfig, found: _Found, planned: FileTable,
@@ -245,13 +258,21 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+# sbatch's verdict on a rendered script: ("the array script", its text) -> problem lines
+ScriptCheck = Callable[[str, str], list[str]]
+
+
 def prepare_run(job: JobConfig, preflight: Preflight | None = None,
                 progress: Progress | None = None, python: str | None = None,
                 keep: Callable[[str, int, float], bool] | None = None,
-                origin: str = "plan", catalogue_file: Path | None = None) -> PreparedRun:
+                origin: str = "plan", catalogue_file: Path | None = None,
+                script_check: ScriptCheck | None = None) -> PreparedRun:
     """Catalogue, name, batch and render a run; write its directory. Nothing is submitted.
     ``keep`` filters the walk (nightly: only files new or changed since the ledger);
     ``preflight`` checks the credentials and the server (not with --offline);
+    ``script_check`` (slurm.script_problems) hands both rendered scripts to
+    ``sbatch --test-only`` before the run directory exists: a partition, account or memory
+    Slurm refuses leaves no run behind;
     ``catalogue_file`` (from ``dac-upload catalogue``) replaces the walk: it is first
     hard-linked (or copied) into ``runs_dir`` and read from there, so that the run keeps
     exactly the catalogue it planned, whatever happens to the file meanwhile."""
@@ -268,7 +289,7 @@ def prepare_run(job: JobConfig, preflight: Preflight | None = None,
     try:
         with _cyclic_gc_paused():
             return _prepare_run(job, preflight, progress, python, keep, origin,
-                                (kept, Path(catalogue_file)) if kept else None)
+                                (kept, Path(catalogue_file)) if kept else None, script_check)
     finally:
         if kept is not None:
             kept.unlink(missing_ok=True)   # moved into the run directory, unless it failed
@@ -285,7 +306,7 @@ def catalogue_only(job: JobConfig, progress: Progress | None = None) -> Catalogu
         raise PlanError([f"{job.path}: [source] root = {str(job.source.root)!r} is not a "
                          "directory; fix the path"])
     with _cyclic_gc_paused():
-        cat = walk(job.source, progress)
+        cat = walk(job.source, progress, prune=own_dirs(job.source.root, job.runs_dir))
     errors = check_catalogue(job, cat)
     if errors:
         raise PlanError(errors)
@@ -295,10 +316,19 @@ def catalogue_only(job: JobConfig, progress: Progress | None = None) -> Catalogu
 def _prepare_run(job: JobConfig, preflight: Preflight | None,
                  progress: Progress | None, python: str | None,
                  keep: Callable[[str, int, float], bool] | None,
-                 origin: str, catalogue_file: tuple[Path, Path] | None) -> PreparedRun:
+                 origin: str, catalogue_file: tuple[Path, Path] | None,
+                 script_check: ScriptCheck | None) -> PreparedRun:
     plan = _checked_plan(job, preflight, progress, keep, catalogue_file)
     job, found, files, batches, creds = plan.job, plan.found, plan.files, plan.batches, plan.creds
     run_id = new_run_id()
+    scripts = render_scripts(job, run_id, (job.runs_dir / run_id).resolve(),
+                             python or sys.executable, creds, batches)
+    if script_check is not None:
+        refused = (script_check("array script", scripts.first_task)
+                   + script_check("collector script", scripts.collector))
+        if refused:
+            raise PlanError(refused)
+    _stage(progress, f"writing the run: {len(batches):,} manifests")
     layout = _run_directory(job, found, run_id)
     atomic_write_text(layout.job_copy, job.text)
     credentials.write_client_config(
@@ -321,16 +351,11 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
             {"relpath": rel, "datasets": found.datasets[rel]}
             for rel in sorted(files.rels) if rel in found.datasets))
 
-    ctx = render.script_context(job, run_id, layout.dir.resolve(), python or sys.executable,
-                                creds)
-    task_ids = compress_indices([b.index for b in batches])
-    array_opts = render.array_options(job, task_ids, job.batching.max_running)
-    collect_opts = render.collector_options(job, None)
     # what plan shows is what submit writes: simple-slurm's header + our body
-    atomic_write_text(layout.array_script, render.full_script(
-        array_opts, render.render_body("array.sh.j2", ctx)), 0o777)
-    atomic_write_text(layout.collect_script, render.full_script(
-        collect_opts, render.render_body("collect.sh.j2", ctx)), 0o777)
+    atomic_write_text(layout.array_script, scripts.array, 0o777)
+    atomic_write_text(layout.collect_script, scripts.collector, 0o777)
+    ctx, task_ids = scripts.context, scripts.task_ids
+    array_opts, collect_opts = scripts.array_options, scripts.collector_options
 
     run = new_run_record(
         job, run_id, layout, catalogue_sha256=catalogue_sha256, files=len(files),
@@ -347,7 +372,45 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
                        len(found.cat.skipped), run, plan.notes)
 
 
-class _Checked(NamedTuple):
+def dry_plan(job: JobConfig, preflight: Preflight | None = None,
+             progress: Progress | None = None) -> CheckedPlan:
+    """Every check ``plan`` runs, on the same catalogue, without writing anything
+    (``doctor``): PlanError or NothingToUpload where plan would refuse."""
+    with _cyclic_gc_paused():
+        return _checked_plan(job, preflight, progress, None, None)
+
+
+class Scripts(NamedTuple):
+    """A run's two scripts as sbatch will read them, and what they were made from."""
+
+    context: render.ScriptContext
+    task_ids: str
+    array_options: dict[str, Any]
+    collector_options: dict[str, Any]
+    array: str
+    collector: str
+    # the array script as sbatch --test-only is given it: task 0 alone (the whole range may
+    # be longer than MaxArraySize, which submit_tasks splits into arrays; the partition,
+    # account, time and memory are the same for every part)
+    first_task: str
+
+
+def render_scripts(job: JobConfig, run_id: str, run_dir: Path, python: str,
+                   creds: Credentials, batches: list[Batch]) -> Scripts:
+    """The array and collector scripts of a run in ``run_dir`` (which need not exist yet):
+    simple-slurm's header and our bodies, byte for byte what submit hands to sbatch."""
+    ctx = render.script_context(job, run_id, run_dir, python, creds)
+    task_ids = compress_indices([b.index for b in batches])
+    array_opts = render.array_options(job, task_ids, job.batching.max_running)
+    collect_opts = render.collector_options(job, None)
+    body = render.render_body("array.sh.j2", ctx)
+    return Scripts(ctx, task_ids, array_opts, collect_opts,
+                   render.full_script(array_opts, body),
+                   render.full_script(collect_opts, render.render_body("collect.sh.j2", ctx)),
+                   render.full_script(render.with_offset(array_opts, "0", 0), body))
+
+
+class CheckedPlan(NamedTuple):
     """A plan that passed every check, before anything is written."""
 
     job: JobConfig            # with a Butler source's datastore root as [source] root
@@ -360,7 +423,7 @@ class _Checked(NamedTuple):
 
 def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progress | None,
                   keep: Callable[[str, int, float], bool] | None,
-                  catalogue_file: tuple[Path, Path] | None) -> _Checked:
+                  catalogue_file: tuple[Path, Path] | None) -> CheckedPlan:
     """Catalogue, names, batches, and every check that can refuse the plan (PlanError with
     all the lines at once; NothingToUpload); nothing is written."""
     if job.butler.kind != "repo" and not job.source.root.is_dir():
@@ -368,7 +431,12 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
                          "directory; fix the path"])
     creds = resolve_credentials(job)
     errors = render.sbatch_option_problems(job)
+    if os.path.realpath(job.runs_dir) == os.path.realpath(job.source.root):
+        errors.append(f"{job.path}: [job] runs_dir is the [source] root ({job.source.root}): "
+                      "each run would be uploaded by the next; set runs_dir to a folder "
+                      "of its own")
     job, found = _catalogue(job, progress, keep, catalogue_file)
+    _stage(progress, f"checking and naming {found.cat.file_count:,} files")
     errors += render.bind_problems(job, job.runs_dir / "RUN", creds)
     errors += check_catalogue(job, found.cat)
     files, name_problems = name_files(found.cat.files(), job.naming)
@@ -385,6 +453,8 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
         raise NothingToUpload([f"{job.path}: nothing to upload under {job.source.root}"
                                + (" that is new or changed" if keep else "")])
     if preflight is not None:
+        _stage(progress, f"asking Rucio at {creds.host}: credentials, scope "
+                         f"{job.rucio.scope}, RSE {job.rucio.rse}")
         errors += preflight(job, creds)
     if errors:
         raise PlanError(errors)
@@ -392,7 +462,13 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
     errors += _collector_problems(job, len(files), max(b.count for b in batches))
     if errors:
         raise PlanError(errors)
-    return _Checked(job, found, files, batches, creds, notes)
+    return CheckedPlan(job, found, files, batches, creds, notes)
+
+
+def _stage(progress: Progress | None, what: str) -> None:
+    """One line saying what planning does now, after the walk (none without progress)."""
+    if progress is not None:
+        progress.stage(what)
 
 
 def _run_directory(job: JobConfig, found: _Found, run_id: str) -> RunLayout:

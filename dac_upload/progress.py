@@ -46,3 +46,10 @@ class Progress:
     def done(self) -> None:
         if self.enabled:
             self._write(time.monotonic(), end="\n")
+
+    def stage(self, what: str) -> None:
+        """One line for a step after the walk (writing manifests, asking Rucio): the
+        seconds it takes are then not silent. Terminal only, like the rest."""
+        if self.enabled:
+            self.stream.write(f"{what} ...\n")
+            self.stream.flush()

@@ -130,27 +130,42 @@ def scontrol_config() -> dict[str, str]:
     return parse_scontrol_config(_run(["scontrol", "show", "config"]).stdout)
 
 
-def option_args(options: dict[str, Any]) -> list[str]:
-    """{"cpus_per_task": 1, "exclusive": ""} -> ["--cpus-per-task=1", "--exclusive"]."""
-    return [f"--{k.replace('_', '-')}" + (f"={v}" if str(v) != "" else "")
-            for k, v in options.items()]
-
-
-def sbatch_test_only(options: dict[str, Any]) -> str:
-    """What ``sbatch --test-only`` says of a job with these options (partition, account,
-    time, memory as the array asks them): its "Job N to start at ..." line. Refusals raise
-    SlurmError with sbatch's own words. Nothing is queued."""
-    args = ["sbatch", "--test-only", *option_args(options), "--wrap", "true"]
+def test_script(script: str) -> str:
+    """What ``sbatch --test-only`` says of this exact script (the header simple-slurm renders
+    and the body): its "Job N to start at ..." line. Every ``#SBATCH`` line is parsed by
+    sbatch itself, so a value it would refuse at submission is refused here, with its own
+    words (SlurmError). The script is written to a private temporary directory, which is
+    also the working directory: nothing is queued and nothing is left behind."""
     _require("sbatch")
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-    except subprocess.TimeoutExpired:
-        raise SlurmError("sbatch --test-only did not answer within 60 s: is slurmctld up? "
-                         "(try 'sinfo')") from None
+    with tempfile.TemporaryDirectory(prefix="dac-upload-test-only-") as tmp:
+        path = Path(tmp) / "job.sh"
+        path.write_text(script)
+        try:
+            proc = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True,
+                                  text=True, timeout=60, check=False, cwd=tmp)
+        except subprocess.TimeoutExpired:
+            raise SlurmError("sbatch --test-only did not answer within 60 s: is slurmctld "
+                             "up? (try 'sinfo')") from None
     if proc.returncode != 0:
         raise SlurmError(last_error_line(proc.stderr))
     lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
     return lines[-1] if lines else "accepted"
+
+
+def script_problems(what: str, script: str) -> list[str]:
+    """``sbatch --test-only``'s refusal of a run's script (pipeline.ScriptCheck), one line
+    with the fix; [] when sbatch accepts it. The collector's ``--dependency`` names the
+    array's job id, which it does not have yet (sbatch refuses the placeholder): that line
+    alone is left out of the test."""
+    tested = "".join(line for line in script.splitlines(keepends=True)
+                     if not line.startswith("#SBATCH --dependency"))
+    try:
+        test_script(tested)
+    except SlurmError as exc:
+        return [f"sbatch --test-only refuses the run's {what}: {exc}; fix [slurm] partition, "
+                "account, time, mem or extra in the job file ('sinfo -s' lists the "
+                "partitions, 'sacctmgr show assoc user=$USER' your accounts)"]
+    return []
 
 
 def slurm_version() -> str:

@@ -290,6 +290,30 @@ def test_two_plans_two_run_directories(job: JobConfig) -> None:
     assert _runs(job) == sorted([first.run_id, second.run_id])
 
 
+def test_a_runs_folder_inside_the_tree_is_never_catalogued(
+        make_job: Callable[..., JobConfig]) -> None:
+    """t3.toml beside t3/ with runs in t3/runs: the second plan must not upload the first
+    one's job copy, rucio.cfg and manifests (nor the ledger or nightly.log)."""
+    job = make_job(TREE, job='runs_dir = "data/runs"')
+    first = prepare_run(job, preflight=None)
+    (job.runs_dir / "nightly.log").write_text("a log\n")
+    second = prepare_run(job, preflight=None)
+    assert second.files == first.files == len(TREE)
+    cat, _ = read_catalogue(second.layout.catalogue)
+    assert not [r for r in cat.files().relpath if r.startswith("runs/")]
+    assert any("runs folder" in n and "never uploaded" in n for n in second.notes)
+
+
+def test_runs_folder_equal_to_the_root_is_refused(make_job: Callable[..., JobConfig]) -> None:
+    job = make_job(TREE, job='runs_dir = "data"')
+    with pytest.raises(PlanError, match=r"runs_dir is the \[source\] root"):
+        prepare_run(job, preflight=None)
+
+
+def test_a_runs_folder_elsewhere_gives_no_note(job: JobConfig) -> None:
+    assert prepare_run(job, preflight=None).notes == []
+
+
 # ----------------------------------------------------------------------------- submit_run
 def test_submit_run_records_both_jobs(job: JobConfig) -> None:
     layout = prepare_run(job, preflight=None).layout
