@@ -1,10 +1,16 @@
 """``dac-upload doctor JOB``: everything a first upload needs, checked one line at a time.
 
 Each check says OK, WARN, FAIL or SKIP, what it saw and, when it is not OK, the fix. The
-checks run in the order a new user would fix things (job file, Slurm, container, credentials,
-Rucio) and a check that cannot mean anything after an earlier failure is skipped with the
-reason. ``--probe`` adds a real one-file round trip through the RSE. Slurm is asked through
-slurm.py and Rucio through rucio/, like everywhere else.
+checks run in the order a new user would fix things (job file, source, a dry plan, Slurm and
+the run's scripts, container, credentials, Rucio) and a check that cannot mean anything after
+an earlier failure is skipped with the reason. ``--probe`` adds a real one-file round trip
+through the RSE. Slurm is asked through slurm.py and Rucio through rucio/, like everywhere
+else.
+
+Doctor must refuse whatever ``plan`` or ``submit`` would refuse, in their words: it runs
+plan's own checks (``pipeline.dry_plan``), hands the scripts plan renders to
+``slurm.script_problems`` as submit does, and its credential and Rucio checks are the steps of
+``rucio.preflight.problems`` (plan's online preflight) with an OK line for each that passes.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import getpass
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -21,13 +28,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, render
+from . import __version__, pipeline, render
 from .config import ConfigError, JobConfig, load_job, slurm_time_seconds
+from .plan import compress_indices
+from .progress import Progress, human_bytes
 from .rucio import credentials
 from .rucio.credentials import Credentials, CredentialsError
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 PROBE_LIFETIME = 3600   # the probe file's rule: Rucio's reaper removes it after an hour
+# plan's refusals shown one FAIL line each, as plan prints them; each list of files in them is
+# already cut by plan after pipeline.MAX_PROBLEM_LINES (and says how many more)
+MAX_PLAN_LINES = 2 * pipeline.MAX_PROBLEM_LINES
 
 
 @dataclass(frozen=True)
@@ -67,18 +79,32 @@ def diagnose(job_file: str, probe: bool = False, run: Run = _run) -> list[Check]
                             "the uploaded data becomes deletable "
                             f"{job.rucio.lifetime / 86400:.1f} days after upload",
                             "remove 'lifetime' to keep the data"))
-    checks.append(_source_check(job))
-    checks += _slurm_checks(job)
-    checks += _runtime_checks(job, run)
+    source = _source_check(job)
+    checks.append(source)
+    creds: Credentials | None = None
+    unresolved: list[str] = []
     try:
         creds = credentials.resolve(job.rucio, os.environ, os.getuid(), str(job.path))
     except CredentialsError as exc:
-        checks += [Check("credentials", FAIL, line) for line in exc.lines]
+        unresolved = exc.lines
+    planned = None
+    if source.status == FAIL:
+        checks.append(Check("plan", SKIP, "the source above must be fixed first"))
+    elif creds is None:   # plan starts by resolving them: it would say only that
+        checks.append(Check("plan", SKIP, "plan needs the job's Rucio credentials, which "
+                            "cannot be resolved: see 'credentials' below"))
+    else:
+        found, planned = _plan_checks(job)
+        checks += found
+    checks += _slurm_checks(planned)
+    checks += _runtime_checks(job, run)
+    if creds is None:
+        checks += [Check("credentials", FAIL, line) for line in unresolved]
         checks.append(Check("rucio", SKIP, "the credentials above must be fixed first"))
         return checks
     local = _credential_checks(job, creds)
     checks += local
-    if any(c.status == FAIL for c in local):
+    if any(c.status == FAIL for c in local):   # preflight stops there too, before the server
         checks.append(Check("rucio", SKIP, "the credential files above must be fixed first"))
         return checks
     checks += _rucio_checks(job, creds, probe)
@@ -108,32 +134,102 @@ def _source_check(job: JobConfig) -> Check:
     return Check("source", OK, f"{root} is readable")
 
 
-def _slurm_checks(job: JobConfig) -> list[Check]:
+def _plan_checks(job: JobConfig) -> tuple[list[Check], pipeline.CheckedPlan | None]:
+    """plan's own checks, run by plan's own code (pipeline.dry_plan: the tree, the names,
+    the [slurm] values, the binds, the collector's fit), nothing written. Each refusal is
+    plan's line as plan prints it. Also the dry plan itself, for the checks after it; None
+    when plan would refuse the job. Rucio is checked below, as doctor's own lines."""
+    try:
+        planned = pipeline.dry_plan(job, preflight=None, progress=Progress("cataloguing"))
+    except pipeline.NothingToUpload as exc:
+        return [Check("plan", FAIL, line, "put files under [source] root, or fix [source] "
+                      "include / exclude (plan and submit refuse a job with nothing to upload)")
+                for line in exc.lines], None
+    except pipeline.PlanError as exc:
+        lines = list(exc.lines)
+        shown = lines if len(lines) <= MAX_PLAN_LINES + 1 else lines[:MAX_PLAN_LINES]
+        out = [Check("plan", FAIL, line) for line in shown]
+        if len(shown) < len(lines):
+            out.append(Check("plan", FAIL, f"... and {len(lines) - len(shown)} more lines "
+                             "like these", f"'dac-upload plan --offline {job.path}' prints "
+                             "them all (and plans nothing while there is one)"))
+        return out, None
+    files = len(planned.files)
+    size = sum(b.bytes for b in planned.batches)
+    tasks = len(planned.batches)
+    skipped = len(planned.found.cat.skipped)
+    out = [Check("plan", OK, f"every check plan runs passes (nothing written): {files:,} "
+                 f"file{'s' * (files != 1)}, {human_bytes(size)} in {tasks:,} array "
+                 f"task{'s' * (tasks != 1)}"
+                 + (f", {skipped:,} skipped (plan lists them in skipped.jsonl)" if skipped
+                    else ""))]
+    out += [Check("plan", WARN, note) for note in planned.notes]
+    return out, planned
+
+
+def _slurm_checks(planned: pipeline.CheckedPlan | None) -> list[Check]:
+    """Slurm's commands, then both scripts of the dry plan, rendered as plan renders them,
+    through ``sbatch --test-only`` exactly as submit hands them over (slurm.script_problems:
+    sbatch itself reads the #SBATCH header, so what it would refuse at submission it
+    refuses here, in its own words)."""
     from . import slurm
 
     missing = [t for t in ("sbatch", "scontrol", "squeue") if shutil.which(t) is None]
     if missing:
         return [Check("slurm", FAIL, f"{', '.join(missing)} not found on PATH",
-                      "run doctor on a login node of the cluster (or 'module load slurm')")]
-    out = []
+                      "run doctor on a login node of the cluster (or 'module load slurm')"),
+                Check("sbatch", SKIP, "Slurm's commands above must be found first")]
     try:
-        out.append(Check("slurm", OK, f"{slurm.slurm_version()}, MaxArraySize "
-                         f"{slurm.max_array_size()}"))
+        max_array = slurm.max_array_size()
+        out = [Check("slurm", OK, f"{slurm.slurm_version()}, MaxArraySize {max_array}")]
     except slurm.SlurmError as exc:
-        return [Check("slurm", FAIL, str(exc), "is slurmctld up? try 'sinfo'")]
-    options = render.array_options(job, "0", 1)
-    asked = {k: options[k] for k in ("partition", "account", "time", "mem") if k in options}
-    shown = ", ".join(f"{k} {v}" for k, v in asked.items())
-    test = {k: v for k, v in options.items()
-            if k not in ("array", "output", "open_mode", "signal", "export", "job_name")}
-    try:
-        said = slurm.sbatch_test_only(test)
-        out.append(Check("sbatch", OK, f"sbatch --test-only accepts {shown} ({said})"))
-    except slurm.SlurmError as exc:
-        out.append(Check("sbatch", FAIL, f"sbatch refuses {shown}: {exc}",
-                         "fix [slurm] partition / account / time / mem ('sinfo -s' lists "
-                         "partitions, 'sacctmgr show assoc user=$USER' your accounts)"))
+        return [Check("slurm", FAIL, str(exc), "is slurmctld up? try 'sinfo'"),
+                Check("sbatch", SKIP, "Slurm above must answer first")]
+    if planned is None:
+        return [*out, Check("sbatch", SKIP, "the plan above must pass first: the scripts "
+                            "sbatch gets are rendered from it")]
+    array, collector, what = _scripts(planned, max_array)
+    refused = slurm.script_problems("array script", array)
+    if refused:
+        return [*out, *(Check("sbatch array", FAIL, line) for line in refused),
+                Check("sbatch collector", SKIP, "the array script above must pass first "
+                      "(the collector asks for the same [slurm] partition, account, time "
+                      "and mem)")]
+    out.append(Check("sbatch array", OK, f"sbatch --test-only accepts the run's array script "
+                     f"({what})"))
+    refused = slurm.script_problems("collector script", collector)
+    out += ([Check("sbatch collector", FAIL, line) for line in refused] if refused else
+            [Check("sbatch collector", OK, "sbatch --test-only accepts the run's collector "
+                   "script (its --dependency on the array left out: there is no array job "
+                   "yet)")])
     return out
+
+
+def _scripts(planned: pipeline.CheckedPlan, max_array: int) -> tuple[str, str, str]:
+    """The array script as submit hands its first (or only) array to sbatch, the collector
+    script as plan writes it, and a few words on what the array asks for. A run of more
+    tasks than MaxArraySize goes as several arrays (pipeline.chunk_indices), each the
+    planned options with render.with_offset; the first is the largest."""
+    job = planned.job
+    run_id = pipeline.new_run_id()   # a placeholder run: rendered, never written
+    scripts = pipeline.render_scripts(job, run_id, (job.runs_dir / run_id).resolve(),
+                                      sys.executable, planned.creds, planned.batches)
+    parts = pipeline.chunk_indices([b.index for b in planned.batches], max_array)
+    array = scripts.array
+    if len(parts) > 1:
+        offset, local = parts[0]
+        array = render.full_script(
+            render.with_offset(scripts.array_options, compress_indices(local), offset),
+            render.render_body("array.sh.j2", scripts.context))
+    opts = scripts.array_options
+    what = ", ".join(f"{k} {opts[k]}" for k in ("partition", "account", "time", "mem")
+                     if k in opts)
+    if len(parts) > 1:
+        what += (f"; tasks {scripts.task_ids} go as {len(parts)} arrays (MaxArraySize "
+                 f"{max_array}), the first tested: --array {compress_indices(parts[0][1])}")
+    else:
+        what += f", --array {opts['array']}"
+    return array, scripts.collector, what
 
 
 def _runtime_checks(job: JobConfig, run: Run) -> list[Check]:
@@ -173,6 +269,10 @@ def _runtime_checks(job: JobConfig, run: Run) -> list[Check]:
 
 
 def _credential_checks(job: JobConfig, creds: Credentials) -> list[Check]:
+    """The credential files, one line each, with what plan's preflight refuses before it
+    asks the server (credentials.local_problems) as FAIL lines in its words: the same
+    functions make them, and a line of local_problems no check below says is added as it is."""
+    refused = credentials.local_problems(creds)
     out = [Check("credentials", OK, creds.describe())]
     if creds.ca_cert is None:
         out.append(Check("CA directory", SKIP, "none needed: the server is not https"))
@@ -185,9 +285,6 @@ def _credential_checks(job: JobConfig, creds: Credentials) -> list[Check]:
                    Check("CA directory", WARN, f"{creds.ca_cert} holds no hashed CA "
                          "certificate (*.0): https checks will fail",
                          "point [rucio] ca_dir at the IGTF CA directory"))
-    if creds.certificate is not None and not creds.certificate.is_file():
-        out.append(Check("X.509 certificate", FAIL, f"{creds.certificate} not found",
-                         "set [rucio] certificate"))
     for what, path in creds.secret_files():
         problem = credentials.secret_file_problem(what, path)
         if problem:
@@ -210,11 +307,16 @@ def _credential_checks(job: JobConfig, creds: Credentials) -> list[Check]:
                    if what == "X.509 proxy" else "make sure your token agent refreshes it")
             detail += f", less than one task's time limit ({job.slurm.time})"
         out.append(Check(what, status, detail, fix))
+    said = {c.detail for c in out if c.status == FAIL}
+    out += [Check("credentials", FAIL, line) for line in refused if line not in said]
     out += [Check("credentials", WARN, w) for w in credentials.local_warnings(creds)]
     return out
 
 
 def _rucio_checks(job: JobConfig, creds: Credentials, probe: bool) -> list[Check]:
+    """rucio.preflight.problems' steps (what plan and submit refuse online), one line each,
+    OK ones too: the server's /ping as the tasks reach it, then a real login and
+    RucioIO.checks (of which RucioIO.preflight is the failed part), then the probe."""
     import logging
 
     from .rucio.client import fresh_session, ping
