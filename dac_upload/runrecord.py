@@ -115,6 +115,23 @@ class RunLayout:
         return self.results / f"task-{task:05d}.copies.jsonl"
 
 
+def run_dirs(runs_dir: Path) -> list[Path]:
+    """A job's runs, oldest first: the folders of its runs folder that hold a run.json. Run
+    ids start with their UTC time to the second; two planned within one second are told
+    apart by their job.toml, written once at planning."""
+    if not runs_dir.is_dir():
+        return []
+
+    def age(run_dir: Path) -> tuple[str, int, str]:
+        try:
+            planned = RunLayout(run_dir).job_copy.stat().st_mtime_ns
+        except OSError:
+            planned = 0
+        return run_dir.name[:16], planned, run_dir.name
+
+    return sorted((p for p in runs_dir.iterdir() if (p / "run.json").is_file()), key=age)
+
+
 # ---------------------------------------------------------------- run.json
 
 class RunReadError(ValueError):
@@ -241,6 +258,25 @@ class RunRecord:
     @property
     def tasks(self) -> int:
         return int(self.doc["plan"]["tasks"])
+
+    @property
+    def created_at(self) -> str | None:
+        return self.doc.get("created_at")
+
+    @property
+    def job_file(self) -> str | None:
+        """The job file the run was planned from (as it was then: its copy is job.toml)."""
+        return (self.doc.get("job") or {}).get("file")
+
+    @property
+    def files(self) -> int | None:
+        """Files planned; None for a run directory written by hand without the catalogue's
+        counts."""
+        return (self.doc.get("catalogue") or {}).get("files")
+
+    @property
+    def bytes(self) -> int | None:
+        return (self.doc.get("catalogue") or {}).get("bytes")
 
     @property
     def tasks_planned(self) -> int:

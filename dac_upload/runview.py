@@ -28,12 +28,15 @@ def _indexed(task: int, marker: dict[str, Any] | None, slurm_state: str | None,
     size = result.stat().st_size if result.exists() else 0
     if size != index.get("results_bytes"):
         return None
+    if "not_done" not in index and index["files_done"] != index["files"]:
+        return None   # a marker of an earlier version: the records name the files
     state = task_state(slurm_state, index["files_done"] == index["files"], True, True)
     return TaskStatus(task=task, state=state, files=index["files"],
                       files_done=index["files_done"], bytes=index["bytes"],
                       bytes_done=index["bytes_done"], slurm_state=slurm_state,
                       causes=Counter(index["causes"]),
-                      permanent_only=bool(index["permanent_only"]))
+                      permanent_only=bool(index["permanent_only"]),
+                      not_done=list(index.get("not_done", [])))
 
 
 def _untouched(task: int, plan: dict[str, Any], marker: dict[str, Any] | None,
@@ -76,3 +79,64 @@ def run_view(run_dir: Path, scheduler: bool = True) -> tuple[RunState, list[Task
     for t in tasks:
         t.log = logs.get(t.task)
     return state, tasks
+
+
+def run_state(run_dir: Path, run: dict[str, Any], scheduler: bool = True) -> str:
+    """One word or phrase for ``dac-upload runs``: planned, queued, running, complete,
+    collected with N failed, not collected, or submitted (without the scheduler's view).
+    The scheduler is asked only about runs submitted and not collected."""
+    import json
+
+    from .collect import COLLECTED, collection_state
+
+    rec = RunRecord(run)
+    subs = rec.submissions
+    if not subs:
+        return "planned"
+    state, _ = collection_state(run_dir, run)
+    if state == COLLECTED:
+        try:
+            done = json.loads(RunLayout(run_dir).collected.read_text())
+        except (OSError, ValueError):
+            done = {}
+        if done.get("complete"):
+            return "complete"
+        failed = (done.get("counts") or {}).get("failed")
+        return f"collected, {failed:,} failed" if isinstance(failed, int) else "collected"
+    if not scheduler:
+        return "submitted"
+    arrays = [a["job_id"] for s in subs for a in s.get("arrays", [])]
+    states = set(slurm.array_states(arrays).values()) if arrays else set()
+    collector = subs[-1].get("collector_job_id")
+    collector_state = slurm.job_state(collector) if collector else None
+    if "RUNNING" in states:
+        return "running"
+    if "PENDING" in states:
+        return "queued"
+    if collector_state in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+        return "collecting"
+    return "not collected"
+
+
+def runs_overview(runs_dir: Path, scheduler: bool = True) -> list[dict[str, Any]]:
+    """``dac-upload runs``: each run of a runs folder, oldest first, from its run.json (and
+    collected.json), without reading manifests or results. A run.json that cannot be read
+    is listed with the reason, not skipped."""
+    from .runrecord import RunReadError, read_run_json, run_dirs
+
+    rows = []
+    for run_dir in run_dirs(runs_dir):
+        try:
+            run = read_run_json(run_dir)
+        except RunReadError as exc:
+            rows.append({"run_id": run_dir.name, "run_dir": str(run_dir), "created_at": None,
+                         "state": "unreadable", "why": str(exc), "files": None,
+                         "bytes": None, "tasks": None, "submissions": None})
+            continue
+        rec = RunRecord(run)
+        rows.append({"run_id": rec.run_id, "run_dir": str(run_dir),
+                     "created_at": rec.created_at,
+                     "state": run_state(run_dir, run, scheduler), "files": rec.files,
+                     "bytes": rec.bytes, "tasks": rec.tasks_planned,
+                     "submissions": len(rec.submissions)})
+    return rows

@@ -187,16 +187,17 @@ def _connect(layout: RunLayout, run: dict[str, Any], settings: TaskSettings,
 def task_index(task: int, manifest: dict[str, Any], result_path: Path) -> dict[str, Any]:
     """What ``status`` needs of the task after this attempt (every attempt's records merged),
     kept in its marker so that status reads one small file per task, not every record:
-    files and bytes, done and all, the causes of the files not done, whether only a person
-    can fix them, and the size of the results file it was made from (a later attempt that
-    died after writing records makes the index stale: status then reads the records)."""
+    files and bytes, done and all, the causes of the files not done and the files themselves
+    (status names them), whether only a person can fix them, and the size of the results
+    file it was made from (a later attempt that died after writing records makes the index
+    stale: status then reads the records)."""
     from ..status import task_status
 
     records = list(read_result_records(result_path)) if result_path.exists() else []
     t = task_status(task, manifest, records, None, None)
     return {"files": t.files, "bytes": t.bytes, "files_done": t.files_done,
             "bytes_done": t.bytes_done, "causes": dict(sorted(t.causes.items())),
-            "permanent_only": t.permanent_only,
+            "permanent_only": t.permanent_only, "not_done": t.not_done,
             "results_bytes": result_path.stat().st_size if result_path.exists() else 0}
 
 

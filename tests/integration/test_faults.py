@@ -234,6 +234,8 @@ def test_bad_files_are_reported_and_not_retried_forever(workdir: Path) -> None:
     st = status_json(run_dir, workdir)
     assert st["causes"] == {"missing": 1, "unreadable": 1}
     assert "--retry-permanent" in st["next"]
+    assert sorted((f["relpath"], f["cause"]) for f in st["files_not_done"]) == [
+        ("f001.dat", "missing"), ("f006.dat", "unreadable")]
     again = dac_upload(["resubmit", str(run_dir)], cwd=workdir)
     assert again.returncode == 0
     assert "nothing submitted" in again.stdout and "a person must fix" in again.stdout

@@ -132,3 +132,59 @@ def test_the_report_counts_tasks_files_and_causes() -> None:
     assert "not done, by cause: no record 1, unreadable 1" in lines
     assert "task 0 log: /runs/R/logs/job7.index0.out" in lines
     assert "warning: odd file" in lines
+
+
+def _state(submissions: list[Any] | None = None) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(run={"run_id": "R", "job": {"name": "j", "file": "/jobs/j.toml"},
+                                "submissions": [{"attempt": 1}] if submissions is None
+                                else submissions},
+                           problems=[], collection=("collected", "up to date"),
+                           collector=("8", "COMPLETED"))
+
+
+def _failed(task: int, causes: dict[str, str]) -> Any:
+    records = [{**rec(n, "failed", c), "relpath": f"d/{n}.fits", "error": f"{c}: it is so"}
+               for n, c in causes.items()]
+    manifest = {"files": [{"name": n, "size": 1, "relpath": f"d/{n}.fits"} for n in causes]}
+    return task_status(task, manifest, records, {"attempt": 1}, None)
+
+
+def test_status_names_the_files_with_the_next_command_of_their_cause() -> None:
+    """"fix the files listed" listed none; a changed file was sent to resubmit."""
+    from dac_upload.status import report
+
+    tasks = [_failed(0, {f"m{i}": "missing" for i in range(5)}),
+             _failed(1, {"c1": "changed", "r1": "rucio"})]
+    doc, lines = report(_state(), tasks, "/runs/R", full_list="/runs/R/not-done.jsonl")
+    assert [f["name"] for f in doc["files_not_done"]] == ["m0", "m1", "m2", "m3", "m4", "c1",
+                                                          "r1"]
+    assert doc["files_not_done"][5] == {"task": 1, "name": "c1", "relpath": "d/c1.fits",
+                                        "cause": "changed", "error": "changed: it is so"}
+    assert doc["next_by_cause"]["changed"].endswith("dac-upload submit /jobs/j.toml (this "
+                                                    "run's other files are done or listed)")
+    assert doc["next_by_cause"]["rucio"] == "dac-upload resubmit /runs/R (retries them)"
+    text = "\n".join(lines)
+    assert ("missing: 5 file(s); next: fix the files listed, then: dac-upload resubmit "
+            "--retry-permanent /runs/R") in lines
+    assert "  d/m0.fits (task 0): missing: it is so" in lines
+    assert "  ... and 2 more" in lines and "d/m3.fits" not in text
+    assert "every file not done: /runs/R/not-done.jsonl" in lines
+    assert doc["next"] == "dac-upload resubmit /runs/R"   # the rucio failure is retried
+
+
+def test_only_changed_files_left_need_a_new_run_not_a_resubmit() -> None:
+    from dac_upload.status import report
+
+    doc, _ = report(_state(), [_failed(0, {"c1": "changed"})], "/runs/R")
+    assert doc["next"].startswith("plan a new run for the files that changed")
+    assert "dac-upload submit /jobs/j.toml" in doc["next"]
+
+
+def test_a_planned_run_never_submitted_is_submitted_not_resubmitted() -> None:
+    from dac_upload.status import report
+
+    untouched = task_status(0, MANIFEST, [], None, None)
+    doc, _ = report(_state(submissions=[]), [untouched], "/runs/R")
+    assert doc["next"] == "dac-upload submit --run /runs/R (planned, never submitted)"
