@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # install.sh - everything dac-upload's demo and tests need on a fresh Debian 12 machine (as root):
-#   Debian packages (python3-venv; Slurm and munge come with start-slurm.sh), an unprivileged
+#   Debian packages (python3-venv, chromium for the report's browser test; Slurm and munge come
+#   with start-slurm.sh), an unprivileged
 #   user 'dacuser' (real users are never root: the end-to-end tests submit as this user), and a
 #   virtual environment with dac-upload installed from this checkout (not editable, so the
 #   shipped templates are what runs) plus the test tools.
@@ -23,6 +24,13 @@ if ! /usr/bin/python3 -c "import venv, ensurepip" 2>/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get -o DPkg::Lock::Timeout=300 update -qq
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+fi
+# the report test opens dac-upload's HTML page in a real headless browser
+if ! command -v chromium >/dev/null 2>&1; then
+  log "apt-get install chromium (the report's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >/dev/null
 fi
 if ! id dacuser >/dev/null 2>&1; then
   useradd --create-home --shell /bin/bash dacuser

@@ -139,10 +139,132 @@ def test_status_of_a_planned_run_exits_0_and_says_what_next(
     assert result.exit_code == Exit.OK, result.output
     doc = json.loads(result.stdout)
     assert [t["state"] for t in doc["tasks"]] == ["not started"]
-    assert doc["next"] == f"dac-upload resubmit {layout.dir}"   # submits its tasks
+    assert doc["next"] == f"dac-upload submit --run {layout.dir} (planned, never submitted)"
 
 
 def test_submit_needs_a_job_or_a_run() -> None:
     result = CliRunner().invoke(main, ["submit"])
     assert result.exit_code == Exit.USER
     assert result.stderr == "error: give either JOB_FILE or --run RUN\n"
+
+
+# ----------------------------------------------------------------------------- runs by job
+def test_a_job_file_stands_for_its_latest_run(make_job: Callable[..., JobConfig],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status t3.toml` gave click's "is a file"; now every RUN takes a job file."""
+    job = make_job()
+    prepare_run(job, preflight=None)
+    newest = prepare_run(job, preflight=None).layout.dir
+    monkeypatch.setattr(slurm, "array_states", _no_slurm)
+    result = CliRunner().invoke(main, ["status", "--json", str(job.path)])
+    assert result.exit_code == Exit.OK, result.output
+    assert json.loads(result.stdout)["run_dir"] == str(newest)
+    assert f"run: {newest} (the latest of 2 of {job.path}" in result.stderr
+
+
+def test_a_job_file_without_runs_says_how_to_make_one(
+        make_job: Callable[..., JobConfig]) -> None:
+    job = make_job()
+    result = CliRunner().invoke(main, ["status", str(job.path)])
+    assert result.exit_code == Exit.USER
+    assert result.stderr == (f"error: {job.path}: no run of this job yet in {job.runs_dir}; "
+                             f"make one: dac-upload submit {job.path}\n")
+
+
+def test_runs_lists_a_jobs_runs_oldest_first(make_job: Callable[..., JobConfig],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job({"a.fits": b"x" * 1500, "b.fits": b"y"})
+    first = prepare_run(job, preflight=None)
+    second = prepare_run(job, preflight=None)
+    (second.layout.dir / "run.json").write_text("{")
+    monkeypatch.setattr(slurm, "array_states", _no_slurm)
+    result = CliRunner().invoke(main, ["runs", "--json", str(job.path)])
+    assert result.exit_code == Exit.OK, result.output
+    rows = json.loads(result.stdout)["runs"]
+    assert [(r["run_id"], r["state"], r["files"], r["bytes"]) for r in rows] == [
+        (first.run_id, "planned", 2, 1501), (second.run_id, "unreadable", None, None)]
+    text = CliRunner().invoke(main, ["runs", str(job.path)]).stdout.splitlines()
+    assert text[0].split() == ["run", "planned", "(UTC)", "state", "files", "bytes", "tasks"]
+    assert text[1].split()[0] == first.run_id and "planned" in text[1] and "1.5 KB" in text[1]
+
+
+# ----------------------------------------------------------------------------- --json
+@pytest.mark.parametrize("args", [["status", "--json", "/nonexistent/run"],
+                                  ["plan", "--json", "/nonexistent/job.toml"]])
+def test_an_error_under_json_is_a_json_document(args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == Exit.USER
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == Exit.USER
+    assert doc["errors"] and doc["errors"][0] in result.stderr
+
+
+def test_plan_under_json_describes_the_run(make_job: Callable[..., JobConfig]) -> None:
+    job = make_job()
+    result = CliRunner().invoke(main, ["plan", "--offline", "--json", str(job.path)])
+    assert result.exit_code == Exit.OK, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is True and doc["run"]["files"] == 1 and doc["run"]["tasks"] == 1
+    assert doc["next"] == f"dac-upload submit --run {doc['run']['run_dir']}"
+    assert "run directory:" in result.stderr   # the lines for a person, out of the way
+
+
+# ----------------------------------------------------------------------------- submit refusals
+def test_a_submit_slurm_refuses_leaves_no_run(make_job: Callable[..., JobConfig],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad partition, mem or account left an orphan run directory (exit 3)."""
+    job = make_job()
+    monkeypatch.setattr(slurm, "max_array_size", lambda: 1001)
+    refusal = ["sbatch --test-only refuses the run's array script: sbatch: error: invalid "
+               "partition specified: nopart; fix [slurm] ..."]
+    monkeypatch.setattr(slurm, "script_problems", lambda what, text: refusal)
+    result = CliRunner().invoke(main, ["submit", "--offline", str(job.path)])
+    assert result.exit_code == Exit.USER, result.output
+    assert result.stderr == "".join(f"error: {line}\n" for line in refusal * 2)
+    assert not list(job.runs_dir.glob("2*"))
+
+
+def test_a_submit_sbatch_then_refuses_removes_its_new_run(
+        make_job: Callable[..., JobConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job()
+    monkeypatch.setattr(slurm, "max_array_size", lambda: 1001)
+    monkeypatch.setattr(slurm, "script_problems", lambda what, text: [])
+
+    def refuse(*_: Any) -> str:
+        raise slurm.SlurmError("sbatch array.sh failed: QOSMaxSubmitJobPerUserLimit")
+
+    monkeypatch.setattr(slurm, "submit", refuse)
+    result = CliRunner().invoke(main, ["submit", "--offline", str(job.path)])
+    assert result.exit_code == Exit.SERVICE, result.output
+    assert "nothing was submitted and the run directory" in result.stderr
+    assert not list(job.runs_dir.glob("2*"))
+
+
+# ----------------------------------------------------------------------------- options, help
+def test_timeout_takes_the_job_files_durations() -> None:
+    from dac_upload.cli import Duration
+
+    assert Duration().convert("12h", None, None) == 43200.0
+    assert Duration().convert("90", None, None) == 90.0
+    result = CliRunner().invoke(main, ["submit", "--timeout", "soon", "x.toml"])
+    assert result.exit_code == 2 and "'soon' is not a duration" in result.stderr
+
+
+def test_worker_without_a_task_index_says_so(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    result = CliRunner().invoke(main, ["worker", "--run", str(tmp_path)])
+    assert result.exit_code == Exit.USER
+    assert result.stderr.startswith("error: no --task and no $SLURM_ARRAY_TASK_ID")
+
+
+def test_every_command_has_examples_and_a_whole_short_help() -> None:
+    top = CliRunner().invoke(main, ["--help"]).stdout
+    assert "..." not in top.split("Commands:")[1]   # no summary cut off mid sentence
+    assert "_DAC_UPLOAD_COMPLETE=bash_source dac-upload" in top and "Exit codes:" in top
+    for name in main.commands:
+        text = CliRunner().invoke(main, [name, "--help"]).stdout
+        assert "Exit codes" in text, name
+        if name != "worker":
+            assert "Examples:" in text, name
+        assert not ("[required]" in text and "default:" in text.split("--task")[-1][:80]), name
