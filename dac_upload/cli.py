@@ -919,6 +919,51 @@ def butler_table(run_dir: Path, out_dir: str | None, relative_to: str | None,
     REPLY.finish()
 
 
+@main.command(short_help="Check a run's files again against Rucio and the storage.",
+              epilog=_epilog("dac-upload verify job.toml",
+                             "dac-upload verify --source checksum runs/20261202T101500Z-1a2b3c",
+                             "dac-upload verify --json job.toml | jq .causes",
+                             codes="0 every file verified; 1 some files have problems (listed, "
+                                   "all in RUN/verify.jsonl); 2 the run cannot be verified as "
+                                   "it is (not collected, credentials); 3 Rucio or the storage "
+                                   "could not be reached."))
+@click.argument("run_dir", metavar="RUN", type=RUN)
+@click.option("--source", type=click.Choice(["none", "size", "checksum"]), default="none",
+              show_default=True,
+              help="Also check the source files: size and modification time as catalogued, "
+                   "or those and adler32 read again (every byte of the source).")
+@click.option("--no-storage", is_flag=True,
+              help="Ask only Rucio, not the storage's own size and adler32 of each object.")
+@click.option("--threads", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Storage and source checks at once.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Where to write the full list of problems (default RUN/verify.jsonl).")
+@json_option
+def verify(run_dir: Path, source: str, no_storage: bool, threads: int,
+           out_file: str | None) -> None:
+    """Check every uploaded file of a collected RUN again: its replica on the RSE is
+    AVAILABLE with the recorded size and checksums, a rule protects it (on the file or a
+    dataset above it), the storage's own size and adler32 match (unless --no-storage), and
+    optionally the source still matches. Rucio is asked in bulk (one request per 1,000
+    files); nothing is changed anywhere."""
+    from .verify import VerifyError, verify_run
+
+    progress = Progress("verifying")
+    try:
+        report = verify_run(run_dir, source=source, storage=not no_storage,
+                            progress=progress.update, threads=threads,
+                            problems_file=Path(out_file).resolve() if out_file else None)
+    except VerifyError as exc:
+        _fail(exc.lines, Exit.USER)
+    except RucioUnavailable as exc:
+        _fail(f"{exc}; nothing was changed: try again when it answers", Exit.SERVICE)
+    progress.done()
+    REPLY.doc.update(report.to_json())
+    if not REPLY.json:
+        REPLY.line(report.render())
+    REPLY.finish(report.exit_code)
+
+
 @main.command(short_help="List a job's runs: id, when, state, files, bytes.",
               epilog=_epilog("dac-upload runs job.toml", "dac-upload runs --json job.toml",
                              codes="0 listed (also when there is none); 2 a bad job file."))

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,55 @@ class ReplicaInfo:
     pfn: str
     bytes: int | None
     adler32: str | None
+
+
+@dataclass(frozen=True)
+class FileReplicas:
+    """What Rucio holds of one file DID, for verify: the DID's size and checksums, its
+    replica on the RSE asked about (``state`` None: no replica there) with that replica's
+    PFNs, and every collection it is in, however deep ("scope:name")."""
+
+    bytes: int | None
+    adler32: str | None
+    md5: str | None
+    state: str | None
+    pfns: tuple[str, ...]
+    parents: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """One replication rule of a DID, as verify weighs it. ``expires_at`` (UTC, naive as
+    the server's): a lifetime, or a deletion asked for (Rucio deletes a rule an hour after
+    delete-rule, meanwhile it only expires)."""
+
+    id: str
+    rse_expression: str
+    copies: int
+    state: str
+    account: str
+    expires_at: datetime | None
+
+
+_RFC1123 = "%a, %d %b %Y %H:%M:%S UTC"   # the server's dates (rucio.common.utils.DATE_FORMAT)
+
+
+def _when(value: Any) -> datetime | None:
+    """A date as the client gives it: a datetime (its JSON parser converts the server's
+    RFC 1123 strings), a string it left alone, or None."""
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        return datetime.strptime(str(value), _RFC1123)
+    except ValueError:
+        return None
+
+
+def _external(did: str) -> str:
+    """A DID as list_replicas names a parent ("scope:name" with the scope's internal form,
+    which carries "@vo" on a multi-VO server) in its external form."""
+    scope, _, name = did.partition(":")
+    return f"{scope.split('@', 1)[0]}:{name}"
 
 
 def _client_creds(creds: Credentials) -> dict[str, Any]:
@@ -478,6 +528,109 @@ class RucioIO:
                                                bytes=rep.get("bytes"),
                                                adler32=rep.get("adler32"))
         return out
+
+    # ------------------------------------------------------------------ verify
+    def file_replicas(self, scope: str, names: list[str], rse: str,
+                      parents: bool = False) -> dict[str, FileReplicas]:
+        """The file DIDs among ``names`` (at most 1,000: the server's limit; names Rucio
+        does not know are absent), each with its replica on ``rse`` in any state, and with
+        ``parents`` every collection it is in: ONE request (list_replicas, all_states; with
+        resolve_parents the server looks up each file's parents, recursively, in the same
+        request: on the test server 1.4 s per 1,000 files against 0.7 s without)."""
+        if not names:
+            return {}
+        try:
+            reps = list(self.client.list_replicas([{"scope": scope, "name": n} for n in names],
+                                                  all_states=True, rse_expression=rse,
+                                                  sort="random", resolve_parents=parents))
+        except (rexc.DataIdentifierNotFound, rexc.ReplicaNotFound):
+            return {}
+        except Exception as exc:
+            raise translate(exc, f"listing replicas of {len(names)} files on {rse}") from None
+        out = {}
+        for rep in reps:
+            state = (rep.get("states") or {}).get(rse)
+            out[rep["name"]] = FileReplicas(
+                bytes=rep.get("bytes"), adler32=rep.get("adler32"), md5=rep.get("md5"),
+                state=None if state is None else str(state),
+                pfns=tuple((rep.get("rses") or {}).get(rse) or ()),
+                parents=tuple(_external(p) for p in rep.get("parents") or ()))
+        return out
+
+    def did_rules(self, scope: str, name: str) -> list[RuleInfo]:
+        """The rules on the DID itself (one request); [] if Rucio does not know it."""
+        try:
+            rules = list(self.client.list_did_rules(scope, name))
+        except rexc.DataIdentifierNotFound:
+            return []
+        except Exception as exc:
+            raise translate(exc, f"listing the rules of {scope}:{name}") from None
+        return [RuleInfo(id=str(r.get("id")), rse_expression=str(r.get("rse_expression")),
+                         copies=int(r.get("copies") or 1), state=str(r.get("state")),
+                         account=str(r.get("account")), expires_at=_when(r.get("expires_at")))
+                for r in rules]
+
+    def ruled_files(self, scope: str, rse: str, created_after: datetime | None = None
+                    ) -> Iterator[tuple[str, datetime | None]]:
+        """(name, the rule's expires_at) of the file DIDs of ``scope`` with a rule whose RSE
+        expression is exactly ``rse`` (any account), made after ``created_after`` (UTC) if
+        given: ONE request, read as the server streams it (the client reads a GET's body
+        line by line), so memory does not grow with the answer. A name comes once per such
+        rule."""
+        filters: dict[str, str] = {"scope": scope, "rse_expression": rse, "did_type": "F"}
+        if created_after is not None:   # the server parses RFC 1123 (str_to_date)
+            filters["created_after"] = created_after.strftime(_RFC1123)
+        try:
+            for rule in self.client.list_replication_rules(filters):
+                yield str(rule["name"]), _when(rule.get("expires_at"))
+        except Exception as exc:
+            raise translate(exc, f"listing the file rules of {scope} on {rse}") from None
+
+    def collection_files(self, scope: str, name: str) -> Iterator[tuple[str, str]]:
+        """(scope, name) of every file in a dataset (a container's: recursively): ONE
+        request, read as the server streams it. Nothing if Rucio does not know it."""
+        try:
+            for f in self.client.list_files(scope, name):
+                yield str(f["scope"]), str(f["name"])
+        except rexc.DataIdentifierNotFound:
+            return
+        except Exception as exc:
+            raise translate(exc, f"listing the files of {scope}:{name}") from None
+
+    def parent_dids(self, scope: str, name: str) -> list[str]:
+        """The collections that hold the DID itself ("scope:name"): one request."""
+        try:
+            return [f"{p['scope']}:{p['name']}"
+                    for p in self.client.list_parent_dids(scope, name)]
+        except rexc.DataIdentifierNotFound:
+            return []
+        except Exception as exc:
+            raise translate(exc, f"listing the collections of {scope}:{name}") from None
+
+    def rses_of(self, expression: str) -> list[str]:
+        """The RSEs an RSE expression stands for (one request); [] for an expression Rucio
+        cannot resolve (the RSE may have been removed)."""
+        try:
+            return [str(r["rse"]) for r in self.client.list_rses(expression)]
+        except (rexc.InvalidRSEExpression, rexc.RSENotFound):
+            return []
+        except Exception as exc:
+            raise translate(exc, f"resolving the RSE expression {expression!r}") from None
+
+    def storage_reader(self, rse: str) -> Storage:
+        """The RSE's storage for reading what is there (verify): as ``storage``, but any
+        RSE, deterministic or not; one reached through signed URLs (S3 with sign_url)
+        cannot be read by PFN: RucioFatal, saying so."""
+        from rucio.rse import rsemanager
+
+        try:
+            settings = rsemanager.get_rse_info(rse, vo=self.client.vo)
+        except Exception as exc:
+            raise translate(exc, f"reading the description of RSE {rse}") from None
+        if settings.get("sign_url"):
+            raise RucioFatal(f"RSE {rse} is reached through signed URLs: its objects cannot "
+                             "be checked by their PFN")
+        return Storage(settings, "auto", self.client)
 
     def add_replicas(self, rse: str, scope: str, files: list[dict[str, Any]]) -> None:
         """Register copies already verified on ``rse`` as AVAILABLE, in one request; each

@@ -1,5 +1,6 @@
 """Copies onto an RSE through Rucio's protocol layer (gfal2 for root:// and davs://, POSIX),
-without UploadClient: the bulk path's writes, checksums and removals."""
+without UploadClient: the bulk path's writes, checksums and removals; and what the storage
+says of an object already there (verify)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import secrets
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +16,17 @@ from rucio.client import Client
 from rucio.common import exception as rexc
 
 from .errors import LOG, RucioFatal, RucioFileError, describe, storage_failure
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What the storage itself says of the object at a PFN (Storage.inspect): whether it is
+    there, its size and the checksum it computed (adler32; md5 where it gives only that)."""
+
+    exists: bool
+    size: int | None = None
+    adler32: str | None = None
+    md5: str | None = None
 
 
 class Storage:
@@ -176,6 +189,58 @@ class Storage:
                 self._protocol("delete").delete(pfn)
         except Exception as exc:
             LOG.warning("could not remove %s after a failed copy: %s", pfn, describe(exc))
+
+    def inspect(self, pfn: str) -> StoredObject:
+        """The object at ``pfn`` as the storage reports it, for verify: over root:// and
+        davs:// gfal2's stat and checksum (XRootD computes it, nothing is read here); on a
+        POSIX RSE Rucio's protocol stats the file on disk and reads it for its adler32.
+        Absent: ``exists`` False. RucioFileError when the storage cannot say (RucioTransient
+        when asking again may help: a server that does not answer)."""
+        rse = str(self.settings.get("rse"))
+        try:
+            proto = self._reader(pfn)
+            st = proto.stat(pfn)
+        except rexc.RSEChecksumUnavailable as exc:
+            if _still_written(exc):
+                raise RucioFileError(f"{pfn} is open for writing on {rse} (a copy under way, "
+                                     "or one whose writer was killed): no checksum") from None
+            raise RucioFileError(f"the storage of {rse} gives no checksum for {pfn}: "
+                                 f"{describe(exc)}") from None
+        except Exception as exc:
+            if self._absent(pfn):
+                return StoredObject(exists=False)
+            raise storage_failure(exc, f"checking {pfn} on {rse}", rse, pfn) from None
+        size = int(st["filesize"]) if st.get("filesize") is not None else None
+        adler = str(st["adler32"]).lower().zfill(8) if st.get("adler32") else None
+        md5 = str(st["md5"]).lower() if st.get("md5") else None
+        return StoredObject(exists=True, size=size, adler32=adler, md5=md5)
+
+    def _absent(self, pfn: str) -> bool:
+        """True only when the storage says nothing is at ``pfn`` (an error says nothing)."""
+        try:
+            return not self._reader(pfn).exists(pfn)
+        except Exception:
+            return False
+
+    def _reader(self, pfn: str) -> Any:
+        """This thread's protocol object for reading ``pfn``: the RSE's read protocol of
+        the PFN's scheme, else its write protocol (the one that wrote the PFN)."""
+        from rucio.rse import rsemanager
+
+        scheme = pfn.split("://", 1)[0] if "://" in pfn else None
+        key = f"proto_read_{scheme}"
+        proto = getattr(self._local, key, None)
+        if proto is None:
+            try:
+                with self._creating:   # see _protocol
+                    proto = rsemanager.create_protocol(
+                        self.settings, "read", scheme=scheme, domain="wan",
+                        auth_token=self._token, logger=_quiet_log)
+                proto.connect()
+            except rexc.RSEProtocolNotSupported:
+                proto = self._protocol()
+            setattr(self._local, key, proto)
+        return proto
 
     def _make_local_parent(self, proto: Any, pfn: str) -> None:
         """Rucio's POSIX protocol makes a file's directory with "if not exists: makedirs",

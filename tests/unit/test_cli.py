@@ -268,3 +268,24 @@ def test_every_command_has_examples_and_a_whole_short_help() -> None:
         if name != "worker":
             assert "Examples:" in text, name
         assert not ("[required]" in text and "default:" in text.split("--task")[-1][:80]), name
+
+
+@pytest.mark.parametrize(("raised", "code"), [("user", Exit.USER), ("down", Exit.SERVICE)])
+def test_verify_maps_its_refusals_to_exit_codes(make_job: Callable[..., JobConfig],
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                raised: str, code: int) -> None:
+    from dac_upload import verify as verify_mod
+
+    layout = prepare_run(make_job(), preflight=None).layout
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        if raised == "user":
+            raise verify_mod.VerifyError([f"{layout.dir}: no summary.json yet: verify reads "
+                                          "the collected summary"])
+        raise RucioUnavailable("cannot reach the Rucio server https://rucio.test: timed out")
+
+    monkeypatch.setattr(verify_mod, "verify_run", refuse)
+    result = CliRunner().invoke(main, ["verify", "--json", str(layout.dir)])
+    assert result.exit_code == code, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == code and len(doc["errors"]) == 1
