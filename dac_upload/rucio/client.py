@@ -361,8 +361,13 @@ class RucioIO:
             if unreachable(exc):
                 if creds is not None and str(creds.host).startswith("https:"):
                     ping(creds)   # a TLS failure raises RucioFatal, saying what to fix
-                raise RucioUnavailable(f"cannot reach the Rucio server: {describe(exc)}; "
-                                       "check rucio_host in your rucio.cfg, or try later") from None
+                where = (f"the Rucio server {creds.host}" if creds is not None
+                         else "the Rucio server of RUCIO_CONFIG")
+                fix = ("check [rucio] host in the job file (or rucio_host in the rucio.cfg "
+                       "its [rucio] config names)" if creds is not None
+                       else "check rucio_host in the file RUCIO_CONFIG names")
+                raise RucioUnavailable(f"cannot reach {where}: {describe(exc)}; {fix}, or "
+                                       "try later") from None
             raise RucioFatal(f"cannot start a Rucio client: {describe(exc)}; check "
                              "RUCIO_CONFIG / rucio.cfg and your credentials") from None
         self._uploader: UploadClient | None = None
