@@ -119,11 +119,13 @@ class RunWatcher:
         from .status import ACTIVE_STATES
 
         state = sched.get(task)
-        if state in ACTIVE_STATES:
-            return "pending" if state == "PENDING" else "running"
         files = self.task_files[task] if task < len(self.task_files) else 0
-        if min(self.results[task].done, files) >= files:
-            return "done"
+        tf = self.results[task]
+        if min(tf.done, files) >= files:   # the results are fresher than the scheduler's
+            return "done"                  # answer, which is asked only now and then
+        if state in ACTIVE_STATES:
+            started = tf.offset > 0
+            return "pending" if state == "PENDING" and not started else "running"
         try:
             marker = json.loads(self.layout.done_marker(task).read_text())
         except (OSError, ValueError):

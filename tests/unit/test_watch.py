@@ -60,6 +60,22 @@ def test_scheduler_states_are_asked_at_most_every_interval(
     assert len(asked) == 2
 
 
+def test_results_overrule_a_scheduler_answer_that_is_seconds_old(
+        make_job: Callable[..., JobConfig]) -> None:
+    """Asked every 10 s, the scheduler said PENDING; the task's records say it ran."""
+    job = make_job({"a.fits": b"x", "b.fits": b"y"}, batching="files_per_batch = 1")
+    layout = prepare_run(job, preflight=None).layout
+    run = json.loads(layout.run_json.read_text())
+    run["submissions"] = [{"arrays": [{"job_id": "7", "task_ids": "0-1", "offset": 0}]}]
+    layout.run_json.write_text(json.dumps(run))
+    w = RunWatcher(layout.dir, scheduler=lambda ids: {("7", 0): "PENDING",
+                                                      ("7", 1): "PENDING"})
+    assert w.poll().tasks == {"pending": 2}
+    layout.result(0).write_bytes(_record("a", "uploaded", 1))
+    layout.result(1).write_bytes(_record("b", "failed", 1))
+    assert w.poll().tasks == {"done": 1, "running": 1}
+
+
 def _snap(at: float, files: int, nbytes: int, **tasks: int) -> Snapshot:
     return Snapshot(at=at, files_total=1000, bytes_total=10_000_000, files_done=files,
                     bytes_done=nbytes, files_failed=0, tasks=tasks, tasks_total=10)
