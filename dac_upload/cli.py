@@ -964,6 +964,38 @@ def verify(run_dir: Path, source: str, no_storage: bool, threads: int,
     REPLY.finish(report.exit_code)
 
 
+@main.command("report", short_help="Write a self-contained HTML page of a run.",
+              epilog=_epilog("dac-upload report runs/20261202T101500Z-1a2b3c",
+                             "dac-upload report job.toml --out ~/public_html/raw.html",
+                             codes="0 the page was written; 2 not a readable run, or the "
+                                   "page cannot be written there."))
+@click.argument("run_dir", metavar="RUN", type=RUN)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the page (default RUN/report.html).")
+@click.option("--max-failed", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Failed files listed on the page (all are counted).")
+@json_option
+def report_page(run_dir: Path, out_file: str | None, max_failed: int) -> None:
+    """One HTML page of RUN to look at rather than read: the array tasks on a timeline,
+    throughput over time, bytes per task, failures by cause and the failed files. Every
+    part is inline (no network, no script): it opens from the HPC file system in any
+    browser. It reads only the run directory, while the run goes or long after."""
+    from .report import write_report
+    from .runrecord import RunReadError
+
+    try:
+        path = write_report(run_dir, Path(out_file).resolve() if out_file else None,
+                            max_failed=max_failed)
+    except RunReadError as exc:
+        _fail(str(exc), Exit.USER)
+    except OSError as exc:
+        _fail(f"cannot write the report: {exc}; give --out FILE in a directory you can write",
+              Exit.USER)
+    REPLY.doc["report"] = str(path)
+    REPLY.line(f"report: {path}")
+    REPLY.finish()
+
+
 @main.command(short_help="List a job's runs: id, when, state, files, bytes.",
               epilog=_epilog("dac-upload runs job.toml", "dac-upload runs --json job.toml",
                              codes="0 listed (also when there is none); 2 a bad job file."))

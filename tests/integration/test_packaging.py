@@ -19,6 +19,7 @@ def test_wheel_ships_templates_and_renders_from_them(tmp_path: Path) -> None:
     assert "dac_upload/templates/array.sh.j2" in names
     assert "dac_upload/templates/collect.sh.j2" in names
     assert "dac_upload/templates/ingest.sh.j2" in names
+    assert "dac_upload/templates/report.html.j2" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
     site = tmp_path / "site"

@@ -26,11 +26,11 @@ if ! /usr/bin/python3 -c "import venv, ensurepip" 2>/dev/null; then
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends python3 python3-venv >/dev/null
 fi
 # the report test opens dac-upload's HTML page in a real headless browser
-if ! command -v chromium >/dev/null 2>&1; then
-  log "apt-get install chromium (the report's browser test)"
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  log "apt-get install chromium chromium-driver (the report's browser test)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get -o DPkg::Lock::Timeout=300 update -qq
-  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
 if ! id dacuser >/dev/null 2>&1; then
   useradd --create-home --shell /bin/bash dacuser

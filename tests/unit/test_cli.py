@@ -289,3 +289,15 @@ def test_verify_maps_its_refusals_to_exit_codes(make_job: Callable[..., JobConfi
     assert result.exit_code == code, result.output
     doc = json.loads(result.stdout)
     assert doc["ok"] is False and doc["exit_code"] == code and len(doc["errors"]) == 1
+
+
+def test_report_writes_the_page_of_a_job_files_latest_run(
+        make_job: Callable[..., JobConfig], tmp_path: Path) -> None:
+    job = make_job()
+    layout = prepare_run(job, preflight=None).layout
+    result = CliRunner().invoke(main, ["report", "--json", str(job.path)])
+    assert result.exit_code == Exit.OK, result.output
+    page = Path(json.loads(result.stdout)["report"])
+    assert page == layout.dir / "report.html" and page.read_text().startswith("<!DOCTYPE")
+    bad = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert bad.exit_code == Exit.USER and "no run.json" in bad.stderr
