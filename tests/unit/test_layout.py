@@ -94,3 +94,12 @@ def test_the_module_map_lists_every_module() -> None:
               for name in re.findall(r"`([\w/]+\.py)`", row.split("|")[1])}
     files = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name != "__init__.py"}
     assert listed == files, (sorted(files - listed), sorted(listed - files))
+
+
+def test_no_test_file_name_is_in_both_layers() -> None:
+    """pytest imports test files by their base name: one in tests/unit and one in
+    tests/integration with the same name stop CI at collection ("import file mismatch")."""
+    tests = PKG.parent / "tests"
+    unit = {p.name for p in (tests / "unit").glob("test_*.py")}
+    integration = {p.name for p in (tests / "integration").glob("test_*.py")}
+    assert not unit & integration, sorted(unit & integration)
