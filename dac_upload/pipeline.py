@@ -324,8 +324,9 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     scripts = render_scripts(job, run_id, (job.runs_dir / run_id).resolve(),
                              python or sys.executable, creds, batches)
     if script_check is not None:
+        # the collector asks for the same partition, account, time and mem: one refusal
         refused = (script_check("array script", scripts.first_task)
-                   + script_check("collector script", scripts.collector))
+                   or script_check("collector script", scripts.collector))
         if refused:
             raise PlanError(refused)
     _stage(progress, f"writing the run: {len(batches):,} manifests")

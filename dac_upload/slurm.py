@@ -152,6 +152,23 @@ def test_script(script: str) -> str:
     return lines[-1] if lines else "accepted"
 
 
+# --test-only's answer both for a request no node could ever meet (mem beyond every node)
+# and for one that must wait because the nodes are drained or down (a maintenance): only the
+# first is a refusal, and it is told apart by asking which nodes are out of service
+NODES_UNAVAILABLE = "Requested node configuration is not available"
+
+
+def _nodes_out_of_service() -> bool:
+    """Some node is drained, down or otherwise out of service (sinfo's compact states)."""
+    try:
+        states = _run(["sinfo", "-h", "-o", "%t"]).stdout.split()
+    except SlurmError:
+        return True   # cannot tell: let sbatch itself decide at submission
+    return any(st.rstrip("*~#!%$@^-") in ("drain", "drng", "down", "fail", "failg", "maint",
+                                            "boot", "futr", "inval", "npc", "pow_dn", "unk")
+               for st in states)
+
+
 def script_problems(what: str, script: str) -> list[str]:
     """``sbatch --test-only``'s refusal of a run's script (pipeline.ScriptCheck), one line
     with the fix; [] when sbatch accepts it. The collector's ``--dependency`` names the
@@ -162,6 +179,8 @@ def script_problems(what: str, script: str) -> list[str]:
     try:
         test_script(tested)
     except SlurmError as exc:
+        if NODES_UNAVAILABLE in str(exc) and _nodes_out_of_service():
+            return []   # drained or down nodes: sbatch would queue it, --test-only cannot tell
         return [f"sbatch --test-only refuses the run's {what}: {exc}; fix [slurm] partition, "
                 "account, time, mem or extra in the job file ('sinfo -s' lists the "
                 "partitions, 'sacctmgr show assoc user=$USER' your accounts)"]

@@ -118,11 +118,12 @@ def test_sbatch_error_surfaces_slurms_own_message(workdir: Path) -> None:
     job = write_job(workdir, "part", job_text(unique_prefix(),
                                               slurm='partition = "nosuchpartition"'))
     proc = dac_upload(["submit", str(job)], cwd=workdir)
-    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr   # refused before any run exists
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1, err
-    assert "invalid partition name specified" in err[0].lower()
-    assert "dac-upload resubmit" in err[0]                # how to retry after fixing
+    assert "invalid partition specified: nosuchpartition" in err[0].lower()
+    assert "fix [slurm] partition" in err[0]
+    assert not list((job.parent / "part" / "runs").glob("2*"))   # no orphan run directory
 
 
 def test_unknown_sbatch_option_is_a_plan_error(workdir: Path) -> None:

@@ -220,7 +220,7 @@ def test_a_submit_slurm_refuses_leaves_no_run(make_job: Callable[..., JobConfig]
     monkeypatch.setattr(slurm, "script_problems", lambda what, text: refusal)
     result = CliRunner().invoke(main, ["submit", "--offline", str(job.path)])
     assert result.exit_code == Exit.USER, result.output
-    assert result.stderr == "".join(f"error: {line}\n" for line in refusal * 2)
+    assert result.stderr == "".join(f"error: {line}\n" for line in refusal)
     assert not list(job.runs_dir.glob("2*"))
 
 
