@@ -204,7 +204,7 @@ def _describe(prep: PreparedRun) -> None:
                         "array_script": str(prep.layout.array_script),
                         "collector_script": str(prep.layout.collect_script),
                         "butler": RunRecord(prep.run).butler}
-    b = RunRecord(prep.run).butler
+    b = REPLY.doc["run"]["butler"]
     if b:
         where = (f"repository {b['repo']}" if b["kind"] == "repo"
                  else f"{len(b['maps'])} [[butler.map]] entries")

@@ -85,9 +85,8 @@ def run_state(run_dir: Path, run: dict[str, Any], scheduler: bool = True) -> str
     """One word or phrase for ``dac-upload runs``: planned, queued, running, complete,
     collected with N failed, not collected, or submitted (without the scheduler's view).
     The scheduler is asked only about runs submitted and not collected."""
-    import json
-
-    from .collect import COLLECTED, collection_state
+    from .collect import COLLECTED, collected_counts, collection_state
+    from .status import ACTIVE_STATES
 
     rec = RunRecord(run)
     subs = rec.submissions
@@ -96,7 +95,7 @@ def run_state(run_dir: Path, run: dict[str, Any], scheduler: bool = True) -> str
     state, _ = collection_state(run_dir, run)
     if state == COLLECTED:
         try:
-            done = json.loads(RunLayout(run_dir).collected.read_text())
+            done = collected_counts(run_dir)
         except (OSError, ValueError):
             done = {}
         if done.get("complete"):
@@ -113,7 +112,7 @@ def run_state(run_dir: Path, run: dict[str, Any], scheduler: bool = True) -> str
         return "running"
     if "PENDING" in states:
         return "queued"
-    if collector_state in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+    if collector_state in ACTIVE_STATES:
         return "collecting"
     return "not collected"
 
