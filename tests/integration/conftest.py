@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from ithelpers import (
     CI_DIR,
+    GRID_DIR,
     GRID_PROXY,
     RUCIO_CFG,
     STACKS,
@@ -25,6 +26,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+# what a failed integration test leaves in its report: the tasks' logs of its runs and the
+# ends of the services' logs, so a failure seen once in CI can be read without a rerun
+_SERVICE_LOGS = [GRID_DIR / "apache" / "log" / "error.log",
+                 GRID_DIR / "xrootd" / "log" / "dacgrid" / "xrootd.log",
+                 CI_DIR / "rucio" / "log" / "gunicorn.log"]
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 200 * lines))
+            return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({exc})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    workdir = getattr(item, "funcargs", {}).get("workdir")
+    if isinstance(workdir, Path):
+        for log in sorted(workdir.glob("**/logs/*"))[:40]:
+            if log.is_file():
+                report.sections.append((f"run log {log.relative_to(workdir)}", _tail(log, 40)))
+    for log in _SERVICE_LOGS:
+        if log.is_file():
+            report.sections.append((f"service log {log}", _tail(log, 60)))
 
 
 @pytest.fixture(scope="session")
