@@ -30,6 +30,11 @@ lfn2pfn_algorithm_default = hash
 
 [monitor]
 enable_metrics = False
+
+# list_archive_content (GET /archives/SCOPE/NAME/files): not served by default; the packing
+# tests read an archive's constituents with it
+[api]
+endpoints_add = archives
 EOF
   cat > "$dir/etc/alembic.ini" <<EOF
 [alembic]
