@@ -40,7 +40,7 @@ from .runrecord import (
     read_run_json,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def merge_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -102,6 +102,8 @@ class SummaryBuilder:
                 "status": status, "cause": get("cause"), "error": get("error"),
                 "verified": get("verified") if status == UPLOADED else None,
             }
+            if get("archive"):   # [packing]: the archive that holds it, at this member path
+                out["archive"], out["member"] = get("archive"), name
             if butler:
                 ds = self.datasets.get(entry["relpath"], [])
                 out["datasets"] = ds

@@ -296,6 +296,25 @@ class NamingConfig:
 
 
 @dataclass(frozen=True)
+class PackingConfig:
+    """[packing]: small files go to Rucio in ZIP archives (off unless ``below`` is set)."""
+
+    below: int | None = setting(parse_size, None, 'a size such as "1 MiB": files smaller '
+                                "than this are packed into archives (unset: no packing)")
+    archive_size: int = setting(parse_size, 2**30, 'a size such as "1 GiB": the most an '
+                                "archive holds (members and ZIP records)")
+    names: str = setting(_any_str, "archives/", 'a name part such as "archives/": archives '
+                         "are named [naming] prefix + this + a digest of their members + .zip")
+    scratch: Path | None = setting(_str, None, "a directory on the compute node where the "
+                                   "worker builds archives (default: $TMPDIR, else /tmp)",
+                                   path=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.below is not None
+
+
+@dataclass(frozen=True)
 class BatchingConfig:
     files_per_batch: int | None = setting(_int_pos, 1000, "a positive integer")
     bytes_per_batch: int | None = setting(parse_size, None,
@@ -389,7 +408,8 @@ def keys_of(cls: type) -> dict[str, tuple[_Check, Any, str]]:
 # [section] -> its dataclass, in the order the sections are listed
 SECTIONS: dict[str, type] = {
     "job": JobKeys, "source": SourceConfig, "rucio": RucioConfig, "upload": UploadConfig,
-    "naming": NamingConfig, "batching": BatchingConfig, "slurm": SlurmConfig,
+    "naming": NamingConfig, "packing": PackingConfig, "batching": BatchingConfig,
+    "slurm": SlurmConfig,
     "container": ContainerConfig, "butler": ButlerConfig, "butler.map": ButlerMapping,
 }
 _SCHEMA = {name: keys_of(cls) for name, cls in SECTIONS.items() if "butler" not in name}
@@ -411,6 +431,7 @@ class JobConfig:
     container: ContainerConfig
     upload: UploadConfig = field(default_factory=UploadConfig)
     butler: ButlerConfig = field(default_factory=ButlerConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
 
     @property
     def ledger_path(self) -> Path:
@@ -576,6 +597,9 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
         values[section] = _check_table(given if isinstance(given, dict) else {}, keys,
                                        f"{where}: [{section}]", errors)
 
+    if butler_cfg.kind and values["packing"].get("below") not in (None, _INVALID):
+        errors.append(f"{where}: [packing] does not pack a Butler job's files (into Butler "
+                      "zips) yet: remove [packing] from this job")
     # the semantic checks judge only values that are valid one by one
     _semantic_checks({s: {k: val for k, val in kv.items() if val is not _INVALID}
                       for s, kv in values.items()}, where, errors, path)
@@ -608,7 +632,7 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
                      source=section("source"), rucio=section("rucio"),
                      naming=section("naming"), batching=section("batching"),
                      slurm=section("slurm"), upload=section("upload"), butler=butler_cfg,
-                     container=section("container"))
+                     container=section("container"), packing=section("packing"))
 
 
 def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str],
@@ -656,6 +680,19 @@ def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]
     if prefix and naming.name_problem(prefix) is not None:
         errors.append(f"{where}: [naming] prefix = {prefix!r}: "
                       f"{naming.name_problem(prefix)}")
+    pk = v["packing"]
+    if pk.get("below") is not None:
+        if v["upload"].get("mode") == "stock":
+            errors.append(f"{where}: [packing] needs [upload] mode = \"bulk\" (the stock client "
+                          "uploads file by file): remove mode or [packing]")
+        if pk.get("archive_size") and pk["below"] > pk["archive_size"]:
+            errors.append(f"{where}: [packing] below = {pk['below']} bytes is larger than "
+                          f"archive_size = {pk['archive_size']} bytes: lower below")
+    archive_like = (prefix or "") + (pk.get("names") or "") + "0" * 32 + ".zip"
+    if pk.get("below") is not None and naming.name_problem(archive_like) is not None:
+        errors.append(f"{where}: [packing] names = {pk.get('names')!r}: archive names such as "
+                      f"{archive_like!r} are not valid Rucio names: "
+                      f"{naming.name_problem(archive_like)}")
     c = v["container"]
     if c.get("runtime") == "apptainer" and not c.get("image"):
         errors.append(f"{where}: [container] runtime = \"apptainer\" needs image = "

@@ -180,18 +180,21 @@ def atomic_write_lines(path: Path, lines: Iterable[str], mode: int = 0o666) -> N
 
 
 MANIFEST_FORMAT = 2
+PACKED_MANIFEST_FORMAT = 3   # format 2 and its "archives": read by workers that pack
 MANIFEST_COLUMNS = ("relpath", "name", "size", "mtime")
 
 
 def manifest_bytes(header: dict[str, Any], files: Sequence[tuple[str, str, int, float]],
                    meta: dict[str, Any] | None = None,
-                   extra: Iterable[dict[str, Any]] = ()) -> bytes:
+                   extra: Iterable[dict[str, Any]] = (),
+                   archives: Sequence[dict[str, Any]] = ()) -> bytes:
     """A task's manifest (format 2): ``header``, then one row [relpath, name, size, mtime]
     per file (``columns`` names them), the ``extra`` entries (dicts with those keys) as more
     rows, and ``meta`` (relpath -> the DID metadata that file gets) for the files that have
-    it. Rows rather than an object per file, written by orjson: a million files' manifests
-    took 1.2 s of CPU as objects (json's encoder, or %-formatting), 0.7 s this way. Read it
-    with :func:`read_manifest`."""
+    it; ``archives`` ({name, members: row numbers, bytes}: packing.pack_batch) make it format
+    3, which a worker that cannot pack refuses. Rows rather than an object per file, written
+    by orjson: a million files' manifests took 1.2 s of CPU as objects (json's encoder, or
+    %-formatting), 0.7 s this way. Read it with :func:`read_manifest`."""
     import orjson
 
     extra = list(extra)
@@ -202,8 +205,10 @@ def manifest_bytes(header: dict[str, Any], files: Sequence[tuple[str, str, int, 
     mine = {e["relpath"]: e["meta"] for e in extra if "meta" in e}
     if meta:
         mine.update((rel, meta[rel]) for rel in map(itemgetter(0), files) if rel in meta)
-    doc = {**header, "manifest_format": MANIFEST_FORMAT, "columns": list(MANIFEST_COLUMNS),
-           "files": rows, "meta": mine}
+    doc = {**header, "manifest_format": PACKED_MANIFEST_FORMAT if archives else MANIFEST_FORMAT,
+           "columns": list(MANIFEST_COLUMNS), "files": rows, "meta": mine}
+    if archives:
+        doc["archives"] = list(archives)
     try:
         return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
     except TypeError as exc:   # orjson's: a size beyond 64 bits, a path that is not UTF-8
@@ -218,9 +223,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     fmt = manifest.get("manifest_format", 1) if isinstance(manifest, dict) else None
     if fmt == 1:
         return manifest
-    if fmt != MANIFEST_FORMAT:
+    if fmt not in (MANIFEST_FORMAT, PACKED_MANIFEST_FORMAT):
         raise ValueError(f"{path}: manifest format {fmt!r}, which this dac-upload "
-                         f"{__version__} cannot read (it reads 1 and {MANIFEST_FORMAT}): run "
+                         f"{__version__} cannot read (it reads 1 to {PACKED_MANIFEST_FORMAT}): run "
                          "the worker of the dac-upload that planned the run (rebuild the "
                          "Apptainer image)")
     try:
@@ -232,6 +237,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         for entry in manifest["files"]:
             if entry["relpath"] in meta:
                 entry["meta"] = meta[entry["relpath"]]
+        for archive in manifest.get("archives") or ():
+            if not archive["members"] or any(
+                    not 0 <= i < len(manifest["files"]) for i in archive["members"]):
+                raise ValueError(f"archive {archive['name']} lists a member it has no row for")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: a damaged manifest ({type(exc).__name__}: {exc})") from None
     return manifest

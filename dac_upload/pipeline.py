@@ -442,6 +442,7 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
     errors += check_catalogue(job, found.cat)
     files, name_problems = name_files(found.cat.files(), job.naming)
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
+    errors += _archive_name_clashes(job, files)
     if errors:
         raise PlanError(errors)
     notes = list(found.notes)
@@ -464,6 +465,20 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
     if errors:
         raise PlanError(errors)
     return CheckedPlan(job, found, files, batches, creds, notes)
+
+
+def _archive_name_clashes(job: JobConfig, files: FileTable) -> list[str]:
+    """[packing]: archives are named under [naming] prefix + [packing] names; a source file
+    named there could take an archive's name: refused."""
+    if not job.packing.enabled:
+        return []
+    under = job.naming.prefix + job.packing.names
+    clash = next((name for name in (files.name(i) for i in range(len(files)))
+                  if name.startswith(under)), None)
+    if clash is None:
+        return []
+    return [f"{job.path}: {clash!r} is named under {under!r}, where [packing] names its "
+            "archives: set [packing] names to a part no file name starts with"]
 
 
 def _stage(progress: Progress | None, what: str) -> None:
@@ -502,7 +517,7 @@ def _write_manifests(job: JobConfig, found: _Found, run_id: str, layout: RunLayo
     def manifests() -> Iterator[tuple[Path, bytes]]:
         for batch in batches:
             data = _manifest_of(run_id, str(job.source.root), batch, meta,
-                                extra if batch.index == 0 else ())
+                                extra if batch.index == 0 else (), job)
             digests.append(hashlib.sha256(data).hexdigest())
             yield layout.manifest(batch.index), data
 
@@ -522,9 +537,21 @@ def _collector_problems(job: JobConfig, files: int, largest_task: int) -> list[s
 
 
 def _manifest_of(run_id: str, root: str, batch: Batch, meta: dict[str, Any],
-                 extra: Any) -> bytes:
+                 extra: Any, job: JobConfig) -> bytes:
+    files = batch.files
     return manifest_bytes({"run_id": run_id, "task": batch.index, "source_root": root,
-                           "bytes": batch.bytes}, batch.files, meta, extra)
+                           "bytes": batch.bytes}, files, meta, extra, _archives_of(job, files))
+
+
+def _archives_of(job: JobConfig, files: Any) -> list[dict[str, Any]]:
+    """A batch's archives ([packing]; none without it), as its manifest lists them."""
+    from .packing import pack_batch
+
+    p = job.packing
+    if not p.enabled:
+        return []
+    archives, _ = pack_batch(files, p.below, p.archive_size, job.naming.prefix + p.names)
+    return [{"name": a.name, "members": list(a.members), "bytes": a.bytes} for a in archives]
 
 
 def remake_manifests(run_dir: Path) -> dict[int, bytes]:
@@ -549,7 +576,7 @@ def remake_manifests(run_dir: Path) -> dict[int, bytes]:
     if dim and (layout.dir / DIMENSION_EXPORT).exists():
         extra = [_dimension_file_entry(job, run["run_id"], layout.dir / DIMENSION_EXPORT)]
     return {b.index: _manifest_of(run["run_id"], run["source"]["root"], b, {},
-                                  extra if b.index == 0 else ()) for b in batches}
+                                  extra if b.index == 0 else (), job) for b in batches}
 
 
 def _dimension_file_entry(job: JobConfig, run_id: str, export: Path) -> dict[str, Any]:

@@ -44,7 +44,10 @@ STORAGE_VERIFIED, READ_BACK_VERIFIED, STOCK_VERIFIED = "storage checksum", "read
 
 # Why a file failed. A permanent cause needs a person (resubmit leaves such files alone
 # unless asked); the others are worth another attempt.
-PERMANENT_CAUSES = ("conflict", "missing", "unreadable", "changed")
+# "archive": packed ([packing]) with a member that is changed, missing or unreadable, so
+# its archive was not registered; "scratch": the archive could not be built in the scratch
+# directory (full), worth another attempt.
+PERMANENT_CAUSES = ("conflict", "missing", "unreadable", "changed", "archive")
 
 
 # ---------------------------------------------------------------- the run directory
@@ -228,7 +231,8 @@ def new_run_record(job: JobConfig, run_id: str, layout: RunLayout, *, catalogue_
                  "largest_batch_bytes": max(sizes), "smallest_batch_bytes": min(sizes)},
         "upload": {"mode": job.upload.mode, "chunk_size": job.upload.chunk_size,
                    "transfers": job.upload.transfers, "rename": job.upload.rename,
-                   "guid": job.upload.guid, "md5": job.upload.md5},
+                   "guid": job.upload.guid, "md5": job.upload.md5,
+                   "scratch": str(job.packing.scratch) if job.packing.scratch else None},
         "credentials": credentials,
         "runtime": runtime,
         "slurm": slurm,
@@ -342,6 +346,8 @@ class RunRecord:
         given = {**{k: r[k] for k in ("retries", "retry_wait") if k in r},
                  **{k: u[k] for k in ("mode", "chunk_size", "transfers", "rename", "guid",
                                       "md5") if k in u}}
+        if u.get("scratch"):
+            given["scratch"] = Path(u["scratch"])
         return TaskSettings(scope=self.scope, rse=self.rse, account=self.account,
                             dataset=self.dataset_did, lifetime=r.get("lifetime"),
                             root=self.root, proxy=Path(proxy) if proxy else None, **given)
@@ -368,3 +374,4 @@ class TaskSettings:
     guid: bool = True            # [upload] guid (runs planned before it existed: True)
     proxy: Path | None = None    # the X.509 proxy the tasks use, watched for its expiry
     md5: bool = UploadConfig.md5  # [upload] md5 (bulk only: UploadClient always computes it)
+    scratch: Path | None = None   # [packing] scratch: where archives are built

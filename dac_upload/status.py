@@ -142,6 +142,9 @@ CAUSE_NEXT = {
     "conflict": ("a file of that name with other content is already in Rucio: rename it "
                  "([naming] prefix) in a new run, or if the Rucio copy is wrong, ask its "
                  "owner; then: dac-upload resubmit --retry-permanent {run}"),
+    "archive": ("packed with a file that changed, vanished or cannot be read (listed under "
+                "its own cause): once that is settled, plan a new run: dac-upload submit {job}"
+                " (a new run packs them into a new archive)"),
 }
 TRANSIENT_NEXT = "dac-upload resubmit {run} (retries them)"
 

@@ -1,6 +1,11 @@
 """``dac-upload verify RUN``: a finished run checked again, as ``rclone check`` does, against
 what Rucio and the storage hold now, and optionally against the source files.
 
+A packed file ([packing]) is checked as its archive's member: Rucio has it, with the
+recorded size and checksums, resolved to its archive's PFN; the archive's rule, dataset and
+stored bytes (checked once per archive, against Rucio's size and adler32 of the archive) are
+its own.
+
 For every file that summary.json says is ``uploaded`` or ``already_present``: Rucio has the
 file with the recorded size and checksums and an AVAILABLE replica on the run's RSE; a rule
 on the file, or on a dataset or container it is in, protects it there (with a dataset: the
@@ -71,6 +76,7 @@ CAUSES: dict[str, str] = {
     "no_rule": "no rule on the file, nor on a dataset or container it is in, covers the RSE",
     "rule_expiring": "the rules that cover the RSE expire (deleted since, or given a lifetime)",
     "not_in_dataset": "the file is no longer in the run's dataset",
+    "not_in_archive": "[packing]: Rucio does not resolve the file to the archive that holds it",
     "storage_missing": "the storage has nothing at the PFN",
     "storage_size_mismatch": "the storage's size is not the recorded one",
     "storage_checksum_mismatch": "the storage's checksum is not the recorded one",
@@ -246,6 +252,21 @@ def rucio_problems(entry: dict[str, Any], view: FileReplicas | None, rse: str) -
         out.append(("checksum_mismatch", f"Rucio has md5 {view.md5}, the run recorded "
                                          f"{entry['md5']}"))
     return out
+
+
+def archive_problems(entry: dict[str, Any], view: FileReplicas | None) -> Found:
+    """A packed file: Rucio resolves it to its archive (its replica's PFN is the archive's,
+    without the server's ``?xrdcl.unzip=`` part), else it is not that archive's member
+    (pure)."""
+    from urllib.parse import urlparse
+
+    if view is None or not view.pfns or not entry.get("pfn"):
+        return []
+    ours = urlparse(entry["pfn"]).path
+    if any(urlparse(p).path == ours for p in view.pfns):
+        return []
+    return [("not_in_archive", f"Rucio resolves it to {view.pfns[0]}, not to its archive "
+                               f"{entry['archive']} ({entry['pfn']})")]
 
 
 def storage_problems(entry: dict[str, Any], got: StoredObject, pfn: str) -> Found:
@@ -503,6 +524,8 @@ class _Checker:
         self.no_checksum = 0   # objects the storage gave a size for but no checksum
         self.lock = threading.Lock()
         self.dataset_level: tuple[int, datetime | None] = (NO, None)
+        # [packing]: each archive checked once, its problems given to each of its members
+        self.archives: dict[tuple[str, str], Future[Found] | None] = {}
         if self.dataset is not None:
             self._read_dataset(*self.dataset)
 
@@ -588,17 +611,28 @@ class _Checker:
         self.report.bytes_checked += sum(int(e.get("bytes") or 0) for e in done)
         local: dict[int, Future[Found]] = {}
         for i, e in enumerate(done):
-            if self.source != "none" or (self.reader is not None and e.get("pfn")):
+            # a packed file's PFN is its archive's: the archive is checked, once (below)
+            pfn = None if e.get("archive") else e.get("pfn")
+            if self.source != "none" or (self.reader is not None and pfn):
                 planned = self._planned(e) if self.source != "none" else None
-                local[i] = self.pool.submit(self._local, e, planned, e.get("pfn"))
+                local[i] = self.pool.submit(self._local, e, planned, pfn)
         views: dict[tuple[str, str], FileReplicas] = {}
         by_scope: dict[str, list[str]] = {}
         for e in done:
             by_scope.setdefault(e["scope"], []).append(e["name"])
+        for e in done:   # [packing]: the archives too, in the same requests
+            if e.get("archive") and (e["scope"], e["archive"]) not in self.archives:
+                self.archives[(e["scope"], e["archive"])] = None
+                by_scope.setdefault(e["scope"], []).append(e["archive"])
         for scope, names in by_scope.items():
-            got = self._ask(lambda s=scope, n=names: self.session.file_replicas(s, n, self.rse),
-                            f"the replicas of {len(names)} files")
-            views.update(((scope, n), v) for n, v in got.items())
+            for part in _chunks(names, CHUNK):
+                got = self._ask(lambda s=scope, n=part: self.session.file_replicas(s, n,
+                                                                                  self.rse),
+                                f"the replicas of {len(part)} files")
+                views.update(((scope, n), v) for n, v in got.items())
+        for key, seen in list(self.archives.items()):
+            if seen is None:
+                self.archives[key] = self._archive_checks(key, views.get(key))
         late: dict[int, tuple[str, Future[Found]]] = {}   # no PFN recorded: Rucio's
         for i, e in enumerate(done):
             view = views.get((e["scope"], e["name"]))
@@ -608,17 +642,22 @@ class _Checker:
         for i, e in enumerate(done):
             view = views.get((e["scope"], e["name"]))
             found = rucio_problems(e, view, self.rse)
+            archive = e.get("archive")
+            if archive:   # the archive's checks are its members': its rule, its bytes
+                found += archive_problems(e, view)
+                found += self.archives[(e["scope"], archive)].result()
+            protected = archive or e["name"]
             if view is not None and view.state is not None:
                 level, until = NO, None
                 if self.dataset is not None:
-                    if self._member(e["scope"], e["name"]):
+                    if self._member(e["scope"], protected):
                         level, until = self.dataset_level
                     else:
                         ds = f"{self.dataset[0]}:{self.dataset[1]}"
                         found.append(("not_in_dataset", f"not in the run's dataset {ds}"))
                 if level < YES:   # its own rules are looked at once every chunk is through
                     self.db.execute("INSERT OR IGNORE INTO pending VALUES (?, ?, ?, ?, ?, ?)",
-                                    (e["scope"], e["name"], e.get("relpath", ""),
+                                    (e["scope"], protected, e.get("relpath", ""),
                                      e.get("batch"), level, _iso(until)))
             pfn = e.get("pfn")
             if i in local:
@@ -628,6 +667,28 @@ class _Checker:
                 found += self._storage_streak(fut.result())
             for cause, detail in found:
                 self._problem(e, cause, detail, pfn if cause.startswith("storage_") else None)
+
+    def _archive_checks(self, key: tuple[str, str], view: FileReplicas | None
+                        ) -> Future[Found]:
+        """An archive's own problems, found once and given to each of its members: Rucio
+        has it with an AVAILABLE replica, and the storage's size and adler32 of it are
+        Rucio's."""
+        scope, name = key
+        rec = {"scope": scope, "name": name, "bytes": view.bytes if view else None,
+               "adler32": view.adler32 if view else None, "md5": view.md5 if view else None}
+        found = [(cause, f"its archive {scope}:{name}: {detail}")
+                 for cause, detail in rucio_problems(rec, view, self.rse)
+                 if cause not in ("size_mismatch", "checksum_mismatch")]
+        done: Future[Found] = Future()
+        if self.reader is None or view is None or not view.pfns:
+            done.set_result(found)
+            return done
+        pfn = view.pfns[0]
+
+        def stored() -> Found:
+            return found + [(cause, f"its archive {scope}:{name}: {detail}")
+                            for cause, detail in self._stored(rec, pfn)]
+        return self.pool.submit(stored)
 
     def _member(self, scope: str, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM members WHERE scope = ? AND name = ?",

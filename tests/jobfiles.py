@@ -9,7 +9,8 @@ import textwrap
 from collections.abc import Mapping
 
 # the sections a builder writes, in this order ([butler] and [[butler.map]] a test appends)
-SECTIONS = ("job", "source", "rucio", "naming", "upload", "batching", "slurm", "container")
+SECTIONS = ("job", "source", "rucio", "naming", "upload", "packing", "batching", "slurm",
+            "container")
 
 
 def job_text(base: Mapping[str, str], **extra: str) -> str:

@@ -715,6 +715,23 @@ class RucioIO:
                              f"{dataset[0]}:{dataset[1]}") from None
         return True
 
+    def add_to_archive(self, scope: str, archive: str, members: list[dict[str, Any]]) -> None:
+        """Register ``members`` ({name, bytes, adler32, md5}) as the constituents of the
+        archive file DID ``scope:archive``, in one request; one already there is left as it
+        is (ignore_duplicate: a resubmission repeats it). One archive per request: Rucio 41
+        handles only the first attachment of a request whose target is an archive."""
+        if not members:
+            return
+        dids = [{"scope": scope, "name": m["name"], "bytes": m["bytes"],
+                 "adler32": m["adler32"], **({"md5": m["md5"]} if m.get("md5") else {})}
+                for m in members]
+        try:
+            self.client.attach_dids_to_dids([{"scope": scope, "name": archive, "dids": dids}],
+                                            ignore_duplicate=True)
+        except Exception as exc:
+            raise translate(exc, f"registering {len(members)} files as the content of the "
+                            f"archive {scope}:{archive}") from None
+
     def storage(self, rse: str, rename: str = "auto") -> Storage:
         """The RSE's storage through Rucio's own protocol layer (rsemgr): whatever protocol
         the RSE offers for writing (file, root, davs, s3, ...)."""

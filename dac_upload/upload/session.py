@@ -51,6 +51,9 @@ class RucioSession(Protocol):
 
     def attach_bulk(self, dataset: tuple[str, str], scope: str, names: list[str]) -> bool: ...
 
+    def add_to_archive(self, scope: str, archive: str, members: list[dict[str, Any]]
+                       ) -> None: ...
+
     def set_metadata_bulk(self, scope: str, items: list[tuple[str, dict[str, Any]]]) -> None: ...
 
     # writing: the stock path, and both for datasets and rules

@@ -93,9 +93,13 @@ def run_task(run_dir: Path, task: int,
     with StopRequest() as stop, JsonlAppender(result_path, sync_every=1.0) as out:
         rio, aborted = _connect(layout, run, settings, stop, todo, rucio_factory)
         state = TaskState(aborted, CopyLog(layout.copies(task), attempt))
-        records = (stock_records(rio, settings, todo, stop, state)
-                   if settings.mode == "stock" or rio is None else
-                   _bulk(rio, settings, todo, stop, state))
+        archives = manifest.get("archives") or []
+        if settings.mode == "stock" or rio is None:
+            records = stock_records(rio, settings, todo, stop, state)
+        elif archives:
+            records = _packed(rio, settings, manifest["files"], archives, todo, stop, state)
+        else:
+            records = _bulk(rio, settings, todo, stop, state)
         meta = {e["name"]: e["meta"] for e in todo if e.get("meta")}
         if meta and rio is not None:
             records = with_metadata(rio, settings, records, meta, stop, state, len(todo))
@@ -267,6 +271,22 @@ def _bulk(rio: RucioSession, s: TaskSettings, todo: list[dict[str, Any]], stop: 
 
     yield from bulk_records(rio, s, todo, stop, abort, lambda: state.aborted,
                             state.copies)
+
+
+def _packed(rio: RucioSession, s: TaskSettings, files: list[dict[str, Any]],
+            archives: list[dict[str, Any]], todo: list[dict[str, Any]], stop: StopRequest,
+            state: TaskState) -> Iterator[dict[str, Any]]:
+    """[packing]: the files that are in no archive through the bulk path, then the
+    archives (upload/packed.py)."""
+    from itertools import chain
+
+    from .packed import packed_records
+
+    packed = {files[i]["name"] for a in archives for i in a["members"]}
+    loose = [e for e in todo if e["name"] not in packed]
+    return chain(_bulk(rio, s, loose, stop, state) if loose else iter(()),
+                 packed_records(rio, s, files, archives, {e["name"] for e in todo}, stop,
+                                state))
 
 
 def _previous_attempt(marker: Path, results: Path) -> int:

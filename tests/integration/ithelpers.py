@@ -183,6 +183,26 @@ def write_job(workdir: Path, name: str, body: str) -> Path:
     return path
 
 
+def submit_with_hook(workdir: Path, job: Path, hook: Path, variable: str,
+                     value: str = "{run_id}") -> tuple[Path, str, str]:
+    """Plan ``job``, then submit its run with the test-only ``hook`` installed as the
+    workers' sitecustomize (on PYTHONPATH; sbatch --export=ALL passes it on) and
+    ``variable`` set to ``value`` with the run's id in it: (run dir, array id, collector id).
+    """
+    planned = dac_upload(["plan", str(job)], cwd=workdir)
+    assert planned.returncode == 0, planned.stderr
+    run_dir = run_dir_of(planned.stdout)
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    hooks = workdir / "crash-hook"
+    hooks.mkdir()
+    shutil.copy(hook, hooks / "sitecustomize.py")
+    chown_user(workdir)
+    proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir, PYTHONPATH=str(hooks),
+                      **{variable: value.format(run_id=run_id)})
+    assert proc.returncode == 0, proc.stderr
+    return (run_dir, *parse_submitted(proc.stdout))
+
+
 def unique_prefix() -> str:
     """Names in the long-lived test Rucio are unique per test run."""
     return f"it{time.strftime('%H%M%S')}{uuid.uuid4().hex[:6]}/"
@@ -243,7 +263,7 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
 
 def job_toml(prefix: str, *, include: str = "**/*", scope: str = SCOPE, rse: str = RSE,
              files_per_batch: int = 4, max_running: int = 2, rucio: str = "",
-             slurm: str = "", upload: str = "") -> str:
+             slurm: str = "", upload: str = "", packing: str = "") -> str:
     """A job file for the tests: ../src into the test Rucio under ``prefix``, runtime none;
     ``rucio``, ``slurm`` and ``upload`` add lines to those sections."""
     return jobfiles.job_text({
@@ -253,7 +273,7 @@ def job_toml(prefix: str, *, include: str = "**/*", scope: str = SCOPE, rse: str
         "batching": f"files_per_batch = {files_per_batch}\nmax_running = {max_running}",
         "slurm": 'time = "00:10:00"\nmem = "1G"',
         "container": 'runtime = "none"',
-    }, rucio=rucio, slurm=slurm, upload=upload)
+    }, rucio=rucio, slurm=slurm, upload=upload, packing=packing)
 
 
 def make_files(root: Path, n: int, size: int = 20_000) -> dict[str, Path]:

@@ -7,9 +7,7 @@ RSE that Rucio does not know. Each test runs on every stack (posix, root, davs).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from ithelpers import (
     make_files,
     parse_submitted,
     run_dir_of,
+    submit_with_hook,
     unique_prefix,
     wait_for_jobs,
     write_job,
@@ -108,20 +107,10 @@ def test_crash_between_copies_and_registration_is_repaired(workdir: Path,
     job = write_job(workdir, "crash", job_toml(prefix, rse=stack.rse, files_per_batch=30,
                                                max_running=1,
                                                upload="chunk_size = 10"))
-    planned = dac_upload(["plan", str(job)], cwd=workdir)
-    assert planned.returncode == 0, planned.stderr
-    run_dir = run_dir_of(planned.stdout)
-    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
-    # the crash is the test's own sitecustomize (crash_after_copy.py) on the worker's
-    # PYTHONPATH, naming the run it applies to (sbatch --export=ALL passes both on)
-    hook = workdir / "crash-hook"
-    hook.mkdir()
-    shutil.copy(Path(__file__).with_name("crash_after_copy.py"), hook / "sitecustomize.py")
-    chown_user(workdir)
-    proc = dac_upload(["submit", "--run", str(run_dir)], cwd=workdir, PYTHONPATH=str(hook),
-                      DAC_UPLOAD_TEST_CRASH_AFTER_COPY=run_id)
-    assert proc.returncode == 0, proc.stderr
-    wait_for_jobs(list(parse_submitted(proc.stdout)))
+    # the crash is the test's own sitecustomize (crash_after_copy.py), naming the run
+    run_dir, *jobs = submit_with_hook(workdir, job, Path(__file__).with_name(
+        "crash_after_copy.py"), "DAC_UPLOAD_TEST_CRASH_AFTER_COPY")
+    wait_for_jobs(jobs)
     # the task died after copying its first chunk: copies on the RSE, nothing registered
     copies = stack.files_under(SCOPE, prefix)
     assert len(copies) == 10, copies

@@ -93,7 +93,7 @@ def _scenario() -> dict[str, Any]:
 
 def test_build_summary() -> None:
     s = assert_valid_summary(build_summary(**_scenario()))
-    assert s["schema_version"] == 1
+    assert s["schema_version"] == 2
     assert s["tool"] == {"name": "dac-upload", "version": __version__}
     assert (s["job"], s["run_id"], s["created_at"]) == ("dp1", RUN_ID, "2024-05-01T10:00:00Z")
     assert s["finished_at"] == "2024-05-01T12:00:00Z"
