@@ -54,6 +54,7 @@ from .storage import Storage
 # database, even requests of 100 stalled so. Requests start at RULES_PER_REQUEST rules and
 # are halved (down to 10) after one that took more than RULE_SECONDS per rule.
 RULES_PER_REQUEST = 100
+DIDS_PER_REQUEST = 1000   # Rucio's schema: at most 1,000 DIDs in a lookup or an attachment
 
 
 RULE_SECONDS = 0.05
@@ -494,15 +495,18 @@ class RucioIO:
     # ------------------------------------------------------------------ bulk (fast worker)
     def dids_bulk(self, scope: str, names: list[str]) -> dict[str, DidInfo]:
         """The DIDs among ``names`` that exist, with their size, checksums and guid: one
-        request for the whole list (names that do not exist are simply absent)."""
-        if not names:
-            return {}
-        try:
-            metas = self.client.get_metadata_bulk([{"scope": scope, "name": n} for n in names])
-            return {m["name"]: DidInfo(m.get("bytes"), m.get("adler32"), m.get("md5"),
-                                       m.get("guid")) for m in metas}
-        except Exception as exc:
-            raise translate(exc, f"looking up {len(names)} names in {scope}") from None
+        request per DIDS_PER_REQUEST names (names that do not exist are simply absent)."""
+        out: dict[str, DidInfo] = {}
+        for i in range(0, len(names), DIDS_PER_REQUEST):   # one request up to 1,000 names
+            part = names[i:i + DIDS_PER_REQUEST]
+            try:
+                metas = self.client.get_metadata_bulk([{"scope": scope, "name": n}
+                                                       for n in part])
+                out.update((m["name"], DidInfo(m.get("bytes"), m.get("adler32"), m.get("md5"),
+                                               m.get("guid"))) for m in metas)
+            except Exception as exc:
+                raise translate(exc, f"looking up {len(part)} names in {scope}") from None
+        return out
 
     def replicas_bulk(self, scope: str, names: list[str], rse: str) -> dict[str, ReplicaInfo]:
         """Replicas on ``rse`` (any state) of these DIDs: one request."""
@@ -717,20 +721,23 @@ class RucioIO:
 
     def add_to_archive(self, scope: str, archive: str, members: list[dict[str, Any]]) -> None:
         """Register ``members`` ({name, bytes, adler32, md5}) as the constituents of the
-        archive file DID ``scope:archive``, in one request; one already there is left as it
-        is (ignore_duplicate: a resubmission repeats it). One archive per request: Rucio 41
-        handles only the first attachment of a request whose target is an archive."""
+        archive file DID ``scope:archive``, a request per DIDS_PER_REQUEST; one already
+        there is left as it is (ignore_duplicate: a resubmission repeats it). One archive
+        per request: Rucio 41 handles only the first attachment of a request whose target
+        is an archive."""
         if not members:
             return
         dids = [{"scope": scope, "name": m["name"], "bytes": m["bytes"],
                  "adler32": m["adler32"], **({"md5": m["md5"]} if m.get("md5") else {})}
                 for m in members]
-        try:
-            self.client.attach_dids_to_dids([{"scope": scope, "name": archive, "dids": dids}],
-                                            ignore_duplicate=True)
-        except Exception as exc:
-            raise translate(exc, f"registering {len(members)} files as the content of the "
-                            f"archive {scope}:{archive}") from None
+        for i in range(0, len(dids), DIDS_PER_REQUEST):
+            part = dids[i:i + DIDS_PER_REQUEST]
+            try:
+                self.client.attach_dids_to_dids([{"scope": scope, "name": archive,
+                                                  "dids": part}], ignore_duplicate=True)
+            except Exception as exc:
+                raise translate(exc, f"registering {len(part)} files as the content of the "
+                                f"archive {scope}:{archive}") from None
 
     def storage(self, rse: str, rename: str = "auto") -> Storage:
         """The RSE's storage through Rucio's own protocol layer (rsemgr): whatever protocol

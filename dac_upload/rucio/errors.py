@@ -61,12 +61,20 @@ class StorageFull(RucioFatal):
     would fail the same way, so the task stops and says so once."""
 
 
+DESCRIBE_LIMIT = 600   # characters of an error's text kept: a record holds it per file
+
+
 def describe(exc: BaseException) -> str:
+    """``Name: details`` of a Rucio or storage error on one line, cut at DESCRIBE_LIMIT: the
+    server's schema errors quote the whole request (1.7 MB for 20,000 names), and a task
+    gives the same reason to every file it could not do."""
     name = type(exc).__name__
-    text = " ".join(str(exc).split())
+    text = " ".join(str(exc)[:4 * DESCRIBE_LIMIT].split())
     details = text.split("Details:", 1)[-1].strip() if "Details:" in text else text
     if details.startswith(name + ":"):
         details = details[len(name) + 1:].strip()
+    if len(details) > DESCRIBE_LIMIT:
+        details = details[:DESCRIBE_LIMIT] + f" ... ({len(str(exc)):,} characters in all)"
     return f"{name}: {details}" if details else name
 
 

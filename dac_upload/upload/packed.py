@@ -4,8 +4,9 @@ protected by a rule or its dataset's rule), and only then its members are regist
 its constituents in Rucio, with their own size and checksums: each member stays a DID of
 its own that Rucio resolves through the archive (``rucio download scope:name`` extracts it).
 
-Per archive: the bulk path's 4-6 requests for the archive, one looking up the members'
-names, one registering them: a few requests for thousands of files.
+Per archive: the bulk path's 4-6 requests for the archive, then per 1,000 members (the most
+Rucio takes in one request) one looking up their names and one registering them: about
+0.002 requests per file.
 
 The members get no rule of their own (the archive's covers them; Rucio would turn a rule on
 a member into one on the archive) and are never attached to the job's dataset (the archive

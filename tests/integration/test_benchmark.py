@@ -29,17 +29,21 @@ def test_upload_benchmark_small(workdir: Path) -> None:
 GRID_SCRIPT = SCRIPT.with_name("grid_upload.py")
 
 
-def test_grid_upload_benchmark_small(workdir: Path) -> None:
-    """grid_upload.py --small on the grid stack (tests/services/start-grid.sh), which up.sh
-    starts unless DAC_GRID=0: without it the test is skipped (outside CI)."""
-    proc = subprocess.run([sys.executable, str(GRID_SCRIPT), "--small", "--dir",
-                           str(CI_DIR / "tests" / f"gridbench-{workdir.name}")],
+def grid_script_small(script: Path, workdir: Path) -> str:
+    """``script --small`` on the grid stack (tests/services/start-grid.sh), which up.sh
+    starts unless DAC_GRID=0: without it the test is skipped (outside CI). Its output."""
+    proc = subprocess.run([sys.executable, str(script), "--small", "--dir",
+                           str(CI_DIR / "tests" / f"{script.stem}-{workdir.name}")],
                           capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 and "run tests/services/start-grid.sh" in proc.stderr \
             and not os.environ.get("CI"):
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_grid_upload_benchmark_small(workdir: Path) -> None:
+    out = grid_script_small(GRID_SCRIPT, workdir)
     for part in ("1. 20 files", "2. server requests per file", "3. 2 files"):
         assert part in out, out
     assert out.count("   ratio : ") == 4
@@ -62,3 +66,15 @@ def test_scale_benchmark_small(workdir: Path) -> None:
     for step in ("find", "plan", "json.loads", "collect", "status --json", "resubmit view"):
         assert f"  {step} " in out, out
     assert out.count("x of ") == 2
+
+
+PACKED_SCRIPT = SCRIPT.with_name("packed.py")
+
+
+def test_packed_benchmark_small(workdir: Path) -> None:
+    """packed.py --small on the grid stack: every method runs and is compared (the figures
+    at 20,000 files are in docs/performance.md)."""
+    out = grid_script_small(PACKED_SCRIPT, workdir)
+    for way in ("seed", "stock", "bulk", "dataset", "packed"):
+        assert f"   {way:<8}: " in out, out
+    assert "x the seed's files/s" in out and "files per object on the storage" in out

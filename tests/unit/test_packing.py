@@ -306,3 +306,37 @@ def test_packing_is_refused_where_it_cannot_work(make_job: Callable[..., JobConf
         make_job(PACK_CONTENT, packing='below = "1 KiB"', upload='mode = "stock"')
     with pytest.raises(ConfigError, match="larger than archive_size"):
         make_job(PACK_CONTENT, packing='below = "2 GiB"\narchive_size = "1 GiB"')
+
+
+def test_rucio_requests_hold_at_most_1000_dids_and_errors_are_cut() -> None:
+    """Rucio's schema refuses a lookup or an attachment of more than 1,000 DIDs, and its
+    refusal quotes the whole request: RucioIO splits both, and an error kept in each
+    file's record is cut short."""
+    from dac_upload.rucio.client import RucioIO
+    from dac_upload.rucio.errors import DESCRIBE_LIMIT, describe
+
+    sent: list[tuple[str, int]] = []
+
+    class Client:
+        def get_metadata_bulk(self, dids: list[dict[str, str]]) -> list[dict[str, Any]]:
+            assert len(dids) <= 1000
+            sent.append(("lookup", len(dids)))
+            return [{"name": d["name"], "bytes": 1, "adler32": "00000001"} for d in dids]
+
+        def attach_dids_to_dids(self, attachments: list[dict[str, Any]],
+                                ignore_duplicate: bool) -> None:
+            assert len(attachments) == 1 and ignore_duplicate
+            assert len(attachments[0]["dids"]) <= 1000
+            sent.append(("attach", len(attachments[0]["dids"])))
+
+    rio = RucioIO.__new__(RucioIO)
+    rio.client = Client()
+    names = [f"n{i}" for i in range(2500)]
+    assert len(rio.dids_bulk("s", names)) == 2500
+    rio.add_to_archive("s", "a.zip", [{"name": n, "bytes": 1, "adler32": "00000001",
+                                       "md5": None} for n in names])
+    assert sent == [("lookup", 1000), ("lookup", 1000), ("lookup", 500),
+                    ("attach", 1000), ("attach", 1000), ("attach", 500)]
+    huge = Exception("Provided object does not match schema. Details: " + "x" * 1_000_000)
+    text = describe(huge)
+    assert len(text) < DESCRIBE_LIMIT + 100 and "1,000,048 characters in all" in text
