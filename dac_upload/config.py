@@ -688,11 +688,11 @@ def _semantic_checks(v: dict[str, dict[str, Any]], where: str, errors: list[str]
         if pk.get("archive_size") and pk["below"] > pk["archive_size"]:
             errors.append(f"{where}: [packing] below = {pk['below']} bytes is larger than "
                           f"archive_size = {pk['archive_size']} bytes: lower below")
-    archive_like = (prefix or "") + (pk.get("names") or "") + "0" * 32 + ".zip"
-    if pk.get("below") is not None and naming.name_problem(archive_like) is not None:
-        errors.append(f"{where}: [packing] names = {pk.get('names')!r}: archive names such as "
-                      f"{archive_like!r} are not valid Rucio names: "
-                      f"{naming.name_problem(archive_like)}")
+        archive_like = (prefix or "") + (pk.get("names") or "") + "0" * 32 + ".zip"
+        if naming.name_problem(archive_like) is not None:
+            errors.append(f"{where}: [packing] names = {pk.get('names')!r}: archive names such "
+                          f"as {archive_like!r} are not valid Rucio names: "
+                          f"{naming.name_problem(archive_like)}")
     c = v["container"]
     if c.get("runtime") == "apptainer" and not c.get("image"):
         errors.append(f"{where}: [container] runtime = \"apptainer\" needs image = "

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .common import MISSING_ERROR, catalogue_change, unreadable_error
+
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)   # the earliest a ZIP entry can say: no build time in it
 MEMBER_MODE = 0o100644                # a regular file, rw-r--r--
 _CHUNK = 4 << 20
@@ -141,11 +143,9 @@ def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
     try:
         handle = open(path, "rb", buffering=0)   # noqa: SIM115 - closed by the with below
     except FileNotFoundError:
-        raise MemberUnreadable(relpath, "missing",
-                               "missing: the file vanished after it was catalogued") from None
+        raise MemberUnreadable(relpath, "missing", MISSING_ERROR) from None
     except OSError as exc:
-        raise MemberUnreadable(relpath, "unreadable",
-                               f"unreadable: {exc.strerror or exc}") from None
+        raise MemberUnreadable(relpath, "unreadable", unreadable_error(exc)) from None
     with handle:
         before = os.fstat(handle.fileno())
         _same(relpath, entry, before.st_size, before.st_mtime)
@@ -165,7 +165,7 @@ def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
                     n = handle.readinto(buf)
                 except OSError as exc:
                     raise MemberUnreadable(relpath, "unreadable",
-                                           f"unreadable: {exc.strerror or exc}") from None
+                                           unreadable_error(exc)) from None
                 if not n:
                     break
                 size += n
@@ -185,7 +185,6 @@ def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
 
 
 def _same(relpath: str, entry: dict[str, Any], size: int, mtime: float) -> None:
-    if size != entry["size"]:
-        raise MemberChanged(relpath, f"size {entry['size']} -> {size}")
-    if mtime != entry["mtime"]:
-        raise MemberChanged(relpath, "modification time")
+    what = catalogue_change(entry, size, mtime)
+    if what is not None:
+        raise MemberChanged(relpath, what)

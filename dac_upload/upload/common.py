@@ -102,30 +102,51 @@ def log(msg: str) -> None:
     print(f"{utc_now()} {msg}", flush=True)
 
 
+MISSING_ERROR = "missing: the file vanished after it was catalogued"
+
+
+def unreadable_error(exc: OSError) -> str:
+    return f"unreadable: {exc.strerror or exc}"
+
+
+def changed_error(what: str) -> str:
+    return (f"changed since it was catalogued ({what}); not uploaded: plan a new run once "
+            "the file is final")
+
+
+def catalogue_change(entry: dict[str, Any], size: int, mtime: float) -> str | None:
+    """What differs between a file's stat and its manifest entry (size first), or None."""
+    if size != entry["size"]:
+        return f"size {entry['size']} -> {size}"
+    return "modification time" if mtime != entry["mtime"] else None
+
+
 def local_record(s: TaskSettings, entry: dict[str, Any]) -> dict[str, Any]:
     """The entry's record after looking at the file itself: unchanged since the catalogue,
     then adler32 and md5 in one read (status None: ready for Rucio), or a failure (changed,
-    missing, unreadable)."""
+    missing, unreadable). An entry that carries its checksums (a file the worker wrote
+    itself and checksummed as it wrote it: a packed archive) is not read again."""
     path = s.root / entry["relpath"]
     rec: dict[str, Any] = {"relpath": entry["relpath"], "path": str(path), "scope": s.scope,
                            "name": entry["name"], "rse": s.rse, "bytes": entry["size"],
                            "adler32": None, "md5": None, "pfn": None, "guid": None,
                            "status": FAILED, "cause": None, "error": None}
+    want_md5 = s.md5 or s.mode == "stock"
     try:
         st = os.stat(path)
-        if st.st_size != entry["size"] or st.st_mtime != entry["mtime"]:
-            what = (f"size {entry['size']} -> {st.st_size}" if st.st_size != entry["size"]
-                    else "modification time")
-            rec.update(cause="changed", error=(
-                f"changed since it was catalogued ({what}); not uploaded: plan a new run once "
-                "the file is final"))
+        what = catalogue_change(entry, st.st_size, st.st_mtime)
+        if what is not None:
+            rec.update(cause="changed", error=changed_error(what))
             return rec
-        size, adler32, md5 = read_checksums(path, md5=s.md5 or s.mode == "stock")
+        if entry.get("adler32") and (entry.get("md5") or not want_md5):
+            size, adler32, md5 = st.st_size, entry["adler32"], entry.get("md5")
+        else:
+            size, adler32, md5 = read_checksums(path, md5=want_md5)
     except FileNotFoundError:
-        rec.update(cause="missing", error="missing: the file vanished after it was catalogued")
+        rec.update(cause="missing", error=MISSING_ERROR)
         return rec
     except OSError as exc:
-        rec.update(cause="unreadable", error=f"unreadable: {exc.strerror or exc}")
+        rec.update(cause="unreadable", error=unreadable_error(exc))
         return rec
     rec.update(bytes=size, adler32=adler32, md5=md5, status=None)
     return rec

@@ -34,7 +34,15 @@ from typing import Any
 
 from ..runrecord import ALREADY_PRESENT, DONE_STATES, FAILED, UPLOADED, TaskSettings
 from .archive import BuiltArchive, MemberChanged, MemberUnreadable, ScratchFull, build_archive
-from .common import StopRequest, TaskState, abort_reason, existing_verdict, not_attempted, retrying
+from .common import (
+    StopRequest,
+    TaskState,
+    abort_reason,
+    changed_error,
+    existing_verdict,
+    not_attempted,
+    retrying,
+)
 from .session import RucioSession
 
 Record = dict[str, Any]
@@ -84,7 +92,8 @@ def packed_records(rio: RucioSession, s: TaskSettings, files: Sequence[Record],
                                     "[packing] scratch, then resubmit") for m in mine)
                 continue
             entry = {"relpath": built.path.name, "name": a["name"], "size": built.bytes,
-                     "mtime": built.path.stat().st_mtime}
+                     "mtime": built.path.stat().st_mtime, "adler32": built.adler32,
+                     "md5": built.md5}   # checksummed as written: not read again
             try:
                 rec = next(iter(bulk_records(
                     rio, replace(s, root=here), [entry], stop,
@@ -174,10 +183,7 @@ def _interrupted(out: list[Record], archive: str, exc: BaseException,
 def _unbuildable(s: TaskSettings, archive: str, mine: list[Record],
                  exc: MemberChanged | MemberUnreadable) -> Iterator[Record]:
     if isinstance(exc, MemberChanged):
-        culprit_cause, culprit_error = "changed", (
-            f"changed since it was catalogued ({exc.what}); not uploaded: plan a new run once "
-            "the file is final")
-        what = "changed"
+        culprit_cause, culprit_error, what = "changed", changed_error(exc.what), "changed"
     else:
         culprit_cause, culprit_error, what = exc.cause, exc.why, exc.cause
     for m in mine:

@@ -340,3 +340,24 @@ def test_rucio_requests_hold_at_most_1000_dids_and_errors_are_cut() -> None:
     huge = Exception("Provided object does not match schema. Details: " + "x" * 1_000_000)
     text = describe(huge)
     assert len(text) < DESCRIBE_LIMIT + 100 and "1,000,048 characters in all" in text
+
+
+def test_the_archive_is_not_read_again_for_its_checksums(
+        packed: Callable[..., RunLayout], monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_archive checksums the archive as it writes it: the upload takes those, it does
+    not read the archive a second time (up to archive_size per archive)."""
+    import dac_upload.upload.common as common
+
+    read: list[str] = []
+    real = common.read_checksums
+
+    def counting(path: Path, *args: Any, **kwargs: Any) -> Any:
+        read.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(common, "read_checksums", counting)
+    layout, rio = packed(), FakePacking()
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    assert read == ["big.fits"]
+    (archive,) = rio.constituents
+    assert rio.dids[archive].adler32 == _adler(rio.on_disk[archive])
