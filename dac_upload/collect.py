@@ -107,7 +107,9 @@ class SummaryBuilder:
             if butler:
                 ds = self.datasets.get(entry["relpath"], [])
                 out["datasets"] = ds
-                out["metadata"] = rec.get("metadata") if entry.get("meta") else None
+                # a packed file's is its archive's (a Butler zip's zip_file)
+                out["metadata"] = rec.get("metadata") if entry.get("meta") or \
+                    get("archive") else None
                 if entry["name"] != butler.get("dimension_file"):
                     self.butler["files_with_datasets" if ds else "files_without_datasets"] += 1
                 self.butler["datasets"] += len(ds)

@@ -597,9 +597,14 @@ def parse_job(raw: dict[str, Any], path: Path, text: str = "") -> JobConfig:
         values[section] = _check_table(given if isinstance(given, dict) else {}, keys,
                                        f"{where}: [{section}]", errors)
 
-    if butler_cfg.kind and values["packing"].get("below") not in (None, _INVALID):
-        errors.append(f"{where}: [packing] does not pack a Butler job's files (into Butler "
-                      "zips) yet: remove [packing] from this job")
+    if values["packing"].get("below") not in (None, _INVALID):
+        # a Butler zip's index carries each dataset's storage class and formatter
+        for n, m in enumerate(butler_cfg.maps, 1):
+            lacking = [k for k in ("storage_class", "formatter") if getattr(m, k) is None]
+            if lacking:
+                errors.append(f"{where}: [[butler.map]] #{n} ({m.dataset_type}) needs "
+                              f"{' and '.join(lacking)} with [packing]: its files go into "
+                              "Butler zips, whose index names both; add them to the map")
     # the semantic checks judge only values that are valid one by one
     _semantic_checks({s: {k: val for k, val in kv.items() if val is not _INVALID}
                       for s, kv in values.items()}, where, errors, path)

@@ -13,10 +13,11 @@ file that changed gives another name, so no archive is ever rewritten.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 ARCHIVE_SUFFIX = ".zip"   # Rucio treats a file DID as an archive by this suffix
+BUTLER_INDEX = "_butler_zip_index.json"   # daf_butler's ZipIndex.index_name, first member
 NAME_DIGITS = 32          # hex digits of the members' sha256 in an archive's name
 
 # what the ZIP format adds per member, stored, no extra field: the local header (30 bytes),
@@ -49,9 +50,12 @@ def archive_name(prefix: str, members: Sequence[tuple[str, int, float]]) -> str:
 
 
 def pack_batch(files: Sequence[tuple[str, str, int, float]], below: int, target: int,
-               prefix: str, min_members: int = 2) -> tuple[list[PlannedArchive], list[int]]:
+               prefix: str, min_members: int = 2,
+               packs: Callable[[str], bool] | None = None
+               ) -> tuple[list[PlannedArchive], list[int]]:
     """Split a batch's files (PlannedFile tuples: relpath, name, size, mtime; in path order)
-    into archives and loose files: every file smaller than ``below`` goes into an archive,
+    into archives and loose files: every file smaller than ``below`` (and that ``packs``
+    accepts, by relpath) goes into an archive,
     filled in path order (files of one directory end up together: what is read together is
     fetched together) up to ``target`` bytes, ZIP overhead included; the rest go as they are.
     An archive that would hold fewer than ``min_members`` files is not made: its files go
@@ -71,8 +75,8 @@ def pack_batch(files: Sequence[tuple[str, str, int, float]], below: int, target:
             loose.extend(group)
         group, size = [], _PER_ARCHIVE
 
-    for i, (_rel, name, nbytes, _mtime) in enumerate(files):
-        if nbytes >= below:
+    for i, (rel, name, nbytes, _mtime) in enumerate(files):
+        if nbytes >= below or (packs is not None and not packs(rel)):
             loose.append(i)
             continue
         cost = nbytes + member_overhead(name)

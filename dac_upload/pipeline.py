@@ -512,12 +512,13 @@ def _write_manifests(job: JobConfig, found: _Found, run_id: str, layout: RunLayo
                      batches: list[Batch], extra: list[dict[str, Any]]) -> list[str]:
     """Each batch's manifest, written by a pool; their sha256 digests, in task order."""
     meta = _metadata_of(job, found)
+    indexer = _zip_indexer(job, found.datasets, found.repo)
     digests: list[str] = []
 
     def manifests() -> Iterator[tuple[Path, bytes]]:
         for batch in batches:
             data = _manifest_of(run_id, str(job.source.root), batch, meta,
-                                extra if batch.index == 0 else (), job)
+                                extra if batch.index == 0 else (), job, indexer)
             digests.append(hashlib.sha256(data).hexdigest())
             yield layout.manifest(batch.index), data
 
@@ -537,21 +538,57 @@ def _collector_problems(job: JobConfig, files: int, largest_task: int) -> list[s
 
 
 def _manifest_of(run_id: str, root: str, batch: Batch, meta: dict[str, Any],
-                 extra: Any, job: JobConfig) -> bytes:
+                 extra: Any, job: JobConfig, indexer: Any = None) -> bytes:
     files = batch.files
+    archives = _archives_of(job, files, meta, indexer)
+    if archives and meta:   # a packed file's DID gets none: a Butler zip's archive does
+        packed = {files[i][0] for a in archives for i in a["members"]}
+        meta = {rel: meta[rel] for rel, *_ in files if rel in meta and rel not in packed}
     return manifest_bytes({"run_id": run_id, "task": batch.index, "source_root": root,
-                           "bytes": batch.bytes}, files, meta, extra, _archives_of(job, files))
+                           "bytes": batch.bytes}, files, meta, extra, archives)
 
 
-def _archives_of(job: JobConfig, files: Any) -> list[dict[str, Any]]:
-    """A batch's archives ([packing]; none without it), as its manifest lists them."""
-    from .packing import pack_batch
+def _zip_indexer(job: JobConfig, datasets: dict[str, list[dict[str, Any]]],
+                 repo: Any) -> Any:
+    """The maker of Butler zip indexes for a Butler job with [packing] (None otherwise);
+    PlanError if lsst-daf-butler is not there."""
+    if not (job.packing.enabled and job.butler.kind is not None):
+        return None
+    from .butler.source import ButlerError
+    from .butler.zips import ZipIndexer
+
+    try:
+        return ZipIndexer(datasets, repo)
+    except ButlerError as exc:
+        raise PlanError(exc.lines) from None
+
+
+def _archives_of(job: JobConfig, files: Any, meta: dict[str, Any] | None = None,
+                 indexer: Any = None) -> list[dict[str, Any]]:
+    """A batch's archives ([packing]; none without it), as its manifest lists them: a
+    Butler job's with their Butler zip index (``indexer``), and Rubin's zip_file metadata
+    where its files would have had Rubin metadata."""
+    from .packing import BUTLER_INDEX, member_overhead, pack_batch
 
     p = job.packing
     if not p.enabled:
         return []
-    archives, _ = pack_batch(files, p.below, p.archive_size, job.naming.prefix + p.names)
-    return [{"name": a.name, "members": list(a.members), "bytes": a.bytes} for a in archives]
+    archives, _ = pack_batch(files, p.below, p.archive_size, job.naming.prefix + p.names,
+                             packs=indexer.packs if indexer is not None else None)
+    out = []
+    for a in archives:
+        entry: dict[str, Any] = {"name": a.name, "members": list(a.members), "bytes": a.bytes}
+        index = indexer.index([(files[i][0], files[i][1], files[i][2]) for i in a.members]
+                              ) if indexer is not None else None
+        if index is not None:
+            from .butler.source import RUBIN_ZIP_FILE
+
+            entry["index"] = index
+            entry["bytes"] += len(index.encode()) + member_overhead(BUTLER_INDEX)
+            if meta and any(files[i][0] in meta for i in a.members):
+                entry["meta"] = {"rubin_butler": RUBIN_ZIP_FILE, "rubin_sidecar": ""}
+        out.append(entry)
+    return out
 
 
 def remake_manifests(run_dir: Path) -> dict[int, bytes]:
@@ -575,8 +612,34 @@ def remake_manifests(run_dir: Path) -> dict[int, bytes]:
     dim = (run.get("butler") or {}).get("dimension_file")
     if dim and (layout.dir / DIMENSION_EXPORT).exists():
         extra = [_dimension_file_entry(job, run["run_id"], layout.dir / DIMENSION_EXPORT)]
+    indexer = None
+    if job.packing.enabled and job.butler.kind is not None:
+        # the archives as planned: a source datastore's zips stay loose; a map tree's zip
+        # indexes come from its datasets (a Butler source's need the repository: the
+        # digests in run.json tell that those differ)
+        from .files import read_jsonl
+
+        datasets = {r["relpath"]: r["datasets"]
+                    for r in read_jsonl(layout.dir / BUTLER_FILE)}
+        indexer = _zip_indexer(job, datasets, None) if job.butler.kind == "map" else \
+            _SourceZips(datasets)
     return {b.index: _manifest_of(run["run_id"], run["source"]["root"], b, {},
-                                  extra if b.index == 0 else (), job) for b in batches}
+                                  extra if b.index == 0 else (), job, indexer)
+            for b in batches}
+
+
+class _SourceZips:
+    """What remake_manifests knows of a Butler source's zips without its repository: which
+    files may be packed (not the source datastore's own zips); no index."""
+
+    def __init__(self, datasets: dict[str, list[dict[str, Any]]]) -> None:
+        self._zips = {rel for rel, ds in datasets.items() if ds and ds[0].get("in_zip")}
+
+    def packs(self, relpath: str) -> bool:
+        return relpath not in self._zips
+
+    def index(self, members: Any) -> None:
+        return None
 
 
 def _dimension_file_entry(job: JobConfig, run_id: str, export: Path) -> dict[str, Any]:

@@ -135,6 +135,7 @@ def _by_table(summary: dict[str, Any], dimension_file: str | None, prefix: str |
     start with --relative-to."""
     out = _ByTable({}, {}, [], [], [])
     outside: list[str] = []
+    zipped: set[str] = set()
     for _key, f in sorted(summary["files"].items()):
         if f["name"] == dimension_file:   # the records, for Rubin's daemon
             continue
@@ -153,8 +154,10 @@ def _by_table(summary: dict[str, Any], dimension_file: str | None, prefix: str |
                 outside.append(uri)
                 continue
             uri = uri[len(prefix):]
-        if datasets[0].get("in_zip"):
-            out.zips.append(uri)
+        if datasets[0].get("in_zip") or f.get("archive"):   # a zip: ingested whole, once
+            if uri not in zipped:
+                zipped.add(uri)
+                out.zips.append(uri)
             continue
         for d in datasets:
             group = (d["dataset_type"], d["run"], d.get("formatter"),

@@ -92,6 +92,9 @@ class RepoSource:
     butler: Any = field(repr=False)
     refs: list[Any] = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    # relpath -> (ref, datastore record) of each dataset of a file not inside a zip: what a
+    # Butler zip's index ([packing], butler/zips.py) says of its member
+    stored: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict, repr=False)
 
     def write_dimension_export(self, path: Path) -> None:
         """The dimension records of every uploaded dataset's data ID, and its RUN
@@ -165,6 +168,7 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
     root_real = os.path.realpath(root)
     datasets: dict[str, list[dict[str, Any]]] = {}
     sidecars: dict[str, str] = {}
+    stored: dict[str, list[tuple[Any, Any]]] = {}
     kept: list[Any] = []
     shared = 0
     nbytes = 0
@@ -188,6 +192,8 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
             continue
         datasets[relpath] = [_dataset_entry(ref, info, in_zip) for ref, info, in_zip in members]
         sidecars[relpath] = members[0][0].to_json()
+        if not members[0][2]:
+            stored[relpath] = [(ref, info) for ref, info, _ in members]
         kept.extend(ref for ref, _, _ in members)
         shared += len(members) > 1 and not members[0][2]
         cat.columns.add(relpath, st.st_size, st.st_mtime)
@@ -204,7 +210,7 @@ def catalogue_from_repo(cfg: ButlerConfig, where: str, progress: Progress | None
                   if lacking.get(ref.id)]
     if incomplete:
         notes.append(missing_records_note(incomplete))
-    return RepoSource(cat, datasets, sidecars, butler, kept, notes)
+    return RepoSource(cat, datasets, sidecars, butler, kept, notes, stored)
 
 
 def _found_refs(butler: Any, cfg: ButlerConfig, where: str,

@@ -108,17 +108,20 @@ class _ChecksummedStream:
 
 
 def build_archive(root: Path, members: Sequence[dict[str, Any]], target: Path,
-                  md5: bool = True) -> BuiltArchive:
+                  md5: bool = True, first: tuple[str, bytes] | None = None) -> BuiltArchive:
     """Write the archive of ``members`` (manifest entries: relpath, name, size, mtime; in
     the planned order) at ``target``, its member paths their Rucio names (what
-    ``rucio download`` extracts). Raises MemberChanged, MemberUnreadable or ScratchFull,
-    with nothing left at ``target``."""
+    ``rucio download`` extracts), after ``first`` (path, bytes: a Butler zip's index, which
+    ``butler retrieve-artifacts --zip`` also writes first). Raises MemberChanged,
+    MemberUnreadable or ScratchFull, with nothing left at ``target``."""
     part = target.with_name(target.name + ".part")
     built: list[BuiltMember] = []
     try:
         with open(part, "wb") as handle:
             stream = _ChecksummedStream(handle)
             with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                if first is not None:
+                    zf.writestr(_member_info(first[0], len(first[1])), first[1])
                 for entry in members:
                     built.append(_add_member(zf, root, entry, md5))
             handle.flush()
@@ -149,11 +152,7 @@ def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
     with handle:
         before = os.fstat(handle.fileno())
         _same(relpath, entry, before.st_size, before.st_mtime)
-        info = zipfile.ZipInfo(entry["name"], date_time=FIXED_TIME)
-        info.compress_type = zipfile.ZIP_STORED
-        info.create_system = 3   # Unix: external_attr holds the mode
-        info.external_attr = MEMBER_MODE << 16
-        info.file_size = entry["size"]
+        info = _member_info(entry["name"], entry["size"])
         adler = 1
         digest = hashlib.md5(usedforsecurity=False) if md5 else None
         size = 0
@@ -182,6 +181,16 @@ def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
     _same(relpath, entry, after.st_size, after.st_mtime)
     return BuiltMember(relpath, entry["name"], size, f"{adler & 0xFFFFFFFF:08x}",
                        digest.hexdigest() if digest else None)
+
+
+def _member_info(name: str, size: int) -> zipfile.ZipInfo:
+    """A member's header: stored, at the fixed time and mode (no build time in the bytes)."""
+    info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3   # Unix: external_attr holds the mode
+    info.external_attr = MEMBER_MODE << 16
+    info.file_size = size
+    return info
 
 
 def _same(relpath: str, entry: dict[str, Any], size: int, mtime: float) -> None:

@@ -240,3 +240,39 @@ def is_fatal(exc: Exception) -> bool:
     from ..rucio.errors import RucioFatal
 
     return isinstance(exc, RucioFatal)
+
+
+def set_metadata(rio: Any, s: TaskSettings, done: list[dict[str, Any]],
+                 meta: dict[str, dict[str, str]], stop: StopRequest, state: TaskState) -> None:
+    """Set the Butler metadata (``meta``: name -> rubin_butler, rubin_sidecar) of the DIDs
+    of ``done`` (records of done files, marked "set", "refused" or failed here) in one
+    request. A server that cannot keep such metadata (no JSON plugin) is said once, in
+    ``state``; the files stay done, marked "refused". Any other failure fails the files: a
+    resubmission finds them present and sets it."""
+    from ..rucio.errors import MetadataRefused, RucioFileError
+
+    if done and state.metadata_refused is None:
+        try:
+            retrying(lambda: rio.set_metadata_bulk(
+                s.scope, [(r["name"], meta[r["name"]]) for r in done]), s, stop,
+                "setting Butler metadata", transient_too=True)
+            for r in done:
+                r["metadata"] = "set"
+        except MetadataRefused as exc:
+            state.metadata_refused = str(exc)
+            log(f"WARNING: Butler metadata not set: {exc}; the files are uploaded "
+                "without it (summary.json lists each file's datasets)")
+        except RucioFileError as exc:
+            for r in done:
+                r.update(status=FAILED, cause="rucio", error=(
+                    f"uploaded, but its Butler metadata was not set ({exc}); a "
+                    "resubmission sets it"))
+        except Exception as exc:   # the server gone or refusing us: stop the task
+            state.aborted = abort_reason(exc)
+            for r in done:
+                r.update(status=FAILED, cause="transient", error=(
+                    f"uploaded, but its Butler metadata was not set ({exc}); a "
+                    "resubmission sets it"))
+    if state.metadata_refused is not None:
+        for r in done:
+            r["metadata"] = "refused"

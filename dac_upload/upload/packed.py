@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..packing import BUTLER_INDEX
 from ..runrecord import ALREADY_PRESENT, DONE_STATES, FAILED, UPLOADED, TaskSettings
 from .archive import BuiltArchive, MemberChanged, MemberUnreadable, ScratchFull, build_archive
 from .common import (
@@ -42,6 +43,7 @@ from .common import (
     existing_verdict,
     not_attempted,
     retrying,
+    set_metadata,
 )
 from .session import RucioSession
 
@@ -82,8 +84,10 @@ def packed_records(rio: RucioSession, s: TaskSettings, files: Sequence[Record],
                 cause = "aborted" if state.aborted else "stopped"
                 yield from (not_attempted(s, m, reason, cause) for m in mine)
                 continue
+            index = a.get("index")   # a Butler zip's, written by the planner
             try:
-                built = build_archive(s.root, members, here / Path(a["name"]).name, s.md5)
+                built = build_archive(s.root, members, here / Path(a["name"]).name, s.md5,
+                                      (BUTLER_INDEX, index.encode()) if index else None)
             except (MemberChanged, MemberUnreadable) as exc:
                 yield from _unbuildable(s, a["name"], mine, exc)
                 continue
@@ -101,6 +105,8 @@ def packed_records(rio: RucioSession, s: TaskSettings, files: Sequence[Record],
                     state.copies)))
             finally:
                 built.path.unlink(missing_ok=True)
+            if a.get("meta") and rec["status"] in DONE_STATES:   # Rubin's zip_file
+                set_metadata(rio, s, [rec], {a["name"]: a["meta"]}, stop, state)
             yield from _members(rio, s, a["name"], rec, built, mine, stop, state)
     finally:
         shutil.rmtree(here, ignore_errors=True)
@@ -118,7 +124,7 @@ def _members(rio: RucioSession, s: TaskSettings, archive: str, rec: Record,
     if rec["status"] not in DONE_STATES:
         for r in out:
             r.update(status=rec["status"], cause=rec["cause"], pfn=None, verified=None,
-                     error=f"its archive {s.scope}:{archive} was not uploaded: {rec['error']}")
+                     error=f"its archive {s.scope}:{archive} is not done: {rec['error']}")
         yield from out
         return
     names = [r["name"] for r in out]
@@ -164,7 +170,8 @@ def _member_record(s: TaskSettings, entry: Record, member: Any, archive: str,
             "scope": s.scope, "name": entry["name"], "rse": s.rse, "bytes": member.bytes,
             "adler32": member.adler32, "md5": member.md5, "pfn": rec.get("pfn"),
             "guid": None, "status": rec["status"], "cause": None, "error": None,
-            "verified": rec.get("verified"), "archive": archive}
+            "verified": rec.get("verified"), "archive": archive,
+            "metadata": rec.get("metadata")}
 
 
 def _interrupted(out: list[Record], archive: str, exc: BaseException,

@@ -39,7 +39,7 @@ from ..runrecord import (
     RunRecord,
     TaskSettings,
 )
-from .common import CopyLog, StopRequest, TaskState, abort_reason, log, retrying
+from .common import CopyLog, StopRequest, TaskState, log, retrying, set_metadata
 from .session import RucioSession
 from .stock import stock_records
 
@@ -217,7 +217,6 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
     metadata "refused"."""
     from itertools import accumulate
 
-    from ..rucio.errors import MetadataRefused, RucioFileError
     from .bulk import chunk_sizes
 
     # the bulk path yields one record per file, chunk after chunk: flush at its chunks' ends
@@ -226,31 +225,7 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
 
     def flush() -> Iterator[dict[str, Any]]:
         done = [r for r in pending if r["status"] in DONE_STATES and r["name"] in meta]
-        if done and state.metadata_refused is None:
-            try:
-                retrying(lambda: rio.set_metadata_bulk(
-                    s.scope, [(r["name"], meta[r["name"]]) for r in done]), s, stop,
-                    "setting Butler metadata", transient_too=True)
-                for r in done:
-                    r["metadata"] = "set"
-            except MetadataRefused as exc:
-                state.metadata_refused = str(exc)
-                log(f"WARNING: Butler metadata not set: {exc}; the files are uploaded "
-                     "without it (summary.json lists each file's datasets)")
-            except RucioFileError as exc:
-                for r in done:
-                    r.update(status=FAILED, cause="rucio", error=(
-                        f"uploaded, but its Butler metadata was not set ({exc}); a "
-                        "resubmission sets it"))
-            except Exception as exc:   # the server gone or refusing us: stop the task
-                state.aborted = abort_reason(exc)
-                for r in done:
-                    r.update(status=FAILED, cause="transient", error=(
-                        f"uploaded, but its Butler metadata was not set ({exc}); a "
-                        "resubmission sets it"))
-        if state.metadata_refused is not None:
-            for r in done:
-                r["metadata"] = "refused"
+        set_metadata(rio, s, done, meta, stop, state)
         yield from pending
         pending.clear()
 

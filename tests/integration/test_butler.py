@@ -12,7 +12,9 @@ uploaded too, said in the plan, and ingest at the destination by both paths."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +225,106 @@ def test_butler_repo_through_slurm_into_rucio_with_sidecar_metadata_then_ingest_
     assert {r.id for r in target.query_dimension_records("exposure")} == {100, 101}
 
 
-def test_plain_tree_with_a_regex_map_through_ingest_files(workdir: Path) -> None:
+PACKING = '\n[packing]\nbelow = "1 MiB"\n'
+
+
+def _zip_members(data: bytes) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return zf.namelist()
+
+
+def test_butler_repo_packed_into_butler_zips_then_ingest_zip(
+        pg_workdir: Path, pg_rucio_client: Any) -> None:
+    """[packing] with a Butler source: the archives are Butler zips (their index first),
+    rubin_butler = "zip_file" on the archive only, and a fresh destination ingests them
+    with the generated `butler ingest-zip` lines and reads every dataset back."""
+    from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
+    from lsst.resources import ResourcePath
+
+    workdir, client = pg_workdir, pg_rucio_client
+    put = _source_repo(workdir / "repo")
+    chown_user(workdir)
+    prefix = unique_prefix()
+    job = write_job(workdir, "zips", _butler_job(prefix, "../repo").replace(
+        "files_per_batch = 3", "files_per_batch = 4") + PACKING)
+    run_dir = _submit_and_wait(workdir, job)
+    summary = load_summary(run_dir)
+    assert summary["complete"], json.dumps(summary["counts"])
+    b = summary["butler"]
+    files = dict(summary["files"])
+    dim = files.pop(f"{SCOPE}:{b['dimension_file']}")
+    assert "archive" not in dim                 # the records go on their own (dim_file)
+    archives: dict[str, list[dict[str, Any]]] = {}
+    for f in files.values():
+        archives.setdefault(f["archive"], []).append(f)
+    assert len(files) == 8 and len(archives) == 2 and b["metadata_set"] == 9
+
+    source = Butler.from_config(str(workdir / "repo"))
+    refs = {str(r.id): r for dt in ("cfg", "tbl")
+            for r in source.query_datasets(dt, collections=[RUN1, RUN2])}
+    for name, members in archives.items():
+        # Rucio: one file DID marked zip_file, its constituents the members, one rule
+        meta = client.get_metadata(SCOPE, name, plugin="ALL")
+        assert (meta["rubin_butler"], meta["rubin_sidecar"]) == ("zip_file", "")
+        content = {c["name"] for c in client.list_archive_content(SCOPE, name)}
+        assert content == {m["name"] for m in members}
+        assert len(list(client.list_did_rules(SCOPE, name))) == 1
+        for m in members:
+            assert "rubin_butler" not in client.get_metadata(SCOPE, m["name"], plugin="ALL")
+            assert m["pfn"] == members[0]["pfn"] and m["member"] == m["name"]
+        # the stored bytes: a Butler zip, its index first, every dataset of its members
+        stored = Path(members[0]["pfn"][len("file://localhost"):])
+        assert _zip_members(stored.read_bytes()) == [
+            "_butler_zip_index.json", *sorted(m["name"] for m in members)]
+        index = ZipIndex.from_zip_file(ResourcePath(str(stored)))
+        ids = {d["dataset_id"] for m in members for d in m["datasets"]}
+        assert {str(i) for i in index.refs.compact_refs} == ids
+        assert set(index.artifact_map) == {m["name"] for m in members}
+        for m in members:
+            info = index.artifact_map[m["name"]].info
+            assert info.file_size == m["bytes"]
+            ref = refs[m["datasets"][0]["dataset_id"]]
+            assert info.formatter == m["datasets"][0]["formatter"]
+            assert info.storage_class == ref.datasetType.storageClass_name
+
+    out = dac_upload(["butler-table", str(run_dir)], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not list((run_dir / "butler-ingest").glob("*.ecsv"))    # nothing loose to table
+    script = (run_dir / "butler-ingest" / "ingest.sh").read_text()
+    assert script.count("butler ingest-zip -t direct") == 2
+    assert script.index("butler import") < script.index("butler ingest-zip")
+    dest = workdir / "dest"
+    _destination(dest)
+    _ingest(workdir, run_dir / "butler-ingest" / "ingest.sh", dest)
+
+    listed = as_user([str(VENV_BIN / "butler"), "query-datasets", str(dest), "cfg", "tbl",
+                      "--collections", "u/dac/*"], workdir)
+    assert listed.returncode == 0, listed.stderr
+    assert sum(1 for line in listed.stdout.splitlines()
+               if line.strip().startswith(("cfg ", "tbl "))) == 8, listed.stdout
+    target = Butler.from_config(str(dest))
+    got = {str(r.id): r for dt in ("cfg", "tbl")
+           for r in target.query_datasets(dt, collections=[RUN1, RUN2])}
+    assert set(got) == set(put)                   # the source's own dataset ids
+    for dataset_id, ref in got.items():
+        assert ref.dataId.required == refs[dataset_id].dataId.required
+        uri = str(target.getURI(ref))
+        assert "#zip-path=" in uri and uri.split("#")[0].endswith(".zip")
+        obj = target.get(ref)
+        if ref.datasetType.name == "cfg":
+            assert obj == put[dataset_id]
+        else:
+            assert list(obj["a"]) == list(put[dataset_id]["a"])
+
+    ok = dac_upload(["verify", str(run_dir)], workdir)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["loose", "packed"])
+def test_plain_tree_with_a_regex_map_through_ingest_files(workdir: Path, packed: bool) -> None:
+    """Loose: butler ingest-files tables. Packed: Butler zips whose index gives each
+    dataset the id ingest-files would (DATAID_TYPE_RUN), the unmatched file packed too but
+    in no index, and butler ingest-zip."""
     src = workdir / "src"
     expected = {}
     for e in (100, 101):
@@ -243,7 +344,7 @@ run = "{INSTRUMENT}/raw/plain"
 path = 'raw/(?P<instrument>[A-Za-z]+)/e(?P<exposure>\\d+)/d(?P<detector>\\d+)\\.yaml'
 storage_class = "StructuredDataDict"
 formatter = "lsst.daf.butler.formatters.yaml.YamlFormatter"
-""")
+""" + (PACKING if packed else ""))
     run_dir = _submit_and_wait(workdir, job)
     summary = load_summary(run_dir)
     assert summary["complete"] and summary["counts"]["uploaded"] == 5
@@ -254,6 +355,7 @@ formatter = "lsst.daf.butler.formatters.yaml.YamlFormatter"
         (d,) = by_rel[rel]["datasets"]
         assert d["data_id"] == data_id     # exposure and detector are ints: converted
         assert by_rel[rel]["metadata"] is None   # a map gives no DatasetRef to send
+        assert bool(by_rel[rel].get("archive")) == packed
 
     # the unmatched file is reported, and fails the command unless allowed
     out = dac_upload(["butler-table", str(run_dir)], workdir)
@@ -268,9 +370,17 @@ formatter = "lsst.daf.butler.formatters.yaml.YamlFormatter"
     with Butler.from_config(str(dest), writeable=True) as b:
         _add_dimension_records(b, detectors=3)   # a plain tree brings no records of its own
     chown_user(dest)
+    script = (run_dir / "butler-ingest" / "ingest.sh").read_text()
+    assert ("butler ingest-zip" in script, "butler ingest-files" in script) == (packed,
+                                                                                not packed)
     _ingest(workdir, run_dir / "butler-ingest" / "ingest.sh", dest)
     target = Butler.from_config(str(dest))
     refs = target.query_datasets("rawcfg", collections=f"{INSTRUMENT}/raw/plain")
+    if packed:   # the ids ingest-files gives: the same datasets at any destination
+        factory = daf_butler.DatasetIdFactory()
+        for r in refs:
+            assert r.id == factory.makeDatasetId(r.run, r.datasetType, r.dataId,
+                                                 daf_butler.DatasetIdGenEnum.DATAID_TYPE_RUN)
     def key(x: dict[str, Any]) -> tuple[int, int]:
         return x["exposure"], x["detector"]
 
@@ -278,7 +388,10 @@ formatter = "lsst.daf.butler.formatters.yaml.YamlFormatter"
         expected.values(), key=key)
     for r in refs:
         rel = f"raw/{INSTRUMENT}/e{r.dataId['exposure']}/d{r.dataId['detector']}.yaml"
-        assert target.getURI(r).read() == (src / rel).read_bytes()
+        if not packed:
+            assert target.getURI(r).read() == (src / rel).read_bytes()
+        else:
+            assert str(target.getURI(r)).endswith(f"#zip-path={prefix}{rel}")
         assert target.get(r) == {"exposure": r.dataId["exposure"],
                                  "detector": r.dataId["detector"]}
 
@@ -312,36 +425,57 @@ def test_planning_needs_the_butler_extra_and_says_how(workdir: Path) -> None:
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["loose", "packed"])
 def test_nightly_with_a_butler_source_uploads_only_new_datasets(
-        pg_workdir: Path, pg_rucio_client: Any) -> None:
+        pg_workdir: Path, pg_rucio_client: Any, packed: bool) -> None:
+    """Packed, the new datasets go into a new Butler zip; the first night's are untouched."""
     workdir, client = pg_workdir, pg_rucio_client
     _source_repo(workdir / "repo")
     chown_user(workdir)
-    job = write_job(workdir, "night", _butler_job(unique_prefix(), "../repo"))
+    job = write_job(workdir, "night", _butler_job(unique_prefix(), "../repo")
+                    + (PACKING if packed else ""))
     night1 = dac_upload(["nightly", str(job), "--wait"], workdir)
     assert night1.returncode == 0, night1.stdout + night1.stderr
     night2 = dac_upload(["nightly", str(job), "--wait"], workdir)
     assert night2.returncode == 0 and "nothing new" in (night2.stdout + night2.stderr).lower(), (
         night2.stdout + night2.stderr)
+    runs = sorted((workdir / "jobs" / "night" / "runs").glob("2*"))
+    first = load_summary(runs[0])
+    before = {f["archive"]: sorted(c["name"] for c in client.list_archive_content(
+        SCOPE, f["archive"])) for f in first["files"].values() if f.get("archive")}
+    assert bool(before) == packed
 
     with Butler.from_config(str(workdir / "repo"), writeable=True) as b:   # a new exposure
         b.registry.insertDimensionData("exposure", {
             "instrument": INSTRUMENT, "id": 102, "physical_filter": "dc-r", "obs_id": "e102",
             "day_obs": 20261125, "group": "g1"})
-        new = b.put({"exposure": 102}, "cfg", instrument=INSTRUMENT, detector=0, exposure=102,
-                    run=RUN1)
+        new = [b.put({"exposure": 102, "detector": d}, "cfg", instrument=INSTRUMENT,
+                     detector=d, exposure=102, run=RUN1) for d in (0, 1)]
     chown_user(workdir)
     night3 = dac_upload(["nightly", str(job), "--wait"], workdir)
     assert night3.returncode == 0, night3.stdout + night3.stderr
     runs = sorted((workdir / "jobs" / "night" / "runs").glob("2*"))
     assert len(runs) == 2
     summary = load_summary(runs[-1])
-    (f,) = [f for f in summary["files"].values()
-            if f["name"] != summary["butler"]["dimension_file"]]
-    assert f["datasets"][0]["dataset_id"] == str(new.id) and f["status"] == "uploaded"
-    meta = client.get_metadata(SCOPE, f["name"], plugin="ALL")
-    universe = new.datasetType.dimensions.universe
-    assert DatasetRef.from_json(meta["rubin_sidecar"], universe=universe).id == new.id
+    got = [f for f in summary["files"].values()
+           if f["name"] != summary["butler"]["dimension_file"]]
+    assert sorted(f["datasets"][0]["dataset_id"] for f in got) == sorted(str(r.id) for r in new)
+    assert {f["status"] for f in got} == {"uploaded"}
+    universe = new[0].datasetType.dimensions.universe
+    if not packed:
+        for f in got:
+            meta = client.get_metadata(SCOPE, f["name"], plugin="ALL")
+            assert DatasetRef.from_json(meta["rubin_sidecar"], universe=universe).id in {
+                r.id for r in new}
+    else:   # one new zip of the new files; the first night's zips as they were
+        (archive,) = {f["archive"] for f in got}
+        assert archive not in before
+        assert sorted(c["name"] for c in client.list_archive_content(SCOPE, archive)) == \
+            sorted(f["name"] for f in got)
+        assert client.get_metadata(SCOPE, archive, plugin="ALL")["rubin_butler"] == "zip_file"
+        for name, content in before.items():
+            assert sorted(c["name"] for c in client.list_archive_content(SCOPE, name)) == \
+                content
     exported = (runs[-1] / "butler-dimensions.yaml").read_text()
     assert "id: 102" in exported
 

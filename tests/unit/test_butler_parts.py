@@ -4,8 +4,11 @@ fields and the ingest tables butler-table writes."""
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -591,3 +594,117 @@ def test_a_dataset_type_whose_datasets_all_lack_records_is_found(
     assert src.catalogue.file_count == 12
     (note,) = src.notes
     assert note.startswith("12 datasets (vcfg: 12) have no visit_detector_region record")
+
+
+# ----------------------------------------------------------------------------- Butler zips
+PACKING = '\n[packing]\nbelow = "1 MiB"\n'
+
+
+def test_packing_a_map_needs_its_storage_class_and_formatter(tmp_path: Path) -> None:
+    lines = _job_errors(tmp_path, job_text() + PACKING + MAP)
+    assert len(lines) == 1 and "[[butler.map]] #1 (raw) needs formatter with [packing]" \
+        in lines[0], lines
+    with_both = MAP + 'formatter = "lsst.daf.butler.formatters.yaml.YamlFormatter"\n'
+    assert load_job(write_job(tmp_path, job_text() + PACKING + with_both)).packing.enabled
+
+
+def _planned_archives(job: Any) -> tuple[Any, list[dict[str, Any]]]:
+    from dac_upload.files import read_manifest
+    from dac_upload.pipeline import prepare_run
+
+    layout = prepare_run(job, preflight=None).layout
+    manifests = [read_manifest(p) for p in sorted(layout.manifests.glob("*.json"))]
+    return layout, manifests
+
+
+def test_a_butler_source_packed_gets_butler_zips_and_its_own_zip_stays_loose(
+        tmp_path: Path, real_repo: tuple[Path, Path]) -> None:
+    """Every packed file's datasets are in its archive's index (the file with two datasets
+    with both ids, at its Rucio name), its DID gets no metadata (the archive gets
+    zip_file); a zip of the source datastore is never packed (a zip in a zip)."""
+    from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
+
+    repo, _ = real_repo
+    job = _repo_cfg(tmp_path, repo, '["run", "run2", "calib"]', PACKING)
+    layout, manifests = _planned_archives(job)
+    datasets = {r["relpath"]: r["datasets"]
+                for r in (json.loads(line) for line in
+                          (layout.dir / "butler.jsonl").read_text().splitlines())}
+    packed: set[str] = set()
+    for m in manifests:
+        for a in m["archives"]:
+            members = [m["files"][i] for i in a["members"]]
+            index = ZipIndex.model_validate_json(a["index"])
+            assert set(index.artifact_map) == {e["name"] for e in members}
+            assert {str(i) for i in index.refs.compact_refs} == {
+                d["dataset_id"] for e in members for d in datasets[e["relpath"]]}
+            for e in members:
+                info = index.artifact_map[e["name"]]
+                assert info.info.file_size == e["size"] and info.info.path == e["name"]
+                assert {str(i) for i in info.ids} == {d["dataset_id"]
+                                                      for d in datasets[e["relpath"]]}
+                assert "meta" not in e
+            assert a["meta"] == {"rubin_butler": "zip_file", "rubin_sidecar": ""}
+            assert a["bytes"] > sum(e["size"] for e in members) + len(a["index"])
+            packed.update(e["relpath"] for e in members)
+    zips = {rel for rel, ds in datasets.items() if ds[0]["in_zip"]}
+    assert zips and not zips & packed and len(packed) == len(datasets) - len(zips)
+    loose = [e for m in manifests for e in m["files"] if e["relpath"] in zips]
+    assert [e["meta"]["rubin_butler"] for e in loose] == ["zip_file"]
+    assert any(len(datasets[rel]) == 2 for rel in packed)        # the shared file
+
+
+def test_a_map_tree_packed_gets_the_ids_ingest_files_would_give(tmp_path: Path) -> None:
+    from lsst.daf.butler import DatasetIdFactory, DatasetIdGenEnum, DatasetRef
+    from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
+    from test_packing import FakePacking
+    from unit_helpers import write_tree
+
+    from dac_upload.upload.task import run_task
+
+    write_tree(tmp_path / "data", {"raw/00123/07.fits": b"a" * 10,
+                                   "raw/00123/08.fits": b"b" * 20, "raw/notes.txt": b"n"})
+    job = _map_job(tmp_path, MAP + 'formatter = "lsst.obs.base.formatters.fitsExposure.'
+                   'FitsExposureFormatter"\n' + PACKING)
+    layout, (manifest,) = _planned_archives(job)
+    (a,) = manifest["archives"]
+    assert "meta" not in a                              # a map gives no Rubin metadata
+    index = ZipIndex.model_validate_json(a["index"])
+    assert set(index.artifact_map) == {"raw/00123/07.fits", "raw/00123/08.fits"}  # no notes
+    u = daf_butler.DimensionUniverse()
+    for ref in index.refs.to_refs(u):
+        assert ref.id == DatasetIdFactory().makeDatasetId(
+            ref.run, ref.datasetType, ref.dataId, DatasetIdGenEnum.DATAID_TYPE_RUN)
+        assert isinstance(ref, DatasetRef) and ref.run == "DECam/raw/all"
+    info = index.artifact_map["raw/00123/08.fits"].info
+    assert (info.storage_class, info.file_size) == ("Exposure", 20)
+    assert info.formatter.endswith("FitsExposureFormatter")
+
+    # the worker writes the index first, as butler retrieve-artifacts --zip does
+    rio = FakePacking()
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    with zipfile.ZipFile(io.BytesIO(rio.on_disk[a["name"]])) as zf:
+        first, *rest = zf.namelist()
+        assert first == "_butler_zip_index.json"
+        assert sorted(rest) == sorted(e["name"] for e in manifest["files"])
+        assert zf.read("_butler_zip_index.json") == a["index"].encode()
+        assert zf.read("raw/00123/08.fits") == b"b" * 20
+    assert sorted(rio.constituents[a["name"]]) == sorted(
+        e["name"] for e in manifest["files"])            # the index is not a Rucio file
+
+
+def test_butler_table_ingests_each_butler_zip_once() -> None:
+    from dac_upload.butler.ingest import _by_table
+
+    def f(name: str, archive: str | None, status: str = "uploaded") -> dict[str, Any]:
+        return {"name": name, "relpath": name, "status": status, "error": None,
+                "pfn": f"file:///rse/{archive or name}", "archive": archive,
+                "datasets": [{"dataset_type": "cfg", "run": "r", "data_id": {"x": 1},
+                              "in_zip": False}]}
+
+    files = [f("a/1", "z1.zip"), f("b/1", "z2.zip"), f("a/2", "z1.zip"), f("big", None),
+             f("c/1", "z3.zip", status="failed")]
+    found = _by_table({"files": {x["name"]: x for x in files}}, None, None, None)
+    assert found.zips == ["file:///rse/z1.zip", "file:///rse/z2.zip"]
+    assert [uri for rows in found.groups.values() for uri, _ in rows] == ["file:///rse/big"]
+    assert found.not_uploaded == ["c/1 (failed)"]

@@ -70,6 +70,14 @@ def test_a_lone_small_file_is_not_an_archive() -> None:
     assert archives == [] and loose == [0, 1, 2]
 
 
+def test_files_the_packer_refuses_go_loose() -> None:
+    """A Butler source's own zips are never packed (ingest-zip reads no zip in a zip)."""
+    files = _files([10, 10, 10, 10])
+    archives, loose = pack_batch(files, 100, 10_000, "p/a/", packs=lambda rel: rel != "d/f001")
+    (a,) = archives
+    assert a.members == (0, 2, 3) and loose == [1]
+
+
 def test_the_same_files_give_the_same_name_a_touched_one_another() -> None:
     files = _files([1, 2, 3])
     a1, _ = pack_batch(files, 100, 10**6, "x/")
