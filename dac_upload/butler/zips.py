@@ -29,19 +29,23 @@ class ZipIndexer:
     def __init__(self, datasets: dict[str, list[dict[str, Any]]],
                  repo: RepoSource | None) -> None:
         daf_butler = import_butler()
+        from lsst.daf.butler import SerializedDatasetRefContainerV1
+        from lsst.daf.butler.datastore.stored_file_info import SerializedStoredFileInfo
         from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import (
             ArtifactIndexInfo,
-            SerializedDatasetRefContainerV1,
             ZipIndex,
         )
 
         self._d = daf_butler
-        self._zip_index, self._info = ZipIndex, ArtifactIndexInfo
+        self._zip_index, self._info, self._stored = ZipIndex, ArtifactIndexInfo, \
+            SerializedStoredFileInfo
         self._container = SerializedDatasetRefContainerV1
         self._datasets, self._repo = datasets, repo
         self._universe = repo.butler.dimensions if repo is not None else \
             daf_butler.DimensionUniverse()
         self._types: dict[tuple[str, tuple[str, ...], str], Any] = {}
+        self._ids = daf_butler.DatasetIdFactory()
+        self._simple: dict[str, Any] = {}     # a source's dataset types, serialized once
 
     def packs(self, relpath: str) -> bool:
         """Whether a small file may go into an archive: not a zip the source datastore
@@ -51,52 +55,70 @@ class ZipIndexer:
 
     def index(self, members: Sequence[tuple[str, str, int]]) -> str | None:
         """The index (JSON text) of an archive of ``members`` (relpath, Rucio name = member
-        path, size), or None if none of them holds a dataset (a plain archive)."""
-        refs: list[Any] = []
+        path, size), or None if none of them holds a dataset (a plain archive). What
+        ``SerializedDatasetRefContainerV1.from_refs`` makes, built from the datasets'
+        parts: a plain tree's refs are not made at all (three times faster)."""
+        types: dict[str, Any] = {}
+        refs: dict[Any, Any] = {}
         artifacts: dict[str, Any] = {}
         for relpath, name, size in members:
-            pairs = self._refs_and_records(relpath, name, size)
-            if not pairs:
-                continue
-            refs.extend(ref for ref, _ in pairs)
-            artifacts[name] = self._info(info=pairs[0][1], ids={ref.id for ref, _ in pairs})
+            ids = []
+            for dataset_id, dataset_type, minimal, record in self._datasets_of(relpath, name,
+                                                                                size):
+                types.setdefault(minimal["dataset_type_name"], dataset_type)
+                refs[dataset_id] = minimal
+                ids.append(dataset_id)
+                info = record
+            if ids:
+                artifacts[name] = self._info(info=info, ids=set(ids))
         if not artifacts:
             return None
-        return self._zip_index(refs=self._container.from_refs(refs),
-                               artifact_map=artifacts).model_dump_json()
+        u = self._universe
+        container = self._container.model_validate({
+            "universe_version": u.version, "universe_namespace": u.namespace,
+            "dataset_types": types, "compact_refs": refs})
+        return self._zip_index(refs=container, artifact_map=artifacts).model_dump_json()
 
-    def _refs_and_records(self, relpath: str, name: str, size: int) -> list[tuple[Any, Any]]:
-        """(ref, serialized datastore record at the member path) for each dataset of the
-        file: the source datastore's own record, or one made from the map."""
-        if self._repo is not None:
-            out = []
-            for ref, info in self._repo.stored.get(relpath, ()):
-                simple = info.to_simple()
-                simple.path = name
-                out.append((ref, simple))
-            return out
-        from lsst.daf.butler.datastore.stored_file_info import SerializedStoredFileInfo
-
+    def _datasets_of(self, relpath: str, name: str, size: int) -> list[tuple[Any, ...]]:
+        """(id, serialized dataset type, compact ref, datastore record at the member path)
+        of each dataset of the file, as from_refs writes them (without dimension records:
+        the run's dimension export carries those): the source's own, or the map's."""
         out = []
+        if self._repo is not None:
+            for ref, info in self._repo.stored.get(relpath, ()):
+                record = info.to_simple()
+                record.path = name
+                dataset_type = self._simple.get(ref.datasetType.name)
+                if dataset_type is None:
+                    dataset_type = self._simple[ref.datasetType.name] = \
+                        ref.datasetType.to_simple()
+                out.append((ref.id, dataset_type, {
+                    "dataset_type_name": ref.datasetType.name, "run": ref.run,
+                    "data_id": dict(ref.dataId.mapping)}, record))
+            return out
         for d in self._datasets.get(relpath, ()):
-            ref = self._map_ref(d)
-            out.append((ref, SerializedStoredFileInfo(
-                formatter=d["formatter"], path=name, storage_class=d["storage_class"],
-                component=None, checksum=None, file_size=size)))
+            dataset_id, dataset_type, data_id = self._map_id(d)
+            out.append((dataset_id, dataset_type, {
+                "dataset_type_name": d["dataset_type"], "run": d["run"], "data_id": data_id},
+                self._stored(formatter=d["formatter"], path=name,
+                             storage_class=d["storage_class"], component=None,
+                             checksum=None, file_size=size)))
         return out
 
-    def _map_ref(self, d: dict[str, Any]) -> Any:
-        """The ref of a [[butler.map]] dataset, with the id ``butler ingest-files
-        --id-generation-mode DATAID_TYPE_RUN`` gives it."""
+    def _map_id(self, d: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+        """(id, serialized dataset type, data ID) of a [[butler.map]] dataset: the id that
+        ``butler ingest-files --id-generation-mode DATAID_TYPE_RUN`` gives it."""
         daf = self._d
         key = (d["dataset_type"], tuple(d["dimensions"]), d["storage_class"])
-        dataset_type = self._types.get(key)
-        if dataset_type is None:
-            dataset_type = self._types[key] = daf.DatasetType(
-                d["dataset_type"], d["dimensions"], d["storage_class"],
-                universe=self._universe)
-        data_id = daf.DataCoordinate.standardize(
-            {k: d["data_id"][k] for k in d["dimensions"]}, dimensions=dataset_type.dimensions)
-        dataset_id = daf.DatasetIdFactory().makeDatasetId(
-            d["run"], dataset_type, data_id, daf.DatasetIdGenEnum.DATAID_TYPE_RUN)
-        return daf.DatasetRef(dataset_type, data_id, run=d["run"], id=dataset_id)
+        known = self._types.get(key)
+        if known is None:
+            dataset_type = daf.DatasetType(d["dataset_type"], d["dimensions"],
+                                           d["storage_class"], universe=self._universe)
+            known = self._types[key] = (dataset_type, dataset_type.to_simple())
+        dataset_type, simple = known
+        group = dataset_type.dimensions
+        data_id = {k: d["data_id"][k] for k in group.required}
+        coordinate = daf.DataCoordinate.from_required_values(group, tuple(data_id.values()))
+        dataset_id = self._ids.makeDatasetId(d["run"], dataset_type, coordinate,
+                                             daf.DatasetIdGenEnum.DATAID_TYPE_RUN)
+        return dataset_id, simple, data_id

@@ -78,3 +78,18 @@ def test_packed_benchmark_small(workdir: Path) -> None:
     for way in ("seed", "stock", "bulk", "dataset", "packed"):
         assert f"   {way:<8}: " in out, out
     assert "x the seed's files/s" in out and "files per object on the storage" in out
+
+
+ZIPS_SCRIPT = SCRIPT.with_name("butler_zips.py")
+
+
+def test_butler_zips_benchmark_small(workdir: Path) -> None:
+    """butler_zips.py --small: a map tree planned loose and as Butler zips, beside find
+    (the figures at 200,000 files are in docs/performance.md)."""
+    proc = subprocess.run([sys.executable, str(ZIPS_SCRIPT), "--small", "--dir",
+                           str(CI_DIR / "tests" / f"zips-{workdir.name}")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step in ("find", "plan loose", "plan packed"):
+        assert f"  {step:<12}: " in proc.stdout, proc.stdout
+    assert "packed / loose: " in proc.stdout
