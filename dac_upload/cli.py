@@ -627,7 +627,8 @@ def remake_manifests(run_dir: Path) -> None:
         data = made.get(t)
         if data is None or hashlib.sha256(data).hexdigest() != digests[t]:
             failed.append(f"task {t}: {why}; made again it still differs from the plan "
-                          "(a Butler source's metadata is only in the repository): plan a "
+                          "(a Butler source's metadata and zip indexes are only in the "
+                          "repository): plan a "
                           "new run for these files")
             continue
         atomic_write_bytes(RunLayout(target).manifest(t), data)

@@ -40,12 +40,17 @@ def member_overhead(name: str) -> int:
     return _PER_MEMBER + 2 * len(name.encode("utf-8"))
 
 
-def archive_name(prefix: str, members: Sequence[tuple[str, int, float]]) -> str:
-    """``prefix`` + the sha256 of the members' (name, size, mtime), in order, + ".zip": the
-    same members give the same name, any change (one file more, one touched) another."""
+def archive_name(prefix: str, members: Sequence[tuple[str, int, float]],
+                 extra: bytes = b"") -> str:
+    """``prefix`` + the sha256 of the members' (name, size, mtime), in order, and of
+    ``extra`` (the other bytes the archive holds: a Butler zip's index) + ".zip": the same
+    archive gets the same name, any change (one file more, one touched, another dataset
+    id or RUN in the index) another, so that no archive is ever rewritten."""
     digest = hashlib.sha256()
     for name, size, mtime in members:
         digest.update(f"{name}\0{size}\0{mtime!r}\n".encode())
+    if extra:
+        digest.update(b"\0extra\0" + extra)
     return f"{prefix}{digest.hexdigest()[:NAME_DIGITS]}{ARCHIVE_SUFFIX}"
 
 

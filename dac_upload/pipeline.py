@@ -346,7 +346,7 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     extra: list[dict[str, Any]] = []
     if found.repo is not None and job.butler.metadata:
         extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
-    digests = _write_manifests(job, found, run_id, layout, batches, extra)
+    digests = _write_manifests(job, found, run_id, layout, batches, extra, plan.zips)
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
             {"relpath": rel, "datasets": found.datasets[rel]}
@@ -420,6 +420,7 @@ class CheckedPlan(NamedTuple):
     batches: list[Batch]
     creds: Credentials
     notes: list[str]
+    zips: Any = None          # butler.zips.ZipIndexer: [packing] in a Butler job
 
 
 def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progress | None,
@@ -443,6 +444,9 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
     files, name_problems = name_files(found.cat.files(), job.naming)
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
     errors += _archive_name_clashes(job, files)
+    zips = _zip_indexer(job, found.datasets, found.repo)
+    if zips is not None:
+        errors += zips.problems(str(job.path))
     if errors:
         raise PlanError(errors)
     notes = list(found.notes)
@@ -464,7 +468,7 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
     errors += _collector_problems(job, len(files), max(b.count for b in batches))
     if errors:
         raise PlanError(errors)
-    return CheckedPlan(job, found, files, batches, creds, notes)
+    return CheckedPlan(job, found, files, batches, creds, notes, zips)
 
 
 def _archive_name_clashes(job: JobConfig, files: FileTable) -> list[str]:
@@ -509,10 +513,10 @@ def _run_directory(job: JobConfig, found: _Found, run_id: str) -> RunLayout:
 
 
 def _write_manifests(job: JobConfig, found: _Found, run_id: str, layout: RunLayout,
-                     batches: list[Batch], extra: list[dict[str, Any]]) -> list[str]:
+                     batches: list[Batch], extra: list[dict[str, Any]],
+                     indexer: Any = None) -> list[str]:
     """Each batch's manifest, written by a pool; their sha256 digests, in task order."""
     meta = _metadata_of(job, found)
-    indexer = _zip_indexer(job, found.datasets, found.repo)
     digests: list[str] = []
 
     def manifests() -> Iterator[tuple[Path, bytes]]:
@@ -568,7 +572,7 @@ def _archives_of(job: JobConfig, files: Any, meta: dict[str, Any] | None = None,
     """A batch's archives ([packing]; none without it), as its manifest lists them: a
     Butler job's with their Butler zip index (``indexer``), and Rubin's zip_file metadata
     where its files would have had Rubin metadata."""
-    from .packing import BUTLER_INDEX, member_overhead, pack_batch
+    from .packing import BUTLER_INDEX, archive_name, member_overhead, pack_batch
 
     p = job.packing
     if not p.enabled:
@@ -583,6 +587,8 @@ def _archives_of(job: JobConfig, files: Any, meta: dict[str, Any] | None = None,
         if index is not None:
             from .butler.source import RUBIN_ZIP_FILE
 
+            entry["name"] = archive_name(job.naming.prefix + p.names, [
+                (files[i][1], files[i][2], files[i][3]) for i in a.members], index.encode())
             entry["index"] = index
             entry["bytes"] += len(index.encode()) + member_overhead(BUTLER_INDEX)
             if meta and any(files[i][0] in meta for i in a.members):
@@ -594,8 +600,8 @@ def _archives_of(job: JobConfig, files: Any, meta: dict[str, Any] | None = None,
 def remake_manifests(run_dir: Path) -> dict[int, bytes]:
     """The run's manifests made again, as plan made them, from what the run directory keeps:
     its catalogue and its copy of the job file (naming, batching). Byte-identical to the
-    planned ones except where a Butler source's metadata went into them (only the
-    repository's query gives that); the digests in run.json tell which are."""
+    planned ones except where a Butler source's metadata or Butler zip indexes went into
+    them (only the repository's query gives those); the digests in run.json tell which."""
     import tomllib
 
     from .catalogue import read_catalogue
@@ -621,8 +627,12 @@ def remake_manifests(run_dir: Path) -> dict[int, bytes]:
 
         datasets = {r["relpath"]: r["datasets"]
                     for r in read_jsonl(layout.dir / BUTLER_FILE)}
-        indexer = _zip_indexer(job, datasets, None) if job.butler.kind == "map" else \
-            _SourceZips(datasets)
+        indexer = _SourceZips(datasets)
+        if job.butler.kind == "map":
+            # without lsst (the collector's image): the files as planned, the archives
+            # without their index (and so under other names: the digests say they differ)
+            with contextlib.suppress(PlanError):
+                indexer = _zip_indexer(job, datasets, None)
     return {b.index: _manifest_of(run["run_id"], run["source"]["root"], b, {},
                                   extra if b.index == 0 else (), job, indexer)
             for b in batches}

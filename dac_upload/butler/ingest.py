@@ -4,6 +4,7 @@ per dataset type and run, the zips to ingest whole, and ingest.sh."""
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -110,7 +111,7 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
     if export_name and export_text is not None:
         export = out_dir / export_name
         atomic_write_text(export, export_text)
-    commands = _ingest_commands(tables, zips, export, prefix)
+    commands = _ingest_commands(tables, zips, export, prefix, found.zip_calibrations)
     script = out_dir / "ingest.sh"
     atomic_write_text(script, render_template("ingest.sh.j2", run_id=summary["run_id"],
                                               prefix=prefix, commands=commands), 0o777)
@@ -127,13 +128,14 @@ class _ByTable(NamedTuple):
     zips: list[str]                                         # URIs ingested whole
     not_uploaded: list[str]
     not_matched: list[str]
+    zip_calibrations: set[str]                              # calibration types in zips
 
 
 def _by_table(summary: dict[str, Any], dimension_file: str | None, prefix: str | None,
               relative_to: str | None) -> _ByTable:
     """The summary's done files sorted into tables (pure); ButlerError if a URL does not
     start with --relative-to."""
-    out = _ByTable({}, {}, [], [], [])
+    out = _ByTable({}, {}, [], [], [], set())
     outside: list[str] = []
     zipped: set[str] = set()
     for _key, f in sorted(summary["files"].items()):
@@ -155,6 +157,8 @@ def _by_table(summary: dict[str, Any], dimension_file: str | None, prefix: str |
                 continue
             uri = uri[len(prefix):]
         if datasets[0].get("in_zip") or f.get("archive"):   # a zip: ingested whole, once
+            out.zip_calibrations.update(d["dataset_type"] for d in datasets
+                                        if d.get("is_calibration"))
             if uri not in zipped:
                 zipped.add(uri)
                 out.zips.append(uri)
@@ -191,7 +195,8 @@ def _q(text: str) -> str:
 
 
 def _ingest_commands(tables: list[IngestTable], zips: list[str], export: Path | None,
-                     prefix: str | None) -> list[str]:
+                     prefix: str | None, zip_calibrations: Collection[str] = ()
+                     ) -> list[str]:
     """The lines of ingest.sh: records, dataset types, tables, zips (files by $HERE/name)."""
     commands: list[str] = []
     if export is not None:
@@ -218,6 +223,10 @@ def _ingest_commands(tables: list[IngestTable], zips: list[str], export: Path | 
                         + (' --prefix "$PREFIX"' if prefix else "")
                         + f" --id-generation-mode {ID_GENERATION_MODE}"
                         + f' "$DEST" {_q(t.dataset_type)} {_q(t.run)} "$HERE"/{_q(t.path.name)}')
+    for dataset_type in sorted(zip_calibrations):
+        commands.append(f"# {dataset_type} is a calibration: ingest-zip puts it in its RUN "
+                        "only; certify it into a CALIBRATION collection yourself (butler "
+                        "certify-calibrations)")
     for uri in zips:
         commands.append('butler ingest-zip -t direct "$DEST" '
                         + (f'"$PREFIX"{_q(uri)}' if prefix else _q(uri)))

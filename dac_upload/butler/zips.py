@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .source import RepoSource, import_butler
+from .source import RepoSource, _one_line, import_butler
 
 
 class ZipIndexer:
@@ -49,9 +49,33 @@ class ZipIndexer:
 
     def packs(self, relpath: str) -> bool:
         """Whether a small file may go into an archive: not a zip the source datastore
-        already holds (``butler ingest-zip`` cannot read a zip inside a zip)."""
+        already holds (``butler ingest-zip`` cannot read a zip inside a zip). No member can
+        be named like the index: a Rucio name does not start with '_'."""
         found = self._datasets.get(relpath)
         return not (found and found[0].get("in_zip"))
+
+    def problems(self, where: str) -> list[str]:
+        """One line per [[butler.map]] dataset type that cannot go into an index (a name
+        or storage class the Butler refuses), before anything is written. A Butler
+        source's types are the repository's own: nothing to check."""
+        if self._repo is not None:
+            return []
+        lines = []
+        seen: set[tuple[str, tuple[str, ...], str]] = set()
+        for found in self._datasets.values():
+            for d in found:
+                key = (d["dataset_type"], tuple(d["dimensions"]), d["storage_class"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    self._dataset_type(d)
+                except Exception as exc:   # ValueError, KeyError, ... from daf_butler
+                    lines.append(f"{where}: [[butler.map]] dataset_type = "
+                                 f"{d['dataset_type']!r}, storage_class = "
+                                 f"{d['storage_class']!r}: the Butler refuses it for a zip "
+                                 f"index ({_one_line(exc)}); fix the map")
+        return lines
 
     def index(self, members: Sequence[tuple[str, str, int]]) -> str | None:
         """The index (JSON text) of an archive of ``members`` (relpath, Rucio name = member
@@ -63,12 +87,13 @@ class ZipIndexer:
         artifacts: dict[str, Any] = {}
         for relpath, name, size in members:
             ids = []
+            info = None   # the file's record: that of its first dataset
             for dataset_id, dataset_type, minimal, record in self._datasets_of(relpath, name,
                                                                                 size):
                 types.setdefault(minimal["dataset_type_name"], dataset_type)
                 refs[dataset_id] = minimal
                 ids.append(dataset_id)
-                info = record
+                info = info or record
             if ids:
                 artifacts[name] = self._info(info=info, ids=set(ids))
         if not artifacts:
@@ -109,16 +134,22 @@ class ZipIndexer:
         """(id, serialized dataset type, data ID) of a [[butler.map]] dataset: the id that
         ``butler ingest-files --id-generation-mode DATAID_TYPE_RUN`` gives it."""
         daf = self._d
-        key = (d["dataset_type"], tuple(d["dimensions"]), d["storage_class"])
-        known = self._types.get(key)
-        if known is None:
-            dataset_type = daf.DatasetType(d["dataset_type"], d["dimensions"],
-                                           d["storage_class"], universe=self._universe)
-            known = self._types[key] = (dataset_type, dataset_type.to_simple())
-        dataset_type, simple = known
+        dataset_type, simple = self._dataset_type(d)
         group = dataset_type.dimensions
         data_id = {k: d["data_id"][k] for k in group.required}
         coordinate = daf.DataCoordinate.from_required_values(group, tuple(data_id.values()))
         dataset_id = self._ids.makeDatasetId(d["run"], dataset_type, coordinate,
                                              daf.DatasetIdGenEnum.DATAID_TYPE_RUN)
         return dataset_id, simple, data_id
+
+    def _dataset_type(self, d: dict[str, Any]) -> tuple[Any, Any]:
+        """A map dataset's DatasetType (its storage class looked up: an unknown one raises)
+        and its serialized form, made once per type."""
+        key = (d["dataset_type"], tuple(d["dimensions"]), d["storage_class"])
+        known = self._types.get(key)
+        if known is None:
+            dataset_type = self._d.DatasetType(d["dataset_type"], d["dimensions"],
+                                               d["storage_class"], universe=self._universe)
+            dataset_type.storageClass   # noqa: B018 - resolves the name, or raises
+            known = self._types[key] = (dataset_type, dataset_type.to_simple())
+        return known

@@ -107,7 +107,10 @@ def packed_records(rio: RucioSession, s: TaskSettings, files: Sequence[Record],
                 built.path.unlink(missing_ok=True)
             if a.get("meta") and rec["status"] in DONE_STATES:   # Rubin's zip_file
                 set_metadata(rio, s, [rec], {a["name"]: a["meta"]}, stop, state)
-            yield from _members(rio, s, a["name"], rec, built, mine, stop, state)
+            for r in _members(rio, s, a["name"], rec, built, mine, stop, state):
+                if r["status"] not in DONE_STATES:   # as a loose file's: done files only
+                    r["metadata"] = None
+                yield r
     finally:
         shutil.rmtree(here, ignore_errors=True)
 

@@ -94,15 +94,17 @@ def run_task(run_dir: Path, task: int,
         rio, aborted = _connect(layout, run, settings, stop, todo, rucio_factory)
         state = TaskState(aborted, CopyLog(layout.copies(task), attempt))
         archives = manifest.get("archives") or []
+        bulk_files = len(todo)   # how many go through the bulk path's chunks
         if settings.mode == "stock" or rio is None:
             records = stock_records(rio, settings, todo, stop, state)
         elif archives:
-            records = _packed(rio, settings, manifest["files"], archives, todo, stop, state)
+            records, bulk_files = _packed(rio, settings, manifest["files"], archives, todo,
+                                          stop, state)
         else:
             records = _bulk(rio, settings, todo, stop, state)
         meta = {e["name"]: e["meta"] for e in todo if e.get("meta")}
         if meta and rio is not None:
-            records = with_metadata(rio, settings, records, meta, stop, state, len(todo))
+            records = with_metadata(rio, settings, records, meta, stop, state, bulk_files)
         for rec in records:
             rec.update(task=task, attempt=attempt, finished_at=utc_now())
             out.append(rec)
@@ -214,7 +216,8 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
     together anyway; bulk.chunk_sizes says where each ends); file by file in stock mode, so
     that each record is still written as soon as its file is done. A server that cannot
     keep such metadata (no JSON plugin) is said once; the files stay uploaded, marked
-    metadata "refused"."""
+    metadata "refused". ``n``: the files the bulk path takes; records after them (packed
+    files, whose archive's metadata the packed path sets) pass at once."""
     from itertools import accumulate
 
     from .bulk import chunk_sizes
@@ -231,7 +234,7 @@ def with_metadata(rio: RucioSession, s: TaskSettings, records: Iterator[dict[str
 
     for seen, rec in enumerate(records, 1):
         pending.append(rec)
-        if ends is None or seen in ends or stop.reason:
+        if ends is None or seen in ends or seen > n or stop.reason:   # > n: packed files
             yield from flush()
     yield from flush()
 
@@ -250,9 +253,10 @@ def _bulk(rio: RucioSession, s: TaskSettings, todo: list[dict[str, Any]], stop: 
 
 def _packed(rio: RucioSession, s: TaskSettings, files: list[dict[str, Any]],
             archives: list[dict[str, Any]], todo: list[dict[str, Any]], stop: StopRequest,
-            state: TaskState) -> Iterator[dict[str, Any]]:
+            state: TaskState) -> tuple[Iterator[dict[str, Any]], int]:
     """[packing]: the files that are in no archive through the bulk path, then the
-    archives (upload/packed.py)."""
+    archives (upload/packed.py); and how many files the bulk path takes (where its chunks,
+    and so the metadata requests, end)."""
     from itertools import chain
 
     from .packed import packed_records
@@ -261,7 +265,7 @@ def _packed(rio: RucioSession, s: TaskSettings, files: list[dict[str, Any]],
     loose = [e for e in todo if e["name"] not in packed]
     return chain(_bulk(rio, s, loose, stop, state) if loose else iter(()),
                  packed_records(rio, s, files, archives, {e["name"] for e in todo}, stop,
-                                state))
+                                state)), len(loose)
 
 
 def _previous_attempt(marker: Path, results: Path) -> int:

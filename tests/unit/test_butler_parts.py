@@ -704,7 +704,53 @@ def test_butler_table_ingests_each_butler_zip_once() -> None:
 
     files = [f("a/1", "z1.zip"), f("b/1", "z2.zip"), f("a/2", "z1.zip"), f("big", None),
              f("c/1", "z3.zip", status="failed")]
+    files[1]["datasets"][0].update(dataset_type="flat", is_calibration=True)
     found = _by_table({"files": {x["name"]: x for x in files}}, None, None, None)
     assert found.zips == ["file:///rse/z1.zip", "file:///rse/z2.zip"]
+    assert found.zip_calibrations == {"flat"}
+    from dac_upload.butler.ingest import _ingest_commands
+
+    lines = _ingest_commands([], found.zips, None, None, found.zip_calibrations)
+    assert lines[0].startswith("# flat is a calibration: ingest-zip puts it in its RUN only")
+    assert lines[1:] == [f'butler ingest-zip -t direct "$DEST" {u}' for u in found.zips]
     assert [uri for rows in found.groups.values() for uri, _ in rows] == ["file:///rse/big"]
     assert found.not_uploaded == ["c/1 (failed)"]
+
+
+def test_a_map_tree_s_butler_zips_are_made_again_byte_for_byte(tmp_path: Path) -> None:
+    """remake-manifests makes a packed map tree's manifests again, indexes included, equal
+    to the planned ones (their digests in run.json)."""
+    import hashlib
+
+    from unit_helpers import write_tree
+
+    from dac_upload.pipeline import remake_manifests
+    from dac_upload.runrecord import RunRecord, read_run_json
+
+    write_tree(tmp_path / "data", {f"raw/00123/{d:02d}.fits": b"x" * d for d in range(1, 6)})
+    job = _map_job(tmp_path, MAP + 'formatter = "lsst.obs.base.formatters.fitsExposure.'
+                   'FitsExposureFormatter"\n' + PACKING)
+    layout, (manifest,) = _planned_archives(job)
+    assert manifest["archives"][0]["index"]
+    remade = remake_manifests(layout.dir)
+    digests = RunRecord(read_run_json(layout.dir)).manifest_sha256
+    assert hashlib.sha256(remade[0]).hexdigest() == digests[0]
+    assert remade[0] == layout.manifest(0).read_bytes()
+
+
+def test_a_map_type_the_butler_refuses_stops_the_plan_before_anything_is_written(
+        tmp_path: Path) -> None:
+    from unit_helpers import write_tree
+
+    from dac_upload.pipeline import PlanError, prepare_run
+
+    write_tree(tmp_path / "data", {"raw/00123/07.fits": b"a", "raw/00123/08.fits": b"b"})
+    bad = MAP.replace('storage_class = "Exposure"', 'storage_class = "NoSuchClass"') + \
+        'formatter = "x.Y"\n' + PACKING
+    job = _map_job(tmp_path, bad)
+    with pytest.raises(PlanError) as info:
+        prepare_run(job, preflight=None)
+    (line,) = info.value.lines
+    assert "storage_class = 'NoSuchClass': the Butler refuses it for a zip index" in line
+    assert not job.runs_dir.exists() or not any(job.runs_dir.iterdir())
+

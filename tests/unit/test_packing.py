@@ -73,9 +73,21 @@ def test_a_lone_small_file_is_not_an_archive() -> None:
 def test_files_the_packer_refuses_go_loose() -> None:
     """A Butler source's own zips are never packed (ingest-zip reads no zip in a zip)."""
     files = _files([10, 10, 10, 10])
-    archives, loose = pack_batch(files, 100, 10_000, "p/a/", packs=lambda rel: rel != "d/f001")
+    archives, loose = pack_batch(files, 100, 10_000, "p/a/",
+                                 packs=lambda rel: rel != "d/f001")
     (a,) = archives
     assert a.members == (0, 2, 3) and loose == [1]
+
+
+def test_other_bytes_in_the_archive_give_it_another_name() -> None:
+    """A Butler zip's index (another RUN, formatter or dataset id) is part of its name: the
+    same files with another index never take the name of an archive already uploaded."""
+    members = [("p/a", 1, 1.0), ("p/b", 2, 1.0)]
+    plain = archive_name("p/x/", members)
+    assert archive_name("p/x/", members, b"") == plain
+    one, other = archive_name("p/x/", members, b"{run: a}"), archive_name("p/x/", members,
+                                                                          b"{run: b}")
+    assert len({plain, one, other}) == 3 and one == archive_name("p/x/", members, b"{run: a}")
 
 
 def test_the_same_files_give_the_same_name_a_touched_one_another() -> None:
