@@ -754,3 +754,25 @@ def test_a_map_type_the_butler_refuses_stops_the_plan_before_anything_is_written
     assert "storage_class = 'NoSuchClass': the Butler refuses it for a zip index" in line
     assert not job.runs_dir.exists() or not any(job.runs_dir.iterdir())
 
+
+
+def test_without_lsst_the_collector_still_remakes_the_files_of_a_packed_map_tree(
+        tmp_path: Path) -> None:
+    """The collector's image has no lsst: a damaged manifest of a packed map tree is made
+    again with its files as planned (the archives without their index)."""
+    from unit_helpers import write_tree
+
+    write_tree(tmp_path / "data", {f"raw/00123/{d:02d}.fits": b"x" * d for d in range(1, 6)})
+    job = _map_job(tmp_path, MAP + 'formatter = "x.Y"\n' + PACKING)
+    layout, (manifest,) = _planned_archives(job)
+    code = ("import sys, json; sys.modules['lsst'] = None; "
+            "from dac_upload.pipeline import remake_manifests; "
+            f"doc = json.loads(remake_manifests(__import__('pathlib').Path({str(layout.dir)!r}))"
+            "[0]); print(json.dumps([doc['files'], [a['members'] for a in doc['archives']], "
+            "['index' in a for a in doc['archives']]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    files, members, indexed = json.loads(out.stdout)
+    assert files == [[e["relpath"], e["name"], e["size"], e["mtime"]] for e in manifest["files"]]
+    assert members == [a["members"] for a in manifest["archives"]] and indexed == [False]
