@@ -138,6 +138,15 @@ def _ingest(workdir: Path, script: Path, dest: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _listed_by_the_butler_cli(workdir: Path, dest: Path) -> int:
+    """How many cfg and tbl datasets the real `butler query-datasets` lists in ``dest``."""
+    listed = as_user([str(VENV_BIN / "butler"), "query-datasets", str(dest), "cfg", "tbl",
+                      "--collections", "u/dac/*"], workdir)
+    assert listed.returncode == 0, listed.stderr
+    return sum(1 for line in listed.stdout.splitlines()
+               if line.strip().startswith(("cfg ", "tbl ")))
+
+
 def test_butler_repo_through_slurm_into_rucio_with_sidecar_metadata_then_ingest_files(
         pg_workdir: Path, pg_rucio_client: Any) -> None:
     workdir, client = pg_workdir, pg_rucio_client
@@ -200,11 +209,7 @@ def test_butler_repo_through_slurm_into_rucio_with_sidecar_metadata_then_ingest_
     assert "butler ingest-files -t direct" in out.stdout
     _ingest(workdir, run_dir / "butler-ingest" / "ingest.sh", dest)
 
-    listed = as_user([str(VENV_BIN / "butler"), "query-datasets", str(dest), "cfg", "tbl",
-                      "--collections", "u/dac/*"], workdir)
-    assert listed.returncode == 0, listed.stderr
-    assert sum(1 for line in listed.stdout.splitlines()
-               if line.strip().startswith(("cfg ", "tbl "))) == 8, listed.stdout
+    assert _listed_by_the_butler_cli(workdir, dest) == 8
     target = Butler.from_config(str(dest))
     got = {(r.datasetType.name, r.run, tuple(sorted(r.dataId.required.items()))): r
            for dt in ("cfg", "tbl")
@@ -297,11 +302,7 @@ def test_butler_repo_packed_into_butler_zips_then_ingest_zip(
     _destination(dest)
     _ingest(workdir, run_dir / "butler-ingest" / "ingest.sh", dest)
 
-    listed = as_user([str(VENV_BIN / "butler"), "query-datasets", str(dest), "cfg", "tbl",
-                      "--collections", "u/dac/*"], workdir)
-    assert listed.returncode == 0, listed.stderr
-    assert sum(1 for line in listed.stdout.splitlines()
-               if line.strip().startswith(("cfg ", "tbl "))) == 8, listed.stdout
+    assert _listed_by_the_butler_cli(workdir, dest) == 8
     target = Butler.from_config(str(dest))
     got = {str(r.id): r for dt in ("cfg", "tbl")
            for r in target.query_datasets(dt, collections=[RUN1, RUN2])}
