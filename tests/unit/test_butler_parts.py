@@ -776,3 +776,39 @@ def test_without_lsst_the_collector_still_remakes_the_files_of_a_packed_map_tree
     files, members, indexed = json.loads(out.stdout)
     assert files == [[e["relpath"], e["name"], e["size"], e["mtime"]] for e in manifest["files"]]
     assert members == [a["members"] for a in manifest["archives"]] and indexed == [False]
+
+
+def test_a_packed_butler_task_sets_loose_metadata_before_building_and_zip_file_after(
+        tmp_path: Path, real_repo: tuple[Path, Path]) -> None:
+    """The loose files' metadata (the source's own zip, the dimension records) is set where
+    their chunk ends, before any archive is built (their records are not held meanwhile);
+    each archive gets zip_file once it is uploaded; its members get none."""
+    from test_packing import FakePacking
+
+    from dac_upload.files import read_jsonl
+    from dac_upload.upload.task import run_task
+
+    class Rio(FakePacking):
+        def __init__(self) -> None:
+            super().__init__()
+            self.meta: list[tuple[list[str], list[str]]] = []   # (names, archives on disk)
+
+        def set_metadata_bulk(self, scope: str,
+                              items: list[tuple[str, dict[str, str]]]) -> None:
+            self.meta.append(([n for n, _ in items],
+                              sorted(n for n in self.on_disk if n.endswith(".zip")
+                                     and "/archives/" in f"/{n}")))
+
+    repo, _ = real_repo
+    job = _repo_cfg(tmp_path, repo, '["run", "run2", "calib"]', PACKING)
+    layout, (manifest,) = _planned_archives(job)
+    (archive,) = manifest["archives"]
+    rio = Rio()
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    (loose_names, archives_then), (zip_names, archives_after) = rio.meta
+    assert sorted(loose_names) == sorted(e["name"] for e in manifest["files"] if "meta" in e)
+    assert archives_then == []                       # before the archive was uploaded
+    assert zip_names == [archive["name"]] and archives_after == [archive["name"]]
+    recs = {r["name"]: r for r in read_jsonl(layout.result(0))}
+    members = {manifest["files"][i]["name"] for i in archive["members"]}
+    assert {recs[n]["metadata"] for n in members} == {"set"}
