@@ -113,6 +113,7 @@ class UnchangedFilter:
         self._dir: str | None = None
         self._rows: dict[str, tuple[int, float, str]] = {}
         self.unchanged = 0
+        self.changed: set[str] = set()   # in the ledger with another size or mtime
 
     def __call__(self, relpath: str, size: int, mtime: float) -> bool:
         d, b = split(relpath)
@@ -122,4 +123,6 @@ class UnchangedFilter:
         if row is not None and row[0] == size and row[1] == mtime:
             self.unchanged += 1
             return False
+        if row is not None:
+            self.changed.add(relpath)
         return True

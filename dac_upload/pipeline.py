@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -346,7 +346,12 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     extra: list[dict[str, Any]] = []
     if found.repo is not None and job.butler.metadata:
         extra.append(_dimension_file_entry(job, run_id, layout.dir / DIMENSION_EXPORT))
-    digests = _write_manifests(job, found, run_id, layout, batches, extra, plan.zips)
+    # [packing]: a file uploaded before and changed since goes on its own, never into a
+    # new archive beside new files (a Butler zip holding a dataset the destination has
+    # already is refused whole by butler ingest-zip)
+    changed = getattr(keep, "changed", None) or set()
+    digests = _write_manifests(job, found, run_id, layout, batches, extra, plan.zips,
+                               changed)
     if job.butler.kind is not None:
         atomic_write_jsonl(layout.dir / BUTLER_FILE, (
             {"relpath": rel, "datasets": found.datasets[rel]}
@@ -514,7 +519,7 @@ def _run_directory(job: JobConfig, found: _Found, run_id: str) -> RunLayout:
 
 def _write_manifests(job: JobConfig, found: _Found, run_id: str, layout: RunLayout,
                      batches: list[Batch], extra: list[dict[str, Any]],
-                     indexer: Any = None) -> list[str]:
+                     indexer: Any = None, loose: Collection[str] = ()) -> list[str]:
     """Each batch's manifest, written by a pool; their sha256 digests, in task order."""
     meta = _metadata_of(job, found)
     digests: list[str] = []
@@ -522,7 +527,7 @@ def _write_manifests(job: JobConfig, found: _Found, run_id: str, layout: RunLayo
     def manifests() -> Iterator[tuple[Path, bytes]]:
         for batch in batches:
             data = _manifest_of(run_id, str(job.source.root), batch, meta,
-                                extra if batch.index == 0 else (), job, indexer)
+                                extra if batch.index == 0 else (), job, indexer, loose)
             digests.append(hashlib.sha256(data).hexdigest())
             yield layout.manifest(batch.index), data
 
@@ -542,9 +547,10 @@ def _collector_problems(job: JobConfig, files: int, largest_task: int) -> list[s
 
 
 def _manifest_of(run_id: str, root: str, batch: Batch, meta: dict[str, Any],
-                 extra: Any, job: JobConfig, indexer: Any = None) -> bytes:
+                 extra: Any, job: JobConfig, indexer: Any = None,
+                 loose: Collection[str] = ()) -> bytes:
     files = batch.files
-    archives = _archives_of(job, files, meta, indexer)
+    archives = _archives_of(job, files, meta, indexer, loose)
     if archives and meta:   # a packed file's DID gets none: a Butler zip's archive does
         packed = {files[i][0] for a in archives for i in a["members"]}
         meta = {rel: meta[rel] for rel, *_ in files if rel in meta and rel not in packed}
@@ -568,17 +574,22 @@ def _zip_indexer(job: JobConfig, datasets: dict[str, list[dict[str, Any]]],
 
 
 def _archives_of(job: JobConfig, files: Any, meta: dict[str, Any] | None = None,
-                 indexer: Any = None) -> list[dict[str, Any]]:
+                 indexer: Any = None, loose: Collection[str] = ()) -> list[dict[str, Any]]:
     """A batch's archives ([packing]; none without it), as its manifest lists them: a
     Butler job's with their Butler zip index (``indexer``), and Rubin's zip_file metadata
-    where its files would have had Rubin metadata."""
+    where its files would have had Rubin metadata. Files in ``loose`` (relpaths) are not
+    packed."""
     from .packing import BUTLER_INDEX, archive_name, member_overhead, pack_batch
 
     p = job.packing
     if not p.enabled:
         return []
+    packs = indexer.packs if indexer is not None else None
+    if loose:
+        def packs(rel: str, inner: Any = packs) -> bool:
+            return rel not in loose and (inner is None or inner(rel))
     archives, _ = pack_batch(files, p.below, p.archive_size, job.naming.prefix + p.names,
-                             packs=indexer.packs if indexer is not None else None)
+                             packs=packs)
     out = []
     for a in archives:
         entry: dict[str, Any] = {"name": a.name, "members": list(a.members), "bytes": a.bytes}

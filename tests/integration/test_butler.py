@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -429,7 +430,10 @@ def test_planning_needs_the_butler_extra_and_says_how(workdir: Path) -> None:
 @pytest.mark.parametrize("packed", [False, True], ids=["loose", "packed"])
 def test_nightly_with_a_butler_source_uploads_only_new_datasets(
         pg_workdir: Path, pg_rucio_client: Any, packed: bool) -> None:
-    """Packed, the new datasets go into a new Butler zip; the first night's are untouched."""
+    """Packed, the new datasets go into a new Butler zip; the first night's are untouched,
+    and a file of the first night touched since goes on its own (already present), never
+    into the new zip (butler ingest-zip refuses a zip with datasets it has beside new
+    ones)."""
     workdir, client = pg_workdir, pg_rucio_client
     _source_repo(workdir / "repo")
     chown_user(workdir)
@@ -452,6 +456,10 @@ def test_nightly_with_a_butler_source_uploads_only_new_datasets(
             "day_obs": 20261125, "group": "g1"})
         new = [b.put({"exposure": 102, "detector": d}, "cfg", instrument=INSTRUMENT,
                      detector=d, exposure=102, run=RUN1) for d in (0, 1)]
+    touched = next(f for f in first["files"].values() if f.get("datasets")
+                   and f["name"] != first["butler"]["dimension_file"])
+    path = workdir / "repo" / touched["relpath"]
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 60))
     chown_user(workdir)
     night3 = dac_upload(["nightly", str(job), "--wait"], workdir)
     assert night3.returncode == 0, night3.stdout + night3.stderr
@@ -459,7 +467,9 @@ def test_nightly_with_a_butler_source_uploads_only_new_datasets(
     assert len(runs) == 2
     summary = load_summary(runs[-1])
     got = [f for f in summary["files"].values()
-           if f["name"] != summary["butler"]["dimension_file"]]
+           if f["name"] not in (summary["butler"]["dimension_file"], touched["name"])]
+    again = summary["files"][f"{SCOPE}:{touched['name']}"]
+    assert again["status"] == "already_present" and "archive" not in again
     assert sorted(f["datasets"][0]["dataset_id"] for f in got) == sorted(str(r.id) for r in new)
     assert {f["status"] for f in got} == {"uploaded"}
     universe = new[0].datasetType.dimensions.universe

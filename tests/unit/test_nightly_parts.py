@@ -51,6 +51,7 @@ def test_unchanged_filter_keeps_new_and_changed_only(tmp_path: Path) -> None:
                 if keep(rel, size, mtime)]
         assert kept == ["d0/new", "d1/f1", "d1/f4"]      # new, mtime changed, size changed
         assert keep.unchanged == 3
+        assert keep.changed == {"d1/f1", "d1/f4"}          # [packing] keeps these loose
         assert len(keep._rows) == 10                       # only the current directory held
 
 
