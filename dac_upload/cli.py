@@ -628,7 +628,8 @@ def remake_manifests(run_dir: Path) -> None:
         if data is None or hashlib.sha256(data).hexdigest() != digests[t]:
             failed.append(f"task {t}: {why}; made again it still differs from the plan "
                           "(a Butler source's metadata and zip indexes are only in the "
-                          "repository): plan a "
+                          "repository, a map tree's zip indexes need lsst-daf-butler here): "
+                          "plan a "
                           "new run for these files")
             continue
         atomic_write_bytes(RunLayout(target).manifest(t), data)
@@ -862,7 +863,8 @@ def doctor(job_file: str, probe: bool) -> None:
                    "destination datastore reads, e.g. an s3:// endpoint).")
 @click.option("--allow-missing", is_flag=True,
               help="Exit 0 even when files with datasets were not uploaded, uploaded "
-                   "files match no [[butler.map]], or datasets were skipped when planning.")
+                   "files match no [[butler.map]], datasets were skipped when planning, or "
+                   "files were found inside an earlier run's archive.")
 @click.option("--overwrite", is_flag=True, help="Replace tables written before.")
 @json_option
 def butler_table(run_dir: Path, out_dir: str | None, relative_to: str | None,
@@ -897,7 +899,10 @@ def butler_table(run_dir: Path, out_dir: str | None, relative_to: str | None,
     problems = [("files not uploaded", "not_uploaded", made.not_uploaded),
                 ("files uploaded but matched by no [[butler.map]] (no data ID)",
                  "not_matched", made.not_matched),
-                ("datasets left out when planning (skipped.jsonl)", "skipped", made.skipped)]
+                ("datasets left out when planning (skipped.jsonl)", "skipped", made.skipped),
+                ("files already in Rucio inside an earlier run's archive (their datasets go "
+                 "with that archive's butler-table)", "in_earlier_archive",
+                 made.in_earlier_archive)]
     REPLY.doc.update(
         tables=[{"path": str(t.path), "rows": t.rows, "dataset_type": t.dataset_type,
                  "run": t.run} for t in made.tables],

@@ -349,7 +349,9 @@ def _prepare_run(job: JobConfig, preflight: Preflight | None,
     # [packing]: a file uploaded before and changed since goes on its own, never into a
     # new archive beside new files (a Butler zip holding a dataset the destination has
     # already is refused whole by butler ingest-zip)
-    changed = getattr(keep, "changed", None) or set()
+    changed = (getattr(keep, "changed", None) or set()) if job.packing.enabled else set()
+    if changed:   # what remake_manifests needs to pack as planned
+        atomic_write_text(layout.kept_loose, "".join(f"{rel}\n" for rel in sorted(changed)))
     digests = _write_manifests(job, found, run_id, layout, batches, extra, plan.zips,
                                changed)
     if job.butler.kind is not None:
@@ -449,7 +451,11 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
     files, name_problems = name_files(found.cat.files(), job.naming)
     errors += _problem_lines(str(job.source.root), name_problems, "naming problems")
     errors += _archive_name_clashes(job, files)
-    zips = _zip_indexer(job, found.datasets, found.repo)
+    zips = None
+    try:
+        zips = _zip_indexer(job, found.datasets, found.repo)
+    except PlanError as exc:   # said with the other problems, not instead of them
+        errors += exc.lines
     if zips is not None:
         errors += zips.problems(str(job.path))
     if errors:
@@ -644,8 +650,11 @@ def remake_manifests(run_dir: Path) -> dict[int, bytes]:
             # without their index (and so under other names: the digests say they differ)
             with contextlib.suppress(PlanError):
                 indexer = _zip_indexer(job, datasets, None)
+    loose: set[str] = set()
+    if layout.kept_loose.exists():
+        loose = set(layout.kept_loose.read_text(encoding="utf-8").splitlines())
     return {b.index: _manifest_of(run["run_id"], run["source"]["root"], b, {},
-                                  extra if b.index == 0 else (), job, indexer)
+                                  extra if b.index == 0 else (), job, indexer, loose)
             for b in batches}
 
 

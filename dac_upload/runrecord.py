@@ -74,6 +74,11 @@ class RunLayout:
         return self.dir / "skipped.jsonl"
 
     @property
+    def kept_loose(self) -> Path:
+        """[packing] in nightly: files uploaded before and changed since, not packed."""
+        return self.dir / "kept-loose.txt"
+
+    @property
     def manifests(self) -> Path:
         return self.dir / "manifests"
 

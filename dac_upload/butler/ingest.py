@@ -14,6 +14,8 @@ from ..runrecord import DONE_STATES
 from .source import INSTALL_HINT, ButlerError
 
 ID_GENERATION_MODE = "DATAID_TYPE_RUN"   # the same table ingested anywhere gives the same ids
+# Rucio gives a constituent of an archive the archive's URL with this query (core/replica.py)
+IN_ARCHIVE_QUERY = "xrdcl.unzip="
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class IngestPlan:
     zips: list[str]                  # zip files (butler ingest-zip), by URI
     not_uploaded: list[str]          # files with datasets that are not on the RSE
     not_matched: list[str]           # uploaded files without a dataset (no map matched)
+    in_earlier_archive: list[str]    # already in Rucio as a member of another run's archive
     skipped: list[str]               # datasets left out when planning (skipped.jsonl)
     dimension_export: Path | None
     script: Path
@@ -115,8 +118,8 @@ def ingest_tables(summary: dict[str, Any], run_dir: Path, out_dir: Path,
     script = out_dir / "ingest.sh"
     atomic_write_text(script, render_template("ingest.sh.j2", run_id=summary["run_id"],
                                               prefix=prefix, commands=commands), 0o777)
-    return IngestPlan(tables, zips, found.not_uploaded, found.not_matched, skipped, export,
-                      script, commands)
+    return IngestPlan(tables, zips, found.not_uploaded, found.not_matched,
+                      found.in_earlier_archive, skipped, export, script, commands)
 
 
 Group = tuple[Any, ...]   # (dataset type, run, formatter, data ID keys): one table
@@ -129,13 +132,14 @@ class _ByTable(NamedTuple):
     not_uploaded: list[str]
     not_matched: list[str]
     zip_calibrations: set[str]                              # calibration types in zips
+    in_earlier_archive: list[str]
 
 
 def _by_table(summary: dict[str, Any], dimension_file: str | None, prefix: str | None,
               relative_to: str | None) -> _ByTable:
     """The summary's done files sorted into tables (pure); ButlerError if a URL does not
     start with --relative-to."""
-    out = _ByTable({}, {}, [], [], [], set())
+    out = _ByTable({}, {}, [], [], [], set(), [])
     outside: list[str] = []
     zipped: set[str] = set()
     for _key, f in sorted(summary["files"].items()):
@@ -151,6 +155,12 @@ def _by_table(summary: dict[str, Any], dimension_file: str | None, prefix: str |
                                     + (f": {f['error']}" if f.get("error") else "") + ")")
             continue
         uri = f["pfn"]
+        if IN_ARCHIVE_QUERY in uri and not f.get("archive"):
+            # a file this run found in Rucio already, inside an archive of an earlier run
+            # (a file touched since, kept loose by nightly): its dataset goes with that
+            # archive, and its URL is no file a Butler can read
+            out.in_earlier_archive.append(f"{f['relpath']} (in {uri.split('?')[0]})")
+            continue
         if prefix is not None:
             if not uri.startswith(prefix):
                 outside.append(uri)

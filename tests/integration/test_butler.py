@@ -470,6 +470,8 @@ def test_nightly_with_a_butler_source_uploads_only_new_datasets(
            if f["name"] not in (summary["butler"]["dimension_file"], touched["name"])]
     again = summary["files"][f"{SCOPE}:{touched['name']}"]
     assert again["status"] == "already_present" and "archive" not in again
+    if packed:
+        assert (runs[-1] / "kept-loose.txt").read_text() == touched["relpath"] + "\n"
     assert sorted(f["datasets"][0]["dataset_id"] for f in got) == sorted(str(r.id) for r in new)
     assert {f["status"] for f in got} == {"uploaded"}
     universe = new[0].datasetType.dimensions.universe
@@ -487,6 +489,19 @@ def test_nightly_with_a_butler_source_uploads_only_new_datasets(
         for name, content in before.items():
             assert sorted(c["name"] for c in client.list_archive_content(SCOPE, name)) == \
                 content
+        # the destination takes both nights: the touched file's dataset came with the
+        # first night's zip; the second night's butler-table says so and leaves it out
+        dest = workdir / "dest"
+        _destination(dest)
+        for run, code in ((runs[0], 0), (runs[-1], 1)):
+            out = dac_upload(["butler-table", str(run)], workdir)
+            assert out.returncode == code, out.stdout + out.stderr
+            _ingest(workdir, run / "butler-ingest" / "ingest.sh", dest)
+        assert "1 files already in Rucio inside an earlier run's archive" in out.stderr
+        assert touched["relpath"] in out.stderr
+        with Butler.from_config(str(dest)) as target:
+            got_ids = {str(r.id) for r in target.query_datasets("cfg", collections=RUN1)}
+        assert {str(r.id) for r in new} <= got_ids and len(got_ids) == 8
     exported = (runs[-1] / "butler-dimensions.yaml").read_text()
     assert "id: 102" in exported
 

@@ -703,7 +703,8 @@ def test_butler_table_ingests_each_butler_zip_once() -> None:
                               "in_zip": False}]}
 
     files = [f("a/1", "z1.zip"), f("b/1", "z2.zip"), f("a/2", "z1.zip"), f("big", None),
-             f("c/1", "z3.zip", status="failed")]
+             f("c/1", "z3.zip", status="failed"), f("old", None, "already_present")]
+    files[-1]["pfn"] = "file:///rse/z0.zip?xrdcl.unzip=old"    # in an earlier run's zip
     files[1]["datasets"][0].update(dataset_type="flat", is_calibration=True)
     found = _by_table({"files": {x["name"]: x for x in files}}, None, None, None)
     assert found.zips == ["file:///rse/z1.zip", "file:///rse/z2.zip"]
@@ -715,6 +716,7 @@ def test_butler_table_ingests_each_butler_zip_once() -> None:
     assert lines[1:] == [f'butler ingest-zip -t direct "$DEST" {u}' for u in found.zips]
     assert [uri for rows in found.groups.values() for uri, _ in rows] == ["file:///rse/big"]
     assert found.not_uploaded == ["c/1 (failed)"]
+    assert found.in_earlier_archive == ["old (in file:///rse/z0.zip)"]
 
 
 def test_a_map_tree_s_butler_zips_are_made_again_byte_for_byte(tmp_path: Path) -> None:

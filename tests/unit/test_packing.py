@@ -381,3 +381,29 @@ def test_the_archive_is_not_read_again_for_its_checksums(
     assert read == ["big.fits"]
     (archive,) = rio.constituents
     assert rio.dids[archive].adler32 == _adler(rio.on_disk[archive])
+
+
+def test_nightly_keeps_a_file_changed_since_its_upload_loose_and_remakes_as_planned(
+        make_job: Callable[..., JobConfig], tmp_path: Path) -> None:
+    """A file the ledger has with another mtime is not packed with the night's new files
+    (kept-loose.txt says which); remake-manifests packs as the plan did."""
+    from dac_upload.ledger import Ledger, UnchangedFilter
+    from dac_upload.pipeline import remake_manifests
+
+    job = make_job(PACK_CONTENT, packing='below = "1 KiB"', naming='prefix = "p/"')
+    data = tmp_path / "data"
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        ledger.record([{"relpath": rel, "size": (data / rel).stat().st_size,
+                        "mtime": (data / rel).stat().st_mtime - (rel == "small/m02.json"),
+                        "name": f"p/{rel}", "status": "uploaded"}
+                       for rel in ("small/m01.json", "small/m02.json")], "R1")
+        keep = UnchangedFilter(ledger)
+        layout = prepare_run(job, preflight=None, keep=keep).layout
+    manifest = read_manifest(layout.manifest(0))
+    packed = {manifest["files"][i]["relpath"] for a in manifest["archives"]
+              for i in a["members"]}
+    assert "small/m02.json" not in packed and "small/m01.json" not in packed  # unchanged: gone
+    assert packed == {f"small/m{i:02d}.json" for i in (0, 3, 4, 5)}
+    assert "small/m02.json" in {e["relpath"] for e in manifest["files"]}       # loose
+    assert layout.kept_loose.read_text() == "small/m02.json\n"
+    assert remake_manifests(layout.dir)[0] == layout.manifest(0).read_bytes()
