@@ -604,10 +604,11 @@ def _archives_of(job: JobConfig, files: Any, meta: dict[str, Any] | None = None,
         if index is not None:
             from .butler.source import RUBIN_ZIP_FILE
 
+            encoded = index.encode()
             entry["name"] = archive_name(job.naming.prefix + p.names, [
-                (files[i][1], files[i][2], files[i][3]) for i in a.members], index.encode())
+                (files[i][1], files[i][2], files[i][3]) for i in a.members], encoded)
             entry["index"] = index
-            entry["bytes"] += len(index.encode()) + member_overhead(BUTLER_INDEX)
+            entry["bytes"] += len(encoded) + member_overhead(BUTLER_INDEX)
             if meta and any(files[i][0] in meta for i in a.members):
                 entry["meta"] = {"rubin_butler": RUBIN_ZIP_FILE, "rubin_sidecar": ""}
         out.append(entry)
@@ -640,11 +641,12 @@ def remake_manifests(run_dir: Path) -> dict[int, bytes]:
         # the archives as planned: a source datastore's zips stay loose; a map tree's zip
         # indexes come from its datasets (a Butler source's need the repository: the
         # digests in run.json tell that those differ)
+        from .butler.zips import WithoutIndex
         from .files import read_jsonl
 
         datasets = {r["relpath"]: r["datasets"]
                     for r in read_jsonl(layout.dir / BUTLER_FILE)}
-        indexer = _SourceZips(datasets)
+        indexer = WithoutIndex(datasets)
         if job.butler.kind == "map":
             # without lsst (the collector's image): the files as planned, the archives
             # without their index (and so under other names: the digests say they differ)
@@ -656,20 +658,6 @@ def remake_manifests(run_dir: Path) -> dict[int, bytes]:
     return {b.index: _manifest_of(run["run_id"], run["source"]["root"], b, {},
                                   extra if b.index == 0 else (), job, indexer, loose)
             for b in batches}
-
-
-class _SourceZips:
-    """What remake_manifests knows of a Butler source's zips without its repository: which
-    files may be packed (not the source datastore's own zips); no index."""
-
-    def __init__(self, datasets: dict[str, list[dict[str, Any]]]) -> None:
-        self._zips = {rel for rel, ds in datasets.items() if ds and ds[0].get("in_zip")}
-
-    def packs(self, relpath: str) -> bool:
-        return relpath not in self._zips
-
-    def index(self, members: Any) -> None:
-        return None
 
 
 def _dimension_file_entry(job: JobConfig, run_id: str, export: Path) -> dict[str, Any]:

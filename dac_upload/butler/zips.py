@@ -22,6 +22,28 @@ from typing import Any
 from .source import RepoSource, _one_line, import_butler
 
 
+def packable(datasets: dict[str, list[dict[str, Any]]], relpath: str) -> bool:
+    """Whether a small file may go into an archive: not a zip the source datastore already
+    holds (``butler ingest-zip`` cannot read a zip inside a zip). No member can be named
+    like the index: a Rucio name does not start with '_'."""
+    found = datasets.get(relpath)
+    return not (found and found[0].get("in_zip"))
+
+
+class WithoutIndex:
+    """The planner's packing rule without lsst (remake_manifests in the collector's image,
+    or for a Butler source, whose indexes need its repository): no index."""
+
+    def __init__(self, datasets: dict[str, list[dict[str, Any]]]) -> None:
+        self._datasets = datasets
+
+    def packs(self, relpath: str) -> bool:
+        return packable(self._datasets, relpath)
+
+    def index(self, members: Sequence[tuple[str, str, int]]) -> None:
+        return None
+
+
 class ZipIndexer:
     """Makes the index of each Butler zip of a run. Every member with a dataset is in its
     archive's index: ``butler-table`` ingests the archive of such a file, not the file."""
@@ -48,11 +70,7 @@ class ZipIndexer:
         self._simple: dict[str, Any] = {}     # a source's dataset types, serialized once
 
     def packs(self, relpath: str) -> bool:
-        """Whether a small file may go into an archive: not a zip the source datastore
-        already holds (``butler ingest-zip`` cannot read a zip inside a zip). No member can
-        be named like the index: a Rucio name does not start with '_'."""
-        found = self._datasets.get(relpath)
-        return not (found and found[0].get("in_zip"))
+        return packable(self._datasets, relpath)
 
     def problems(self, where: str) -> list[str]:
         """One line per [[butler.map]] dataset type that cannot go into an index (a name
