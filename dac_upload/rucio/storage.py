@@ -155,6 +155,15 @@ class Storage:
             raise storage_failure(exc, f"copying to {rse}", rse,
                                    pfn or f"{scope}:{name}") from None
 
+    def holds(self, scope: str, name: str, size: int, adler32: str) -> bool:
+        """Whether the name's PFN holds these bytes now, by the storage's own size and
+        adler32: after a failed copy, the sign that another writer of the name finished
+        (and registers it next). False when the storage cannot say."""
+        try:
+            return self._matches(self._protocol(), self.pfn(scope, name), size, adler32)
+        except Exception:
+            return False
+
     def _keep_existing(self, proto: Any, pfn: str, size: int, adler32: str,
                        may_replace: Callable[[], bool]) -> bool:
         """put's decision on a file already at ``pfn``: True to keep it ("found"), False to

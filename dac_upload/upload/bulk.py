@@ -25,6 +25,7 @@ others ``not_attempted``.
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -269,7 +270,7 @@ def _front(rio: RucioSession, storage: CopyTarget, s: TaskSettings, chunk: list[
     present += _registered_meanwhile(rio, s, stop, lane, [
         r for r, tried in done if tried and r["status"] == FAILED
         and r.get("cause") in _COPY_CAUSES] + [r for r in to_copy if r["status"] == FAILED
-                                               and r.get("cause") in _COPY_CAUSES])
+                                               and r.get("cause") in _COPY_CAUSES], storage)
     return recs, copied, present
 
 
@@ -277,23 +278,32 @@ _COPY_CAUSES = ("rucio", "verify", "transient")
 
 
 def _registered_meanwhile(rio: RucioSession, s: TaskSettings, stop: StopRequest,
-                          lane: ThreadPoolExecutor, failed: list[Record]) -> list[Record]:
+                          lane: ThreadPoolExecutor, failed: list[Record],
+                          storage: CopyTarget) -> list[Record]:
     """Files whose copy failed, asked again (two requests for all of them): one that is
     AVAILABLE on the RSE by now with our bytes was uploaded meanwhile by someone else (a
     second run writing the same names, whose rewrite of the copy made ours fail): it is
-    already_present, not failed. Returns those (to be protected like any present file)."""
+    already_present, not failed. Returns those (to be protected like any present file).
+
+    The other writer registers once its copy is verified, which on a busy server can take
+    longer than one retry_wait: after the second look, a file is looked for again (waits
+    doubling from retry_wait, [rucio] retries + 1 looks in all) only while that writer is
+    seen at work: the copy reached the storage (not a transient failure) and the name's PFN
+    holds our bytes now, the name not registered with other ones. Any other failed copy is
+    reported after two looks, as before."""
     out: list[Record] = []
-    for look in range(2):   # the other upload may register a moment later: look twice
+    for look in range(max(2, s.retries + 1)):
         if not failed or stop.reason:
             break
         if look:
-            stop.sleep(s.retry_wait)
+            stop.sleep(s.retry_wait * 2 ** (look - 1))
         asked = [r["name"] for r in failed]
         dids = lane.submit(retrying, lambda n=asked: rio.dids_bulk(s.scope, n), s, stop,
                            "looking up names", True).result()
         same = [r for r in failed if r["name"] in dids and existing_verdict(
             r["bytes"], r["adler32"], dids[r["name"]].bytes, dids[r["name"]].adler32) == "same"]
         found = [r["name"] for r in same]
+        same_names = set(found)
         reps = lane.submit(retrying, lambda n=found: rio.replicas_bulk(s.scope, n, s.rse), s,
                            stop, "listing replicas", True).result() if same else {}
         for r in same:
@@ -305,6 +315,10 @@ def _registered_meanwhile(rio: RucioSession, s: TaskSettings, stop: StopRequest,
                              "registered the name meanwhile with these bytes"), error=None)
                 out.append(r)
         failed = [r for r in failed if r["status"] == FAILED]
+        if look >= 1:   # from the second look on: only files someone is seen uploading
+            failed = [r for r in failed if r.get("cause") != "transient"
+                      and (r["name"] not in dids or r["name"] in same_names)
+                      and storage.holds(s.scope, r["name"], r["bytes"], r["adler32"])]
     return out
 
 
@@ -383,9 +397,10 @@ def _copier(storage: CopyTarget, s: TaskSettings, stop: StopRequest,
     says whose a copy found at the PFN was, and that attempt's temporary copies
     (``stale_temps``, their tokens) are removed."""
     from ..rucio.errors import RucioFatal, RucioFileError, RucioTransient
-    from .common import pause
+    from .common import log, pause
 
     def one(r: Record) -> Record:
+        copied_again = False
         for i in range(s.retries + 1):
             if stop.reason:
                 r.update(status=NOT_ATTEMPTED, cause="stopped",
@@ -422,8 +437,19 @@ def _copier(storage: CopyTarget, s: TaskSettings, stop: StopRequest,
                 if isinstance(exc, RucioTransient) and i < s.retries:
                     pause(s, stop, i, f"copying {s.scope}:{r['name']}", str(exc))
                     continue
+                mismatch = "does not match" in str(exc)
+                if mismatch and not copied_again and i < s.retries:
+                    # once: a copy spoilt in transit, or two uploads of the name writing
+                    # it in place at once (each spoils the other's; each would fail alone).
+                    # The wait is drawn at random so that the two fall out of step; the
+                    # second then finds the first one's verified copy.
+                    copied_again = True
+                    wait = s.retry_wait * random.uniform(0.5, 1.5)
+                    log(f"copying {s.scope}:{r['name']} again in {wait:.1f} s: {exc}")
+                    stop.sleep(wait)
+                    continue
                 cause = ("transient" if isinstance(exc, RucioTransient) else
-                         "verify" if "does not match" in str(exc) else "rucio")
+                         "verify" if mismatch else "rucio")
                 r.update(status=FAILED, cause=cause, error=str(exc))
                 return r
         return r

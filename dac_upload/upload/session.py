@@ -25,6 +25,10 @@ class CopyTarget(Protocol):
             may_replace: Callable[[], bool], *,
             stale_temps: Collection[str] = ()) -> tuple[str, str]: ...
 
+    def holds(self, scope: str, name: str, size: int, adler32: str) -> bool:
+        """Whether the name's PFN holds these bytes now (False when the storage cannot say)."""
+        ...
+
 
 class RucioSession(Protocol):
     """One task's session with the Rucio server."""

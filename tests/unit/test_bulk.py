@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from dac_upload.config import JobConfig
-from dac_upload.files import read_json, read_jsonl
+from dac_upload.files import atomic_write_json, read_json, read_jsonl
 from dac_upload.pipeline import prepare_run
 from dac_upload.rucio.client import DidInfo, ReplicaInfo
 from dac_upload.rucio.errors import RucioFatal, RucioFileError, RucioTransient
@@ -37,12 +37,15 @@ class FakeStorage:
         self.puts: list[str] = []
         self.leftover: dict[str, bytes] = {}
         self.replace_asked: list[str] = []
+        self.held_asked: list[str] = []
+        self.tried: list[str] = []
         self.verification = "storage checksum"
 
     def put(self, path: Path, scope: str, name: str, size: int, adler32: str,
             may_replace: Callable[[], bool], stale_temps: Any = ()) -> tuple[str, str]:
         """As Storage.put: a matching copy is kept and found, whoever wrote it; other bytes
         are replaced only while Rucio has no replica of the name."""
+        self.tried.append(name)
         if name in self.rio.put_errors:
             raise self.rio.put_errors[name]
         data = Path(path).read_bytes()
@@ -58,6 +61,11 @@ class FakeStorage:
         self.puts.append(name)
         self.rio.on_disk[name] = data
         return f"file:///rse/{name}", self.rio.put_how.get(name, how)
+
+    def holds(self, scope: str, name: str, size: int, adler32: str) -> bool:
+        data = self.rio.on_disk.get(name)
+        self.held_asked.append(name)
+        return data is not None and (len(data), _adler(data)) == (size, adler32)
 
 
 class FakeBulk:
@@ -223,24 +231,99 @@ def test_dataset_attaches_instead_of_rules(job: Callable[..., RunLayout]) -> Non
 
 
 def test_copy_failures_fail_only_their_file(job: Callable[..., RunLayout]) -> None:
-    layout, rio = job(), FakeBulk()
+    """A copy that does not match is made once more (then cause verify); another refusal
+    is not tried again."""
+    layout, rio = _no_waits(job()), FakeBulk()
     rio.put_errors["f1.dat"] = RucioFileError("the copy at x does not match the file")
     rio.put_errors["f3.dat"] = RucioFileError("copying to TEST_RSE: RSEAccessDenied")
     rio.put_how["f4.dat"] = "found"
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
     recs = _recs(layout)
     assert (recs["f1.dat"]["cause"], recs["f3.dat"]["cause"]) == ("verify", "rucio")
+    assert (rio.storage_obj.tried.count("f1.dat"), rio.storage_obj.tried.count("f3.dat")) == \
+        (2, 1)
     assert "f1.dat" not in rio.dids and "f3.dat" not in rio.dids   # never registered
     assert [recs[n]["status"] for n in ("f0.dat", "f2.dat", "f4.dat")] == ["uploaded"] * 3
+
+
+def _no_waits(layout: RunLayout) -> RunLayout:
+    """The run's retry_wait set to 0 (the job file cannot say 0)."""
+    run = read_json(layout.run_json)
+    run["rucio"]["retry_wait"] = 0
+    atomic_write_json(layout.run_json, run)
+    return layout
+
+
+def _other_writer_registers_at_look(rio: FakeBulk, name: str, at: int) -> None:
+    """Our copy of ``name`` fails (the other writer rewrote it); the other writer's bytes,
+    equal to ours, are on the RSE, and it registers them just before our ``at``-th lookup
+    of the failed copies (the first lookup of the chunk not counted)."""
+    rio.put_errors[name] = RucioFileError("the copy at x does not match the file")
+    rio.on_disk[name] = CONTENT[name]
+    real = rio.dids_bulk
+    looks = [0]
+
+    def dids_bulk(scope: str, names: list[str]) -> dict[str, DidInfo]:
+        if names == [name]:
+            looks[0] += 1
+            if looks[0] == at:
+                rio.add_existing(name, CONTENT[name])
+        return real(scope, names)
+
+    rio.dids_bulk = dids_bulk  # type: ignore[method-assign]
+
+
+def test_copy_spoilt_once_is_made_again(job: Callable[..., RunLayout]) -> None:
+    """Two uploads writing one name in place at once spoil each other's copy; each, alone,
+    copies it again (after a wait drawn at random) and the second finds the first's."""
+    layout, rio = _no_waits(job("chunk_size = 10")), FakeBulk()
+    real_put = rio.storage_obj.put
+    spoilt = []
+
+    def put_spoilt_once(path: Path, scope: str, name: str, size: int, adler32: str,
+                        may_replace: Callable[[], bool], **kw: Any) -> tuple[str, str]:
+        if name == "f3.dat" and not spoilt:
+            spoilt.append(name)
+            raise RucioFileError("the copy at x does not match the file (size or adler32)")
+        return real_put(path, scope, name, size, adler32, may_replace, **kw)
+
+    rio.storage_obj.put = put_spoilt_once  # type: ignore[method-assign]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    assert _recs(layout)["f3.dat"]["status"] == "uploaded" and spoilt == ["f3.dat"]
+
+
+def test_copy_failed_and_the_other_writer_registers_late(
+        job: Callable[..., RunLayout]) -> None:
+    """Two runs write one name; ours fails, the other registers our bytes only at our fourth
+    look (a slow server): already_present, never failed; the waits go on only because our
+    bytes are at the PFN."""
+    layout, rio = _no_waits(job("chunk_size = 10")), FakeBulk()
+    _other_writer_registers_at_look(rio, "f2.dat", 4)
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
+    rec = _recs(layout)["f2.dat"]
+    assert rec["status"] == "already_present" and rec["cause"] is None
+    assert "another upload registered the name meanwhile" in rec["note"]
+    assert rio.storage_obj.held_asked == ["f2.dat"] * 2
+    assert "f2.dat" in rio.rules
+
+
+def test_copy_failed_with_nobody_else_at_work_is_reported_after_two_looks(
+        job: Callable[..., RunLayout]) -> None:
+    """Nothing of ours at the PFN: no other writer to wait for; failed after two looks."""
+    layout, rio = _no_waits(job("chunk_size = 10")), FakeBulk()
+    _other_writer_registers_at_look(rio, "f2.dat", 99)
+    del rio.on_disk["f2.dat"]
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 1
+    rec = _recs(layout)["f2.dat"]
+    assert rec["status"] == "failed" and rec["cause"] == "verify"
+    assert [c for c in rio.calls if c == ("dids_bulk", 1)] == [("dids_bulk", 1)] * 2
+    assert rio.storage_obj.held_asked == ["f2.dat"]
 
 
 def test_server_failing_then_back_is_retried(job: Callable[..., RunLayout]) -> None:
     layout, rio = job('chunk_size = 10'), FakeBulk()
     rio.fail["add_replicas"] = [RucioTransient("HTTP 500")]
-    layout_run = read_json(layout.run_json)
-    layout_run["rucio"]["retry_wait"] = 0
-    from dac_upload.files import atomic_write_json
-    atomic_write_json(layout.run_json, layout_run)
+    _no_waits(layout)
     assert run_task(layout.dir, 0, rucio_factory=rio.factory) == 0
     assert [c for c, _ in rio.calls].count("add_replicas") == 2
 

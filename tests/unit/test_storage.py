@@ -263,6 +263,19 @@ def test_failed_copy_in_place_keeps_bytes_another_writer_finished(
     assert Path(proto.pfn2path(storage.pfn("test", "f.dat"))).read_bytes() == src.read_bytes()
 
 
+def test_holds_says_whether_the_pfn_has_these_bytes(tmp_path: Path, rse: Path) -> None:
+    """What the bulk path asks after a failed copy (is another writer's copy of our bytes
+    there?): the storage's own size and adler32; nothing there or other bytes: False."""
+    src, adler = _source(tmp_path)
+    storage = _storage(rse)
+    assert not storage.holds("test", "f.dat", 10_000, adler)
+    _place(storage, "f.dat", b"other bytes")
+    assert not storage.holds("test", "f.dat", 10_000, adler)
+    _place(storage, "f.dat", src.read_bytes())
+    assert storage.holds("test", "f.dat", 10_000, adler)
+    assert not storage.holds("test", "f.dat", 9_999, adler)
+
+
 def test_matching_copy_not_ours_with_a_replica_is_found(tmp_path: Path, rse: Path) -> None:
     """A replica is registered now: left as it is, "found"; the caller's registration
     meets that replica and decides."""
