@@ -351,13 +351,13 @@ def collect(run_dir: Path) -> dict[str, Any]:
 
 
 class LedgerWriter:
-    """The ledger's rows, task by task, in one transaction committed by ``finish``. SQLite's
-    inserts were a third of collecting a million files (rows come in no order of its key:
-    a task's files are spread over the tree), so a forked child process writes them while
-    this one makes the summary, on another CPU where the job has one (the collector asks
-    for two); the rows go through a pipe (which holds back this process when the child is
-    behind: memory stays bounded). In this process instead where a fork is unsafe (another
-    thread is running) or impossible."""
+    """The ledger's rows, task by task, in one transaction committed by ``finish``. Writing
+    them (Ledger.stage_rows) costs about as much CPU as the summary, so a forked child
+    process writes them while this one makes the summary, on another CPU where the job has
+    one (the collector asks for two); the rows go through a pipe, read in the child by a
+    thread of its own while the ledger merges (at most 64 MB held there; beyond, the pipe
+    holds back this process: memory stays bounded). In this process instead where a fork
+    is unsafe (another thread is running) or impossible."""
 
     def __init__(self, path: Path, run_id: str) -> None:
         import threading
@@ -433,7 +433,7 @@ class _LedgerRows:
     def add(self, rows: list[Any]) -> None:
         if self.problem is None:
             try:
-                self.ledger.record_rows(rows, self.run_id, commit=False)
+                self.ledger.stage_rows(rows, self.run_id)
             except Exception as exc:
                 self.problem = _ledger_error(exc)
 
@@ -458,11 +458,13 @@ def _ledger_error(exc: BaseException) -> str:
 def _ledger_child(conn: Any, path: Path, run_id: str) -> None:
     """The ledger writer's process: rows until an empty message, then commit ("!": drop
     them all); answers None or why the ledger was not updated (the rest of the rows are
-    read and dropped)."""
+    read and dropped). A thread reads the pipe meanwhile (at most _INBOX_BYTES held): while
+    the ledger merges its staged rows (seconds), the summary's process goes on."""
     import orjson
 
+    inbox = _Inbox(conn)
     rows = _LedgerRows(path, run_id)
-    while (data := conn.recv_bytes()) not in (b"", b"!"):
+    while (data := inbox.get()) not in (b"", b"!"):
         if rows.problem is None:
             try:
                 rows.add(orjson.loads(data))
@@ -470,6 +472,47 @@ def _ledger_child(conn: Any, path: Path, run_id: str) -> None:
                 rows.problem = _ledger_error(exc)
     conn.send(rows.end(commit=data == b""))
     conn.close()
+
+
+_INBOX_BYTES = 64 << 20   # a merge's worth of rows (500,000: about 35 MB)
+
+
+class _Inbox:
+    """Messages from a pipe, read by a thread of their own as they come, up to
+    ``_INBOX_BYTES`` held; a pipe that breaks reads as "!" (drop everything)."""
+
+    def __init__(self, conn: Any) -> None:
+        import collections
+        import threading
+
+        self.conn, self.held = conn, 0
+        self.messages: collections.deque[bytes] = collections.deque()
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, name="ledger inbox", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.conn.recv_bytes()
+            except (OSError, EOFError):
+                data = b"!"
+            with self.cond:
+                while self.held > _INBOX_BYTES:
+                    self.cond.wait()
+                self.messages.append(data)
+                self.held += len(data)
+                self.cond.notify_all()
+            if data in (b"", b"!"):
+                return
+
+    def get(self) -> bytes:
+        with self.cond:
+            while not self.messages:
+                self.cond.wait()
+            data = self.messages.popleft()
+            self.held -= len(data)
+            self.cond.notify_all()
+            return data
 
 
 def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:

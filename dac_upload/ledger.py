@@ -50,6 +50,7 @@ class Ledger:
         # them took 5.5 s to insert with 2 MB, 3.6 s with 64 MB
         self.db.execute("PRAGMA cache_size = -65536")
         self.db.execute(_SCHEMA)
+        self._staged_table, self._staged, self._staged_run = False, 0, ""   # stage_rows
 
     def close(self) -> None:
         self.db.close()
@@ -85,7 +86,46 @@ class Ledger:
             self.db.commit()
         return len(data)
 
+    # A run's rows come in no order of the key (a task's files are spread over the tree):
+    # inserted as they come, each touches another page of a B-tree that outgrows the cache
+    # (5M rows: 60 s). Appended to a temporary table instead and merged in key order every
+    # MERGE_EVERY rows, each merge walks the B-tree once, in order: 5M rows in 24 s, 1M in
+    # 4.6 s (against 6.5 s); what is left for commit() is at most MERGE_EVERY rows.
+    MERGE_EVERY = 500_000
+
+    def stage_rows(self, rows: Iterable[Sequence[Any]], run_id: str) -> int:
+        """record_rows() for a run's many rows, in the open transaction: kept aside, merged
+        into the ledger every MERGE_EVERY rows and by merge_staged(); return how many."""
+        if not self._staged_table:
+            # TEMP: in SQLite's temporary file (TMPDIR), its pages cached apart, removed
+            # with the connection; run_id and the time are added at the merge (as columns
+            # here they cost a third more)
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS staged (dir TEXT, base TEXT, "
+                            "size INTEGER, mtime REAL, name TEXT, status TEXT)")
+            self._staged_table = True
+        if run_id != self._staged_run:
+            self.merge_staged()
+            self._staged_run = run_id
+        data = [(*split(rel), size, mtime, name, status)
+                for rel, size, mtime, name, status in rows]
+        self.db.executemany("INSERT INTO temp.staged VALUES (?, ?, ?, ?, ?, ?)", data)
+        self._staged += len(data)
+        if self._staged >= self.MERGE_EVERY:
+            self.merge_staged()
+        return len(data)
+
+    def merge_staged(self) -> None:
+        """The staged rows into the ledger, in key order (of two rows of one file, the one
+        staged later wins, as if inserted in turn); still uncommitted."""
+        if self._staged:
+            self.db.execute("INSERT OR REPLACE INTO files SELECT dir, base, size, mtime, "
+                            "name, status, ?, ? FROM temp.staged ORDER BY dir, base, rowid",
+                            (self._staged_run, utc_now()))
+            self.db.execute("DELETE FROM temp.staged")
+            self._staged = 0
+
     def commit(self) -> None:
+        self.merge_staged()
         self.db.commit()
 
     def forget(self, relpaths: Iterable[str]) -> None:

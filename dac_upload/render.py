@@ -268,15 +268,16 @@ def sbatch_option_problems(job: JobConfig) -> list[str]:
     return []
 
 
-# What the collector job needs, as planned (collector_fit): collect took 12 s at 1M files and
-# 127 s at 5M (sizes unrelated to the path: 25 µs a file, the ledger's inserts growing with
-# it), in about 100 MB, on the 2-core test machine (tests/benchmarks/scale.py,
-# docs/performance.md): 50 µs a file is twice that at 5M, not measured beyond. Its memory
-# is a constant plus the largest task's records (one task of 5M files: 18.9 GB, 4.0 KB a
+# What the collector job needs, as planned (collector_fit): collect took 10 s at 1M files and
+# 45 s at 5M (sizes unrelated to the path: 9-10 µs a file), on the 2-core test machine
+# (tests/benchmarks/scale.py, docs/performance.md): 50 µs a file is five times that, for a
+# slower file system and a ledger that grows. Its memory, both processes together: about
+# 100 MB for the summary's and up to 200 MB for the ledger's writer (SQLite's cache, the rows
+# read ahead), plus the largest task's records (one task of 5M files: 18.9 GB, 4.0 KB a
 # file), plus a Butler source's butler.jsonl, held whole.
 COLLECT_SECONDS_PER_FILE = 50e-6
 COLLECT_BASE_SECONDS = 120
-COLLECT_BASE_BYTES = 256 << 20
+COLLECT_BASE_BYTES = 384 << 20
 COLLECT_BYTES_PER_TASK_FILE = 6 << 10      # a record, its entry and its manifest row
 COLLECT_BYTES_PER_BUTLER_FILE = 4 << 10    # its datasets from butler.jsonl
 

@@ -68,6 +68,18 @@ def test_scale_benchmark_small(workdir: Path) -> None:
     assert out.count("x of ") == 2
 
 
+LEDGER_SCRIPT = SCRIPT.with_name("ledger_merge.py")
+
+
+def test_ledger_merge_benchmark_small(workdir: Path) -> None:
+    """ledger_merge.py --small: both ways of writing a run's ledger rows, side by side."""
+    proc = subprocess.run([sys.executable, str(LEDGER_SCRIPT), "--small", "--dir",
+                           str(CI_DIR / "tests")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "as they come" in proc.stdout and proc.stdout.count("x\n") == 1, proc.stdout
+
+
 PACKED_SCRIPT = SCRIPT.with_name("packed.py")
 
 

@@ -40,6 +40,33 @@ def test_ledger_rows_per_directory(tmp_path: Path) -> None:
         assert ledger.counts() == {"uploaded": 2, "already_present": 1}
 
 
+def test_staged_rows_merge_in_key_order_and_drop_without_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector's path (stage_rows): rows merged every MERGE_EVERY and at commit; of two
+    rows of one file the later wins, over the ledger's older row too; closed without a
+    commit, nothing of the run is kept."""
+    monkeypatch.setattr(Ledger, "MERGE_EVERY", 4)
+    path = tmp_path / "l.sqlite"
+    with Ledger(path) as ledger:
+        ledger.record([{"relpath": "d/x", "size": 1, "mtime": 1.0, "name": "x",
+                        "status": "failed:conflict"}], "R0")
+    rows = [(f"d{i % 3}/f{(i * 7) % 10}", i, float(i), f"n{i}", "uploaded") for i in range(10)]
+    with Ledger(path) as ledger:
+        for i in range(0, 10, 3):                      # tasks of three rows, merged by fours
+            ledger.stage_rows(rows[i:i + 3], "R1")
+        ledger.stage_rows([("d0/f0", 99, 99.0, "again", "already_present"),
+                           ("d/x", 2, 2.0, "x", "uploaded")], "R1")
+        ledger.commit()
+        assert ledger.counts() == {"uploaded": 10, "already_present": 1}
+        assert ledger.directory("d0")["f0"] == (99, 99.0, "already_present")
+        assert ledger.directory("d") == {"x": (2, 2.0, "uploaded")}
+        assert ledger.db.execute("SELECT DISTINCT run_id FROM files").fetchall() == [("R1",)]
+    with Ledger(path) as ledger:
+        ledger.stage_rows([(f"e/{i}", i, 0.0, "e", "uploaded") for i in range(9)], "R2")
+    with Ledger(path) as ledger:                       # closed without a commit: dropped
+        assert ledger.directory("e") == {} and ledger.counts()["uploaded"] == 10
+
+
 def test_unchanged_filter_keeps_new_and_changed_only(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.sqlite") as ledger:
         ledger.record([{"relpath": f"d{i % 3}/f{i}", "size": i, "mtime": float(i),
