@@ -24,6 +24,7 @@ reported, every other record kept (checked in summary.json's counts).
 
     python tests/benchmarks/scale.py --files 1000000 5000000 10000000 --big-task 5000000
     python tests/benchmarks/scale.py --small          # 3,000 files: that it works (CI)
+    python tests/benchmarks/scale.py --repeating-sizes --dir /tmp/dac-upload-scale-r ...
 
 collect's peak RSS is that of the larger of its two processes (the summary's, and the
 ledger's writer, which holds at most SQLite's 64 MB page cache besides the rows in hand).
@@ -104,7 +105,7 @@ print(len(tasks_to_retry(tasks)))
 """
 
 
-def build(base: Path, sizes: list[int]) -> dict[int, Path]:
+def build(base: Path, sizes: list[int], repeating: bool = False) -> dict[int, Path]:
     """The trees, one root per size, nested so that each holds the one before it: the files
     of size N that are not in the smaller tree go into ROOT_N/more (5,000 per directory), and
     the smaller tree is ROOT_N/part. 1M, 5M and 10M then cost 10M inodes, not 16M. Kept: a
@@ -115,7 +116,8 @@ def build(base: Path, sizes: list[int]) -> dict[int, Path]:
     for n in reversed(sizes):   # the largest is the outermost
         roots[n] = root
         root = root / "part"
-    marker = base / ("built-logsizes-" + "-".join(map(str, sizes)))
+    marker = base / (("built-repeating-" if repeating else "built-logsizes-")
+                     + "-".join(map(str, sizes)))
     if marker.exists():
         return roots
     shutil.rmtree(base, ignore_errors=True)
@@ -134,7 +136,9 @@ def build(base: Path, sizes: list[int]) -> dict[int, Path]:
             sub.mkdir()
             for i in range(min(PER_DIR, n - previous - d * PER_DIR)):
                 fd = os.open(sub / f"calexp_{i:05d}.fits", os.O_CREAT | os.O_WRONLY, 0o644)
-                os.ftruncate(fd, int(2 ** rng.uniform(10, 30)))   # sparse: no data blocks
+                size = (1024 + (i * 2654435761) % 2**30 if repeating  # the same per directory
+                        else int(2 ** rng.uniform(10, 30)))
+                os.ftruncate(fd, size)   # sparse: no data blocks
                 os.close(fd)
         previous = n
     print(f"built {sizes[-1]:,} sparse files in {time.monotonic() - t0:.0f} s", flush=True)
@@ -279,11 +283,14 @@ def main() -> None:
     ap.add_argument("--files", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dac-upload-scale"))
     ap.add_argument("--small", action="store_true", help="3,000 files: that it works")
+    ap.add_argument("--repeating-sizes", action="store_true", help="sizes that repeat in "
+                    "each directory (1024 + (i * 2654435761) %% 2**30, i the file's number "
+                    "there): batches stay local, the easy case")
     ap.add_argument("--big-task", type=int, help="also one task of this many files (one of "
                     "--files) with a torn record in the middle of its results")
     a = ap.parse_args()
     sizes = [3000] if a.small else a.files
-    roots = build(a.dir, sizes)
+    roots = build(a.dir, sizes, a.repeating_sizes)
     for n in sorted(set(sizes)):
         one_size(a.dir / f"work-{n}", roots[n], n)
     big = 3000 if a.small else a.big_task
