@@ -88,9 +88,10 @@ class Ledger:
 
     # A run's rows come in no order of the key (a task's files are spread over the tree):
     # inserted as they come, each touches another page of a B-tree that outgrows the cache
-    # (5M rows: 60 s). Appended to a temporary table instead and merged in key order every
-    # MERGE_EVERY rows, each merge walks the B-tree once, in order: 5M rows in 24 s, 1M in
-    # 4.6 s (against 6.5 s); what is left for commit() is at most MERGE_EVERY rows.
+    # (tests/benchmarks/ledger_merge.py: 5M rows 66.6 s). Appended to a temporary table
+    # instead and merged in key order every MERGE_EVERY rows, each merge walks the B-tree
+    # once, in order: 5M rows 38.5 s, 1M 6.9 s (against 10.1 s); what is left for commit()
+    # is at most MERGE_EVERY rows.
     MERGE_EVERY = 500_000
 
     def stage_rows(self, rows: Iterable[Sequence[Any]], run_id: str) -> int:

@@ -292,7 +292,8 @@ def _registered_meanwhile(rio: RucioSession, s: TaskSettings, stop: StopRequest,
     holds our bytes now, the name not registered with other ones. Any other failed copy is
     reported after two looks, as before."""
     out: list[Record] = []
-    for look in range(max(2, s.retries + 1)):
+    looks = max(2, s.retries + 1)
+    for look in range(looks):
         if not failed or stop.reason:
             break
         if look:
@@ -315,7 +316,7 @@ def _registered_meanwhile(rio: RucioSession, s: TaskSettings, stop: StopRequest,
                              "registered the name meanwhile with these bytes"), error=None)
                 out.append(r)
         failed = [r for r in failed if r["status"] == FAILED]
-        if look >= 1:   # from the second look on: only files someone is seen uploading
+        if 1 <= look < looks - 1:   # looked at twice: only files someone is seen uploading
             failed = [r for r in failed if r.get("cause") != "transient"
                       and (r["name"] not in dids or r["name"] in same_names)
                       and storage.holds(s.scope, r["name"], r["bytes"], r["adler32"])]
