@@ -16,9 +16,8 @@ from typing import IO, Any, Callable
 
 from . import __version__
 from .files import (
-    append_file,
+    atomic_write_headed,
     atomic_write_json,
-    atomic_write_stream,
     read_json,
     read_jsonl,
     read_manifest,
@@ -121,6 +120,18 @@ class SummaryBuilder:
             if status == UPLOADED:
                 counts["bytes_uploaded"] += get("bytes") or 0
             yield f"{scope}:{name}", out
+
+    def largest_header(self, warnings: list[str] | None = None) -> dict[str, Any]:
+        """A header at least as long as this run's can be with these warnings: every count
+        at 19 digits, the tasks without a marker missing (as ``entries`` will find them);
+        summary.json keeps room for it before the entries."""
+        most = SummaryBuilder(self.run, self.markers)
+        most.counts = dict.fromkeys(self.counts, 10**19 - 1)
+        most.butler = dict.fromkeys(self.butler, 10**19 - 1)
+        most.tasks = 10**19 - 1
+        most.missing_tasks = [t for t in range(RunRecord(self.run).tasks)
+                              if t not in self.markers]
+        return most.header(warnings)
 
     def header(self, warnings: list[str] | None = None) -> dict[str, Any]:
         """The summary without "files" (call once every task's entries were taken)."""
@@ -297,50 +308,57 @@ def read_run(run_dir: Path, datasets: bool = True) -> RunState:
                     markers, problems, by_relpath, collection_state(run_dir, run))
 
 
+HEADER_SLACK = 2048   # bytes of summary.json's header room beyond SummaryBuilder.largest_header:
+# for the warnings the pass itself finds (a torn line, a remade manifest); more than that and
+# the entries are copied once after the header instead
+
+
+def _header_text(header: dict[str, Any]) -> bytes:
+    """summary.json's first lines: the header, sorted and indented (docs/summary-schema.md),
+    without its closing brace, up to the line that opens "files"."""
+    head = json.dumps(header, indent=1, sort_keys=True, ensure_ascii=False)
+    return (head[:-2] + ",\n").encode("utf-8")
+
+
 def _write_summary(run_dir: Path, state: RunState,
                    on_task: Callable[[int, list[dict[str, Any]]], None] | None = None
                    ) -> dict[str, Any]:
     """Stream summary.json: one pass over the tasks, each task's manifest and records read,
     turned into file entries and written out before the next; then the header (counts and
-    warnings are known only then) and the entries, one per line, into the final file,
-    atomically. ``on_task(task, [(manifest entry, summary entry)])`` sees each task's files
-    as they go (the ledger). Returns the summary without "files"."""
-    import os
-    import tempfile
-
+    warnings are known only then) into the room left for it before the entries, atomically
+    (files.atomic_write_headed). ``on_task(task, [(manifest entry, summary entry)])`` sees
+    each task's files as they go (the ledger). Returns the summary without "files"."""
     import orjson  # encoding the entries is a large part of collect: the faster encoder
 
     layout = RunLayout(run_dir)
     builder = SummaryBuilder(state.run, state.markers, state.datasets)
-    fd, tmp = tempfile.mkstemp(dir=layout.dir, prefix=".summary-files.")
+    room = len(_header_text(builder.largest_header(state.problems))) + HEADER_SLACK
     dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
-    try:
-        with os.fdopen(fd, "wb") as out:
-            sep = b"\n  "
-            for task in state.manifests:
-                manifest = state.manifests[task]
-                pairs, lines = [], []
-                for (key, entry), planned in zip(builder.entries(
-                        task, manifest, state.results.get(task, [])), manifest["files"]):
-                    lines.append(sep + dumps(key) + b": " + dumps(entry, option=sort))
-                    sep = b",\n  "
-                    if on_task is not None:
-                        pairs.append((planned, entry))
-                out.write(b"".join(lines))   # one write per task, not per file
+    header: dict[str, Any] = {}
+
+    def body(out: IO[bytes]) -> None:
+        out.write(b' "files": {')
+        sep = b"\n  "
+        for task in state.manifests:
+            manifest = state.manifests[task]
+            pairs, lines = [], []
+            for (key, entry), planned in zip(builder.entries(
+                    task, manifest, state.results.get(task, [])), manifest["files"]):
+                lines.append(sep + dumps(key) + b": " + dumps(entry, option=sort))
+                sep = b",\n  "
                 if on_task is not None:
-                    on_task(task, pairs)
-                del manifest, pairs, lines
-        header = builder.header(state.problems)
-        head = json.dumps(header, indent=1, sort_keys=True, ensure_ascii=False)
+                    pairs.append((planned, entry))
+            out.write(b"".join(lines))   # one write per task, not per file
+            if on_task is not None:
+                on_task(task, pairs)
+            del manifest, pairs, lines
+        out.write(b"\n }\n}\n")
 
-        def write(out: IO[bytes]) -> None:
-            out.write((head[:-2] + ',\n "files": {').encode("utf-8"))
-            append_file(out, Path(tmp))   # in the kernel: the entries are most of the bytes
-            out.write(b"\n }\n}\n")
+    def head() -> bytes:
+        header.update(builder.header(state.problems))
+        return _header_text(header)
 
-        atomic_write_stream(layout.summary, write)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_headed(layout.summary, room, body, head)
     return header
 
 

@@ -251,8 +251,6 @@ with open(path, "r+b") as handle:
 def big_task(base: Path, root: Path, files: int, dac: str) -> None:
     """One task of ``files`` files: its results file of several GB with a torn record in
     the middle still collects; the line is named, the rest kept."""
-    import json
-
     base.mkdir(parents=True, exist_ok=True)
     job = job_file(base, root)
     text = job.read_text().replace("files_per_batch = 1000", f"files_per_batch = {files}")
@@ -268,9 +266,10 @@ def big_task(base: Path, root: Path, files: int, dac: str) -> None:
     subprocess.run([sys.executable, "-c", TEAR, str(result)], check=True)
     settle()
     row("collect", *measure([dac, "collect", str(run_dir)], ok=("1",)))   # 1: not complete
-    with open(run_dir / "summary.json", "rb") as handle:   # the header: its first lines
-        head = handle.read(1 << 20).decode("utf-8", "replace")
-    summary = json.loads(head[:head.index(',\n "files"')] + "}")
+    from dac_upload.verify import read_header
+
+    with open(run_dir / "summary.json", encoding="utf-8") as handle:   # its first lines
+        summary = read_header(handle, run_dir / "summary.json")
     said = [w for w in summary["warnings"] if " line " in w]
     print(f"  uploaded {summary['counts']['uploaded']:,} of {summary['counts']['files']:,};"
           f" warnings: {said}")

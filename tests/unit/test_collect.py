@@ -198,6 +198,32 @@ def test_collect_writes_byte_identical_summary(tmp_path: Path) -> None:
         "logs", "manifests", "results", "run.json", "summary.json"]
 
 
+def test_summary_header_written_into_its_room_or_before_a_copy(tmp_path: Path) -> None:
+    """The header goes into the room kept before the entries (a line of spaces after it);
+    where the pass finds more warnings than that room holds, the entries are copied after
+    it instead: the same document either way, and no temp file left."""
+    from dac_upload.collect import HEADER_SLACK
+
+    layout = _write_run(tmp_path / "R1")
+    collect(layout.dir)
+    lines = layout.summary.read_text().splitlines(keepends=True)
+    files_at = lines.index(' "files": {\n')
+    assert lines[files_at - 1].strip() == "" and lines[files_at - 2].endswith(",\n")
+    layout2 = _write_run(tmp_path / "R2")
+    torn = "".join(f'{{"name": "torn {i}\n' for i in range(HEADER_SLACK // 40))
+    layout2.result(0).write_text(layout2.result(0).read_text() + torn)
+    collect(layout2.dir)
+    text = layout2.summary.read_text()
+    doc = json.loads(text)
+    assert len([w for w in doc["warnings"] if "incomplete record" in w]) == 20
+    assert len("".join(doc["warnings"])) > HEADER_SLACK
+    assert '"warnings": [' in text and ',\n "files": {\n' in text   # no room: no padding
+    assert {k: v for k, v in doc.items() if k not in ("warnings",)} == {
+        k: v for k, v in json.loads(layout.summary.read_text()).items() if k != "warnings"}
+    assert sorted(p.name for p in layout2.dir.iterdir()) == [
+        "logs", "manifests", "results", "run.json", "summary.json"]
+
+
 def test_collect_missing_manifest_raises(tmp_path: Path) -> None:
     layout = _write_run(tmp_path / "R1")
     layout.manifest(2).unlink()

@@ -303,3 +303,33 @@ def test_result_records_across_blocks_name_the_right_line(tmp_path: Path) -> Non
     assert problems == ["results/t.jsonl line 30001: an incomplete record (a task stopped "
                         "while writing it; ignored: the file's record from a later attempt "
                         "counts)"]
+
+
+@pytest.mark.parametrize("head", [b"{head}\n", b"x" * 64])
+def test_atomic_write_headed_pads_or_copies(tmp_path: Path, head: bytes) -> None:
+    """A head that fits its room is padded to it with spaces and a newline; a longer one is
+    followed by the body copied from the room onwards. Nothing else is left behind."""
+    from dac_upload.files import atomic_write_headed
+
+    target = tmp_path / "out"
+    target.write_bytes(b"old")
+    body = b"body " * 100_000
+    fitted = atomic_write_headed(target, 16, lambda h: h.write(body), lambda: head)
+    assert fitted == (len(head) < 16)
+    pad = b" " * (16 - len(head) - 1) + b"\n" if fitted else b""
+    assert target.read_bytes() == head + pad + body
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_write_headed_failure_leaves_the_old_file(tmp_path: Path) -> None:
+    from dac_upload.files import atomic_write_headed
+
+    target = tmp_path / "out"
+    target.write_bytes(b"old")
+
+    def body(handle: object) -> None:
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_headed(target, 16, body, lambda: b"")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out"]
