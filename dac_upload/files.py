@@ -106,19 +106,19 @@ def atomic_write_headed(path: Path, room: int, body: Callable[[IO[bytes]], None]
     than that goes into another temp file, followed by a kernel copy of the body. True if the
     head fitted."""
     path = Path(path)
-    first = b""
+    first, fitted = b"", False
 
     def write(handle: IO[bytes]) -> None:
-        nonlocal first
+        nonlocal first, fitted
         handle.seek(room)
         body(handle)
         first = head()
-        if len(first) < room:
+        fitted = len(first) < room   # room for the newline that ends the padding
+        if fitted:
             handle.seek(0)
             handle.write(first + b" " * (room - len(first) - 1) + b"\n")
 
     tmp = _synced_temp(path, path.parent, write, text=False)
-    fitted = len(first) < room
     if not fitted:
         try:
             other = _synced_temp(path, path.parent, lambda handle: (
