@@ -116,6 +116,8 @@ def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
     """One night for one job; returns the exit code (see the constants above). The lock is
     held while deciding and submitting, not while waiting (--wait): a later night then sees
     the run going and exits STILL_GOING."""
+    from .ledger import LedgerError
+
     lock_mode = os.environ.get("DAC_UPLOAD_LOCK", "auto")
     if lock_mode not in ("auto", "flock", "soft"):
         say(f"DAC_UPLOAD_LOCK={lock_mode!r}: use auto, flock or soft", problem=True)
@@ -129,6 +131,9 @@ def run_night(job: JobConfig, opts: NightOptions, say: Reporter,
     except LockError as exc:
         say(str(exc), problem=True)
         return Exit.LOCKED
+    except LedgerError as exc:
+        say(str(exc), problem=True)
+        return Exit.USER
     if waiting is not None:
         code = _wait(*waiting, opts, say)
         stuck = _still_needing_a_person(job, forget=False)  # no lock held: read only

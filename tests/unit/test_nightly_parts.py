@@ -67,6 +67,85 @@ def test_staged_rows_merge_in_key_order_and_drop_without_commit(
         assert ledger.directory("e") == {} and ledger.counts()["uploaded"] == 10
 
 
+def test_ledger_stores_narrow_and_shows_rows_written_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directories and runs are numbers, a name that is the run's prefix + the path is not
+    stored; the view "files" shows every row as written (what docs/operations.md queries).
+    Directory numbers held past DIR_IDS_HELD are looked up again, not made twice."""
+    import dac_upload.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "DIR_IDS_HELD", 2)
+    path = tmp_path / "l.sqlite"
+    rows = [(f"d{i % 5}/f{i}", i, float(i), f"p/d{i % 5}/f{i}", "uploaded") for i in range(20)]
+    rows += [("top.fits", 7, 7.0, "p/top.fits", "uploaded"),
+             ("d0/renamed", 8, 8.0, "p/elsewhere/renamed", "already_present")]
+    with Ledger(path) as ledger:
+        ledger.stage_rows(rows, "R1")
+        ledger.commit()
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("SELECT COUNT(*) FROM dirs").fetchone() == (6,)   # '' and d0-d4
+        assert db.execute("SELECT run_id, prefix FROM runs").fetchall() == [("R1", "p/")]
+        assert db.execute("SELECT base, name FROM entries WHERE name IS NOT NULL"
+                          ).fetchall() == [("renamed", "p/elsewhere/renamed")]
+        shown = db.execute("SELECT dir, base, size, mtime, name, status, run_id FROM files"
+                           ).fetchall()
+    expected = [(*r[0].rpartition("/")[::2], *r[1:], "R1") for r in rows]
+    assert sorted(shown) == sorted(expected)
+
+
+SCHEMA_1 = """
+CREATE TABLE files (dir TEXT NOT NULL, base TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime REAL NOT NULL, name TEXT NOT NULL, status TEXT NOT NULL, run_id TEXT NOT NULL,
+    updated TEXT NOT NULL, PRIMARY KEY (dir, base)) WITHOUT ROWID;
+"""
+
+
+def test_a_ledger_of_the_first_schema_is_converted_with_every_row(tmp_path: Path) -> None:
+    """A ledger written by an earlier dac-upload (one wide table) is converted on opening,
+    in one transaction: the same rows, names, runs and times, read as before."""
+    import sqlite3
+
+    path = tmp_path / "l.sqlite"
+    old = [("d", "a.fits", 1, 1.5, "p/d/a.fits", "uploaded", "R1", "2026-01-01T00:00:00Z"),
+           ("d", "b.fits", 2, 2.5, "p/x/b.fits", "failed:conflict", "R2",
+            "2026-01-02T00:00:00Z"),
+           ("", "top", 3, 3.5, "p/top", "already_present", "R1", "2026-01-01T00:00:09Z")]
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_1)
+        db.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", old)
+    with Ledger(path) as ledger:
+        assert ledger.directory("d") == {"a.fits": (1, 1.5, "uploaded"),
+                                         "b.fits": (2, 2.5, "failed:conflict")}
+        assert ledger.directory("") == {"top": (3, 3.5, "already_present")}
+        assert ledger.needs_person() == [("d/b.fits", "failed:conflict")]
+        rows = ledger.db.execute("SELECT dir, base, size, mtime, name, status, run_id, "
+                                 "updated FROM files").fetchall()
+        # a run's time is its latest row's
+        assert sorted(rows) == sorted([(*old[0][:7], "2026-01-01T00:00:09Z"), *old[1:]])
+        assert ledger.db.execute("SELECT COUNT(*) FROM entries WHERE name IS NULL"
+                                 ).fetchone() == (2,)   # p/ + the path: not stored
+        ledger.record([{"relpath": "d/b.fits", "size": 9, "mtime": 9.0, "name": "p/d/b.fits",
+                        "status": "uploaded"}], "R3")
+        assert ledger.needs_person() == []
+    with Ledger(path) as ledger:   # opened again: nothing more to convert
+        assert ledger.counts() == {"uploaded": 2, "already_present": 1}
+
+
+def test_a_ledger_of_a_newer_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dac_upload.ledger import LedgerError
+
+    path = tmp_path / "l.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 9")
+    with pytest.raises(LedgerError, match=r"newer dac-upload .* upgrade dac-upload"):
+        Ledger(path)
+
+
 def test_unchanged_filter_keeps_new_and_changed_only(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.sqlite") as ledger:
         ledger.record([{"relpath": f"d{i % 3}/f{i}", "size": i, "mtime": float(i),
