@@ -321,13 +321,14 @@ def _header_text(header: dict[str, Any]) -> bytes:
 
 
 def _write_summary(run_dir: Path, state: RunState,
-                   on_task: Callable[[int, list[dict[str, Any]]], None] | None = None
-                   ) -> dict[str, Any]:
+                   on_task: Callable[[int, dict[str, Any], list[str | None]], None] | None
+                   = None) -> dict[str, Any]:
     """Stream summary.json: one pass over the tasks, each task's manifest and records read,
     turned into file entries and written out before the next; then the header (counts and
     warnings are known only then) into the room left for it before the entries, atomically
-    (files.atomic_write_headed). ``on_task(task, [(manifest entry, summary entry)])`` sees
-    each task's files as they go (the ledger). Returns the summary without "files"."""
+    (files.atomic_write_headed). ``on_task(task, manifest, ledger statuses)`` sees each
+    task's files as they go (the ledger: ledger_status of each, in the manifest's order).
+    Returns the summary without "files"."""
     import orjson  # encoding the entries is a large part of collect: the faster encoder
 
     layout = RunLayout(run_dir)
@@ -341,17 +342,17 @@ def _write_summary(run_dir: Path, state: RunState,
         sep = b"\n  "
         for task in state.manifests:
             manifest = state.manifests[task]
-            pairs, lines = [], []
-            for (key, entry), planned in zip(builder.entries(
-                    task, manifest, state.results.get(task, [])), manifest["files"]):
+            lines: list[bytes] = []
+            statuses: list[str | None] = []
+            for key, entry in builder.entries(task, manifest, state.results.get(task, [])):
                 lines.append(sep + dumps(key) + b": " + dumps(entry, option=sort))
                 sep = b",\n  "
                 if on_task is not None:
-                    pairs.append((planned, entry))
+                    statuses.append(ledger_status(entry))
             out.write(b"".join(lines))   # one write per task, not per file
             if on_task is not None:
-                on_task(task, pairs)
-            del manifest, pairs, lines
+                on_task(task, manifest, statuses)
+            del manifest, lines, statuses
         out.write(b"\n }\n}\n")
 
     def head() -> bytes:
@@ -369,15 +370,18 @@ def collect(run_dir: Path) -> dict[str, Any]:
 
 
 class LedgerWriter:
-    """The ledger's rows, task by task, in one transaction committed by ``finish``. Writing
-    them (Ledger.stage_rows) costs about as much CPU as the summary, so a forked child
-    process writes them while this one makes the summary, on another CPU where the job has
-    one (the collector asks for two); the rows go through a pipe, read in the child by a
-    thread of its own while the ledger merges (at most 64 MB held there; beyond, the pipe
-    holds back this process: memory stays bounded). In this process instead where a fork
-    is unsafe (another thread is running) or impossible."""
+    """The ledger's rows, task by task, in one transaction committed by ``finish``. Making
+    and writing them (Ledger.stage_rows) costs about half as much CPU as the summary, so a
+    forked child process does it while this one makes the summary, on another CPU where the
+    job has one (the collector asks for two). Only each task's statuses go through the pipe;
+    the child reads the task's manifest itself (``manifest(task)``, from the fork's copy of
+    the run) for the paths, sizes, mtimes and names. A thread of the child reads the pipe
+    while the ledger merges (at most 64 MB held there; beyond, the pipe holds back this
+    process: memory stays bounded). In this process instead where a fork is unsafe (another
+    thread is running) or impossible."""
 
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str,
+                 manifest: Callable[[int], dict[str, Any]]) -> None:
         import threading
 
         self.problem: str | None = None
@@ -390,7 +394,8 @@ class LedgerWriter:
             ctx = multiprocessing.get_context("fork")
             try:
                 self.conn, theirs = ctx.Pipe()
-                self.child = ctx.Process(target=_ledger_child, args=(theirs, path, run_id),
+                self.child = ctx.Process(target=_ledger_child,
+                                         args=(theirs, path, run_id, manifest),
                                          name="dac-upload ledger", daemon=True)
                 self.child.start()
                 theirs.close()
@@ -400,18 +405,19 @@ class LedgerWriter:
         self.local = _LedgerRows(path, run_id)
         self.problem = self.local.problem
 
-    def put(self, task: int, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    def put(self, task: int, manifest: dict[str, Any], statuses: list[str | None]) -> None:
+        """A task's ledger statuses (ledger_status of each file of ``manifest``, in its
+        order)."""
         if self.problem is not None:
             return
-        rows = ledger_rows(pairs)
         if self.local is not None:
-            self.local.add(rows)
+            self.local.add(ledger_rows(manifest["files"], statuses))
             self.problem = self.local.problem
             return
         try:
             import orjson
 
-            self.conn.send_bytes(orjson.dumps(rows))
+            self.conn.send_bytes(orjson.dumps([task, statuses]))
         except (OSError, EOFError) as exc:   # the child gone, a pipe broken
             self.problem = f"the ledger's writer stopped ({exc})"
         except Exception as exc:
@@ -470,14 +476,17 @@ class _LedgerRows:
 def _ledger_error(exc: BaseException) -> str:
     import sqlite3
 
-    return str(exc) if isinstance(exc, (sqlite3.Error, OSError)) else repr(exc)
+    from .errors import UserError
+
+    return str(exc) if isinstance(exc, (sqlite3.Error, OSError, UserError)) else repr(exc)
 
 
-def _ledger_child(conn: Any, path: Path, run_id: str) -> None:
-    """The ledger writer's process: rows until an empty message, then commit ("!": drop
-    them all); answers None or why the ledger was not updated (the rest of the rows are
-    read and dropped). A thread reads the pipe meanwhile (at most _INBOX_BYTES held): while
-    the ledger merges its staged rows (seconds), the summary's process goes on."""
+def _ledger_child(conn: Any, path: Path, run_id: str,
+                  manifest: Callable[[int], dict[str, Any]]) -> None:
+    """The ledger writer's process: [task, statuses] until an empty message, then commit
+    ("!": drop them all); answers None or why the ledger was not updated (the rest is read
+    and dropped). A thread reads the pipe meanwhile (at most _INBOX_BYTES held): while the
+    ledger merges its staged rows (seconds), the summary's process goes on."""
     import orjson
 
     inbox = _Inbox(conn)
@@ -485,14 +494,16 @@ def _ledger_child(conn: Any, path: Path, run_id: str) -> None:
     while (data := inbox.get()) not in (b"", b"!"):
         if rows.problem is None:
             try:
-                rows.add(orjson.loads(data))
+                task, statuses = orjson.loads(data)
+                if any(statuses):   # a task of transient failures only adds nothing
+                    rows.add(ledger_rows(manifest(task)["files"], statuses))
             except Exception as exc:
                 rows.problem = _ledger_error(exc)
     conn.send(rows.end(commit=data == b""))
     conn.close()
 
 
-_INBOX_BYTES = 64 << 20   # a merge's worth of rows (500,000: about 35 MB)
+_INBOX_BYTES = 64 << 20   # tasks' statuses (a million files: about 12 MB)
 
 
 class _Inbox:
@@ -543,7 +554,8 @@ def collect_run(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     fingerprint = results_fingerprint(run_dir)   # before reading: a later write shows
     state = read_run(run_dir)
     record = RunRecord(state.run)
-    writer = LedgerWriter(record.ledger, record.run_id) if record.ledger else None
+    writer = (LedgerWriter(record.ledger, record.run_id, state.manifests.__getitem__)
+              if record.ledger else None)
     try:
         header = _write_summary(run_dir, state, writer.put if writer else None)
     except BaseException:
@@ -620,19 +632,23 @@ def records_so_far(run_dir: Path) -> tuple[int, int]:
     return files, nbytes
 
 
-def ledger_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]
+def ledger_status(entry: dict[str, Any]) -> str | None:
+    """What the ledger keeps of a file's summary entry: its status if done, failed:<cause>
+    for a failure only a person can fix (so that a nightly run does not try it again while
+    it is unchanged), else None (no row: the next run tries it)."""
+    status = entry["status"]
+    if status in DONE_STATES:
+        return str(status)
+    if status == FAILED and entry.get("cause") in PERMANENT_CAUSES:
+        return f"failed:{entry['cause']}"
+    return None
+
+
+def ledger_rows(files: list[dict[str, Any]], statuses: list[str | None]
                 ) -> list[tuple[str, int, float, str, str]]:
-    """What the ledger learns from a task's files ((manifest entry, summary entry) pairs):
-    done files, and failures only a person can fix (so that a nightly run does not try
-    them again while they are unchanged)."""
-    rows = []
-    for planned, f in pairs:
-        if f["status"] in DONE_STATES:
-            status = f["status"]
-        elif f["status"] == FAILED and f.get("cause") in PERMANENT_CAUSES:
-            status = f"failed:{f['cause']}"
-        else:
-            continue
-        rows.append((planned["relpath"], planned["size"], planned["mtime"], planned["name"],
-                     status))
-    return rows
+    """The ledger's rows of a task: (relpath, size, mtime, name, status) of each manifest
+    entry whose ledger_status is not None."""
+    if len(files) != len(statuses):   # the child read another manifest than the summary
+        raise ValueError(f"{len(statuses)} statuses for a manifest of {len(files)} files")
+    return [(f["relpath"], f["size"], f["mtime"], f["name"], status)
+            for f, status in zip(files, statuses) if status]

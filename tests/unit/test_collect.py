@@ -394,21 +394,22 @@ def test_ledger_writer_forked_or_here_writes_the_same_rows(
     if not forked:
         monkeypatch.setattr(threading, "active_count", lambda: 2)
 
-    def pairs(task: int) -> list[tuple[dict, dict]]:
-        out = []
-        for i in range(4):
-            rel = f"d{i}/t{task}.fits"
-            status = ("uploaded", "already_present", "failed", "failed")[i]
-            cause = "conflict" if i == 2 else "rucio" if i == 3 else None
-            out.append(({"relpath": rel, "size": i, "mtime": 1.5, "name": "p/" + rel},
-                        {"status": status, "cause": cause}))
-        return out
+    from dac_upload.collect import ledger_status
+
+    def manifest(task: int) -> dict:
+        return {"files": [{"relpath": f"d{i}/t{task}.fits", "size": i, "mtime": 1.5,
+                           "name": f"p/d{i}/t{task}.fits"} for i in range(4)]}
+
+    def statuses(task: int) -> list:
+        return [ledger_status({"status": status, "cause": cause}) for status, cause in
+                [("uploaded", None), ("already_present", None), ("failed", "conflict"),
+                 ("failed", "rucio")]]
 
     path = tmp_path / "ledger.sqlite"
-    writer = LedgerWriter(path, "R1")
+    writer = LedgerWriter(path, "R1", manifest)
     assert (writer.child is not None) == forked
     for task in (2, 0, 1):
-        writer.put(task, pairs(task))
+        writer.put(task, manifest(task), statuses(task))
     assert writer.finish() is None
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT dir, base, size, mtime, name, status, run_id FROM files "
@@ -416,9 +417,9 @@ def test_ledger_writer_forked_or_here_writes_the_same_rows(
     assert rows == [(f"d{i}", f"t{t}.fits", i, 1.5, f"p/d{i}/t{t}.fits",
                      ("uploaded", "already_present", "failed:conflict")[i], "R1")
                     for i in range(3) for t in range(3)]   # a transient failure: no row
-    dropped = LedgerWriter(path, "R2")
-    dropped.put(0, [({"relpath": "new.fits", "size": 1, "mtime": 1.0, "name": "p/new"},
-                     {"status": "uploaded", "cause": None})] * 4)
+    new = {"files": [{"relpath": "new.fits", "size": 1, "mtime": 1.0, "name": "p/new"}]}
+    dropped = LedgerWriter(path, "R2", lambda task: new)
+    dropped.put(0, new, ["uploaded"])
     assert dropped.finish(commit=False) is None
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (9,)
