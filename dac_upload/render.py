@@ -268,12 +268,12 @@ def sbatch_option_problems(job: JobConfig) -> list[str]:
     return []
 
 
-# What the collector job needs, as planned (collector_fit): collect took 10 s at 1M files and
-# 45 s at 5M (sizes unrelated to the path: 9-10 µs a file), on the 2-core test machine
-# (tests/benchmarks/scale.py, docs/performance.md): 50 µs a file is five times that, for a
+# What the collector job needs, as planned (collector_fit): collect took 6-9 s at 1M files
+# and 38-41 s at 5M (sizes unrelated to the path: 6-9 µs a file), on the 2-core test machine
+# (tests/benchmarks/scale.py, docs/performance.md): 50 µs a file is over five times that, for a
 # slower file system and a ledger that grows. Its memory, both processes together: about
-# 100 MB for the summary's and up to 200 MB for the ledger's writer (SQLite's cache, the rows
-# read ahead), plus the largest task's records (one task of 5M files: 18.9 GB, 4.0 KB a
+# 100 MB for the summary's and up to 200 MB for the ledger's writer (SQLite's cache, the
+# statuses read ahead), plus the largest task's records (one task of 5M files: 18.9 GB, 4.0 KB a
 # file), plus a Butler source's butler.jsonl, held whole.
 COLLECT_SECONDS_PER_FILE = 50e-6
 COLLECT_BASE_SECONDS = 120

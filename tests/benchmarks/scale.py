@@ -2,7 +2,8 @@
 
 For each --files N it builds (once, kept in --dir) a tree of N sparse files (5,000 per
 directory, sizes 1 KiB - 1 GiB log-uniform, made by ftruncate: no data blocks) and a job
-file, then measures each step in a fresh process (wall seconds; peak RSS of that process):
+file, then measures each step in a fresh process (wall seconds; CPU seconds of all its
+processes; peak RSS of its largest process):
 
   find      find ROOT -type f -printf '%s %T@ %p\\n' > /dev/null (the anchor of plan)
   plan      dac-upload plan --offline JOB (the walk included)
@@ -45,13 +46,16 @@ from pathlib import Path
 
 PER_DIR = 5000
 
-# run in a child: peak RSS (ru_maxrss, KiB) of the command it runs, printed last
+# run in a child: peak RSS (ru_maxrss, KiB) of the command it runs (its largest process),
+# and the CPU seconds of all its processes (user + system; collect's forked ledger writer
+# included: it is waited for)
 MEASURE = r"""
 import resource, subprocess, sys, time
 t0 = time.monotonic()
 rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
 wall = time.monotonic() - t0
-print(rc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+use = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(rc, wall, use.ru_maxrss, use.ru_utime + use.ru_stime)
 """
 
 FILL = r"""
@@ -172,21 +176,21 @@ runtime = "none"
 
 
 def measure(args: list[str], env: dict[str, str] | None = None,
-            ok: tuple[str, ...] = ("0",)) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``args`` in a fresh process; exits if it fails
-    (an exit code not in ``ok``)."""
+            ok: tuple[str, ...] = ("0",)) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds) of ``args`` in a fresh process; exits if
+    it fails (an exit code not in ``ok``)."""
     out = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True,
                          text=True, env=env)
-    rc, wall, rss = out.stdout.split()
+    rc, wall, rss, cpu = out.stdout.split()
     if rc not in ok:
         sys.exit(f"failed ({rc}): {' '.join(args)}\n{out.stderr}")
-    return float(wall), int(rss) / 1024
+    return float(wall), int(rss) / 1024, float(cpu)
 
 
-def row(step: str, wall: float, rss: float, anchor: float | None = None,
+def row(step: str, wall: float, rss: float, cpu: float, anchor: float | None = None,
         what: str = "") -> None:
     ratio = f"{wall / anchor:6.2f}x {what}" if anchor else ""
-    print(f"  {step:<14} {wall:8.1f} s  {rss:8.0f} MB  {ratio}", flush=True)
+    print(f"  {step:<14} {wall:8.1f} s  {cpu:8.1f} s  {rss:8.0f} MB  {ratio}", flush=True)
 
 
 def settle() -> None:
@@ -208,7 +212,7 @@ def one_size(base: Path, root: Path, files: int) -> None:
     settle()
     subprocess.run(["find", str(root), "-type", "f"], stdout=subprocess.DEVNULL, check=True)
     print(f"\n{files:,} files ({-(-files // 1000):,} tasks of 1,000)")
-    print(f"  {'step':<14} {'wall':>10}  {'peak RSS':>11}  ratio")
+    print(f"  {'step':<14} {'wall':>10}  {'CPU':>10}  {'peak RSS':>11}  ratio")
     find = measure(["sh", "-c", f"find '{root}' -type f -printf '%s %T@ %p\\n' > /dev/null"])
     row("find", *find)
     shutil.rmtree(base / "runs", ignore_errors=True)
