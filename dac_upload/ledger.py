@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE VIEW IF NOT EXISTS files AS
     SELECT d.path AS dir, e.base AS base, e.size AS size, e.mtime AS mtime,
-           COALESCE(e.name, r.prefix || d.path || IIF(d.path = '', '', '/') || e.base) AS name,
+           COALESCE(e.name, r.prefix || d.path
+                    || CASE d.path WHEN '' THEN '' ELSE '/' END || e.base) AS name,
            e.status AS status, r.run_id AS run_id, r.updated AS updated
     FROM entries e JOIN dirs d ON d.id = e.dir JOIN runs r ON r.id = e.run;
 """
@@ -118,7 +119,8 @@ class Ledger:
                        "MAX(updated) FROM files_schema_1 GROUP BY run_id ORDER BY run_id",
                        (prefix,))
             db.execute("INSERT INTO entries SELECT d.id, f.base, f.size, f.mtime, f.status, "
-                       "r.id, NULLIF(f.name, ? || f.dir || IIF(f.dir = '', '', '/') || f.base)"
+                       "r.id, NULLIF(f.name, ? || f.dir || CASE f.dir WHEN '' THEN '' "
+                       "ELSE '/' END || f.base)"
                        " FROM files_schema_1 f JOIN dirs d ON d.path = f.dir JOIN runs r ON "
                        "r.run_id = f.run_id ORDER BY d.id, f.base", (prefix,))
             db.execute("DROP TABLE files_schema_1")
