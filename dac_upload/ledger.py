@@ -72,6 +72,17 @@ def split(relpath: str) -> tuple[str, str]:
     return d, b
 
 
+def join(reldir: str, base: str) -> str:
+    """The relpath that split() split."""
+    return f"{reldir}/{base}" if reldir else base
+
+
+def prefix_of(relpath: str, name: str) -> str:
+    """What a name adds before its file's path ('' if it does not end with the path): a
+    run's prefix, from its first file."""
+    return name[:-len(relpath)] if relpath and name.endswith(relpath) else ""
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -79,7 +90,7 @@ class Ledger:
         self._schema()
         self._writing = False   # _for_writing
         self._dir_ids: dict[str, int] = {}
-        self._runs: dict[str, tuple[int, str | None]] = {}   # run_id -> (id, prefix)
+        self._runs: dict[str, tuple[int, str]] = {}   # run_id -> (id, prefix)
         self._staged_table, self._staged, self._staged_run = False, 0, ""   # stage_rows
 
     def _schema(self) -> None:
@@ -103,10 +114,7 @@ class Ledger:
         is not prefix + path is kept as it is."""
         db = self.db
         first = db.execute("SELECT dir, base, name FROM files LIMIT 1").fetchone()
-        prefix = ""
-        if first is not None:
-            rel = f"{first[0]}/{first[1]}" if first[0] else first[1]
-            prefix = first[2][:-len(rel)] if first[2].endswith(rel) else ""
+        prefix = prefix_of(join(first[0], first[1]), first[2]) if first else ""
         db.execute("BEGIN")
         try:
             db.execute("ALTER TABLE files RENAME TO files_schema_1")
@@ -149,10 +157,8 @@ class Ledger:
             self._writing = True
 
     def _dir_id(self, path: str) -> int:
-        """The number of a directory, made on first use (in the open transaction)."""
-        found = self._dir_ids.get(path)
-        if found is not None:
-            return found
+        """The number of a directory not in ``_dir_ids``: looked up, or made on first use
+        (in the open transaction), then held."""
         row = self.db.execute("SELECT id FROM dirs WHERE path = ?", (path,)).fetchone()
         if row is None:
             dir_id = self.db.execute("INSERT INTO dirs (path) VALUES (?)", (path,)).lastrowid
@@ -172,7 +178,7 @@ class Ledger:
             row = self.db.execute("SELECT id, prefix FROM runs WHERE run_id = ?",
                                   (run_id,)).fetchone()
             if row is None:
-                prefix = name[:-len(relpath)] if relpath and name.endswith(relpath) else ""
+                prefix = prefix_of(relpath, name)
                 run = self.db.execute("INSERT INTO runs (run_id, prefix, updated) VALUES "
                                       "(?, ?, ?)", (run_id, prefix, utc_now())).lastrowid
                 assert run is not None
@@ -190,7 +196,7 @@ class Ledger:
         for rel, size, mtime, name, status in rows:
             if run < 0:
                 run, prefix = self._run(run_id, rel, name)
-            d, _, b = rel.rpartition("/")
+            d, _, b = rel.rpartition("/")   # split(), inlined: once a row
             data.append((known(d) or dir_id(d), b, size, mtime, status,
                          None if name == prefix + rel else name))
         return run, data
@@ -278,7 +284,7 @@ class Ledger:
         rows = self.db.execute("SELECT d.path, e.base, e.status FROM entries e JOIN dirs d "
                                "ON d.id = e.dir WHERE e.status LIKE 'failed:%' "
                                "ORDER BY d.path, e.base")
-        return [(f"{d}/{b}" if d else b, s) for d, b, s in rows]
+        return [(join(d, b), s) for d, b, s in rows]
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status"))
