@@ -141,8 +141,11 @@ chown "$USER_NAME" "$CA/user"; chmod 700 "$CA/user"
 # ---------------------------------------------------------------- 4. the RFC 3820 proxy
 install -d -m 700 -o "$USER_NAME" -g "$(id -gn "$USER_NAME")" "$(dirname "$PROXY")"
 left=$(runuser -u "$USER_NAME" -- openssl x509 -noout -checkend 7200 -in "$PROXY" > /dev/null 2>&1 && echo ok || echo renew)
-# a proxy from an older user cert (a re-made CA) is renewed too
-if [ "$left" = ok ] && ! runuser -u "$USER_NAME" -- grep -q "$(sed -n 2p "$CA/user/usercert.pem")" "$PROXY"; then left=renew; fi
+# a proxy from an older user cert (a re-made CA) is renewed too: the proxy file ends with the
+# cert that signed it, which must be this usercert.pem byte for byte (a re-made CA's user cert
+# starts with the same bytes - same serial, same DNs - so only the whole cert tells them apart)
+if [ "$left" = ok ] && ! runuser -u "$USER_NAME" -- sed -n '/BEGIN CERTIFICATE/,/END CERTIFICATE/p' "$PROXY" \
+    | tail -n "$(wc -l < "$CA/user/usercert.pem")" | cmp -s - "$CA/user/usercert.pem"; then left=renew; fi
 if [ "$left" = renew ]; then
   log "grid-proxy-init (RFC 3820, 12 h) -> $PROXY"
   runuser -u "$USER_NAME" -- env X509_CERT_DIR="$CA/certificates" \
