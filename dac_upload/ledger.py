@@ -21,6 +21,7 @@ updated), for reading by hand with ``sqlite3``.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -137,6 +138,10 @@ class Ledger:
         except BaseException:
             db.rollback()
             raise
+        # The wide table's pages back to the file system (under a third of the file is kept).
+        # Without room for VACUUM's copy (or busy), the free pages stay and later rows reuse them.
+        with contextlib.suppress(sqlite3.OperationalError):
+            db.execute("VACUUM")
 
     def close(self) -> None:
         self.db.close()

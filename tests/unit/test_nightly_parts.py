@@ -105,7 +105,8 @@ CREATE TABLE files (dir TEXT NOT NULL, base TEXT NOT NULL, size INTEGER NOT NULL
 
 def test_a_ledger_of_the_first_schema_is_converted_with_every_row(tmp_path: Path) -> None:
     """A ledger written by an earlier dac-upload (one wide table) is converted on opening,
-    in one transaction: the same rows, names, runs and times, read as before."""
+    in one transaction: the same rows, names, runs and times, read as before; the wide
+    table's pages given back."""
     import sqlite3
 
     path = tmp_path / "l.sqlite"
@@ -127,6 +128,7 @@ def test_a_ledger_of_the_first_schema_is_converted_with_every_row(tmp_path: Path
         assert sorted(rows) == sorted([(*old[0][:7], "2026-01-01T00:00:09Z"), *old[1:]])
         assert ledger.db.execute("SELECT COUNT(*) FROM entries WHERE name IS NULL"
                                  ).fetchone() == (2,)   # p/ + the path: not stored
+        assert ledger.db.execute("PRAGMA freelist_count").fetchone() == (0,)   # vacuumed
         ledger.record([{"relpath": "d/b.fits", "size": 9, "mtime": 9.0, "name": "p/d/b.fits",
                         "status": "uploaded"}], "R3")
         assert ledger.needs_person() == []
