@@ -739,8 +739,8 @@ def resubmit(run_dir: Path, force: bool, retry_permanent: bool, wait: bool,
     from .status import ACTIVE_STATES, OUT_OF_RESOURCES, tasks_to_retry
 
     target = run_dir
+    max_submit = _run_setting(target, "max_submit")   # a damaged run.json named before Slurm
     max_array = _max_array_size()
-    max_submit = _run_setting(target, "max_submit")
     _check_run_credentials(target)
     with _locked_run(target):
         state, tasks = _run_status(target, need_scheduler=True)
