@@ -386,6 +386,8 @@ def submit(job_file: str | None, run_dir: Path | None, offline: bool, wait: bool
     if bool(job_file) == bool(run_dir):
         _fail("give either JOB_FILE or --run RUN", Exit.USER)
     job = _load(job_file) if job_file else None
+    if run_dir is not None:   # the run's own problems named before Slurm is asked
+        _check_run_credentials(run_dir)
     max_array = _max_array_size()
     if job is not None:
         prep = _plan(job, offline, script_check=slurm.script_problems)
@@ -395,7 +397,6 @@ def submit(job_file: str | None, run_dir: Path | None, offline: bool, wait: bool
     else:
         assert run_dir is not None
         target = run_dir
-        _check_run_credentials(target)
         if not offline:
             _check_run_rucio(target, "submitted")
     max_submit = _run_setting(target, "max_submit")
@@ -740,8 +741,8 @@ def resubmit(run_dir: Path, force: bool, retry_permanent: bool, wait: bool,
 
     target = run_dir
     max_submit = _run_setting(target, "max_submit")   # a damaged run.json named before Slurm
-    max_array = _max_array_size()
     _check_run_credentials(target)
+    max_array = _max_array_size()
     with _locked_run(target):
         state, tasks = _run_status(target, need_scheduler=True)
         active = [t.task for t in tasks if t.state in ("pending", "running")]
