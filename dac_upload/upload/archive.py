@@ -13,7 +13,8 @@ beyond 4 GiB).
 
 A member that is not the file the plan catalogued (size or modification time, before or
 after it is read, or bytes read) stops the build: the partial archive is removed, and
-MemberChanged names the file. Scratch space that runs out raises ScratchFull. Either way
+MemberChanged names the file. Scratch space that runs out raises ScratchFull, any other
+failure to write there ScratchUnusable. Either way
 nothing half-built is left to be uploaded.
 """
 
@@ -54,6 +55,11 @@ class MemberUnreadable(Exception):
 
 class ScratchFull(Exception):
     """The scratch directory ran out of space while the archive was written."""
+
+
+class ScratchUnusable(Exception):
+    """Writing the archive in the scratch directory failed otherwise (an I/O error, the
+    directory removed under the task): that archive fails, the task goes on."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ def build_archive(root: Path, members: Sequence[dict[str, Any]], target: Path,
     the planned order) at ``target``, its member paths their Rucio names (what
     ``rucio download`` extracts), after ``first`` (path, bytes: a Butler zip's index, which
     ``butler retrieve-artifacts --zip`` also writes first). Raises MemberChanged,
-    MemberUnreadable or ScratchFull, with nothing left at ``target``."""
+    MemberUnreadable, ScratchFull or ScratchUnusable, with nothing left at ``target``."""
     part = target.with_name(target.name + ".part")
     built: list[BuiltMember] = []
     try:
@@ -132,7 +138,8 @@ def build_archive(root: Path, members: Sequence[dict[str, Any]], target: Path,
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ScratchFull(f"no space left in {target.parent} for the archive "
                               f"{target.name}: {exc.strerror}") from None
-        raise
+        raise ScratchUnusable(f"cannot write the archive {target.name} in {target.parent}: "
+                              f"{exc.strerror or exc}") from None
     except BaseException:
         part.unlink(missing_ok=True)
         raise

@@ -19,7 +19,8 @@ An archive is built from every one of its members, including those an earlier at
 finished: the same files give the same bytes, so the earlier attempt's copy or replica is
 found to be the same one. A member that changed, vanished or cannot be read stops its
 archive (nothing of it is uploaded or registered): that file gets its cause, the others
-``archive``; a scratch directory that fills up fails the archive with cause ``scratch``.
+``archive``; a scratch directory that fills up or cannot be written fails the archive with
+cause ``scratch``, and the task goes on with the next.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ from typing import Any
 
 from ..packing import BUTLER_INDEX
 from ..runrecord import ALREADY_PRESENT, DONE_STATES, FAILED, UPLOADED, TaskSettings
-from .archive import BuiltArchive, MemberChanged, MemberUnreadable, ScratchFull, build_archive
+from .archive import (
+    BuiltArchive,
+    MemberChanged,
+    MemberUnreadable,
+    ScratchFull,
+    ScratchUnusable,
+    build_archive,
+)
 from .common import (
     StopRequest,
     TaskState,
@@ -94,6 +102,10 @@ def packed_records(rio: RucioSession, s: TaskSettings, files: Sequence[Record],
             except ScratchFull as exc:
                 yield from (_failed(s, m, "scratch", f"{exc}; free space there or set "
                                     "[packing] scratch, then resubmit") for m in mine)
+                continue
+            except ScratchUnusable as exc:
+                yield from (_failed(s, m, "scratch", f"{exc}; set [packing] scratch to a "
+                                    "directory that works, then resubmit") for m in mine)
                 continue
             entry = {"relpath": built.path.name, "name": a["name"], "size": built.bytes,
                      "mtime": built.path.stat().st_mtime, "adler32": built.adler32,

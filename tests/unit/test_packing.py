@@ -34,6 +34,7 @@ from dac_upload.upload.archive import (
     MemberChanged,
     MemberUnreadable,
     ScratchFull,
+    ScratchUnusable,
     build_archive,
 )
 from dac_upload.upload.task import run_task
@@ -305,6 +306,31 @@ def test_a_member_that_changed_stops_its_archive_only(packed: Callable[..., RunL
     assert "m03.json" in recs["p/small/m00.json"]["error"]
     assert recs["p/big.fits"]["status"] == "uploaded"
     assert sorted(rio.on_disk) == ["p/big.fits"] and not rio.constituents
+
+
+def test_an_io_error_in_scratch_fails_the_archive_with_its_cause_and_the_task_goes_on(
+        packed: Callable[..., RunLayout], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO (or the scratch directory removed under the task) is not a crash of the worker:
+    the archive's files get cause scratch, nothing of it is registered, the rest is done."""
+    import dac_upload.upload.archive as archive
+
+    def broken(self: Any, data: Any) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(archive._ChecksummedStream, "write", broken)
+    with pytest.raises(ScratchUnusable, match=r"cannot write the archive a\.zip in .*: "
+                       r"Input/output error"):
+        build_archive(*_tree(tmp_path / "t", [10, 20]), tmp_path / "t" / "a.zip")
+    layout, rio = packed(), FakePacking()
+    assert run_task(layout.dir, 0, rucio_factory=rio.factory) != 0
+    recs = {r["name"]: r for r in read_jsonl(layout.result(0))}
+    small = [recs[f"p/small/m{i:02d}.json"] for i in range(6)]
+    assert {(r["status"], r["cause"]) for r in small} == {("failed", "scratch")}
+    assert "Input/output error; set [packing] scratch" in small[0]["error"]
+    assert recs["p/big.fits"]["status"] == "uploaded"
+    assert sorted(rio.on_disk) == ["p/big.fits"] and not rio.constituents
+    assert not list(tmp_path.glob("**/dac-upload-pack-*"))
 
 
 def test_a_member_name_in_rucio_with_other_content_is_a_conflict_the_rest_registered(
