@@ -20,6 +20,7 @@ nothing half-built is left to be uploaded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -78,6 +79,7 @@ class BuiltArchive:
     adler32: str
     md5: str
     members: tuple[BuiltMember, ...]
+    mtime: float   # read from the open file: no second look at a scratch that may be gone
 
 
 class _ChecksummedStream:
@@ -132,18 +134,35 @@ def build_archive(root: Path, members: Sequence[dict[str, Any]], target: Path,
                     built.append(_add_member(zf, root, entry, md5))
             handle.flush()
             os.fsync(handle.fileno())
+            mtime = os.fstat(handle.fileno()).st_mtime
         os.replace(part, target)
     except OSError as exc:
-        part.unlink(missing_ok=True)
+        _discard(part)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ScratchFull(f"no space left in {target.parent} for the archive "
                               f"{target.name}: {exc.strerror}") from None
         raise ScratchUnusable(f"cannot write the archive {target.name} in {target.parent}: "
                               f"{exc.strerror or exc}") from None
     except BaseException:
-        part.unlink(missing_ok=True)
+        _discard(part)
         raise
-    return BuiltArchive(target, stream.tell(), stream.adler32, stream.md5, tuple(built))
+    return BuiltArchive(target, stream.tell(), stream.adler32, stream.md5, tuple(built), mtime)
+
+
+def _discard(part: Path) -> None:
+    """Remove a partial archive; on a scratch that has failed, removing it may fail too,
+    and that must not hide the error that says why."""
+    with contextlib.suppress(OSError):
+        part.unlink(missing_ok=True)
+
+
+def _source_stat(handle: Any, relpath: str) -> os.stat_result:
+    """A member's status from its open file; an I/O error there (EIO on Lustre, ESTALE on
+    NFS) is the source's, not the scratch's."""
+    try:
+        return os.fstat(handle.fileno())
+    except OSError as exc:
+        raise MemberUnreadable(relpath, "unreadable", unreadable_error(exc)) from None
 
 
 def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
@@ -151,13 +170,13 @@ def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
     relpath = entry["relpath"]
     path = root / relpath
     try:
-        handle = open(path, "rb", buffering=0)   # noqa: SIM115 - closed by the with below
+        handle = open(path, "rb", buffering=0)   # noqa: SIM115 - closed in the finally below
     except FileNotFoundError:
         raise MemberUnreadable(relpath, "missing", MISSING_ERROR) from None
     except OSError as exc:
         raise MemberUnreadable(relpath, "unreadable", unreadable_error(exc)) from None
-    with handle:
-        before = os.fstat(handle.fileno())
+    try:
+        before = _source_stat(handle, relpath)
         _same(relpath, entry, before.st_size, before.st_mtime)
         info = _member_info(entry["name"], entry["size"])
         adler = 1
@@ -181,7 +200,10 @@ def _add_member(zf: zipfile.ZipFile, root: Path, entry: dict[str, Any],
                 adler = zlib.adler32(view[:n], adler)
                 if digest is not None:
                     digest.update(view[:n])
-        after = os.fstat(handle.fileno())
+        after = _source_stat(handle, relpath)
+    finally:
+        with contextlib.suppress(OSError):   # opened to read: a failed close loses nothing read
+            handle.close()
     if size != entry["size"]:
         raise MemberChanged(relpath, f"{entry['size']} bytes catalogued, "
                                      f"{'more' if size > entry['size'] else size} read")

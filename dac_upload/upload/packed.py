@@ -25,6 +25,7 @@ cause ``scratch``, and the task goes on with the next.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -108,15 +109,16 @@ def packed_records(rio: RucioSession, s: TaskSettings, files: Sequence[Record],
                                     "directory that works, then resubmit") for m in mine)
                 continue
             entry = {"relpath": built.path.name, "name": a["name"], "size": built.bytes,
-                     "mtime": built.path.stat().st_mtime, "adler32": built.adler32,
+                     "mtime": built.mtime, "adler32": built.adler32,
                      "md5": built.md5}   # checksummed as written: not read again
             try:
                 rec = next(iter(bulk_records(
                     rio, replace(s, root=here), [entry], stop,
                     lambda why: setattr(state, "aborted", why), lambda: state.aborted,
                     state.copies)))
-            finally:
-                built.path.unlink(missing_ok=True)
+            finally:   # a scratch gone bad since must not hide the upload's outcome
+                with contextlib.suppress(OSError):
+                    built.path.unlink(missing_ok=True)
             if a.get("meta") and rec["status"] in DONE_STATES:   # Rubin's zip_file
                 set_metadata(rio, s, [rec], {a["name"]: a["meta"]}, stop, state)
             for r in _members(rio, s, a["name"], rec, built, mine, stop, state):

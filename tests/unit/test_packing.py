@@ -433,3 +433,45 @@ def test_nightly_keeps_a_file_changed_since_its_upload_loose_and_remakes_as_plan
     assert "small/m02.json" in {e["relpath"] for e in manifest["files"]}       # loose
     assert layout.kept_loose.read_text() == "small/m02.json\n"
     assert remake_manifests(layout.dir)[0] == layout.manifest(0).read_bytes()
+
+
+def test_an_io_error_on_a_source_file_is_the_source_s_not_the_scratch_s(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO from fstat on a member (a Lustre OST gone, ESTALE on NFS) names that file as
+    unreadable; blaming scratch would send the operator to the wrong disk."""
+    root, entries = _tree(tmp_path / "t", [10, 20])
+    real_fstat = os.fstat
+
+    def failing_on_sources(fd: int) -> os.stat_result:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(root)):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "fstat", failing_on_sources)
+    target = tmp_path / "t" / "a.zip"
+    with pytest.raises(MemberUnreadable) as caught:
+        build_archive(root, entries, target)
+    assert (caught.value.relpath, caught.value.cause) == (entries[0]["relpath"], "unreadable")
+    assert not target.exists() and not target.with_name("a.zip.part").exists()
+
+
+def test_a_scratch_that_also_refuses_the_cleanup_still_says_why_the_archive_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a dead scratch mount removing the partial archive fails too: the error that
+    reaches the task is still the write's, typed, not the unlink's."""
+    import dac_upload.upload.archive as archive
+
+    def broken(self: Any, data: Any) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    real_unlink = Path.unlink
+
+    def refusing(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".part"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(archive._ChecksummedStream, "write", broken)
+    monkeypatch.setattr(Path, "unlink", refusing)
+    with pytest.raises(ScratchUnusable, match=r"cannot write the archive a\.zip"):
+        build_archive(*_tree(tmp_path / "t", [10, 20]), tmp_path / "t" / "a.zip")
