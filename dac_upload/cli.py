@@ -30,9 +30,11 @@ from .pipeline import (
     PlanError,
     PreparedRun,
     Submission,
+    already_submitted,
     catalogue_only,
     credential_warnings,
     prepare_run,
+    resolve_credentials,
     submit_run,
     submit_tasks,
 )
@@ -387,7 +389,12 @@ def submit(job_file: str | None, run_dir: Path | None, offline: bool, wait: bool
         _fail("give either JOB_FILE or --run RUN", Exit.USER)
     job = _load(job_file) if job_file else None
     if run_dir is not None:   # the run's own problems named before Slurm is asked
+        problem = already_submitted(run_dir, RunRecord(_read_run_json(run_dir)))
+        if problem:
+            _fail(problem, Exit.USER)
         _check_run_credentials(run_dir)
+    elif job is not None and not offline:
+        _check_credentials(_job_credentials(job), warn=False)   # plan warns, once
     max_array = _max_array_size()
     if job is not None:
         prep = _plan(job, offline, script_check=slurm.script_problems)
@@ -422,18 +429,31 @@ def _check_run_credentials(run_dir: Path) -> None:
     """The credentials a planned run's tasks will use, checked again before Slurm gets tasks
     that could only fail (an expired proxy, a password file opened to others since)."""
     record = RunRecord(_read_run_json(run_dir)).credentials
-    if record is None:
-        return
-    creds = Credentials.from_record(record)
+    if record is not None:
+        _check_credentials(Credentials.from_record(record))
+
+
+def _job_credentials(job: JobConfig) -> Credentials:
+    """The job's credentials as plan resolves them, or exit 2 with plan's line."""
+    try:
+        return resolve_credentials(job)
+    except PlanError as exc:
+        _fail(exc.lines, Exit.USER)
+
+
+def _check_credentials(creds: Credentials, warn: bool = True) -> None:
+    """Files present and the user's alone, a proxy or token not expired: else exit 2 with
+    the fix; with ``warn``, what is only worth a warning (expiring soon) printed."""
     problems = credentials.local_problems(creds)
     if problems:
         _fail(problems, Exit.USER)
-    for line in credentials.local_warnings(creds):
+    for line in credentials.local_warnings(creds) if warn else ():
         click.echo(f"warning: {line}", err=True)
 
 
 def _max_array_size() -> int:
-    """Ask Slurm first: without it, planning would only leave a run nobody can submit."""
+    """Ask Slurm before planning (after the checks that need no service): without it,
+    planning would only leave a run nobody can submit."""
     from . import slurm
 
     try:

@@ -191,15 +191,15 @@ def _night(job: JobConfig, opts: NightOptions, say: Reporter,
         submit_run,
     )
 
+    problem = credentials_problem(job)   # before anything is submitted, resubmissions too,
+    if problem:                          # and before Slurm: named even with slurmctld down
+        say(problem, problem=True)
+        return Exit.CREDENTIALS, None
     try:
         max_array = slurm.max_array_size()
     except slurm.SlurmError as exc:
         say(str(exc), problem=True)
         return Exit.SERVICE, None
-    problem = credentials_problem(job)   # before anything is submitted, resubmissions too
-    if problem:
-        say(problem, problem=True)
-        return Exit.CREDENTIALS, None
     try:
         previous = latest_run(job)
         going = _older_run_going(job, previous)

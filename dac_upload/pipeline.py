@@ -469,14 +469,14 @@ def _checked_plan(job: JobConfig, preflight: Preflight | None, progress: Progres
     if not files:
         raise NothingToUpload([f"{job.path}: nothing to upload under {job.source.root}"
                                + (" that is new or changed" if keep else "")])
+    batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
+    errors += _collector_problems(job, len(files), max(b.count for b in batches))
+    if errors:   # the job file's own problems before Rucio is asked (it may be down)
+        raise PlanError(errors)
     if preflight is not None:
         _stage(progress, f"asking Rucio at {creds.host}: credentials, scope "
                          f"{job.rucio.scope}, RSE {job.rucio.rse}")
         errors += preflight(job, creds)
-    if errors:
-        raise PlanError(errors)
-    batches = make_batches(files, job.batching.files_per_batch, job.batching.bytes_per_batch)
-    errors += _collector_problems(job, len(files), max(b.count for b in batches))
     if errors:
         raise PlanError(errors)
     return CheckedPlan(job, found, files, batches, creds, notes, zips)
@@ -787,15 +787,22 @@ def submit_collector(run_dir: Path, submit: Callable[..., str]) -> Submission:
     return Submission(attempt, [], job_id, "", "")
 
 
+def already_submitted(run_dir: Path, run: RunRecord) -> str | None:
+    """Why ``submit --run`` must not submit this run (it was, once), or None."""
+    if not run.submissions:
+        return None
+    ids = ", ".join(a["job_id"] for a in run.submissions[0].get("arrays", []))
+    return (f"{run_dir}: already submitted (array job {ids}); see dac-upload status "
+            f"{run_dir}, or plan a new run (dac-upload submit JOB)")
+
+
 def submit_run(run_dir: Path, max_array_size: int, submit: Callable[..., str],
                max_submit: int | None = None) -> Submission:
     """First submission of a planned run: every task."""
     run = RunRecord.read(run_dir)
-    if run.submissions:
-        first = run.submissions[0]
-        ids = ", ".join(a["job_id"] for a in first.get("arrays", []))
-        raise PlanError([f"{run_dir}: already submitted (array job {ids}); see dac-upload "
-                         f"status {run_dir}, or plan a new run (dac-upload submit JOB)"])
+    problem = already_submitted(run_dir, run)
+    if problem:
+        raise PlanError([problem])
     return submit_tasks(run_dir, list(range(run.tasks)), max_array_size,
                         submit, max_submit)
 

@@ -86,6 +86,68 @@ def test_submit_without_slurm_exits_3_and_makes_nothing(
     assert result.stdout == "" and not job.runs_dir.exists()
 
 
+EXPIRED = "X.509 proxy /tmp/x509up_u1000 expired 2 h ago: run voms-proxy-init"
+
+
+def test_submit_job_names_expired_credentials_before_slurm_is_asked(
+        make_job: Callable[..., JobConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """slurmctld down and the proxy expired: the proxy is what the user can fix now."""
+    from dac_upload.rucio import credentials
+
+    job = make_job()
+    monkeypatch.setattr(slurm, "max_array_size", _no_slurm)
+    monkeypatch.setattr(credentials, "local_problems", lambda _: [EXPIRED])
+    result = CliRunner().invoke(main, ["submit", str(job.path)])
+    assert (result.exit_code, result.stderr) == (Exit.USER, f"error: {EXPIRED}\n")
+    assert not job.runs_dir.exists() or not list(job.runs_dir.glob("2*"))
+
+
+def test_submit_run_twice_is_refused_before_slurm_is_asked(
+        make_job: Callable[..., JobConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    from dac_upload.rucio import credentials
+    from dac_upload.runrecord import read_run_json, write_run_json
+
+    layout = prepare_run(make_job(), preflight=None).layout
+    run = read_run_json(layout.dir)
+    run["submissions"].append({"attempt": 1, "arrays": [{"job_id": "42", "offset": 0,
+                                                          "task_ids": "0"}],
+                               "collector_job_id": "43", "task_ids": "0", "left_over": ""})
+    write_run_json(layout.dir, run)
+    monkeypatch.setattr(slurm, "max_array_size", _no_slurm)
+    monkeypatch.setattr(credentials, "local_problems", lambda _: [EXPIRED])   # said after
+    result = CliRunner().invoke(main, ["submit", "--offline", "--run", str(layout.dir)])
+    assert result.exit_code == Exit.USER, result.output
+    assert result.stderr.startswith(f"error: {layout.dir}: already submitted (array job 42)")
+    assert EXPIRED not in result.stderr
+
+
+def test_plan_names_the_collector_s_time_before_rucio_is_asked(
+        make_job: Callable[..., JobConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job file that would be refused anyway is refused with exit 2 while Rucio is down,
+    not exit 3 (try later) followed by exit 2."""
+    job = make_job(slurm='time = "00:01:00"\nstop_margin = 10')
+
+    def down(*_: Any) -> list[str]:
+        raise RucioUnavailable("cannot reach the Rucio server https://rucio.test: timed out")
+
+    monkeypatch.setattr(preflight, "job_problems", down)
+    result = CliRunner().invoke(main, ["plan", str(job.path)])
+    assert result.exit_code == Exit.USER, result.output
+    assert "[slurm] time (60 s) is shorter than the collector" in result.stderr
+
+
+def test_nightly_names_expired_credentials_before_slurm_is_asked(
+        make_job: Callable[..., JobConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    from dac_upload import nightly
+
+    job = make_job()
+    monkeypatch.setattr(slurm, "max_array_size", _no_slurm)
+    monkeypatch.setattr(nightly, "credentials_problem", lambda _: EXPIRED)
+    result = CliRunner().invoke(main, ["nightly", str(job.path)])
+    assert result.exit_code == Exit.CREDENTIALS, result.output
+    assert EXPIRED in result.output and "slurmctld" not in result.output
+
+
 def test_plan_with_the_rucio_server_down_exits_3(make_job: Callable[..., JobConfig],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     job = make_job()
