@@ -465,6 +465,8 @@ def _collected_run(run_dir: Path) -> dict[str, Any]:
     if not os.access(summary, os.R_OK):
         raise VerifyError([f"{summary}: not readable by you; ask the run's owner, or verify "
                            "as them"])
+    with open(summary, encoding="utf-8") as handle:   # a damaged one named before Rucio
+        read_header(handle, summary)
     return doc
 
 

@@ -492,6 +492,20 @@ def test_a_run_not_collected_or_damaged_is_refused(uploaded: Callable[..., Any])
         verify_run(layout.dir / "nope", session=fake)
 
 
+def test_a_damaged_summary_is_named_before_rucio_is_asked(
+        uploaded: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its fix (collect again) needs no Rucio: named even while the server is down."""
+    layout, _ = uploaded()
+    (layout.dir / "summary.json").write_text('{\n "format": "dac-upload summary",\n')
+
+    def no_rucio(*_: Any) -> Any:
+        raise AssertionError("Rucio asked before the summary was read")
+
+    monkeypatch.setattr(verify, "_open_session", no_rucio)
+    with pytest.raises(VerifyError, match=r"not a summary\.json written by dac-upload collect"):
+        verify_run(layout.dir)
+
+
 def test_the_list_of_problems_may_go_elsewhere(uploaded: Callable[..., Any],
                                             tmp_path: Path) -> None:
     layout, rio = uploaded()
