@@ -389,10 +389,11 @@ def submit(job_file: str | None, run_dir: Path | None, offline: bool, wait: bool
         _fail("give either JOB_FILE or --run RUN", Exit.USER)
     job = _load(job_file) if job_file else None
     if run_dir is not None:   # the run's own problems named before Slurm is asked
-        problem = already_submitted(run_dir, RunRecord(_read_run_json(run_dir)))
+        run = RunRecord(_read_run_json(run_dir))
+        problem = already_submitted(run_dir, run)
         if problem:
             _fail(problem, Exit.USER)
-        _check_run_credentials(run_dir)
+        _check_run_credentials(run)
     elif job is not None and not offline:
         _check_credentials(_job_credentials(job), warn=False)   # plan warns, once
     max_array = _max_array_size()
@@ -425,12 +426,11 @@ def _locked_run(run_dir: Path) -> Iterator[None]:
         _fail(f"{exc}; try again when it has finished", Exit.USER)
 
 
-def _check_run_credentials(run_dir: Path) -> None:
+def _check_run_credentials(run: RunRecord) -> None:
     """The credentials a planned run's tasks will use, checked again before Slurm gets tasks
     that could only fail (an expired proxy, a password file opened to others since)."""
-    record = RunRecord(_read_run_json(run_dir)).credentials
-    if record is not None:
-        _check_credentials(Credentials.from_record(record))
+    if run.credentials is not None:
+        _check_credentials(Credentials.from_record(run.credentials))
 
 
 def _job_credentials(job: JobConfig) -> Credentials:
@@ -760,8 +760,9 @@ def resubmit(run_dir: Path, force: bool, retry_permanent: bool, wait: bool,
     from .status import ACTIVE_STATES, OUT_OF_RESOURCES, tasks_to_retry
 
     target = run_dir
-    max_submit = _run_setting(target, "max_submit")   # a damaged run.json named before Slurm
-    _check_run_credentials(target)
+    run = RunRecord(_read_run_json(target))   # a damaged run.json named before Slurm
+    max_submit = run.slurm_limit("max_submit")
+    _check_run_credentials(run)
     max_array = _max_array_size()
     with _locked_run(target):
         state, tasks = _run_status(target, need_scheduler=True)
