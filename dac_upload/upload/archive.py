@@ -137,23 +137,23 @@ def build_archive(root: Path, members: Sequence[dict[str, Any]], target: Path,
             mtime = os.fstat(handle.fileno()).st_mtime
         os.replace(part, target)
     except OSError as exc:
-        _discard(part)
+        discard(part)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ScratchFull(f"no space left in {target.parent} for the archive "
                               f"{target.name}: {exc.strerror}") from None
         raise ScratchUnusable(f"cannot write the archive {target.name} in {target.parent}: "
                               f"{exc.strerror or exc}") from None
     except BaseException:
-        _discard(part)
+        discard(part)
         raise
     return BuiltArchive(target, stream.tell(), stream.adler32, stream.md5, tuple(built), mtime)
 
 
-def _discard(part: Path) -> None:
-    """Remove a partial archive; on a scratch that has failed, removing it may fail too,
-    and that must not hide the error that says why."""
+def discard(archive: Path) -> None:
+    """Remove an archive in scratch (partial, or uploaded); on a scratch that has failed,
+    removing it may fail too, and that must not hide the error or outcome that matters."""
     with contextlib.suppress(OSError):
-        part.unlink(missing_ok=True)
+        archive.unlink(missing_ok=True)
 
 
 def _source_stat(handle: Any, relpath: str) -> os.stat_result:

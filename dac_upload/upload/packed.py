@@ -25,7 +25,6 @@ cause ``scratch``, and the task goes on with the next.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ from .archive import (
     ScratchFull,
     ScratchUnusable,
     build_archive,
+    discard,
 )
 from .common import (
     StopRequest,
@@ -116,9 +116,8 @@ def packed_records(rio: RucioSession, s: TaskSettings, files: Sequence[Record],
                     rio, replace(s, root=here), [entry], stop,
                     lambda why: setattr(state, "aborted", why), lambda: state.aborted,
                     state.copies)))
-            finally:   # a scratch gone bad since must not hide the upload's outcome
-                with contextlib.suppress(OSError):
-                    built.path.unlink(missing_ok=True)
+            finally:
+                discard(built.path)
             if a.get("meta") and rec["status"] in DONE_STATES:   # Rubin's zip_file
                 set_metadata(rio, s, [rec], {a["name"]: a["meta"]}, stop, state)
             for r in _members(rio, s, a["name"], rec, built, mine, stop, state):
